@@ -1,0 +1,46 @@
+"""Pieces shared by the dispatch layer and every backend: names, ``k`` and the info record."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+KEEP_CHOICES = ("hardest", "easiest")
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "native", "reference")
+
+
+class TrimInfo(NamedTuple):
+    """What ``return_info=True`` returns beside the loss.
+
+    Attributes:
+        losses: per-sample losses ``l_i`` (detached, the target's shape, input dtype);
+            0 on ignored samples.
+        kept: bool mask of the kept set K (the target's shape).
+        k: 0-dim int64 tensor, the number of kept samples.
+        threshold: 0-dim tensor, the loss of the k-th sample in ranking order (the smallest kept
+            loss for ``keep="hardest"``, the largest for ``"easiest"``); NaN when ``k == 0``.
+    """
+
+    losses: Tensor
+    kept: Tensor
+    k: Tensor
+    threshold: Tensor
+
+
+def compute_k(n: Tensor, keep_ratio: float | Tensor) -> Tensor:
+    """``k = min(n, max(1, floor(keep_ratio * n + 0.5)))`` in float64; ``k = 0`` when ``n = 0``.
+
+    Works on device tensors without a host synchronisation.
+
+    Args:
+        n: 0-dim integer tensor, the number of valid samples.
+        keep_ratio: a float or a 0-dim tensor in ``(0, 1]``.
+    """
+    nf = n.to(torch.float64)
+    r = keep_ratio.to(device=n.device, dtype=torch.float64) if isinstance(keep_ratio, Tensor) else keep_ratio
+    k = torch.floor(r * nf + 0.5).clamp(min=1.0)
+    k = torch.minimum(k, nf)
+    return k.to(torch.int64)

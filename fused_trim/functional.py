@@ -1,0 +1,236 @@
+"""``trimmed_cross_entropy``: validation, shape normalisation and backend dispatch.
+
+Every backend receives the same normalised problem: a row-major ``(M, C)`` input whose rows are
+the samples in the target's flat order, an ``(M,)`` integer target, and validated options.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from . import native
+from . import reference as _reference
+from ._common import BACKENDS, KEEP_CHOICES, REDUCTIONS, TrimInfo
+
+__all__ = ["trimmed_cross_entropy"]
+
+
+def _check_keep_ratio(keep_ratio: float | Tensor) -> float | Tensor:
+    if isinstance(keep_ratio, Tensor):
+        if keep_ratio.dim() != 0 or not keep_ratio.is_floating_point():
+            raise TypeError(
+                "keep_ratio must be a Python float or a 0-dim floating-point tensor, got a tensor "
+                f"of shape {tuple(keep_ratio.shape)} and dtype {keep_ratio.dtype}"
+            )
+        if keep_ratio.device.type == "cpu":
+            value = float(keep_ratio)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"keep_ratio must be in (0, 1], got {value}")
+        else:
+            # Checked on the device without a host synchronisation: an out-of-range ratio on
+            # CUDA raises asynchronously, as an out-of-range class index does in torch.
+            torch._assert_async(
+                (keep_ratio > 0) & (keep_ratio <= 1), "keep_ratio must be in (0, 1]"
+            )
+        return keep_ratio
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
+        raise TypeError(f"keep_ratio must be a float in (0, 1] or a 0-dim tensor, got {keep_ratio!r}")
+    value = float(keep_ratio)
+    if math.isnan(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    return value
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _check_shapes(input: Tensor, target: Tensor) -> None:
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+        raise TypeError(
+            f"input and target must be tensors, got {type(input).__name__} and {type(target).__name__}"
+        )
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor of logits, got dtype {input.dtype}")
+    if target.is_floating_point() or target.is_complex():
+        raise TypeError(
+            f"target must hold integer class indices, got dtype {target.dtype}: "
+            "class-probability targets are not supported"
+        )
+    if target.dtype == torch.bool:
+        raise TypeError("target must hold integer class indices, got dtype torch.bool")
+    if input.dim() == 0:
+        raise ValueError("input must have at least 1 dimension (C,), got a 0-dim tensor")
+    if input.dim() == 1:
+        expected: tuple[int, ...] = ()
+    else:
+        expected = (input.shape[0], *input.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
+            f"expected target of shape {expected}"
+        )
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if num_classes == 0:
+        raise ValueError(f"input has no classes (C = 0), shape {tuple(input.shape)}")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+
+
+def _check_weight(weight: Tensor | None, num_classes: int, input: Tensor) -> None:
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.shape[0] != num_classes:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 1-D tensor of length C = {num_classes}, got {shape}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point, got dtype {weight.dtype}")
+    if weight.device != input.device:
+        raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+
+
+def _check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if target.device.type == "cpu":
+        if bool(bad.any()):
+            value = int(target[bad][0])
+            raise ValueError(
+                f"target holds {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}"
+            )
+    else:
+        # No host synchronisation on an accelerator: the check fires asynchronously.
+        torch._assert_async(~bad.any(), "target outside [0, C) and not ignore_index")
+
+
+def _triton_unavailable_reason(input: Tensor) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        return f"triton is not importable ({exc})"
+    if input.device.type == "cuda":
+        return None
+    if input.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (
+        f"input is on {input.device}; the Triton kernels need a CUDA tensor "
+        "(or TRITON_INTERPRET=1 to run them on the CPU in Triton's interpreter)"
+    )
+
+
+def _resolve_backend(backend: str, input: Tensor) -> str:
+    if backend == "auto":
+        if input.device.type == "cuda" and _triton_unavailable_reason(input) is None:
+            return "triton"
+        if native.is_available(input.device):
+            return "native"
+        return "reference"
+    if backend == "triton":
+        reason = _triton_unavailable_reason(input)
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' cannot run here: {reason}")
+    elif backend == "native":
+        reason = native.unavailable_reason(input.device)
+        if reason is not None:
+            raise RuntimeError(f"backend='native' cannot run here: {reason}")
+    return backend
+
+
+def _backend_fn(name: str):
+    if name == "triton":
+        from .triton import trimmed_cross_entropy_2d
+    elif name == "native":
+        trimmed_cross_entropy_2d = native.trimmed_cross_entropy_2d
+    else:
+        trimmed_cross_entropy_2d = _reference.trimmed_cross_entropy_2d
+    return trimmed_cross_entropy_2d
+
+
+def trimmed_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    keep_ratio: float | Tensor = 1.0,
+    *,
+    keep: str = "hardest",
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, TrimInfo]:
+    r"""Cross-entropy over only the hardest (or easiest) samples of a mini-batch.
+
+    The per-sample losses :math:`l_i` are exactly those of
+    ``F.cross_entropy(input, target, weight, ignore_index=..., label_smoothing=..., reduction="none")``.
+    Of the :math:`n` valid samples (``target != ignore_index``) the :math:`k` with the largest
+    losses (``keep="hardest"``) or smallest (``keep="easiest"``) form the kept set :math:`K`, with
+    :math:`k = \min(n, \max(1, \lfloor r n + 0.5 \rfloor))`. Ties go to the lower flat index; NaN
+    ranks above ``+inf``. The selection is a constant for autograd: the gradient is exactly zero on
+    samples outside :math:`K`.
+
+    Args:
+        input: logits of shape ``(N, C)``, ``(C,)`` or ``(N, C, d1, ..., dk)``.
+        target: class indices of shape ``(N,)``, ``()`` or ``(N, d1, ..., dk)``. A sample is one
+            target position, so a segmentation map is trimmed over pixels.
+        keep_ratio: fraction :math:`r \in (0, 1]` of valid samples to keep; a float or a 0-dim
+            tensor (a tensor avoids recompiles under ``torch.compile``). ``1.0`` gives
+            ``F.cross_entropy``.
+        keep: ``"hardest"`` (mini-batch trimming, OHEM) or ``"easiest"`` (trimmed loss against
+            noisy labels).
+        weight: class weights of shape ``(C,)``, as in ``F.cross_entropy``.
+        ignore_index: target value of samples that are never kept and get no gradient.
+        label_smoothing: in ``[0, 1]``, as in ``F.cross_entropy``.
+        reduction: ``"mean"`` (:math:`\sum_K l_i / \sum_K w_{y_i}`; NaN when :math:`k = 0`),
+            ``"sum"`` or ``"none"`` (the target's shape, :math:`l_i` on :math:`K`, 0 elsewhere).
+        backend: ``"auto"`` (Triton for CUDA tensors, the native op on the CPU when it is built,
+            else the reference), ``"triton"``, ``"native"`` or ``"reference"``.
+        return_info: also return a :class:`~fused_trim.TrimInfo` with the detached per-sample
+            losses, the kept mask, ``k`` and the threshold loss.
+
+    Returns:
+        The loss, in ``input``'s dtype; with ``return_info=True`` the pair ``(loss, info)``.
+
+    Note:
+        Inputs with spatial dimensions ``(N, C, d1, ...)`` are moved to ``(N * d1 * ..., C)`` with
+        one copy before the Triton and native kernels run.
+    """
+    keep_ratio = _check_keep_ratio(keep_ratio)
+    _check_choice("keep", keep, KEEP_CHOICES)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("backend", backend, BACKENDS)
+    _check_shapes(input, target)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if math.isnan(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    _check_weight(weight, num_classes, input)
+    _check_target_range(target, num_classes, ignore_index)
+    name = _resolve_backend(backend, input)
+
+    # Normalise to (M, C) rows in the target's flat order.
+    if input.dim() == 1:
+        x2d = input.unsqueeze(0)
+    elif input.dim() == 2:
+        x2d = input
+    else:
+        x2d = input.movedim(1, -1).reshape(-1, num_classes)
+    t1d = target.reshape(-1)
+    if x2d.shape[0] == 0:
+        name = "reference"  # an empty batch launches no kernel
+    out, losses, kept, k, threshold = _backend_fn(name)(
+        x2d, t1d, keep_ratio, keep, weight, ignore_index, float(label_smoothing), reduction
+    )
+    if reduction == "none":
+        out = out.reshape(target.shape)
+    if not return_info:
+        return out
+    info = TrimInfo(losses.reshape(target.shape), kept.reshape(target.shape), k, threshold)
+    return out, info

@@ -1,0 +1,93 @@
+"""Pure PyTorch trimmed cross-entropy: the oracle of every test and the fallback everywhere.
+
+Written to be obviously correct, not fast. It works on the normalised 2-D problem that
+:mod:`fused_trim.functional` hands every backend: ``input (M, C)``, ``target (M,)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import compute_k
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def per_sample_loss(
+    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float
+) -> tuple[Tensor, Tensor]:
+    """Per-row cross-entropy of ``input (M, C)`` as ``F.cross_entropy(reduction="none")`` defines it.
+
+    Computed in float32 (float64 for float64 input). Returns ``(loss, w_y)``: the loss and the
+    class weight of each row's target (1 without ``weight``), both 0 on ignored rows.
+    """
+    x = input.to(_compute_dtype(input.dtype))
+    num_classes = x.shape[1]
+    valid = target != ignore_index
+    safe_t = torch.where(valid, target, torch.zeros_like(target)).long()
+    logp = F.log_softmax(x, dim=1)
+    nll = -logp.gather(1, safe_t[:, None])[:, 0]
+    w = None if weight is None else weight.to(x.dtype)
+    w_y = torch.ones_like(nll) if w is None else w[safe_t]
+    loss = w_y * nll
+    if label_smoothing > 0.0:
+        smooth = -(logp.sum(1) if w is None else (logp * w).sum(1))
+        loss = (1.0 - label_smoothing) * loss + (label_smoothing / num_classes) * smooth
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.where(valid, loss, zero), torch.where(valid, w_y, zero)
+
+
+def select(losses: Tensor, valid: Tensor, k: int, keep: str) -> Tensor:
+    """Flat indices of the kept set: the ``k`` largest (``"hardest"``) or smallest (``"easiest"``)
+    valid losses, ties to the lower index, NaN ranked above +inf (``torch.sort``'s order).
+    The indices come in ranking order."""
+    candidates = valid.nonzero()[:, 0]
+    order = torch.sort(losses[candidates], descending=keep == "hardest", stable=True).indices
+    return candidates[order[:k]]
+
+
+def trimmed_cross_entropy_2d(
+    input: Tensor,
+    target: Tensor,
+    keep_ratio: float | Tensor,
+    keep: str,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The whole contract on ``input (M, C)``, ``target (M,)``.
+
+    Returns ``(out, losses, kept, k, threshold)``; ``out`` is 0-dim for ``"mean"``/``"sum"`` and
+    ``(M,)`` for ``"none"``. Only ``out`` carries gradient, and only through the kept rows.
+    """
+    valid = target != ignore_index
+    with torch.no_grad():
+        losses, _ = per_sample_loss(input, target, weight, ignore_index, label_smoothing)
+    k = compute_k(valid.sum(), keep_ratio)
+    idx = select(losses, valid, int(k), keep)
+    kept = torch.zeros_like(valid)
+    kept[idx] = True
+    nan = torch.full((), float("nan"), dtype=losses.dtype, device=losses.device)
+    threshold = losses[idx[-1]] if idx.numel() else nan
+
+    # Recompute the kept rows with autograd: the gradient is exactly zero everywhere else.
+    kept_loss, kept_w = per_sample_loss(input[idx], target[idx], weight, ignore_index, label_smoothing)
+    if reduction == "none":
+        out = torch.zeros(target.shape, dtype=kept_loss.dtype, device=input.device)
+        out = out.index_put((idx,), kept_loss)
+    elif reduction == "sum":
+        out = kept_loss.sum()
+    else:
+        out = kept_loss.sum() / kept_w.sum()
+    return (
+        out.to(input.dtype),
+        losses.to(input.dtype),
+        kept,
+        k,
+        threshold.to(input.dtype),
+    )
