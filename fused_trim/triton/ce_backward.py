@@ -1,0 +1,75 @@
+"""Backward kernel: softmax recomputed from the saved logsumexp, for kept rows only."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def ce_backward_kernel(
+    logits_ptr,
+    stride_row,
+    grad_ptr,
+    stride_grad,
+    target_ptr,
+    weight_ptr,
+    weight_sum_ptr,
+    lse_ptr,
+    kept_ptr,
+    grad_out_ptr,
+    denom_ptr,
+    num_classes,
+    label_smoothing: tl.float64,
+    PER_ROW_GRAD: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One program per row writes ``d loss / d logits[row, :]``.
+
+    ``dl/dx_c = (1 - eps) w_y (p_c - [c == y]) + eps / C (sum_w p_c - w_c)``, scaled by the
+    upstream gradient (``grad_out / denom`` for a scalar loss, ``grad_out[row]`` for "none").
+    Rows outside the kept set write exact zeros without reading their logits. Everything is
+    formed in the accumulation dtype (fp32; fp64 for fp64) before the one rounding to the
+    gradient's dtype.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    acc_dtype = lse_ptr.dtype.element_ty
+    kept = tl.load(kept_ptr + row) != 0
+    if PER_ROW_GRAD:
+        g = tl.load(grad_out_ptr + row).to(acc_dtype)
+    else:
+        g = tl.load(grad_out_ptr).to(acc_dtype) / tl.load(denom_ptr).to(acc_dtype)
+    tgt = tl.load(target_ptr + row, mask=kept, other=0).to(tl.int64)
+    lse = tl.load(lse_ptr + row, mask=kept, other=0.0)
+    if HAS_WEIGHT:
+        w_t = tl.load(weight_ptr + tgt, mask=kept, other=0.0).to(acc_dtype)
+    else:
+        w_t = tl.full((), 1.0, acc_dtype)
+    eps = (label_smoothing * tl.full((), 1.0, acc_dtype)).to(acc_dtype)  # exact under the interpreter too
+    true_coef = (1.0 - eps) * w_t
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            sum_w = tl.load(weight_sum_ptr).to(acc_dtype)
+        else:
+            sum_w = tl.cast(num_classes, acc_dtype)
+        p_coef = true_coef + eps / num_classes * sum_w
+    else:
+        p_coef = true_coef
+
+    cols_read = tl.where(kept, num_classes, 0)  # a row outside K reads nothing
+    in_row = logits_ptr + row * stride_row
+    out_row = grad_ptr + row * stride_grad
+    for start in range(0, num_classes, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        mask = cols < num_classes
+        x = tl.load(in_row + cols, mask=cols < cols_read, other=0.0).to(acc_dtype)
+        p = tl.exp(x - lse)
+        grad = p_coef * p - tl.where(cols == tgt, true_coef, 0.0)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=cols < cols_read, other=0.0).to(acc_dtype)
+                grad -= eps / num_classes * w
+            else:
+                grad -= eps / num_classes
+        grad = tl.where(kept, g * grad, 0.0)
+        tl.store(out_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
