@@ -2,6 +2,29 @@
 
 from ._common import TrimInfo
 from .functional import trimmed_cross_entropy
+from .nn import TrimmedCrossEntropyLoss
+from .schedules import (
+    ConstantSchedule,
+    CosineSchedule,
+    KeepRatioSchedule,
+    LinearSchedule,
+    LinearStepSchedule,
+    OrderedSGDSchedule,
+    StepSchedule,
+    WarmupSchedule,
+)
 
-__all__ = ["TrimInfo", "trimmed_cross_entropy"]
+__all__ = [
+    "TrimInfo",
+    "trimmed_cross_entropy",
+    "TrimmedCrossEntropyLoss",
+    "KeepRatioSchedule",
+    "LinearSchedule",
+    "LinearStepSchedule",
+    "WarmupSchedule",
+    "CosineSchedule",
+    "StepSchedule",
+    "ConstantSchedule",
+    "OrderedSGDSchedule",
+]
 __version__ = "0.1.0"

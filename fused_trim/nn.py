@@ -1,0 +1,129 @@
+"""``TrimmedCrossEntropyLoss``: the module form of :func:`~fused_trim.trimmed_cross_entropy`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from ._common import KEEP_CHOICES, REDUCTIONS, TrimInfo
+from .functional import trimmed_cross_entropy
+from .schedules import ConstantSchedule
+
+__all__ = ["TrimmedCrossEntropyLoss"]
+
+
+class TrimmedCrossEntropyLoss(nn.Module):
+    r"""Cross-entropy over only the hardest (or easiest) samples of each mini-batch.
+
+    Mirrors :class:`torch.nn.CrossEntropyLoss` (class-index targets) and adds the keep ratio,
+    fixed or scheduled. With ``keep_ratio=1.0`` it computes exactly ``nn.CrossEntropyLoss``. See
+    :func:`~fused_trim.trimmed_cross_entropy` for the semantics of every argument.
+
+    A schedule is any callable ``schedule(epoch, step) -> float`` (see :mod:`fused_trim.schedules`).
+    The module keeps the progress: call :meth:`set_epoch` at the start of each epoch and
+    :meth:`step` after each mini-batch (only per-step schedules need the latter).
+
+    Args:
+        keep_ratio: a float in ``(0, 1]`` or a schedule.
+        keep: ``"hardest"`` (mini-batch trimming) or ``"easiest"`` (noisy labels).
+        weight: class weights of shape ``(C,)``; stored as a buffer.
+        ignore_index: target value that is never kept.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        label_smoothing: in ``[0, 1]``.
+        backend: ``"auto"``, ``"triton"``, ``"native"`` or ``"reference"``.
+
+    Attributes:
+        info: the :class:`~fused_trim.TrimInfo` of the last forward (``None`` before the first).
+        last_keep_ratio: the keep ratio the last forward used.
+
+    Example::
+
+        from fused_trim import TrimmedCrossEntropyLoss
+        from fused_trim.schedules import LinearSchedule
+        criterion = TrimmedCrossEntropyLoss(LinearSchedule(epochs=10))
+        for epoch in range(10):
+            criterion.set_epoch(epoch)
+            for x, y in loader:
+                loss = criterion(model(x), y)
+                loss.backward(); optimizer.step(); optimizer.zero_grad()
+                criterion.step()
+    """
+
+    weight: Tensor | None
+
+    def __init__(
+        self,
+        keep_ratio: float | Callable[[int, int], float] = 1.0,
+        *,
+        keep: str = "hardest",
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if callable(keep_ratio):
+            self.schedule = keep_ratio
+        else:
+            self.schedule = ConstantSchedule(keep_ratio)  # validates the ratio now
+        if keep not in KEEP_CHOICES:
+            raise ValueError(f"keep must be one of {KEEP_CHOICES}, got {keep!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.keep = keep
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.backend = backend
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.info: TrimInfo | None = None
+        self.last_keep_ratio: float | None = None
+
+    @property
+    def keep_ratio(self) -> float:
+        """The keep ratio the next forward will use."""
+        r = float(self.schedule(self.epoch, self.step_in_epoch))
+        if math.isnan(r) or not 0.0 < r <= 1.0:
+            raise ValueError(f"schedule {self.schedule!r} returned keep ratio {r}, outside (0, 1]")
+        return r
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` (0-based): the schedule is read at its first mini-batch."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = epoch
+        self.step_in_epoch = 0
+
+    def step(self) -> None:
+        """Advance to the next mini-batch of the current epoch."""
+        self.step_in_epoch += 1
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        r = self.keep_ratio
+        loss, info = trimmed_cross_entropy(
+            input,
+            target,
+            r,
+            keep=self.keep,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            reduction=self.reduction,
+            backend=self.backend,
+            return_info=True,
+        )
+        self.info = info
+        self.last_keep_ratio = r
+        return loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"keep_ratio={self.schedule!r}, keep={self.keep!r}, reduction={self.reduction!r}, "
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+            f"backend={self.backend!r}"
+        )

@@ -1,0 +1,290 @@
+"""Keep-ratio schedules: small callables that map training progress to a keep ratio in ``(0, 1]``.
+
+Every schedule is called as ``schedule(epoch, step=0)`` with the 0-based epoch and the 0-based
+index of the mini-batch *within* that epoch, and returns a Python float. Epochs past the last one
+hold the final value. :class:`~fused_trim.TrimmedCrossEntropyLoss` keeps this progress for you
+(``set_epoch`` / ``step``).
+
+Example::
+
+    >>> from fused_trim.schedules import LinearSchedule
+    >>> schedule = LinearSchedule(epochs=5)          # the paper's: 1.0 at epoch 0 -> 0.2 at epoch 4
+    >>> [round(schedule(e), 2) for e in range(5)]
+    [1.0, 0.8, 0.6, 0.4, 0.2]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+__all__ = [
+    "KeepRatioSchedule",
+    "LinearSchedule",
+    "LinearStepSchedule",
+    "WarmupSchedule",
+    "CosineSchedule",
+    "StepSchedule",
+    "ConstantSchedule",
+    "OrderedSGDSchedule",
+]
+
+
+def _check_ratio(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in (0, 1], got {value!r}")
+    value = float(value)
+    if math.isnan(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return value
+
+
+def _check_count(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_progress(epoch: int, step: int) -> None:
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+
+
+def _ramp(start: float, end: float, t: int, last: int) -> float:
+    """``start + (end - start) * t / last``; ``end`` past ``last``, ``start`` when ``last == 0``."""
+    if last <= 0:
+        return start
+    if t >= last:
+        return end
+    return start + (end - start) * t / last
+
+
+class KeepRatioSchedule:
+    """Base class of keep-ratio schedules.
+
+    Subclasses implement :meth:`value`; calling the schedule validates the progress and returns
+    ``value(epoch, step)``.
+    """
+
+    def __call__(self, epoch: int = 0, step: int = 0) -> float:
+        """Keep ratio at ``epoch`` (0-based) and mini-batch ``step`` (0-based, within the epoch)."""
+        _check_progress(epoch, step)
+        return self.value(epoch, step)
+
+    def value(self, epoch: int, step: int) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _fields(self) -> dict[str, object]:
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._fields().items())
+        return f"{type(self).__name__}({args})"
+
+
+class LinearSchedule(KeepRatioSchedule):
+    r"""The mini-batch trimming schedule of Fassold (2021): linear in the epoch, constant within one.
+
+    .. math:: r(e) = \text{start} + (\text{end} - \text{start}) \cdot \frac{e}{\text{epochs} - 1}
+
+    so ``r = start`` at epoch 0 and ``r = end`` at the last epoch ``epochs - 1``. With one epoch
+    the ratio is ``start``; epochs past the last hold ``end``.
+
+    Args:
+        epochs: number of training epochs (>= 1).
+        start: keep ratio at epoch 0.
+        end: keep ratio at the last epoch.
+    """
+
+    def __init__(self, epochs: int, start: float = 1.0, end: float = 0.2) -> None:
+        self.epochs = _check_count("epochs", epochs, 1)
+        self.start = _check_ratio("start", start)
+        self.end = _check_ratio("end", end)
+
+    def value(self, epoch: int, step: int) -> float:
+        return _ramp(self.start, self.end, epoch, self.epochs - 1)
+
+    def _fields(self) -> dict[str, object]:
+        return {"epochs": self.epochs, "start": self.start, "end": self.end}
+
+
+class LinearStepSchedule(KeepRatioSchedule):
+    r"""The same linear ramp, updated every mini-batch instead of every epoch.
+
+    With :math:`t = e \cdot \text{steps\_per\_epoch} + s` and
+    :math:`T = \text{epochs} \cdot \text{steps\_per\_epoch}`,
+    :math:`r = \text{start} + (\text{end} - \text{start}) \cdot t / (T - 1)`: ``start`` at the first
+    mini-batch, ``end`` at the last.
+
+    Args:
+        epochs: number of training epochs (>= 1).
+        steps_per_epoch: mini-batches per epoch (>= 1).
+        start: keep ratio at the first mini-batch.
+        end: keep ratio at the last mini-batch.
+    """
+
+    def __init__(self, epochs: int, steps_per_epoch: int, start: float = 1.0, end: float = 0.2) -> None:
+        self.epochs = _check_count("epochs", epochs, 1)
+        self.steps_per_epoch = _check_count("steps_per_epoch", steps_per_epoch, 1)
+        self.start = _check_ratio("start", start)
+        self.end = _check_ratio("end", end)
+
+    def value(self, epoch: int, step: int) -> float:
+        t = epoch * self.steps_per_epoch + step
+        return _ramp(self.start, self.end, t, self.epochs * self.steps_per_epoch - 1)
+
+    def _fields(self) -> dict[str, object]:
+        return {
+            "epochs": self.epochs,
+            "steps_per_epoch": self.steps_per_epoch,
+            "start": self.start,
+            "end": self.end,
+        }
+
+
+class WarmupSchedule(KeepRatioSchedule):
+    """No trimming (ratio 1.0) for the first ``warmup_epochs`` epochs, then ``schedule``.
+
+    ``schedule`` is evaluated with the epoch counted from the end of the warm-up, so build it for the
+    remaining ``epochs - warmup_epochs`` epochs.
+
+    Args:
+        schedule: the schedule (or a fixed ratio) that follows the warm-up.
+        warmup_epochs: number of epochs without trimming (>= 0).
+    """
+
+    def __init__(self, schedule: KeepRatioSchedule | float, warmup_epochs: int) -> None:
+        if not isinstance(schedule, KeepRatioSchedule):
+            schedule = ConstantSchedule(schedule)
+        self.schedule = schedule
+        self.warmup_epochs = _check_count("warmup_epochs", warmup_epochs, 0)
+
+    def value(self, epoch: int, step: int) -> float:
+        if epoch < self.warmup_epochs:
+            return 1.0
+        return self.schedule(epoch - self.warmup_epochs, step)
+
+    def _fields(self) -> dict[str, object]:
+        return {"schedule": self.schedule, "warmup_epochs": self.warmup_epochs}
+
+
+class CosineSchedule(KeepRatioSchedule):
+    r"""Cosine decay from ``start`` at epoch 0 to ``end`` at the last epoch, constant within one.
+
+    .. math:: r(e) = \text{end} + \tfrac12 (\text{start} - \text{end})
+              \left(1 + \cos\frac{\pi e}{\text{epochs} - 1}\right)
+
+    Args:
+        epochs: number of training epochs (>= 1).
+        start: keep ratio at epoch 0.
+        end: keep ratio at the last epoch.
+    """
+
+    def __init__(self, epochs: int, start: float = 1.0, end: float = 0.2) -> None:
+        self.epochs = _check_count("epochs", epochs, 1)
+        self.start = _check_ratio("start", start)
+        self.end = _check_ratio("end", end)
+
+    def value(self, epoch: int, step: int) -> float:
+        if self.epochs == 1:
+            return self.start
+        frac = min(epoch, self.epochs - 1) / (self.epochs - 1)
+        return self.end + 0.5 * (self.start - self.end) * (1.0 + math.cos(math.pi * frac))
+
+    def _fields(self) -> dict[str, object]:
+        return {"epochs": self.epochs, "start": self.start, "end": self.end}
+
+
+class StepSchedule(KeepRatioSchedule):
+    """``start`` multiplied by ``gamma`` at each milestone epoch reached.
+
+    Args:
+        milestones: epochs at which the ratio drops (increasing, >= 1).
+        gamma: factor in ``(0, 1]`` applied at each milestone.
+        start: keep ratio before the first milestone.
+    """
+
+    def __init__(self, milestones: Sequence[int], gamma: float = 0.5, start: float = 1.0) -> None:
+        milestones = tuple(milestones)
+        for m in milestones:
+            _check_count("each milestone", m, 1)
+        if list(milestones) != sorted(set(milestones)):
+            raise ValueError(f"milestones must be strictly increasing, got {milestones}")
+        self.milestones = milestones
+        self.gamma = _check_ratio("gamma", gamma)
+        self.start = _check_ratio("start", start)
+
+    def value(self, epoch: int, step: int) -> float:
+        return self.start * self.gamma ** sum(epoch >= m for m in self.milestones)
+
+    def _fields(self) -> dict[str, object]:
+        return {"milestones": self.milestones, "gamma": self.gamma, "start": self.start}
+
+
+class ConstantSchedule(KeepRatioSchedule):
+    """The same keep ratio at every step.
+
+    Args:
+        ratio: the keep ratio, in ``(0, 1]``.
+    """
+
+    def __init__(self, ratio: float) -> None:
+        self.ratio = _check_ratio("ratio", ratio)
+
+    def value(self, epoch: int, step: int) -> float:
+        return self.ratio
+
+    def _fields(self) -> dict[str, object]:
+        return {"ratio": self.ratio}
+
+
+class OrderedSGDSchedule(KeepRatioSchedule):
+    """Ordered-SGD-style schedule (Kawaguchi & Lu, 2020): halve the kept fraction each time the
+    training accuracy crosses a threshold.
+
+    Report the training accuracy (a fraction in ``[0, 1]``) with :meth:`update`, e.g. once per epoch;
+    the ratio is ``start * factor ** c`` where ``c`` counts the thresholds crossed so far. A
+    threshold, once crossed, stays crossed. The schedule ignores ``epoch`` and ``step``.
+
+    Args:
+        start: keep ratio before any threshold is crossed.
+        thresholds: training accuracies, as fractions, that each trigger one reduction.
+        factor: factor in ``(0, 1]`` applied per threshold crossed (``0.5``: halve).
+    """
+
+    def __init__(
+        self,
+        start: float = 1.0,
+        thresholds: Sequence[float] = (0.8, 0.9, 0.95, 0.995),
+        factor: float = 0.5,
+    ) -> None:
+        self.start = _check_ratio("start", start)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        for t in self.thresholds:
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"thresholds are accuracies in [0, 1], got {t!r}")
+        self.factor = _check_ratio("factor", factor)
+        self.crossed = 0
+
+    def update(self, train_accuracy: float) -> float:
+        """Record a training accuracy in ``[0, 1]`` and return the new keep ratio."""
+        acc = float(train_accuracy)
+        if math.isnan(acc) or not 0.0 <= acc <= 1.0:
+            raise ValueError(f"train_accuracy must be a fraction in [0, 1], got {train_accuracy!r}")
+        self.crossed = max(self.crossed, sum(acc >= t for t in self.thresholds))
+        return self.value(0, 0)
+
+    def value(self, epoch: int, step: int) -> float:
+        return self.start * self.factor**self.crossed
+
+    def _fields(self) -> dict[str, object]:
+        return {
+            "start": self.start,
+            "thresholds": self.thresholds,
+            "factor": self.factor,
+            "crossed": self.crossed,
+        }

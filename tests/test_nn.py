@@ -1,0 +1,114 @@
+"""``TrimmedCrossEntropyLoss`` against the functional API and ``nn.CrossEntropyLoss``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fused_trim import LinearSchedule, LinearStepSchedule, TrimmedCrossEntropyLoss, trimmed_cross_entropy
+
+
+def _batch(n=32, c=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (n,), generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("keep", ["hardest", "easiest"])
+def test_module_equals_functional(reduction, keep):
+    x, y = _batch()
+    y[3] = -1
+    weight = torch.rand(7, dtype=torch.float64) + 0.5
+    kwargs = dict(keep=keep, weight=weight, ignore_index=-1, label_smoothing=0.1, reduction=reduction)
+    x1 = x.clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    out1 = TrimmedCrossEntropyLoss(0.3, **kwargs)(x1, y)
+    out2 = trimmed_cross_entropy(x2, y, 0.3, **kwargs)
+    torch.testing.assert_close(out1, out2, rtol=0, atol=0)
+    out1.sum().backward()
+    out2.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+    assert int((x1.grad != 0).any(1).sum()) == round(0.3 * 31)
+
+
+def test_ratio_one_is_cross_entropy_loss():
+    x, y = _batch()
+    weight = torch.rand(7, dtype=torch.float64) + 0.5
+    ours = TrimmedCrossEntropyLoss(1.0, weight=weight, label_smoothing=0.2)(x, y)
+    theirs = nn.CrossEntropyLoss(weight=weight, label_smoothing=0.2)(x, y)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_schedule_follows_set_epoch_and_info_is_the_last_batch():
+    x, y = _batch(n=50)
+    crit = TrimmedCrossEntropyLoss(LinearSchedule(epochs=5))
+    ks = []
+    for epoch in range(5):
+        crit.set_epoch(epoch)
+        for _ in range(3):
+            loss = crit(x, y)
+            crit.step()
+            ks.append(int(crit.info.k))
+        expected_r = 1.0 + (0.2 - 1.0) * epoch / 4
+        assert crit.last_keep_ratio == pytest.approx(expected_r)
+        ref, info = trimmed_cross_entropy(x, y, expected_r, return_info=True)
+        torch.testing.assert_close(loss, ref)
+        assert torch.equal(crit.info.kept, info.kept)
+    assert ks == [50] * 3 + [40] * 3 + [30] * 3 + [20] * 3 + [10] * 3
+
+
+def test_per_step_schedule_uses_step():
+    x, y = _batch(n=100)
+    crit = TrimmedCrossEntropyLoss(LinearStepSchedule(epochs=1, steps_per_epoch=5, end=0.2))
+    crit.set_epoch(0)
+    ks = []
+    for _ in range(5):
+        crit(x, y)
+        ks.append(int(crit.info.k))
+        crit.step()
+    assert ks == [100, 80, 60, 40, 20]
+    crit.set_epoch(0)  # a new epoch restarts the in-epoch step count
+    assert crit.keep_ratio == 1.0
+
+
+def test_batch_of_one_sample_and_one_epoch():
+    crit = TrimmedCrossEntropyLoss(LinearSchedule(epochs=1))
+    x = torch.randn(1, 4, requires_grad=True)
+    y = torch.tensor([2])
+    loss = crit(x, y)
+    loss.backward()
+    assert int(crit.info.k) == 1
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(x, y))
+    crit2 = TrimmedCrossEntropyLoss(LinearSchedule(epochs=3))
+    crit2.set_epoch(2)  # r = 0.2 of one sample still keeps it
+    torch.testing.assert_close(crit2(x, y), nn.functional.cross_entropy(x, y))
+    assert int(crit2.info.k) == 1
+
+
+def test_plain_callable_schedule_and_validation():
+    x, y = _batch(n=10)
+    crit = TrimmedCrossEntropyLoss(lambda epoch, step: 0.5)
+    crit(x, y)
+    assert int(crit.info.k) == 5
+    bad = TrimmedCrossEntropyLoss(lambda epoch, step: 1.5)
+    with pytest.raises(ValueError, match="outside"):
+        bad(x, y)
+    with pytest.raises(ValueError):
+        TrimmedCrossEntropyLoss(0.0)
+    with pytest.raises(ValueError):
+        TrimmedCrossEntropyLoss(0.5, keep="middle")
+    with pytest.raises(ValueError):
+        TrimmedCrossEntropyLoss(0.5, reduction="avg")
+    with pytest.raises(ValueError):
+        crit.set_epoch(-1)
+
+
+def test_weight_is_a_buffer_and_repr():
+    w = torch.ones(3)
+    crit = TrimmedCrossEntropyLoss(LinearSchedule(4), weight=w)
+    assert "weight" in dict(crit.named_buffers())
+    assert "LinearSchedule(epochs=4, start=1.0, end=0.2)" in repr(crit)
+    assert "keep='hardest'" in repr(crit)
