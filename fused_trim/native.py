@@ -1,27 +1,253 @@
 """The compiled native op (``fused_trim._C``) and its autograd glue.
 
-The C++/CUDA sources in ``csrc/`` are not built yet; until they are, this backend reports itself
-unavailable and ``backend="auto"`` falls back to the reference.
+The C++ (CPU) and CUDA sources live in ``csrc/``. They register two ``torch.library`` ops,
+``fused_trim::trimmed_ce_fwd`` and ``fused_trim::trimmed_ce_bwd``; this module gives them fake
+(meta) implementations, so ``torch.compile(fullgraph=True)`` traces through them, and an autograd
+formula (the backward op, fed with the forward's saved logsumexp and per-row scale).
+
+Build: the first time the op is needed on a machine, the sources are compiled against the
+installed torch with the system C++ compiler (and ``nvcc`` for the CUDA kernels, when torch has
+CUDA and a GPU is present) and the shared library is cached under ``~/.cache/fused_trim`` (or
+``$FUSED_TRIM_CACHE_DIR``), keyed by the sources, the flags, torch's and Python's versions and the
+CPU capability; later processes load the cached library in milliseconds. A prebuilt
+``fused_trim/_C*.so`` (from a build with ``setup.py``) is used when present. When nothing can be
+built (no compiler, no sources), one warning says why, ``backend="auto"`` falls back to the
+reference and ``backend="native"`` raises with the reason.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
-try:  # pragma: no cover - depends on whether the extension was built
-    from . import _C  # type: ignore[attr-defined]
-except ImportError as exc:  # pragma: no cover
-    _C = None
-    _IMPORT_ERROR = str(exc)
-else:  # pragma: no cover
-    _IMPORT_ERROR = ""
+__all__ = ["build", "is_available", "trimmed_cross_entropy_2d", "unavailable_reason"]
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_CSRC = _PACKAGE_DIR.parent / "csrc"
+_CPU_SOURCES = ("trimmed_ce_cpu.cpp",)
+_CUDA_SOURCES = ("trimmed_ce_cuda.cu",)
+_HEADERS = ("trimmed_ce_common.h",)
+_REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "error": str | None, "cuda": bool, "path": str
+
+
+# --------------------------------------------------------------------------------------------
+# Build and load
+# --------------------------------------------------------------------------------------------
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("FUSED_TRIM_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fused_trim"
+
+
+def _cpu_capability_flags() -> tuple[str, list[str]]:
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        cap = "DEFAULT"
+    if cap == "AVX512":
+        return cap, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                     "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    if cap == "AVX2":
+        return cap, ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return "DEFAULT", ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
+
+
+def _want_cuda() -> bool:
+    return (
+        torch.version.cuda is not None
+        and torch.cuda.is_available()
+        and os.environ.get("FUSED_TRIM_NO_CUDA") != "1"
+        and _find_nvcc() is not None
+    )
+
+
+def _find_nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidate = os.path.join(home, "bin", "nvcc")
+    if os.path.exists(candidate):
+        return candidate
+    return shutil.which("nvcc")
+
+
+def _torch_paths() -> tuple[list[str], list[str]]:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    try:
+        incs = include_paths(device_type="cuda" if _want_cuda() else "cpu")
+    except TypeError:  # older signature: include_paths(cuda: bool)
+        incs = include_paths(_want_cuda())
+    try:
+        libs = library_paths(device_type="cuda" if _want_cuda() else "cpu")
+    except TypeError:
+        libs = library_paths(_want_cuda())
+    return incs, libs
+
+
+def _compile_commands(out: Path, workdir: Path, with_cuda: bool) -> list[list[str]]:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+    incs, libs = _torch_paths()
+    inc_flags = [f"-I{p}" for p in incs] + [f"-I{_CSRC}"]
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+    _, cap_flags = _cpu_capability_flags()
+    common = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *inc_flags]
+    cmds = []
+    objects = []
+    for src in _CPU_SOURCES:
+        obj = workdir / (src + ".o")
+        cmds.append([cxx, *common, *cap_flags, "-c", str(_CSRC / src), "-o", str(obj)])
+        objects.append(str(obj))
+    link_libs = ["-lc10", "-ltorch_cpu", "-ltorch"]
+    if with_cuda:
+        nvcc = _find_nvcc()
+        major, minor = torch.cuda.get_device_capability()
+        arch = f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"
+        for src in _CUDA_SOURCES:
+            obj = workdir / (src + ".o")
+            cmds.append([
+                nvcc, "-O3", "-std=c++17", arch, "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
+                f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *inc_flags, "-c", str(_CSRC / src), "-o", str(obj),
+            ])
+            objects.append(str(obj))
+        cuda_home = str(Path(nvcc).resolve().parent.parent)
+        link_libs += ["-lc10_cuda", "-ltorch_cuda", f"-L{cuda_home}/lib64", "-lcudart"]
+    lib_flags = []
+    for p in libs:
+        lib_flags += [f"-L{p}", f"-Wl,-rpath,{p}"]
+    cmds.append([cxx, "-shared", "-fopenmp", *objects, "-o", str(out), *lib_flags, *link_libs])
+    return cmds
+
+
+def _build_key(with_cuda: bool) -> str:
+    h = hashlib.sha256()
+    names = _CPU_SOURCES + _HEADERS + (_CUDA_SOURCES if with_cuda else ())
+    for name in names:
+        h.update(name.encode())
+        h.update((_CSRC / name).read_bytes())
+    cap, flags = _cpu_capability_flags()
+    h.update(" ".join(flags).encode())
+    h.update(torch.__version__.encode())
+    h.update(str(torch.version.cuda).encode())
+    h.update(sys.version.encode())
+    h.update(str(sysconfig.get_platform()).encode())
+    if with_cuda:
+        h.update(str(torch.cuda.get_device_capability()).encode())
+    h.update(b"v1")
+    return f"{cap.lower()}{'-cuda' if with_cuda else ''}-{h.hexdigest()[:16]}"
+
+
+def _prebuilt() -> Path | None:
+    found = sorted(_PACKAGE_DIR.glob("_C*.so"))
+    return found[0] if found else None
+
+
+def build(force: bool = False, verbose: bool = False) -> Path:
+    """Compile the native op (or find it in the cache) and return the shared library's path.
+
+    Raises ``RuntimeError`` with the compiler's output when the build fails.
+    """
+    missing = [n for n in _CPU_SOURCES + _HEADERS if not (_CSRC / n).exists()]
+    if missing:
+        raise RuntimeError(f"the C++ sources are not found (looked for {', '.join(missing)} in {_CSRC})")
+    with_cuda = _want_cuda()
+    key = _build_key(with_cuda)
+    cache = _cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        cache = Path(tempfile.gettempdir()) / "fused_trim_cache"
+        cache.mkdir(parents=True, exist_ok=True)
+    target = cache / f"fused_trim_C-{key}.so"
+    if target.exists() and not force:
+        return target
+    import fcntl
+
+    with open(cache / f"{key}.lock", "w") as lockfile:
+        fcntl.flock(lockfile, fcntl.LOCK_EX)  # one build per machine; the others wait and reuse it
+        try:
+            if target.exists() and not force:
+                return target
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                tmp_out = Path(tmp) / target.name
+                for cmd in _compile_commands(tmp_out, Path(tmp), with_cuda):
+                    if verbose:
+                        print(" ".join(cmd), file=sys.stderr)
+                    try:
+                        proc = subprocess.run(cmd, capture_output=True, text=True)
+                    except FileNotFoundError as exc:
+                        raise RuntimeError(f"no C++ compiler found ({exc})") from None
+                    if proc.returncode != 0:
+                        raise RuntimeError(
+                            f"compiling the native op failed:\n$ {' '.join(cmd)}\n{proc.stderr[-4000:]}"
+                        )
+                os.replace(tmp_out, target)
+        finally:
+            fcntl.flock(lockfile, fcntl.LOCK_UN)
+    return target
+
+
+def _load() -> str | None:
+    """Build (once) and load the op; returns the error, or None on success."""
+    if "error" in _state:
+        return _state["error"]  # type: ignore[return-value]
+    with _lock:
+        if "error" in _state:
+            return _state["error"]  # type: ignore[return-value]
+        error: str | None = None
+        try:
+            if not hasattr(torch.ops, "fused_trim") or not hasattr(torch.ops.fused_trim, "trimmed_ce_fwd"):
+                path = _prebuilt()
+                if path is None:
+                    if os.environ.get("FUSED_TRIM_NO_BUILD") == "1":
+                        raise RuntimeError("the extension is not built and FUSED_TRIM_NO_BUILD=1")
+                    path = build()
+                torch.ops.load_library(str(path))
+                _state["path"] = str(path)
+            _register_python_parts()
+            _state["cuda"] = torch._C._dispatch_has_kernel_for_dispatch_key(
+                "fused_trim::trimmed_ce_fwd", "CUDA"
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure means "fall back"
+            error = f"the compiled extension fused_trim._C is not available: {exc}"
+            warnings.warn(
+                f"fused_trim: {error}. backend='auto' uses the reference implementation on the CPU.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        _state["error"] = error
+        return error
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    """Why the native op cannot run on ``device``, or ``None`` when it can."""
-    if _C is None:
-        return f"the compiled extension fused_trim._C is not built ({_IMPORT_ERROR})"
+    """Why the native op cannot run on ``device``, or ``None`` when it can.
+
+    The first call on a machine may compile the extension (tens of seconds, once).
+    """
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        return f"the native op has kernels for CPU and CUDA tensors only, not {device.type}"
+    error = _load()
+    if error is not None:
+        return error
+    if device.type == "cuda" and not _state.get("cuda"):
+        return "the native op was built without its CUDA kernels (no CUDA torch, nvcc or GPU at build time)"
     return None
 
 
@@ -30,6 +256,99 @@ def is_available(device: torch.device) -> bool:
     return unavailable_reason(device) is None
 
 
-def trimmed_cross_entropy_2d(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The native op on the normalised ``(M, C)`` problem (see :mod:`fused_trim.reference`)."""
-    raise RuntimeError(f"backend='native' cannot run here: {unavailable_reason(torch.device('cpu'))}")
+# --------------------------------------------------------------------------------------------
+# Fake implementations and autograd
+# --------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fwd_fake(input, target, weight, keep_ratio, keep_ratio_t, easiest, ignore_index, label_smoothing,
+              reduction):
+    m = input.shape[0]
+    acc = _acc_dtype(input.dtype)
+    out = input.new_empty((m,) if reduction == 0 else ())
+    return (
+        out,
+        input.new_empty((m,)),
+        input.new_empty((m,), dtype=torch.bool),
+        input.new_empty((), dtype=torch.int64),
+        input.new_empty(()),
+        input.new_empty((m,), dtype=acc),
+        input.new_empty((m,), dtype=acc),
+    )
+
+
+def _bwd_fake(grad_out, input, target, weight, lse, rowscale, ignore_index, label_smoothing):
+    return input.new_empty(input.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    input, target, weight, _r, _rt, _easiest, ignore_index, label_smoothing, _red = inputs
+    lse, rowscale = output[5], output[6]
+    ctx.save_for_backward(input, target, weight, lse, rowscale)
+    ctx.ignore_index = ignore_index
+    ctx.label_smoothing = label_smoothing
+
+
+def _backward(ctx, grad_out, *_unused):
+    input, target, weight, lse, rowscale = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = torch.ops.fused_trim.trimmed_ce_bwd(
+            grad_out, input, target, weight, lse, rowscale, ctx.ignore_index, ctx.label_smoothing
+        )
+    return grad, None, None, None, None, None, None, None, None
+
+
+def _register_python_parts() -> None:
+    if _state.get("registered"):
+        return
+    torch.library.register_fake("fused_trim::trimmed_ce_fwd", _fwd_fake)
+    torch.library.register_fake("fused_trim::trimmed_ce_bwd", _bwd_fake)
+    torch.library.register_autograd("fused_trim::trimmed_ce_fwd", _backward, setup_context=_setup_context)
+    _state["registered"] = True
+
+
+# --------------------------------------------------------------------------------------------
+# Backend entry point
+# --------------------------------------------------------------------------------------------
+
+
+def trimmed_cross_entropy_2d(
+    input: Tensor,
+    target: Tensor,
+    keep_ratio: float | Tensor,
+    keep: str,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The native op on the normalised ``(M, C)`` problem (see :mod:`fused_trim.reference`).
+
+    Returns ``(out, losses, kept, k, threshold)``; only ``out`` carries gradient.
+    """
+    reason = unavailable_reason(input.device)
+    if reason is not None:
+        raise RuntimeError(f"backend='native' cannot run here: {reason}")
+    if input.stride(-1) != 1:
+        input = input.contiguous()
+    if isinstance(keep_ratio, Tensor):
+        ratio, ratio_t = 0.0, keep_ratio
+    else:
+        ratio, ratio_t = float(keep_ratio), None
+    out, losses, kept, k, threshold, _lse, _scale = torch.ops.fused_trim.trimmed_ce_fwd(
+        input,
+        target,
+        weight,
+        ratio,
+        ratio_t,
+        keep == "easiest",
+        int(ignore_index),
+        float(label_smoothing),
+        _REDUCTION_CODES[reduction],
+    )
+    return out, losses.detach(), kept, k, threshold.detach()

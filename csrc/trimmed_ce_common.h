@@ -1,0 +1,80 @@
+// Shared by the CPU and CUDA implementations of fused_trim::trimmed_ce_fwd / trimmed_ce_bwd.
+//
+// Ranking keys: every per-sample loss is mapped to an unsigned integer whose order is the
+// ranking order of the contract (larger key = kept first):
+//   * "hardest": larger loss -> larger key, NaN above +inf (all NaNs map to the largest key);
+//   * "easiest": the bitwise complement, so the smallest loss has the largest key and NaN the
+//     smallest one (least preferred);
+//   * -0.0 and +0.0 map to the same key (torch.sort treats them as equal, ties go by index).
+// Equal keys are broken by the lower flat index. Ignored samples never take part.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define FT_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FT_HOST_DEVICE inline
+#endif
+
+namespace fused_trim {
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+template <typename acc_t>
+struct KeyOf;
+
+template <>
+struct KeyOf<float> {
+  using type = uint32_t;
+  static FT_HOST_DEVICE uint32_t get(float f, bool easiest) {
+    uint32_t key;
+    if (f != f) {
+      key = 0xFFFFFFFFu;
+    } else {
+      if (f == 0.0f) f = 0.0f;  // -0.0 -> +0.0
+      uint32_t b;
+#if defined(__CUDA_ARCH__)
+      b = __float_as_uint(f);
+#else
+      std::memcpy(&b, &f, sizeof(b));
+#endif
+      key = b ^ ((b >> 31) ? 0xFFFFFFFFu : 0x80000000u);
+    }
+    return easiest ? ~key : key;
+  }
+};
+
+template <>
+struct KeyOf<double> {
+  using type = uint64_t;
+  static FT_HOST_DEVICE uint64_t get(double f, bool easiest) {
+    uint64_t key;
+    if (f != f) {
+      key = ~uint64_t(0);
+    } else {
+      if (f == 0.0) f = 0.0;
+      uint64_t b;
+#if defined(__CUDA_ARCH__)
+      b = static_cast<uint64_t>(__double_as_longlong(f));
+#else
+      std::memcpy(&b, &f, sizeof(b));
+#endif
+      key = b ^ ((b >> 63) ? ~uint64_t(0) : (uint64_t(1) << 63));
+    }
+    return easiest ? ~key : key;
+  }
+};
+
+// k = min(n, max(1, floor(r * n + 0.5))) in float64; k = 0 when n = 0.
+FT_HOST_DEVICE int64_t compute_k(int64_t n, double keep_ratio) {
+  if (n <= 0) return 0;
+  double k = floor(keep_ratio * static_cast<double>(n) + 0.5);
+  if (k < 1.0) k = 1.0;
+  if (k > static_cast<double>(n)) k = static_cast<double>(n);
+  return static_cast<int64_t>(k);
+}
+
+}  // namespace fused_trim

@@ -1,0 +1,437 @@
+// fused_trim::trimmed_ce_fwd / trimmed_ce_bwd: op schemas and the CPU implementation.
+//
+// Forward: one pass over each row's logits (rows split over threads with at::parallel_for; a
+// row is read block by block, each block once from memory and re-read from L1), giving the
+// per-row loss and logsumexp in float32 (float64 for float64 input). Then the exact-k selection
+// (std::nth_element over (key, index) pairs), the kept mask, the reduced loss, the threshold
+// and a per-row backward scale (0 outside the kept set).
+// Backward: kept rows recompute softmax from the saved logsumexp; the other rows are
+// zero-filled without reading their logits.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "trimmed_ce_common.h"
+
+namespace fused_trim {
+namespace {
+
+using at::vec::Vectorized;
+
+// Logits are processed in blocks that stay in L1 between the passes over one block.
+constexpr int64_t kBlock = 2048;
+
+template <typename acc_t>
+inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
+  return v.exp();  // SLEEF, 1.0 ULP (the ranking depends on it)
+}
+
+template <typename acc_t>
+inline Vectorized<acc_t> vexp_fast(const Vectorized<acc_t>& v) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return v.exp_u20();
+  } else {
+    return v.exp();
+  }
+}
+
+template <typename acc_t>
+inline acc_t nan_max(acc_t a, acc_t b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// Converts n input elements to the accumulation type (a no-op pointer pass for fp32/fp64).
+template <typename scalar_t, typename acc_t>
+inline const acc_t* load_block(const scalar_t* src, int64_t n, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    using bVec = Vectorized<scalar_t>;
+    using fVec = Vectorized<float>;
+    int64_t j = 0;
+    for (; j + bVec::size() <= n; j += bVec::size()) {
+      auto [a, b] = at::vec::convert_to_float<scalar_t>(bVec::loadu(src + j));
+      a.store(buf + j);
+      b.store(buf + j + fVec::size());
+    }
+    for (; j < n; ++j) buf[j] = static_cast<float>(src[j]);
+    return buf;
+  }
+}
+
+// Rounds n accumulation-type values to the output type.
+template <typename scalar_t, typename acc_t>
+inline void store_block(const acc_t* src, int64_t n, scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(dst, src, n * sizeof(acc_t));
+  } else {
+    using bVec = Vectorized<scalar_t>;
+    using fVec = Vectorized<float>;
+    int64_t j = 0;
+    for (; j + bVec::size() <= n; j += bVec::size()) {
+      auto a = fVec::loadu(src + j);
+      auto b = fVec::loadu(src + j + fVec::size());
+      at::vec::convert_from_float<scalar_t>(a, b).store(dst + j);
+    }
+    for (; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+  }
+}
+
+template <typename acc_t>
+inline acc_t reduce_max(const Vectorized<acc_t>& v) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  alignas(64) acc_t tmp[V];
+  v.store(tmp);
+  acc_t m = tmp[0];
+  for (int64_t i = 1; i < V; ++i) m = nan_max(m, tmp[i]);
+  return m;
+}
+
+template <typename acc_t>
+inline acc_t reduce_sum(const Vectorized<acc_t>& v) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  alignas(64) acc_t tmp[V];
+  v.store(tmp);
+  acc_t s = 0;
+  for (int64_t i = 0; i < V; ++i) s += tmp[i];
+  return s;
+}
+
+// max over p[0:n], NaN-propagating.
+template <typename acc_t>
+inline acc_t block_max(const acc_t* p, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec ninf(-std::numeric_limits<acc_t>::infinity());
+  Vec m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
+  int64_t j = 0;
+  for (; j + 4 * V <= n; j += 4 * V) {
+    m0 = at::vec::maximum(m0, Vec::loadu(p + j));
+    m1 = at::vec::maximum(m1, Vec::loadu(p + j + V));
+    m2 = at::vec::maximum(m2, Vec::loadu(p + j + 2 * V));
+    m3 = at::vec::maximum(m3, Vec::loadu(p + j + 3 * V));
+  }
+  for (; j + V <= n; j += V) m0 = at::vec::maximum(m0, Vec::loadu(p + j));
+  if (j < n) m0 = at::vec::maximum(m0, Vec::set(ninf, Vec::loadu(p + j, n - j), n - j));
+  return reduce_max<acc_t>(at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
+}
+
+// sum of exp(p[j] - m) over p[0:n].
+template <typename acc_t>
+inline acc_t block_sumexp(const acc_t* p, int64_t n, acc_t m) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec vm(m);
+  Vec s0(0), s1(0), s2(0), s3(0);
+  int64_t j = 0;
+  for (; j + 4 * V <= n; j += 4 * V) {
+    s0 = s0 + vexp(Vec::loadu(p + j) - vm);
+    s1 = s1 + vexp(Vec::loadu(p + j + V) - vm);
+    s2 = s2 + vexp(Vec::loadu(p + j + 2 * V) - vm);
+    s3 = s3 + vexp(Vec::loadu(p + j + 3 * V) - vm);
+  }
+  for (; j + V <= n; j += V) s0 = s0 + vexp(Vec::loadu(p + j) - vm);
+  if (j < n) s0 = s0 + Vec::set(Vec(0), vexp(Vec::loadu(p + j, n - j) - vm), n - j);
+  return reduce_sum<acc_t>((s0 + s1) + (s2 + s3));
+}
+
+// sum of w[j] * (p[j] - ref) over p[0:n] (w == nullptr: w = 1).
+template <typename acc_t>
+inline acc_t block_sum_shifted(const acc_t* p, const acc_t* w, int64_t n, acc_t ref) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec vr(ref);
+  Vec s0(0), s1(0);
+  int64_t j = 0;
+  if (w == nullptr) {
+    for (; j + 2 * V <= n; j += 2 * V) {
+      s0 = s0 + (Vec::loadu(p + j) - vr);
+      s1 = s1 + (Vec::loadu(p + j + V) - vr);
+    }
+    for (; j + V <= n; j += V) s0 = s0 + (Vec::loadu(p + j) - vr);
+    if (j < n) s0 = s0 + Vec::set(Vec(0), Vec::loadu(p + j, n - j) - vr, n - j);
+  } else {
+    for (; j + 2 * V <= n; j += 2 * V) {
+      s0 = s0 + Vec::loadu(w + j) * (Vec::loadu(p + j) - vr);
+      s1 = s1 + Vec::loadu(w + j + V) * (Vec::loadu(p + j + V) - vr);
+    }
+    for (; j + V <= n; j += V) s0 = s0 + Vec::loadu(w + j) * (Vec::loadu(p + j) - vr);
+    if (j < n) {
+      s0 = s0 + Vec::set(Vec(0), Vec::loadu(w + j, n - j) * (Vec::loadu(p + j, n - j) - vr), n - j);
+    }
+  }
+  return reduce_sum<acc_t>(s0 + s1);
+}
+
+template <typename acc_t>
+struct RowResult {
+  acc_t loss;
+  acc_t lse;
+};
+
+// Loss and logsumexp of one row (one pass over memory, blockwise online max).
+template <typename scalar_t, typename acc_t>
+inline RowResult<acc_t> row_forward(const scalar_t* row, int64_t C, int64_t y, const acc_t* w,
+                                    acc_t w_total, acc_t ls, acc_t* buf) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const bool smooth = ls > 0;
+  acc_t m = ninf, s = 0, sx = 0, ref = 0;
+  for (int64_t b = 0; b < C; b += kBlock) {
+    const int64_t n = std::min(kBlock, C - b);
+    const acc_t* p = load_block<scalar_t, acc_t>(row + b, n, buf);
+    const acc_t bm = block_max<acc_t>(p, n);
+    if (b == 0) ref = std::isfinite(bm) ? bm : acc_t(0);
+    if (bm != bm) {
+      m = bm;  // NaN propagates to the loss
+    } else if (bm > m) {
+      s = s * std::exp(m - bm);
+      m = bm;
+    }
+    if (bm != ninf) s += block_sumexp<acc_t>(p, n, m);
+    if (smooth) sx += block_sum_shifted<acc_t>(p, w == nullptr ? nullptr : w + b, n, ref);
+  }
+  const acc_t lse = (m == ninf) ? std::numeric_limits<acc_t>::quiet_NaN() : m + std::log(s);
+  const acc_t x_y = static_cast<acc_t>(row[y]);
+  const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
+  acc_t loss = w_y * (lse - x_y);
+  if (smooth) {
+    const acc_t smooth_term = (lse - ref) * w_total - sx;  // -sum_c w_c log p_c
+    loss = (acc_t(1) - ls) * loss + (ls / static_cast<acc_t>(C)) * smooth_term;
+  }
+  return {loss, lse};
+}
+
+at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
+                   const std::optional<at::Tensor>& weight_, double keep_ratio,
+                   const std::optional<at::Tensor>& keep_ratio_t, bool easiest,
+                   int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  TORCH_CHECK(input_.dim() == 2, "fused_trim: input must be (M, C), got ", input_.sizes());
+  TORCH_CHECK(target_.dim() == 1 && target_.size(0) == input_.size(0),
+              "fused_trim: target must be (M,), got ", target_.sizes());
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "fused_trim: bad reduction code ", reduction);
+  const at::Tensor input = input_.stride(1) == 1 ? input_ : input_.contiguous();
+  const at::Tensor target = target_.to(at::kLong).contiguous();
+  const int64_t M = input.size(0), C = input.size(1);
+  const int64_t row_stride = input.stride(0);
+  const auto acc_st = acc_type_of(input.scalar_type());
+  const at::Tensor weight =
+      weight_.has_value() && weight_->defined() ? weight_->to(acc_st).contiguous() : at::Tensor();
+  const double r = keep_ratio_t.has_value() && keep_ratio_t->defined()
+                       ? keep_ratio_t->item<double>()
+                       : keep_ratio;
+
+  auto acc_opts = input.options().dtype(acc_st);
+  at::Tensor losses = at::empty({M}, input.options());
+  at::Tensor kept = at::zeros({M}, input.options().dtype(at::kBool));
+  at::Tensor k_t = at::empty({}, input.options().dtype(at::kLong));
+  at::Tensor threshold = at::empty({}, input.options());
+  at::Tensor lse_t = at::empty({M}, acc_opts);
+  at::Tensor rowscale = at::zeros({M}, acc_opts);
+  at::Tensor out = reduction == kNone ? at::zeros({M}, input.options()) : at::empty({}, input.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "trimmed_ce_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using key_t = typename KeyOf<acc_t>::type;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const int64_t* t = target.const_data_ptr<int64_t>();
+    const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+    const acc_t w_total = w == nullptr ? static_cast<acc_t>(C) : weight.sum().item<acc_t>();
+    const acc_t ls = static_cast<acc_t>(label_smoothing);
+    std::vector<acc_t> loss_acc(M);
+    acc_t* lse = lse_t.mutable_data_ptr<acc_t>();
+    std::atomic<int64_t> bad_target{-1};
+
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t buf[std::is_same_v<scalar_t, acc_t> ? 1 : kBlock];
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t y = t[i];
+        if (y == ignore_index) {
+          loss_acc[i] = 0;
+          lse[i] = 0;
+          continue;
+        }
+        if (y < 0 || y >= C) {
+          bad_target.store(y);
+          loss_acc[i] = 0;
+          lse[i] = 0;
+          continue;
+        }
+        auto res = row_forward<scalar_t, acc_t>(x + i * row_stride, C, y, w, w_total, ls, buf);
+        loss_acc[i] = res.loss;
+        lse[i] = res.lse;
+      }
+    });
+    TORCH_CHECK(bad_target.load() == -1 || bad_target.load() == ignore_index,
+                "fused_trim: target holds ", bad_target.load(), ", outside [0, ", C,
+                ") and not ignore_index=", ignore_index);
+
+    // Selection: the k candidates with the largest (key, -index).
+    struct Cand {
+      key_t key;
+      int64_t idx;
+    };
+    std::vector<Cand> cands;
+    cands.reserve(M);
+    for (int64_t i = 0; i < M; ++i) {
+      if (t[i] != ignore_index) cands.push_back({KeyOf<acc_t>::get(loss_acc[i], easiest), i});
+    }
+    const int64_t n = static_cast<int64_t>(cands.size());
+    const int64_t k = compute_k(n, r);
+    auto better = [](const Cand& a, const Cand& b) {
+      return a.key > b.key || (a.key == b.key && a.idx < b.idx);
+    };
+    if (k > 0 && k < n) std::nth_element(cands.begin(), cands.begin() + (k - 1), cands.end(), better);
+    int64_t thr_idx = -1;
+    if (k > 0) {
+      // The k-th in ranking order is the worst of the first k.
+      thr_idx = std::max_element(cands.begin(), cands.begin() + k, better)->idx;
+    }
+    bool* kp = kept.mutable_data_ptr<bool>();
+    double sum_loss = 0.0, sum_w = 0.0;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t i = cands[j].idx;
+      kp[i] = true;
+      sum_loss += static_cast<double>(loss_acc[i]);
+      sum_w += w == nullptr ? 1.0 : static_cast<double>(w[t[i]]);
+    }
+    const acc_t scale = reduction == kMean ? static_cast<acc_t>(1.0 / sum_w) : acc_t(1);
+    acc_t* rs = rowscale.mutable_data_ptr<acc_t>();
+    for (int64_t j = 0; j < k; ++j) rs[cands[j].idx] = scale;
+
+    scalar_t* lo = losses.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < M; ++i) lo[i] = static_cast<scalar_t>(loss_acc[i]);
+    if (reduction == kNone) {
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      for (int64_t j = 0; j < k; ++j) o[cands[j].idx] = lo[cands[j].idx];
+    } else if (reduction == kSum) {
+      *out.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(sum_loss);
+    } else {
+      *out.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(sum_loss / sum_w);
+    }
+    *k_t.mutable_data_ptr<int64_t>() = k;
+    *threshold.mutable_data_ptr<scalar_t>() =
+        thr_idx >= 0 ? static_cast<scalar_t>(loss_acc[thr_idx])
+                     : static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+  });
+  return {out, losses, kept, k_t, threshold, lse_t, rowscale};
+}
+
+at::Tensor trimmed_ce_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input_,
+                              const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
+                              const at::Tensor& lse_t, const at::Tensor& rowscale_t,
+                              int64_t ignore_index, double label_smoothing) {
+  const at::Tensor input = input_.stride(1) == 1 ? input_ : input_.contiguous();
+  const at::Tensor target = target_.to(at::kLong).contiguous();
+  const int64_t M = input.size(0), C = input.size(1);
+  const int64_t row_stride = input.stride(0);
+  const auto acc_st = acc_type_of(input.scalar_type());
+  const at::Tensor weight =
+      weight_.has_value() && weight_->defined() ? weight_->to(acc_st).contiguous() : at::Tensor();
+  const bool per_row = grad_out.dim() == 1;
+  const at::Tensor g = grad_out.to(acc_st).contiguous();
+  const at::Tensor lse_c = lse_t.to(acc_st).contiguous();
+  const at::Tensor rs_c = rowscale_t.to(acc_st).contiguous();
+  at::Tensor grad = at::empty({M, C}, input.options().memory_format(at::MemoryFormat::Contiguous));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "trimmed_ce_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Vec = Vectorized<acc_t>;
+    constexpr int64_t V = Vec::size();
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const int64_t* t = target.const_data_ptr<int64_t>();
+    const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+    const acc_t w_total = w == nullptr ? static_cast<acc_t>(C) : weight.sum().item<acc_t>();
+    const acc_t ls = static_cast<acc_t>(label_smoothing);
+    const acc_t* gp = g.const_data_ptr<acc_t>();
+    const acc_t* lse = lse_c.const_data_ptr<acc_t>();
+    const acc_t* rs = rs_c.const_data_ptr<acc_t>();
+    scalar_t* gr = grad.mutable_data_ptr<scalar_t>();
+
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t inbuf[std::is_same_v<scalar_t, acc_t> ? 1 : kBlock];
+      alignas(64) acc_t outbuf[std::is_same_v<scalar_t, acc_t> ? 1 : kBlock];
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* grow = gr + i * C;
+        const acc_t scale = rs[i];
+        const int64_t y = t[i];
+        if (scale == acc_t(0) || y == ignore_index || y < 0 || y >= C) {
+          std::memset(static_cast<void*>(grow), 0, C * sizeof(scalar_t));
+          continue;
+        }
+        const acc_t coef = (per_row ? gp[i] : gp[0]) * scale;
+        const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
+        // d l / d x_c = (1-ls) w_y (p_c - [c==y]) + ls/C (W p_c - w_c)
+        const acc_t a = coef * ((acc_t(1) - ls) * w_y + ls * w_total / static_cast<acc_t>(C));
+        const acc_t bconst = coef * ls / static_cast<acc_t>(C);
+        const Vec va(a), vb(bconst), vl(lse[i]);
+        const scalar_t* xrow = x + i * row_stride;
+        for (int64_t b = 0; b < C; b += kBlock) {
+          const int64_t n = std::min(kBlock, C - b);
+          const acc_t* p = load_block<scalar_t, acc_t>(xrow + b, n, inbuf);
+          acc_t* o = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(grow + b) : outbuf;
+          int64_t j = 0;
+          if (bconst == acc_t(0)) {
+            for (; j + V <= n; j += V) (vexp_fast(Vec::loadu(p + j) - vl) * va).store(o + j);
+            if (j < n) (vexp_fast(Vec::loadu(p + j, n - j) - vl) * va).store(o + j, n - j);
+          } else if (w == nullptr) {
+            for (; j + V <= n; j += V) (vexp_fast(Vec::loadu(p + j) - vl) * va - vb).store(o + j);
+            if (j < n) (vexp_fast(Vec::loadu(p + j, n - j) - vl) * va - vb).store(o + j, n - j);
+          } else {
+            const acc_t* wb = w + b;
+            for (; j + V <= n; j += V) {
+              (vexp_fast(Vec::loadu(p + j) - vl) * va - vb * Vec::loadu(wb + j)).store(o + j);
+            }
+            if (j < n) {
+              (vexp_fast(Vec::loadu(p + j, n - j) - vl) * va - vb * Vec::loadu(wb + j, n - j))
+                  .store(o + j, n - j);
+            }
+          }
+          if constexpr (!std::is_same_v<scalar_t, acc_t>) store_block<scalar_t, acc_t>(o, n, grow + b);
+        }
+        // The true-class term, formed in the accumulation type before rounding.
+        const acc_t p_y = std::exp(static_cast<acc_t>(xrow[y]) - lse[i]);
+        const acc_t w_yc = w == nullptr ? acc_t(1) : w[y];
+        grow[y] = static_cast<scalar_t>(a * p_y - bconst * w_yc - coef * (acc_t(1) - ls) * w_y);
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fused_trim, m) {
+  m.def(
+      "trimmed_ce_fwd(Tensor input, Tensor target, Tensor? weight, float keep_ratio, "
+      "Tensor? keep_ratio_t, bool easiest, int ignore_index, float label_smoothing, int reduction) "
+      "-> (Tensor out, Tensor losses, Tensor kept, Tensor k, Tensor threshold, Tensor lse, "
+      "Tensor rowscale)");
+  m.def(
+      "trimmed_ce_bwd(Tensor grad_out, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
+      "Tensor rowscale, int ignore_index, float label_smoothing) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fused_trim, CPU, m) {
+  m.impl("trimmed_ce_fwd", &trimmed_ce_fwd_cpu);
+  m.impl("trimmed_ce_bwd", &trimmed_ce_bwd_cpu);
+}
+
+}  // namespace fused_trim
