@@ -27,7 +27,7 @@ def _check_keep_ratio(keep_ratio: float | Tensor) -> float | Tensor:
                 f"of shape {tuple(keep_ratio.shape)} and dtype {keep_ratio.dtype}"
             )
         if keep_ratio.device.type == "cpu":
-            value = float(keep_ratio)
+            value = float(keep_ratio.detach())
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"keep_ratio must be in (0, 1], got {value}")
         else:

@@ -18,7 +18,7 @@ def ce_backward_kernel(
     grad_out_ptr,
     denom_ptr,
     num_classes,
-    label_smoothing: tl.float64,
+    label_smoothing_bits,
     PER_ROW_GRAD: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
@@ -45,7 +45,7 @@ def ce_backward_kernel(
         w_t = tl.load(weight_ptr + tgt, mask=kept, other=0.0).to(acc_dtype)
     else:
         w_t = tl.full((), 1.0, acc_dtype)
-    eps = (label_smoothing * tl.full((), 1.0, acc_dtype)).to(acc_dtype)  # exact under the interpreter too
+    eps = label_smoothing_bits.to(tl.int64).to(tl.float64, bitcast=True).to(acc_dtype)
     true_coef = (1.0 - eps) * w_t
     if HAS_SMOOTHING:
         if HAS_WEIGHT:

@@ -17,7 +17,7 @@ def ce_forward_kernel(
     wy_ptr,
     num_classes,
     ignore_index,
-    label_smoothing: tl.float64,
+    label_smoothing_bits,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -69,7 +69,7 @@ def ce_forward_kernel(
         if not HAS_WEIGHT:
             sum_w = tl.cast(num_classes, acc_dtype)
         smooth = lse * sum_w - sum_wx
-        eps = (label_smoothing * tl.full((), 1.0, acc_dtype)).to(acc_dtype)  # exact under the interpreter too
+        eps = label_smoothing_bits.to(tl.int64).to(tl.float64, bitcast=True).to(acc_dtype)
         loss = (1.0 - eps) * loss + (eps / num_classes) * smooth
     zero = tl.zeros((), acc_dtype)
     tl.store(loss_ptr + row, tl.where(valid, loss, zero))

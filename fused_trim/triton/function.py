@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 from torch import Tensor
@@ -11,6 +13,11 @@ from .ce_forward import ce_forward_kernel
 from .select import select_kernel
 
 _REDUCTION_CODE = {"mean": 0, "sum": 1, "none": 2}
+
+
+def float64_bits(value: float) -> int:
+    """A host float as its float64 bit pattern: Triton passes float scalars as fp32, bits stay exact."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,7 +72,7 @@ class TrimmedCrossEntropyFunction(torch.autograd.Function):
         block_c, warps = row_config(num_classes, input.element_size())
         ce_forward_kernel[(num_rows,)](
             input, input.stride(0), target, weight if has_weight else loss, loss, lse, w_y,
-            num_classes, ignore_index, label_smoothing,
+            num_classes, ignore_index, float64_bits(label_smoothing),
             HAS_WEIGHT=has_weight, HAS_SMOOTHING=has_smoothing, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
 
@@ -80,7 +87,7 @@ class TrimmedCrossEntropyFunction(torch.autograd.Function):
         denom = torch.empty((), dtype=acc, device=dev)
         select_kernel[(1,)](
             loss, w_y, target, kept, out, out, k, threshold, denom, num_rows, ignore_index,
-            1.0 if ratio_on_device else float(keep_ratio), keep_ratio if ratio_on_device else loss,
+            float64_bits(1.0 if ratio_on_device else keep_ratio), keep_ratio if ratio_on_device else loss,
             RATIO_FROM_PTR=ratio_on_device, KEEP_ALL=keep_all, HARDEST=keep == "hardest",
             REDUCTION=_REDUCTION_CODE[reduction], BLOCK=select_block(num_rows), num_warps=4,
         )  # fmt: skip
@@ -104,7 +111,7 @@ class TrimmedCrossEntropyFunction(torch.autograd.Function):
         block_c, warps = row_config(num_classes, input.element_size())
         ce_backward_kernel[(num_rows,)](
             input, input.stride(0), grad, grad.stride(0), target, weight if has_weight else lse,
-            weight_sum, lse, kept, grad_out.contiguous(), denom, num_classes, label_smoothing,
+            weight_sum, lse, kept, grad_out.contiguous(), denom, num_classes, float64_bits(label_smoothing),
             PER_ROW_GRAD=ctx.reduction == "none", HAS_WEIGHT=has_weight, HAS_SMOOTHING=has_smoothing,
             BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip

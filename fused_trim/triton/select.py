@@ -37,7 +37,7 @@ def select_kernel(
     denom_ptr,
     num_rows,
     ignore_index,
-    keep_ratio: tl.float64,
+    keep_ratio_bits,
     ratio_ptr,
     RATIO_FROM_PTR: tl.constexpr,
     KEEP_ALL: tl.constexpr,
@@ -47,7 +47,8 @@ def select_kernel(
 ):
     """One program over all rows.
 
-    Computes ``n`` and ``k`` (float64), finds the k-th key ``T`` in 8-bit digit passes (masked
+    Computes ``n`` and ``k`` (float64; a host ratio arrives as its float64 bits, exact in the
+    compiler and the interpreter alike), finds the k-th key ``T`` in 8-bit digit passes (masked
     ``tl.histogram`` + ``tl.cumsum``), keeps ``key > T`` plus the first ``k - #(key > T)`` rows with
     ``key == T`` in index order, and writes: ``kept``, ``out`` (per-row loss on K, 0 elsewhere;
     only for ``REDUCTION == 2``, "none"), ``result`` (the mean (0) or sum (1)), ``k``, the
@@ -67,7 +68,7 @@ def select_kernel(
     if RATIO_FROM_PTR:
         r = tl.load(ratio_ptr).to(tl.float64)
     else:
-        r = keep_ratio
+        r = keep_ratio_bits.to(tl.int64).to(tl.float64, bitcast=True)
     k = tl.floor(r * n.to(tl.float64) + 0.5)
     k = tl.minimum(tl.maximum(k, 1.0), n.to(tl.float64)).to(tl.int64)
 
@@ -93,7 +94,7 @@ def select_kernel(
         prefix_mask = tl.zeros((), key_dtype)
         krem = k
         for p in tl.static_range(NBITS // 8):
-            shift: tl.constexpr = NBITS - 8 * (p + 1)
+            shift = NBITS - 8 * (p + 1)
             hist = tl.zeros((256,), tl.int32)
             for start in range(0, num_rows, BLOCK):
                 idx = start + offs
