@@ -1,0 +1,88 @@
+"""Bad input raises before any kernel runs, with a message naming the argument and the value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fused_trim import native, trimmed_cross_entropy
+
+from .helpers import BACKENDS
+
+X = torch.randn(4, 3)
+T = torch.tensor([0, 1, 2, -100])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(keep_ratio=0.0), ValueError, r"keep_ratio must be in \(0, 1\], got 0.0"),
+        (dict(keep_ratio=-0.5), ValueError, r"keep_ratio .* got -0.5"),
+        (dict(keep_ratio=1.5), ValueError, r"keep_ratio .* got 1.5"),
+        (dict(keep_ratio=float("nan")), ValueError, r"keep_ratio .* got nan"),
+        (dict(keep_ratio=torch.tensor(1.2)), ValueError, r"keep_ratio .* got 1.2"),
+        (dict(keep_ratio=torch.tensor([0.5])), TypeError, r"keep_ratio .* shape \(1,\)"),
+        (dict(keep_ratio=torch.tensor(1)), TypeError, r"keep_ratio .* dtype torch.int64"),
+        (dict(keep_ratio="half"), TypeError, r"keep_ratio .* 'half'"),
+        (dict(keep_ratio=True), TypeError, r"keep_ratio .* True"),
+        (dict(keep="hard"), ValueError, r"keep must be one of 'hardest', 'easiest', got 'hard'"),
+        (dict(reduction="avg"), ValueError, r"reduction must be one of .* got 'avg'"),
+        (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\], got 1.5"),
+        (dict(label_smoothing=-0.1), ValueError, r"label_smoothing .* got -0.1"),
+        (dict(ignore_index=1.0), TypeError, r"ignore_index must be an int, got 1.0"),
+        (dict(weight=torch.ones(4)), ValueError, r"weight must be a 1-D tensor of length C = 3, got \(4,\)"),
+        (dict(weight=torch.ones(3, 1)), ValueError, r"weight .* got \(3, 1\)"),
+        (dict(weight=torch.ones(3, dtype=torch.long)), TypeError, r"weight must be floating point"),
+        (dict(target=torch.tensor([0.0, 1.0, 2.0, 0.0])), TypeError, r"class-probability targets are not supported"),
+        (dict(target=torch.tensor([0, 1, 3, -100])), ValueError, r"target holds 3, outside \[0, 3\)"),
+        (dict(target=torch.tensor([0, -1, 2, 1])), ValueError, r"target holds -1, outside \[0, 3\)"),
+        (dict(target=torch.tensor([0, 1, 2])), ValueError, r"target shape \(3,\) does not match input shape \(4, 3\)"),
+        (dict(target=torch.tensor([True, False, True, True])), TypeError, r"target .* torch.bool"),
+        (dict(input=torch.ones(4, 3, dtype=torch.long)), TypeError, r"input must be a floating-point .* torch.int64"),
+        (dict(input=torch.tensor(1.0)), ValueError, r"input must have at least 1 dimension"),
+        (dict(input=torch.ones(4, 0), target=torch.zeros(4, dtype=torch.long)), ValueError, r"C = 0"),
+        (dict(input=torch.ones(4, 3, 2)), ValueError, r"expected target of shape \(4, 2\)"),
+    ],
+)
+def test_bad_input_raises(backend, kwargs, exc, match):
+    args = dict(input=X, target=T, keep_ratio=0.5)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        trimmed_cross_entropy(args.pop("input"), args.pop("target"), args.pop("keep_ratio"), backend=backend, **args)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'cuda'"):
+        trimmed_cross_entropy(X, T, backend="cuda")
+
+
+def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run here: input is on cpu.*TRITON_INTERPRET=1"):
+        trimmed_cross_entropy(X, T, backend="triton")
+
+
+@pytest.mark.skipif(native.is_available(torch.device("cpu")), reason="the native op is built here")
+def test_native_not_built_says_why():
+    with pytest.raises(RuntimeError, match=r"backend='native' cannot run here: .*fused_trim._C"):
+        trimmed_cross_entropy(X, T, backend="native")
+
+
+def test_auto_on_cpu_never_picks_triton(monkeypatch):
+    """auto uses native (when built) or the reference on the CPU, even under the interpreter."""
+    import fused_trim.functional as functional
+
+    picked = functional._resolve_backend("auto", X)
+    assert picked == ("native" if native.is_available(torch.device("cpu")) else "reference")
+
+
+def test_validation_runs_before_any_backend(monkeypatch):
+    import fused_trim.functional as functional
+
+    def boom(name):
+        raise AssertionError("a backend ran on bad input")
+
+    monkeypatch.setattr(functional, "_backend_fn", boom)
+    with pytest.raises(ValueError):
+        trimmed_cross_entropy(X, torch.tensor([0, 1, 7, 0]), 0.5)
