@@ -1,0 +1,118 @@
+"""Compile every Triton kernel configuration offline for an sm_90 GPU (no GPU needed).
+
+Run as ``python tests/sm90_compile.py``: prints one JSON line per configuration with its registers,
+spilled (local) bytes and shared memory, or the compiler's error. Kept out of the pytest process
+because Triton's interpreter (``TRITON_INTERPRET=1``) patches ``triton.language`` in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fused_trim.triton import ce_backward, ce_forward, select  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _forward_case(dtype, has_weight, has_smoothing, block_c, warps):
+    sig = {
+        "logits_ptr": f"*{dtype}", "stride_row": "i32", "target_ptr": "*i64", "weight_ptr": "*fp32",
+        "loss_ptr": "*fp32", "lse_ptr": "*fp32", "wy_ptr": "*fp32", "num_classes": "i32",
+        "ignore_index": "i32", "label_smoothing_bits": "i64", "HAS_WEIGHT": "constexpr",
+        "HAS_SMOOTHING": "constexpr", "BLOCK_C": "constexpr",
+    }  # fmt: skip
+    const = {"HAS_WEIGHT": has_weight, "HAS_SMOOTHING": has_smoothing, "BLOCK_C": block_c}
+    name = f"ce_forward[{dtype},w={has_weight},ls={has_smoothing},BLOCK_C={block_c},warps={warps}]"
+    return name, ce_forward.ce_forward_kernel, sig, const, warps
+
+
+def _select_case(loss_dtype, out_dtype, keep_all, hardest, reduction, from_ptr):
+    sig = {
+        "loss_ptr": f"*{loss_dtype}", "wy_ptr": f"*{loss_dtype}", "target_ptr": "*i64", "kept_ptr": "*i1",
+        "out_ptr": f"*{out_dtype}", "result_ptr": f"*{out_dtype}", "k_ptr": "*i64",
+        "threshold_ptr": f"*{out_dtype}", "denom_ptr": f"*{loss_dtype}", "num_rows": "i32",
+        "ignore_index": "i32", "keep_ratio_bits": "i64", "ratio_ptr": "*fp32", "RATIO_FROM_PTR": "constexpr",
+        "KEEP_ALL": "constexpr", "HARDEST": "constexpr", "REDUCTION": "constexpr", "BLOCK": "constexpr",
+    }  # fmt: skip
+    const = {"RATIO_FROM_PTR": from_ptr, "KEEP_ALL": keep_all, "HARDEST": hardest, "REDUCTION": reduction,
+             "BLOCK": 2048}  # fmt: skip
+    name = f"select[{loss_dtype}->{out_dtype},all={keep_all},hardest={hardest},red={reduction},ptr={from_ptr}]"
+    return name, select.select_kernel, sig, const, 4
+
+
+def _backward_case(dtype, per_row, has_weight, has_smoothing, block_c, warps):
+    sig = {
+        "logits_ptr": f"*{dtype}", "stride_row": "i32", "grad_ptr": f"*{dtype}", "stride_grad": "i32",
+        "target_ptr": "*i64", "weight_ptr": "*fp32", "weight_sum_ptr": "*fp32", "lse_ptr": "*fp32",
+        "kept_ptr": "*i1", "grad_out_ptr": f"*{dtype}", "denom_ptr": "*fp32", "num_classes": "i32",
+        "label_smoothing_bits": "i64", "PER_ROW_GRAD": "constexpr", "HAS_WEIGHT": "constexpr",
+        "HAS_SMOOTHING": "constexpr", "BLOCK_C": "constexpr",
+    }  # fmt: skip
+    const = {"PER_ROW_GRAD": per_row, "HAS_WEIGHT": has_weight, "HAS_SMOOTHING": has_smoothing,
+             "BLOCK_C": block_c}  # fmt: skip
+    name = f"ce_backward[{dtype},row_grad={per_row},w={has_weight},ls={has_smoothing},BLOCK_C={block_c}]"
+    return name, ce_backward.ce_backward_kernel, sig, const, warps
+
+
+CASES = [
+    _forward_case("fp32", False, False, 4096, 8),
+    _forward_case("bf16", False, False, 8192, 8),
+    _forward_case("fp16", True, True, 8192, 8),
+    _forward_case("fp32", True, True, 16, 1),
+    _forward_case("fp64", True, True, 2048, 4),
+    _select_case("fp32", "fp32", False, True, 0, False),
+    _select_case("fp32", "bf16", False, False, 2, True),
+    _select_case("fp32", "fp16", True, True, 1, False),
+    _select_case("fp64", "fp64", False, True, 0, False),
+    _backward_case("fp32", False, False, False, 4096, 8),
+    _backward_case("bf16", True, False, False, 8192, 8),
+    _backward_case("fp16", False, True, True, 8192, 8),
+    _backward_case("fp32", False, True, True, 16, 1),
+    _backward_case("fp64", True, True, True, 2048, 4),
+]
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = int(re.search(r"REG:(\d+)", text).group(1))
+    spill = int(re.search(r"LOCAL:(\d+)", text).group(1))
+    return regs, spill
+
+
+
+
+def main() -> int:
+    failed = 0
+    for name, fn, sig, const, warps in CASES:
+        try:
+            compiled = triton.compile(
+                ASTSource(fn=fn, signature=sig, constexprs=const), target=TARGET, options={"num_warps": warps}
+            )
+        except Exception as exc:  # report every failing configuration, not just the first
+            failed += 1
+            print(json.dumps({"name": name, "error": str(exc)[-2000:]}), flush=True)
+            continue
+        regs, spill = _resources(compiled.asm["cubin"])
+        info = {"name": name, "registers": regs, "spill_bytes": spill, "shared_bytes": compiled.metadata.shared}
+        print(json.dumps(info), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
