@@ -316,3 +316,21 @@ def test_empty_batch(backend):
     t = torch.zeros(0, dtype=torch.long)
     out, info = trimmed_cross_entropy(x, t, 0.5, backend=backend, return_info=True)
     assert torch.isnan(out) and int(info.k) == 0
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("keep", ["hardest", "easiest"])
+@pytest.mark.parametrize("ratio", [0.3, 0.985])
+def test_many_rows_with_ties_across_select_chunks(backend, keep, ratio):
+    """2100 rows > one select chunk (2048): tie ranks must carry across chunks (at 0.985 the cut
+    through the tied threshold rows falls in the second chunk)."""
+    gen = torch.Generator().manual_seed(21)
+    patterns = torch.randn(4, 5, generator=gen)  # four exact (row, target) pairs: heavy exact ties
+    which = torch.randint(0, 4, (2100,), generator=gen)
+    x, t = patterns[which], which.clone()
+    t[torch.rand(2100, generator=gen) < 0.1] = -100
+    out, info, grad = run(backend, x, t, ratio, keep=keep)
+    ref_out, ref_info, ref_grad = run("reference", x, t, ratio, keep=keep)
+    assert torch.equal(info.kept, ref_info.kept)
+    _assert_close(out, ref_out, torch.float32)
+    _assert_close(grad, ref_grad, torch.float32)
