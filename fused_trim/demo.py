@@ -24,11 +24,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TextIO
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .functional import _resolve_backend
 from .nn import TrimmedCrossEntropyLoss
 from .schedules import (
     ConstantSchedule,
@@ -41,7 +43,7 @@ from .schedules import (
     WarmupSchedule,
 )
 
-__all__ = ["DemoConfig", "run_demo", "add_arguments", "main"]
+__all__ = ["DemoConfig", "run_demo", "add_arguments", "config_from_args"]
 
 DATASETS = ("mnist1d", "digits")
 MODELS = ("cnn", "mlp", "linear")
@@ -286,8 +288,13 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
     return loss, error
 
 
-def train_run(data: Data, cfg: DemoConfig, arm: str, seed: int, bar=None) -> list[dict[str, object]]:
-    """Train one arm with one seed; returns one row of metrics per epoch (see ``CSV_FIELDS``)."""
+def train_run(
+    data: Data, cfg: DemoConfig, arm: str, seed: int, bar: Any | None = None
+) -> list[dict[str, object]]:
+    """Train one arm with one seed; returns one row of metrics per epoch (see ``CSV_FIELDS``).
+
+    ``bar`` is an optional tqdm bar advanced once per epoch.
+    """
     y_train, noisy = data.y, torch.zeros(len(data.y), dtype=torch.bool)
     if cfg.label_noise > 0:
         y_train, noisy = add_label_noise(data.y, cfg.label_noise, data.num_classes, seed)
@@ -354,7 +361,9 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(rows: list[dict[str, object]], cfg: DemoConfig, schedule: KeepRatioSchedule) -> dict:
+def summarize(
+    rows: list[dict[str, object]], cfg: DemoConfig, schedule: KeepRatioSchedule
+) -> dict[str, Any]:
     """Final and last-10%-of-epochs test error per arm (mean, std over seeds) and the paired
     per-seed differences ``trimmed - baseline``, in percentage points."""
     last = cfg.epochs - 1
@@ -383,7 +392,7 @@ def summarize(rows: list[dict[str, object]], cfg: DemoConfig, schedule: KeepRati
     }
 
 
-def format_table(summary: dict, cfg: DemoConfig) -> str:
+def format_table(summary: dict[str, Any], cfg: DemoConfig) -> str:
     """The table the demo prints and writes to ``summary.txt``."""
     n = len(summary["seeds"])
     tail = summary["tail_epochs"]
@@ -391,7 +400,8 @@ def format_table(summary: dict, cfg: DemoConfig) -> str:
     lines = [
         f"{cfg.dataset}, model {cfg.model}, {cfg.epochs} epochs, batch {cfg.batch_size}, Adam lr {cfg.lr:g}, "
         f"{n} seed(s){noise}",
-        f"trimmed arm: keep={cfg.keep!r}, schedule {summary['schedule']}",
+        f"trimmed arm: keep={cfg.keep!r}, schedule {summary['schedule']}; "
+        f"backend {summary.get('backend', 'auto')!r}",
         "",
         f"{'test error (%)':<34}{'final epoch':>18}{f'mean of last {tail} epochs':>28}",
     ]
@@ -458,7 +468,7 @@ def plot(rows: list[dict[str, object]], cfg: DemoConfig, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- entry
 
 
-def run_demo(cfg: DemoConfig, stream=None) -> dict:
+def run_demo(cfg: DemoConfig, stream: TextIO | None = None) -> dict[str, Any]:
     """Run both arms over ``cfg.seeds`` seeds, print the table to ``stream`` and write the outputs.
 
     Returns a dict with ``rows`` (the CSV's rows), ``summary``, ``table`` and the written paths
@@ -490,6 +500,7 @@ def run_demo(cfg: DemoConfig, stream=None) -> dict:
             bar.close()
     wall = time.perf_counter() - t0
     summary = summarize(rows, cfg, schedule)
+    summary["backend"] = _resolve_backend("auto", data.x)
     table = format_table(summary, cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -562,15 +573,3 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         threads=args.threads,
         progress=not args.no_progress,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fused_trim demo [flags]`` without the ``demo``."""
-    parser = argparse.ArgumentParser(prog="fused-trim demo", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run_demo(config_from_args(args))
-    except ValueError as exc:
-        parser.error(str(exc))
-    return 0
