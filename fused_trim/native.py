@@ -2,8 +2,9 @@
 
 The C++ (CPU) and CUDA sources live in ``csrc/``. They register two ``torch.library`` ops,
 ``fused_trim::trimmed_ce_fwd`` and ``fused_trim::trimmed_ce_bwd``; this module gives them fake
-(meta) implementations, so ``torch.compile(fullgraph=True)`` traces through them, and an autograd
-formula (the backward op, fed with the forward's saved logsumexp and per-row scale).
+(meta) implementations, so ``torch.compile(fullgraph=True)`` traces through them. The autograd
+formula is registered in C++ (``csrc/trimmed_ce_cpu.cpp``, the ``Autograd`` key, for every device):
+the backward op fed with the forward's saved logsumexp and per-row scale, no Python on the path.
 
 Build: the first time the op is needed on a machine, the sources are compiled against the
 installed torch with the system C++ compiler (and ``nvcc`` for the CUDA kernels, when torch has
@@ -107,7 +108,7 @@ def _compile_commands(out: Path, workdir: Path, with_cuda: bool) -> list[list[st
     inc_flags = [f"-I{p}" for p in incs] + [f"-I{_CSRC}"]
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
     _, cap_flags = _cpu_capability_flags()
-    common = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *inc_flags]
+    common = ["-O3", "-std=c++20", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *inc_flags]
     cmds = []
     objects = []
     for src in _CPU_SOURCES:
@@ -122,7 +123,7 @@ def _compile_commands(out: Path, workdir: Path, with_cuda: bool) -> list[list[st
         for src in _CUDA_SOURCES:
             obj = workdir / (src + ".o")
             cmds.append([
-                nvcc, "-O3", "-std=c++17", arch, "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
+                nvcc, "-O3", "-std=c++20", arch, "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
                 f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *inc_flags, "-c", str(_CSRC / src), "-o", str(obj),
             ])
             objects.append(str(obj))
@@ -285,30 +286,11 @@ def _bwd_fake(grad_out, input, target, weight, lse, rowscale, ignore_index, labe
     return input.new_empty(input.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    input, target, weight, _r, _rt, _easiest, ignore_index, label_smoothing, _red = inputs
-    lse, rowscale = output[5], output[6]
-    ctx.save_for_backward(input, target, weight, lse, rowscale)
-    ctx.ignore_index = ignore_index
-    ctx.label_smoothing = label_smoothing
-
-
-def _backward(ctx, grad_out, *_unused):
-    input, target, weight, lse, rowscale = ctx.saved_tensors
-    grad = None
-    if ctx.needs_input_grad[0]:
-        grad = torch.ops.fused_trim.trimmed_ce_bwd(
-            grad_out, input, target, weight, lse, rowscale, ctx.ignore_index, ctx.label_smoothing
-        )
-    return grad, None, None, None, None, None, None, None, None
-
-
 def _register_python_parts() -> None:
     if _state.get("registered"):
         return
     torch.library.register_fake("fused_trim::trimmed_ce_fwd", _fwd_fake)
     torch.library.register_fake("fused_trim::trimmed_ce_bwd", _bwd_fake)
-    torch.library.register_autograd("fused_trim::trimmed_ce_fwd", _backward, setup_context=_setup_context)
     _state["registered"] = True
 
 

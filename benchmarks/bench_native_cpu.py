@@ -1,0 +1,156 @@
+"""CPU benchmark of the native op against the reference, the compiled reference and F.cross_entropy.
+
+Forward + backward of a trimmed cross-entropy (fp32, keep_ratio 0.5 by default), each case timed in
+the same run, reported as ratios, beside the bytes floor: the logits read once in the forward, the
+kept rows read and every row of the gradient written in the backward, over the copy bandwidth
+measured on this machine in the same run. Peak memory is measured per backend in a child process
+(the rise of the resident-set high-water mark over the inputs), and reported beside the size of the
+gradient buffer, which every backend must allocate.
+
+    python benchmarks/bench_native_cpu.py                  # the issue's three shapes
+    python benchmarks/bench_native_cpu.py --shape 4096x32000 --repeats 7
+
+A benchmark, not a test: the figures depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fused_trim import native, trimmed_cross_entropy  # noqa: E402
+
+DEFAULT_SHAPES = ["4096x32000", "256x100", "65536x10"]
+
+
+def _make(n: int, c: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, generator=g).requires_grad_()
+    t = torch.randint(0, c, (n,), generator=g)
+    return x, t
+
+
+def _fns(keep_ratio: float):
+    ref = lambda x, t: trimmed_cross_entropy(x, t, keep_ratio, backend="reference")  # noqa: E731
+    return {
+        "reference": ref,
+        "reference_compiled": torch.compile(ref),
+        "F.cross_entropy": lambda x, t: F.cross_entropy(x, t),
+        "native": lambda x, t: trimmed_cross_entropy(x, t, keep_ratio, backend="native"),
+    }
+
+
+def _time(fn, x, t, repeats: int, warmup: int) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        x.grad = None
+        t0 = time.perf_counter()
+        fn(x, t).backward()
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+    x.grad = None
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 7) -> float:
+    """Bytes per second of a large tensor copy (read + write), into a warm destination."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def _peak_child(name: str, n: int, c: int, keep_ratio: float) -> None:
+    """Child process: print the peak extra resident memory of one forward+backward."""
+    x, t = _make(n, c)
+    fn = _fns(keep_ratio)[name]
+    if name == "native":
+        native.is_available(torch.device("cpu"))
+    # Warm up on a small problem (compilation, thread pools) without touching the big one.
+    xs, ts = _make(64, c)
+    fn(xs, ts).backward()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fn(x, t).backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_extra": after - before}))
+
+
+def peak_memory(name: str, n: int, c: int, keep_ratio: float) -> int | None:
+    cmd = [sys.executable, __file__, "--peak-child", name, "--shape", f"{n}x{c}", "--keep", str(keep_ratio)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("{"):
+            return int(json.loads(line)["peak_extra"])
+    print(proc.stderr[-2000:], file=sys.stderr)
+    return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", action="append", help="NxC (repeatable); default: the issue's three")
+    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-memory", action="store_true", help="skip the per-backend peak-memory runs")
+    p.add_argument("--peak-child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shape or DEFAULT_SHAPES)]
+
+    if args.peak_child:
+        _peak_child(args.peak_child, *shapes[0], args.keep)
+        return
+
+    reason = native.unavailable_reason(torch.device("cpu"))
+    if reason is not None:
+        sys.exit(f"native op unavailable: {reason}")
+    bw = copy_bandwidth()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"copy bandwidth (read + write): {bw / 1e9:.1f} GB/s; keep_ratio {args.keep}; "
+          f"forward+backward, median of {args.repeats}")
+    fns = _fns(args.keep)
+    for n, c in shapes:
+        x, t = _make(n, c)
+        elem = x.element_size()
+        floor_bytes = n * c * elem * (1 + args.keep + 1)  # fwd read, bwd read kept, bwd write all
+        floor = floor_bytes / bw
+        warmup = 2 if n * c >= 1 << 24 else 5
+        repeats = args.repeats if n * c >= 1 << 24 else max(args.repeats, 30)
+        times = {name: _time(fn, x, t, repeats, warmup) for name, fn in fns.items()}
+        print(f"\n(N, C) = ({n}, {c}), fp32; bytes floor {floor * 1e3:.2f} ms")
+        for name, dt in times.items():
+            print(f"  {name:20s} {dt * 1e3:10.2f} ms")
+        nat = times["native"]
+        print(f"  native speed-up over eager reference:    {times['reference'] / nat:6.2f}x")
+        print(f"  native speed-up over compiled reference: {times['reference_compiled'] / nat:6.2f}x")
+        print(f"  native speed-up over F.cross_entropy:    {times['F.cross_entropy'] / nat:6.2f}x")
+        print(f"  native / bytes floor:                    {nat / floor:6.2f}x")
+        if not args.no_memory:
+            grad_mb = n * c * elem / 2**20
+            print(f"  peak extra resident memory (gradient buffer {grad_mb:.1f} MiB):")
+            for name in fns:
+                peak = peak_memory(name, n, c, args.keep)
+                if peak is not None:
+                    print(f"    {name:20s} {peak / 2**20:9.1f} MiB  (beyond the gradient: "
+                          f"{(peak / 2**20 - grad_mb):8.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
