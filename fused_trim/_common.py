@@ -22,12 +22,16 @@ class TrimInfo(NamedTuple):
         k: 0-dim int64 tensor, the number of kept samples.
         threshold: 0-dim tensor, the loss of the k-th sample in ranking order (the smallest kept
             loss for ``keep="hardest"``, the largest for ``"easiest"``); NaN when ``k == 0``.
+        global_loss: with a ``process_group``, the global loss for logging (the global mean or
+            sum; the global sum for ``reduction="none"``); ``None`` otherwise. ``k`` and
+            ``threshold`` are then global too, ``losses`` and ``kept`` this rank's.
     """
 
     losses: Tensor
     kept: Tensor
     k: Tensor
     threshold: Tensor
+    global_loss: Tensor | None = None
 
 
 def compute_k(n: Tensor, keep_ratio: float | Tensor) -> Tensor:
@@ -37,8 +41,12 @@ def compute_k(n: Tensor, keep_ratio: float | Tensor) -> Tensor:
 
     Args:
         n: 0-dim integer tensor, the number of valid samples.
-        keep_ratio: a float or a 0-dim tensor in ``(0, 1]``.
+        keep_ratio: a float or a 0-dim floating-point tensor in ``(0, 1]``; internally also a
+            0-dim *integer* tensor, an exact count (``k = min(n, keep_ratio)``), which is how
+            :mod:`fused_trim.distributed` hands each rank its share of a global selection.
     """
+    if isinstance(keep_ratio, Tensor) and not keep_ratio.is_floating_point():
+        return torch.minimum(keep_ratio.to(device=n.device, dtype=torch.int64), n.to(torch.int64))
     nf = n.to(torch.float64)
     r = keep_ratio.to(device=n.device, dtype=torch.float64) if isinstance(keep_ratio, Tensor) else keep_ratio
     k = torch.floor(r * nf + 0.5).clamp(min=1.0)

@@ -1,4 +1,10 @@
-"""The ``torch.autograd.Function`` that glues the three Triton kernels together."""
+"""The Triton kernels glued into two ``torch.library`` ops with a registered autograd formula.
+
+``fused_trim::triton_trimmed_ce_fwd`` runs the forward and select kernels,
+``fused_trim::triton_trimmed_ce_bwd`` the backward kernel. Registered with
+``torch.library.triton_op``, so ``torch.compile(fullgraph=True)`` traces into the kernel launches
+instead of breaking the graph.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,13 @@ import struct
 import torch
 import triton
 from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
 from .ce_backward import ce_backward_kernel
 from .ce_forward import ce_forward_kernel
 from .select import select_kernel
 
-_REDUCTION_CODE = {"mean": 0, "sum": 1, "none": 2}
+REDUCTION_CODE = {"mean": 0, "sum": 1, "none": 2}
 
 
 def float64_bits(value: float) -> int:
@@ -38,81 +45,99 @@ def select_block(num_rows: int) -> int:
     return min(max(triton.next_power_of_2(num_rows), 128), 2048)
 
 
-class TrimmedCrossEntropyFunction(torch.autograd.Function):
-    """Fused trimmed cross-entropy on ``input (M, C)``, ``target (M,)``.
+@triton_op("fused_trim::triton_trimmed_ce_fwd", mutates_args=())
+def trimmed_ce_fwd(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    keep_ratio: float,
+    keep_ratio_t: Tensor | None,
+    hardest: bool,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward on ``input (M, C)``: ``(out, losses, kept, k, threshold, lse, denom)``.
 
-    Saves the input plus O(M) tensors (logsumexp, kept mask, the mean's divisor) for the backward.
+    ``keep_ratio_t``, when given, replaces ``keep_ratio``: a 0-dim float tensor (a ratio) or int64
+    tensor (an exact count), read on the device. ``lse`` and ``denom`` (the divisor of the mean)
+    are saved for the backward.
     """
+    num_rows, num_classes = input.shape
+    if input.stride(1) != 1:
+        input = input.contiguous()
+    target = target.contiguous()
+    acc = accumulation_dtype(input.dtype)
+    dev = input.device
+    loss = torch.empty(num_rows, dtype=acc, device=dev)
+    lse = torch.empty(num_rows, dtype=acc, device=dev)
+    w_y = torch.empty(num_rows, dtype=acc, device=dev)
+    has_weight = weight is not None
+    if has_weight:
+        weight = weight.contiguous()
+    block_c, warps = row_config(num_classes, input.element_size())
+    wrap_triton(ce_forward_kernel)[(num_rows,)](
+        input, input.stride(0), target, weight if has_weight else loss, loss, lse, w_y,
+        num_classes, ignore_index, float64_bits(label_smoothing),
+        HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_C=block_c, num_warps=warps,
+    )  # fmt: skip
 
-    @staticmethod
-    def forward(
-        ctx,
-        input: Tensor,
-        target: Tensor,
-        weight: Tensor | None,
-        keep_ratio: float | Tensor,
-        keep: str,
-        ignore_index: int,
-        label_smoothing: float,
-        reduction: str,
-    ):
-        num_rows, num_classes = input.shape
-        if input.stride(1) != 1:
-            input = input.contiguous()
-        target = target.contiguous()
-        acc = accumulation_dtype(input.dtype)
-        dev = input.device
-        loss = torch.empty(num_rows, dtype=acc, device=dev)
-        lse = torch.empty(num_rows, dtype=acc, device=dev)
-        w_y = torch.empty(num_rows, dtype=acc, device=dev)
-        if weight is not None:
-            weight = weight.contiguous()
-        has_weight = weight is not None
-        has_smoothing = label_smoothing > 0.0
-        block_c, warps = row_config(num_classes, input.element_size())
-        ce_forward_kernel[(num_rows,)](
-            input, input.stride(0), target, weight if has_weight else loss, loss, lse, w_y,
-            num_classes, ignore_index, float64_bits(label_smoothing),
-            HAS_WEIGHT=has_weight, HAS_SMOOTHING=has_smoothing, BLOCK_C=block_c, num_warps=warps,
-        )  # fmt: skip
+    ratio_on_device = keep_ratio_t is not None
+    kept = torch.empty(num_rows, dtype=torch.bool, device=dev)
+    out = torch.empty(num_rows if reduction == 2 else (), dtype=input.dtype, device=dev)
+    k = torch.empty((), dtype=torch.int64, device=dev)
+    threshold = torch.empty((), dtype=input.dtype, device=dev)
+    denom = torch.empty((), dtype=acc, device=dev)
+    wrap_triton(select_kernel)[(1,)](
+        loss, w_y, target, kept, out, out, k, threshold, denom, num_rows, ignore_index,
+        float64_bits(keep_ratio), keep_ratio_t if ratio_on_device else loss,
+        RATIO_FROM_PTR=ratio_on_device, KEEP_ALL=not ratio_on_device and keep_ratio == 1.0, HARDEST=hardest,
+        REDUCTION=reduction, BLOCK=select_block(num_rows), num_warps=4,
+    )  # fmt: skip
+    return out, loss.to(input.dtype), kept, k, threshold, lse, denom
 
-        if isinstance(keep_ratio, Tensor) and keep_ratio.device.type == "cpu" and dev.type != "cpu":
-            keep_ratio = float(keep_ratio)  # a host value costs no synchronisation
-        ratio_on_device = isinstance(keep_ratio, Tensor)
-        keep_all = not ratio_on_device and keep_ratio == 1.0
-        kept = torch.empty(num_rows, dtype=torch.bool, device=dev)
-        out = torch.empty(num_rows if reduction == "none" else (), dtype=input.dtype, device=dev)
-        k = torch.empty((), dtype=torch.int64, device=dev)
-        threshold = torch.empty((), dtype=input.dtype, device=dev)
-        denom = torch.empty((), dtype=acc, device=dev)
-        select_kernel[(1,)](
-            loss, w_y, target, kept, out, out, k, threshold, denom, num_rows, ignore_index,
-            float64_bits(1.0 if ratio_on_device else keep_ratio), keep_ratio if ratio_on_device else loss,
-            RATIO_FROM_PTR=ratio_on_device, KEEP_ALL=keep_all, HARDEST=keep == "hardest",
-            REDUCTION=_REDUCTION_CODE[reduction], BLOCK=select_block(num_rows), num_warps=4,
-        )  # fmt: skip
 
-        ctx.save_for_backward(input, target, weight, lse, kept, denom)
-        ctx.label_smoothing = label_smoothing
-        ctx.reduction = reduction
-        losses = loss.to(input.dtype)
-        ctx.mark_non_differentiable(losses, kept, k, threshold)
-        return out, losses, kept, k, threshold
+@triton_op("fused_trim::triton_trimmed_ce_bwd", mutates_args=())
+def trimmed_ce_bwd(
+    grad_out: Tensor,
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    lse: Tensor,
+    kept: Tensor,
+    denom: Tensor,
+    label_smoothing: float,
+) -> Tensor:
+    """Gradient of ``out`` with respect to ``input``; exact zeros on rows outside the kept set."""
+    num_rows, num_classes = input.shape
+    if input.stride(1) != 1:
+        input = input.contiguous()
+    grad = torch.empty((num_rows, num_classes), dtype=input.dtype, device=input.device)
+    has_weight = weight is not None
+    has_smoothing = label_smoothing > 0.0
+    weight_sum = weight.sum(dtype=lse.dtype) if has_weight and has_smoothing else lse
+    block_c, warps = row_config(num_classes, input.element_size())
+    wrap_triton(ce_backward_kernel)[(num_rows,)](
+        input, input.stride(0), grad, grad.stride(0), target.contiguous(),
+        weight.contiguous() if has_weight else lse, weight_sum, lse, kept, grad_out.contiguous(), denom,
+        num_classes, float64_bits(label_smoothing),
+        PER_ROW_GRAD=grad_out.dim() == 1, HAS_WEIGHT=has_weight, HAS_SMOOTHING=has_smoothing,
+        BLOCK_C=block_c, num_warps=warps,
+    )  # fmt: skip
+    return grad
 
-    @staticmethod
-    def backward(ctx, grad_out: Tensor, *_unused):
-        input, target, weight, lse, kept, denom = ctx.saved_tensors
-        num_rows, num_classes = input.shape
-        label_smoothing = ctx.label_smoothing
-        grad = torch.empty((num_rows, num_classes), dtype=input.dtype, device=input.device)
-        has_weight = weight is not None
-        has_smoothing = label_smoothing > 0.0
-        weight_sum = weight.sum(dtype=lse.dtype) if has_weight and has_smoothing else lse
-        block_c, warps = row_config(num_classes, input.element_size())
-        ce_backward_kernel[(num_rows,)](
-            input, input.stride(0), grad, grad.stride(0), target, weight if has_weight else lse,
-            weight_sum, lse, kept, grad_out.contiguous(), denom, num_classes, float64_bits(label_smoothing),
-            PER_ROW_GRAD=ctx.reduction == "none", HAS_WEIGHT=has_weight, HAS_SMOOTHING=has_smoothing,
-            BLOCK_C=block_c, num_warps=warps,
-        )  # fmt: skip
-        return grad, None, None, None, None, None, None, None
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, target, weight, _, _, _, _, label_smoothing, _ = inputs
+    _, _, kept, _, _, lse, denom = output
+    ctx.save_for_backward(input, target, weight, lse, kept, denom)
+    ctx.label_smoothing = label_smoothing
+
+
+def _backward(ctx, grad_out, *_unused):
+    input, target, weight, lse, kept, denom = ctx.saved_tensors
+    grad = trimmed_ce_bwd(grad_out, input, target, weight, lse, kept, denom, ctx.label_smoothing)
+    return grad, None, None, None, None, None, None, None, None
+
+
+trimmed_ce_fwd.register_autograd(_backward, setup_context=_setup_context)

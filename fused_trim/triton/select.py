@@ -65,12 +65,15 @@ def select_kernel(
         idx = start + offs
         tgt = tl.load(target_ptr + idx, mask=idx < num_rows, other=ignore_index)
         n += tl.sum((tgt != ignore_index).to(tl.int64), 0)
-    if RATIO_FROM_PTR:
-        r = tl.load(ratio_ptr).to(tl.float64)
+    if RATIO_FROM_PTR and ratio_ptr.dtype.element_ty == tl.int64:
+        k = tl.minimum(tl.load(ratio_ptr), n)  # an exact count (a rank's share of a global k)
     else:
-        r = keep_ratio_bits.to(tl.int64).to(tl.float64, bitcast=True)
-    k = tl.floor(r * n.to(tl.float64) + 0.5)
-    k = tl.minimum(tl.maximum(k, 1.0), n.to(tl.float64)).to(tl.int64)
+        if RATIO_FROM_PTR:
+            r = tl.load(ratio_ptr).to(tl.float64)
+        else:
+            r = keep_ratio_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        k = tl.floor(r * n.to(tl.float64) + 0.5)
+        k = tl.minimum(tl.maximum(k, 1.0), n.to(tl.float64)).to(tl.int64)
 
     max_key: tl.constexpr = 0x7FFFFFFFFFFFFFFF if IS_FP64 else 0x7FFFFFFF
     if KEEP_ALL:
