@@ -316,9 +316,12 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
   const auto acc_st = acc_type_of(input.scalar_type());
   const at::Tensor weight =
       weight_.has_value() && weight_->defined() ? weight_->to(acc_st).contiguous() : at::Tensor();
-  const double r = keep_ratio_t.has_value() && keep_ratio_t->defined()
-                       ? keep_ratio_t->item<double>()
-                       : keep_ratio;
+  // keep_ratio_t: a 0-dim float tensor (a ratio), or an integer one: an exact count (a rank's
+  // share of a global selection, see fused_trim/distributed.py).
+  const bool has_ratio_t = keep_ratio_t.has_value() && keep_ratio_t->defined();
+  const bool exact_count = has_ratio_t && !at::isFloatingType(keep_ratio_t->scalar_type());
+  const int64_t count = exact_count ? std::max<int64_t>(0, keep_ratio_t->item<int64_t>()) : 0;
+  const double r = has_ratio_t && !exact_count ? keep_ratio_t->item<double>() : keep_ratio;
 
   auto acc_opts = input.options().dtype(acc_st);
   at::Tensor losses = at::empty({M}, input.options());
@@ -385,7 +388,7 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
       if (t[i] != ignore_index) cands.push_back({KeyOf<acc_t>::get(loss_acc[i], easiest), i});
     }
     const int64_t n = static_cast<int64_t>(cands.size());
-    const int64_t k = compute_k(n, r);
+    const int64_t k = exact_count ? std::min(n, count) : compute_k(n, r);
     auto better = [](const Cand& a, const Cand& b) {
       return a.key > b.key || (a.key == b.key && a.idx < b.idx);
     };
