@@ -89,12 +89,25 @@ def test_cnn_learns_mnist1d(tmp_path):
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_every_schedule_runs(tmp_path, name):
-    cfg = _tiny(tmp_path, dataset="digits", model="mlp", schedule=name, epochs=3, train_size=200)
+    epochs = 6 if name == "osgd" else 3
+    cfg = _tiny(tmp_path, dataset="digits", model="mlp", schedule=name, epochs=epochs, train_size=200)
     schedule = make_schedule(cfg, steps_per_epoch=2)
     assert 0.0 < schedule(0) <= 1.0
     rows = train_run(load_data("digits", 200), cfg, "trimmed", seed=0)
-    assert len(rows) == 3
-    assert all(0.0 < float(r["keep_ratio"]) <= 1.0 for r in rows)
+    ratios = [r["keep_ratio"] for r in rows]
+    if name == "osgd":  # halved per threshold crossed by the previous epochs' training accuracy
+        crossed = 0
+        for row, ratio in zip(rows, ratios, strict=True):
+            assert ratio == 0.5**crossed
+            crossed = max(crossed, sum(1 - row["train_error"] >= t for t in (0.8, 0.9, 0.95, 0.995)))
+        assert ratios[0] == 1.0 and ratios[-1] <= 0.5  # it did halve
+    elif name == "linear-step":  # 2 steps per epoch: 1.0, 0.84 | 0.68, 0.52 | 0.36, 0.2
+        assert ratios == pytest.approx([0.92, 0.6, 0.28])
+    elif name == "constant":
+        assert ratios == pytest.approx([0.2, 0.2, 0.2])
+    else:  # linear, warmup (0 epochs of 3), cosine, step: from 1.0 to 0.2 at the last epoch
+        assert ratios[0] == 1.0 and ratios[-1] == pytest.approx(0.2)
+        assert 0.2 < ratios[1] < 1.0
 
 
 def test_paper_schedule_is_the_default():
