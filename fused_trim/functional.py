@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -15,6 +16,9 @@ from torch import Tensor
 from . import native
 from . import reference as _reference
 from ._common import BACKENDS, KEEP_CHOICES, REDUCTIONS, TrimInfo
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["trimmed_cross_entropy"]
 
@@ -162,6 +166,7 @@ def trimmed_cross_entropy(
     reduction: str = "mean",
     backend: str = "auto",
     return_info: bool = False,
+    process_group: ProcessGroup | None = None,
 ) -> Tensor | tuple[Tensor, TrimInfo]:
     r"""Cross-entropy over only the hardest (or easiest) samples of a mini-batch.
 
@@ -191,6 +196,10 @@ def trimmed_cross_entropy(
             else the reference), ``"triton"``, ``"native"`` or ``"reference"``.
         return_info: also return a :class:`~fused_trim.TrimInfo` with the detached per-sample
             losses, the kept mask, ``k`` and the threshold loss.
+        process_group: a ``torch.distributed`` group (e.g. ``dist.group.WORLD``): the kept set
+            is chosen over the global batch of all its ranks, and each rank's loss is scaled so
+            that DDP's gradient averaging gives the gradient of the global trimmed loss (see
+            :mod:`fused_trim.distributed`); ``info.global_loss`` is the value to log.
 
     Returns:
         The loss, in ``input``'s dtype; with ``return_info=True`` the pair ``(loss, info)``.
@@ -224,13 +233,20 @@ def trimmed_cross_entropy(
         x2d = input.movedim(1, -1).reshape(-1, num_classes)
     t1d = target.reshape(-1)
     if x2d.shape[0] == 0:
-        name = "reference"  # an empty batch launches no kernel
-    out, losses, kept, k, threshold = _backend_fn(name)(
-        x2d, t1d, keep_ratio, keep, weight, ignore_index, float(label_smoothing), reduction
-    )
+        name = "reference"  # an empty batch launches no kernel (a rank may still join collectives)
+    args = (keep_ratio, keep, weight, ignore_index, float(label_smoothing), reduction)
+    global_loss = None
+    if process_group is None:
+        out, losses, kept, k, threshold = _backend_fn(name)(x2d, t1d, *args)
+    else:
+        from .distributed import trimmed_cross_entropy_global
+
+        out, losses, kept, k, threshold, global_loss = trimmed_cross_entropy_global(
+            _backend_fn(name), x2d, t1d, *args, group=process_group
+        )
     if reduction == "none":
         out = out.reshape(target.shape)
     if not return_info:
         return out
-    info = TrimInfo(losses.reshape(target.shape), kept.reshape(target.shape), k, threshold)
+    info = TrimInfo(losses.reshape(target.shape), kept.reshape(target.shape), k, threshold, global_loss)
     return out, info

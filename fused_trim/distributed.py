@@ -1,0 +1,143 @@
+"""Global trimming across data-parallel ranks.
+
+With a ``process_group``, the kept set is chosen over the *global* batch: all ranks' valid samples,
+ties going to the lower global index (rank order, then local index). Only O(1)-sized tensors
+cross the network, never the logits: the global ``n``, eight 256-bin histograms of the
+order-preserving 64-bit loss keys (a distributed radix select of the k-th key ``T``), the ranks'
+counts of losses tied at ``T``, and the kept sum and weight. Each rank then keeps exactly its share
+``k_r`` (its losses above ``T`` plus its part of the ties) with the local fused op, which picks
+precisely those rows: a local top-``k_r`` is the local part of the global top-``k``.
+
+Each rank's result is scaled so that data-parallel gradient *averaging* (DDP, FSDP) yields exactly
+the gradient of the global trimmed loss:
+
+* ``"mean"``: ``world_size * sum_{K_r} l_i / sum_{K} w_{y_i}``,
+* ``"sum"``: ``world_size * sum_{K_r} l_i``,
+* ``"none"``: the rank's per-sample losses on ``K_r`` (unscaled; reduce them yourself).
+
+The value a rank returns is therefore not the global loss; ``return_info=True`` reports that as
+``info.global_loss`` (the global mean or sum; the global sum for ``"none"``).
+
+Costs: the losses are computed twice (once detached to rank them, once with the fused op), so a
+step reads the logits twice in the forward. Ranking uses the per-sample losses in the input dtype:
+for bf16/fp16 inputs ties after rounding are broken by index, which may differ from the
+single-process fp32 ranking within one rounding of the threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._common import compute_k
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+
+def ordered_keys(losses: Tensor, keep: str) -> Tensor:
+    """int64 keys whose order is the ranking order (larger key ranks first): float64 bits mapped
+    to a monotone integer, NaN to the largest key, the order reversed for ``keep="easiest"``."""
+    bits = losses.to(torch.float64).view(torch.int64)
+    key = bits ^ ((bits >> 63) & _INT64_MAX)
+    key = torch.where(torch.isnan(losses), torch.full_like(key, _INT64_MAX), key)
+    return -1 - key if keep == "easiest" else key
+
+
+def _key_to_float(key: Tensor, keep: str) -> Tensor:
+    if keep == "easiest":
+        key = -1 - key
+    return (key ^ ((key >> 63) & _INT64_MAX)).view(torch.float64)
+
+
+def global_share(
+    losses: Tensor, valid: Tensor, keep_ratio: float | Tensor, keep: str, group
+) -> tuple[Tensor, Tensor, Tensor]:
+    """This rank's exact number of kept samples under a global selection.
+
+    Returns ``(k_local, k_global, threshold)`` as 0-dim device tensors, without host
+    synchronisation (the collectives run on the losses' device).
+    """
+    dev = losses.device
+    n = valid.sum().to(torch.int64)
+    dist.all_reduce(n, group=group)
+    k = compute_k(n, keep_ratio)
+
+    keys = ordered_keys(losses, keep)
+    u = keys ^ _INT64_MIN  # unsigned order in the bits
+    digits = torch.arange(256, device=dev)
+    prefix = torch.zeros((), dtype=torch.int64, device=dev)
+    prefix_mask = torch.zeros((), dtype=torch.int64, device=dev)
+    krem = k.clone()
+    for shift in range(56, -8, -8):
+        match = valid & ((u & prefix_mask) == prefix)
+        digit = (u >> shift) & 255
+        hist = torch.zeros(256, dtype=torch.int64, device=dev).scatter_add_(0, digit, match.to(torch.int64))
+        dist.all_reduce(hist, group=group)
+        cum = hist.cumsum(0)
+        at_or_above = cum[-1] - cum + hist
+        d = torch.where(at_or_above >= krem, digits, -1).max().clamp_min(0)
+        krem = krem - (cum[-1] - cum[d])
+        prefix = prefix | (d << shift)
+        prefix_mask = prefix_mask | (torch.full((), 255, dtype=torch.int64, device=dev) << shift)
+    kth = prefix ^ _INT64_MIN
+
+    above = (valid & (keys > kth)).sum()
+    ties = (valid & (keys == kth)).sum().reshape(1)
+    all_ties = [torch.zeros_like(ties) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(all_ties, ties, group=group)
+    rank = dist.get_rank(group)
+    ties_before = torch.stack(all_ties[:rank]).sum() if rank > 0 else torch.zeros((), dtype=torch.int64, device=dev)
+    my_ties = (krem - ties_before).clamp(min=0).minimum(ties[0])
+    threshold = torch.where(k > 0, _key_to_float(kth, keep), torch.full((), float("nan"), device=dev,
+                                                                        dtype=torch.float64))
+    return above + my_ties, k, threshold
+
+
+def trimmed_cross_entropy_global(
+    backend_fn: Callable,
+    input: Tensor,
+    target: Tensor,
+    keep_ratio: float | Tensor,
+    keep: str,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    group,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Global trimming on the normalised ``(M, C)`` problem with one backend's 2-D entry point.
+
+    Returns ``(out, losses, kept, k_global, threshold, global_loss)``.
+    """
+    world = dist.get_world_size(group)
+    valid = target != ignore_index
+    with torch.no_grad():
+        _, losses, _, _, _ = backend_fn(
+            input.detach(), target, 1.0, keep, weight, ignore_index, label_smoothing, "none"
+        )
+    k_local, k_global, threshold = global_share(losses, valid, keep_ratio, keep, group)
+    local_reduction = "none" if reduction == "none" else "sum"
+    out, _, kept, _, _ = backend_fn(
+        input, target, k_local, keep, weight, ignore_index, label_smoothing, local_reduction
+    )
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    if weight is None:
+        w_y = kept.to(acc)
+    else:
+        w_y = torch.where(kept, weight.to(acc)[target.clamp(0, weight.shape[0] - 1).long()], 0)
+    local_sum = out.detach().to(acc).sum()
+    totals = torch.stack([local_sum, w_y.sum()])
+    dist.all_reduce(totals, group=group)
+    if reduction == "mean":
+        global_loss = totals[0] / totals[1]
+        out = out * (world / totals[1]).to(out.dtype)
+    elif reduction == "sum":
+        global_loss = totals[0]
+        out = out * world
+    else:
+        global_loss = totals[0]
+    return out, losses, kept, k_global, threshold.to(input.dtype), global_loss.to(input.dtype)
