@@ -128,7 +128,8 @@ def _compile_commands(out: Path, workdir: Path, with_cuda: bool) -> list[list[st
             ])
             objects.append(str(obj))
         cuda_home = str(Path(nvcc).resolve().parent.parent)
-        link_libs += ["-lc10_cuda", "-ltorch_cuda", f"-L{cuda_home}/lib64", "-lcudart"]
+        link_libs += ["-lc10_cuda", "-ltorch_cuda", f"-L{cuda_home}/lib64", f"-Wl,-rpath,{cuda_home}/lib64",
+                      "-lcudart"]
     lib_flags = []
     for p in libs:
         lib_flags += [f"-L{p}", f"-Wl,-rpath,{p}"]

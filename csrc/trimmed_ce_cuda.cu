@@ -1,0 +1,470 @@
+// CUDA implementation of fused_trim::trimmed_ce_fwd / trimmed_ce_bwd (schemas and autograd in
+// trimmed_ce_cpu.cpp). Built only where torch has CUDA and nvcc is present; CI compiles it with
+// `nvcc -c` against torch's headers on CPU-only machines (tests/test_native.py).
+//
+// Forward, two launches on the current stream, no host synchronisation:
+//   1. ce_forward_kernel: a group of G threads per row (G = 32 for C <= 2048, else 256) reads the
+//      row once with an online softmax (float32 accumulation, float64 for double), and writes the
+//      per-row loss (accumulation type and input dtype) and logsumexp. int64 offsets throughout.
+//   2. select_kernel: one block counts n, derives k, finds the k-th key by a radix select over
+//      8-bit digits of the monotone integer keys (trimmed_ce_common.h), keeps `key > T` plus the
+//      first ties in index order (a block-wide running count), and writes the kept mask, k, the
+//      threshold, the reduced loss and the per-row backward scale.
+// Backward: kept rows recompute softmax from the saved logsumexp (true-class term in the
+// accumulation type before rounding); the other rows are written with zeros, never read.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <limits>
+
+#include "trimmed_ce_common.h"
+
+namespace fused_trim {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kSelectThreads = 1024;
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t dev_exp(acc_t v) {
+  return exp(v);
+}
+template <>
+__device__ __forceinline__ float dev_exp<float>(float v) {
+  return expf(v);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t dev_log(acc_t v) {
+  return log(v);
+}
+template <>
+__device__ __forceinline__ float dev_log<float>(float v) {
+  return logf(v);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t quiet_nan() {
+  return std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+// Online-softmax state: running max m and sum s of exp(x - m); -inf entries contribute nothing,
+// NaN entries make s NaN.
+template <typename acc_t>
+struct MaxSum {
+  acc_t m;
+  acc_t s;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ void ms_add(MaxSum<acc_t>& a, acc_t v) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  if (v > a.m) {
+    a.s = a.s * dev_exp(a.m - v) + acc_t(1);
+    a.m = v;
+  } else if (v != ninf) {
+    a.s += dev_exp(v - a.m);
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ MaxSum<acc_t> ms_merge(MaxSum<acc_t> a, MaxSum<acc_t> b) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t m = a.m > b.m ? a.m : b.m;
+  if (m == ninf) return {m, a.s + b.s};
+  const acc_t sa = a.m == ninf ? acc_t(0) : a.s * dev_exp(a.m - m);
+  const acc_t sb = b.m == ninf ? acc_t(0) : b.s * dev_exp(b.m - m);
+  return {m, sa + sb};
+}
+
+template <typename T>
+__device__ __forceinline__ T shfl_xor(T v, int mask) {
+  return __shfl_xor_sync(0xffffffffu, v, mask);
+}
+
+// Reduction over a group of G threads (G = 32: one warp; G = kThreads: the whole block).
+template <int G, typename acc_t>
+__device__ __forceinline__ void group_reduce(MaxSum<acc_t>& ms, acc_t& sx) {
+  for (int off = 16; off > 0; off >>= 1) {
+    MaxSum<acc_t> o{shfl_xor(ms.m, off), shfl_xor(ms.s, off)};
+    ms = ms_merge(ms, o);
+    sx += shfl_xor(sx, off);
+  }
+  if constexpr (G > 32) {
+    __shared__ acc_t sm_m[G / 32], sm_s[G / 32], sm_x[G / 32];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+      sm_m[warp] = ms.m;
+      sm_s[warp] = ms.s;
+      sm_x[warp] = sx;
+    }
+    __syncthreads();
+    ms = {sm_m[0], sm_s[0]};
+    sx = sm_x[0];
+    for (int w = 1; w < G / 32; ++w) {
+      ms = ms_merge(ms, MaxSum<acc_t>{sm_m[w], sm_s[w]});
+      sx += sm_x[w];
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, int G>
+__global__ void ce_forward_kernel(const scalar_t* __restrict__ x, int64_t row_stride, int64_t M,
+                                  int64_t C, const int64_t* __restrict__ target,
+                                  int64_t ignore_index, const acc_t* __restrict__ w,
+                                  const acc_t* __restrict__ w_total_ptr, acc_t ls,
+                                  acc_t* __restrict__ loss_acc, acc_t* __restrict__ lse_out,
+                                  scalar_t* __restrict__ losses) {
+  constexpr int rows_per_block = kThreads / G;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / G;
+  const int lane = threadIdx.x % G;
+  // (a whole-block group must not return early: it synchronises inside group_reduce)
+  const bool active = row < M;
+  const int64_t y = active ? target[row] : ignore_index;
+  const bool valid = active && y != ignore_index;
+  const scalar_t* xr = x + (active ? row : 0) * row_stride;
+  const bool smooth = ls > acc_t(0);
+  const acc_t first = valid ? static_cast<acc_t>(xr[0]) : acc_t(0);
+  const acc_t ref = isfinite(first) ? first : acc_t(0);
+  MaxSum<acc_t> ms{-std::numeric_limits<acc_t>::infinity(), acc_t(0)};
+  acc_t sx = 0;
+  if (valid) {
+    for (int64_t c = lane; c < C; c += G) {
+      const acc_t v = static_cast<acc_t>(xr[c]);
+      ms_add(ms, v);
+      if (smooth) sx += (w == nullptr ? acc_t(1) : w[c]) * (v - ref);
+    }
+  }
+  group_reduce<G, acc_t>(ms, sx);  // every thread of the group takes part
+  if (!valid || lane != 0) {
+    if (active && lane == 0) {
+      loss_acc[row] = 0;
+      lse_out[row] = 0;
+      losses[row] = static_cast<scalar_t>(0);
+    }
+    return;
+  }
+  const acc_t log_s = isfinite(ms.m) ? dev_log(ms.s) : quiet_nan<acc_t>();
+  const acc_t x_y = static_cast<acc_t>(xr[y]);
+  const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
+  acc_t loss = w_y * ((ms.m - x_y) + log_s);
+  if (smooth) {
+    const acc_t w_total = w == nullptr ? static_cast<acc_t>(C) : *w_total_ptr;
+    const acc_t smooth_term = ((ms.m - ref) + log_s) * w_total - sx;
+    loss = (acc_t(1) - ls) * loss + (ls / static_cast<acc_t>(C)) * smooth_term;
+  }
+  loss_acc[row] = loss;
+  lse_out[row] = ms.m + log_s;
+  losses[row] = static_cast<scalar_t>(loss);
+}
+
+// ---- selection ------------------------------------------------------------------------------
+
+template <typename T>
+__device__ T block_sum(T v, T* scratch) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  T total = 0;
+  for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) total += scratch[i];
+  __syncthreads();
+  return total;
+}
+
+// Exclusive prefix sum of one int per thread over the block; returns the block total too.
+__device__ int block_exclusive_scan(int v, int* scratch, int& total) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int incl = v;
+  for (int off = 1; off < 32; off <<= 1) {
+    const int o = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += o;
+  }
+  __syncthreads();
+  if (lane == 31) scratch[warp] = incl;
+  __syncthreads();
+  int warp_offset = 0;
+  total = 0;
+  for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) {
+    if (i < warp) warp_offset += scratch[i];
+    total += scratch[i];
+  }
+  __syncthreads();
+  return warp_offset + incl - v;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kSelectThreads)
+    select_kernel(const acc_t* __restrict__ loss_acc, const int64_t* __restrict__ target, int64_t M,
+                  int64_t ignore_index, const acc_t* __restrict__ w, double keep_ratio,
+                  const double* __restrict__ keep_ratio_ptr, bool easiest, int64_t reduction,
+                  bool* __restrict__ kept, int64_t* __restrict__ k_out,
+                  scalar_t* __restrict__ threshold, scalar_t* __restrict__ out,
+                  acc_t* __restrict__ rowscale) {
+  using key_t = typename KeyOf<acc_t>::type;
+  constexpr int kBits = sizeof(key_t) * 8;
+  __shared__ unsigned int hist[256];
+  __shared__ double dscratch[kSelectThreads / 32];
+  __shared__ int iscratch[kSelectThreads / 32];
+  __shared__ long long llscratch[kSelectThreads / 32];
+  __shared__ key_t s_prefix;
+  __shared__ long long s_remaining;
+  __shared__ long long s_thr_idx;
+  const int tid = threadIdx.x;
+
+  // n and k.
+  long long local_n = 0;
+  for (int64_t i = tid; i < M; i += blockDim.x) local_n += target[i] != ignore_index;
+  const long long n = block_sum<long long>(local_n, llscratch);
+  const double r = keep_ratio_ptr != nullptr ? *keep_ratio_ptr : keep_ratio;
+  const int64_t k = compute_k(n, r);
+
+  // Radix select of the k-th largest key, 8 bits at a time from the top.
+  key_t prefix = 0, mask = 0;
+  long long remaining = k;
+  if (k > 0) {
+    for (int shift = kBits - 8; shift >= 0; shift -= 8) {
+      for (int b = tid; b < 256; b += blockDim.x) hist[b] = 0;
+      __syncthreads();
+      for (int64_t i = tid; i < M; i += blockDim.x) {
+        if (target[i] == ignore_index) continue;
+        const key_t key = KeyOf<acc_t>::get(loss_acc[i], easiest);
+        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xFF], 1u);
+      }
+      __syncthreads();
+      if (tid == 0) {
+        long long above = 0;
+        int digit = 255;
+        for (; digit > 0; --digit) {
+          if (above + hist[digit] >= remaining) break;
+          above += hist[digit];
+        }
+        s_prefix = prefix | (static_cast<key_t>(digit) << shift);
+        s_remaining = remaining - above;
+      }
+      __syncthreads();
+      prefix = s_prefix;
+      remaining = s_remaining;
+      mask |= static_cast<key_t>(0xFF) << shift;
+      __syncthreads();
+    }
+  }
+  // Now prefix = T, the k-th largest key; `remaining` rows with key == T are kept, lowest index
+  // first. One ordered pass: a running count of the ties seen so far.
+  const key_t T = prefix;
+  double local_loss = 0.0, local_w = 0.0;
+  long long ties_before = 0;
+  if (tid == 0) s_thr_idx = -1;
+  __syncthreads();
+  for (int64_t base = 0; base < M; base += blockDim.x) {
+    const int64_t i = base + tid;
+    bool is_kept = false, is_tie = false;
+    if (i < M && k > 0 && target[i] != ignore_index) {
+      const key_t key = KeyOf<acc_t>::get(loss_acc[i], easiest);
+      is_kept = key > T;
+      is_tie = key == T;
+    }
+    int total = 0;
+    const int before = block_exclusive_scan(is_tie ? 1 : 0, iscratch, total);
+    if (is_tie) {
+      const long long rank = ties_before + before;
+      is_kept = rank < remaining;
+      if (rank == remaining - 1) s_thr_idx = i;
+    }
+    ties_before += total;
+    if (i < M) {
+      kept[i] = is_kept;
+      if (is_kept) {
+        local_loss += static_cast<double>(loss_acc[i]);
+        local_w += w == nullptr ? 1.0 : static_cast<double>(w[target[i]]);
+      }
+    }
+  }
+  const double sum_loss = block_sum<double>(local_loss, dscratch);
+  const double sum_w = block_sum<double>(local_w, dscratch);
+  const acc_t scale = reduction == kMean ? static_cast<acc_t>(1.0 / sum_w) : acc_t(1);
+  for (int64_t i = tid; i < M; i += blockDim.x) {
+    const bool kp = kept[i];
+    rowscale[i] = kp ? scale : acc_t(0);
+    if (reduction == kNone) out[i] = kp ? static_cast<scalar_t>(loss_acc[i]) : static_cast<scalar_t>(0);
+  }
+  if (tid == 0) {
+    *k_out = k;
+    const long long ti = s_thr_idx;
+    *threshold = ti >= 0 ? static_cast<scalar_t>(loss_acc[ti]) : static_cast<scalar_t>(quiet_nan<acc_t>());
+    if (reduction == kSum) *out = static_cast<scalar_t>(sum_loss);
+    if (reduction == kMean) *out = static_cast<scalar_t>(sum_loss / sum_w);
+  }
+}
+
+// ---- backward -------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t, int G>
+__global__ void ce_backward_kernel(const scalar_t* __restrict__ x, int64_t row_stride, int64_t M,
+                                   int64_t C, const int64_t* __restrict__ target,
+                                   const acc_t* __restrict__ w, const acc_t* __restrict__ w_total_ptr,
+                                   acc_t ls, const acc_t* __restrict__ grad_out, int64_t grad_stride,
+                                   const acc_t* __restrict__ lse, const acc_t* __restrict__ rowscale,
+                                   scalar_t* __restrict__ grad) {
+  constexpr int rows_per_block = kThreads / G;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / G;
+  const int lane = threadIdx.x % G;
+  if (row >= M) return;
+  scalar_t* gr = grad + row * C;
+  const acc_t scale = rowscale[row];
+  if (scale == acc_t(0)) {
+    for (int64_t c = lane; c < C; c += G) gr[c] = static_cast<scalar_t>(0);
+    return;
+  }
+  const acc_t l = lse[row];
+  if (l != l) {
+    for (int64_t c = lane; c < C; c += G) gr[c] = static_cast<scalar_t>(quiet_nan<acc_t>());
+    return;
+  }
+  const int64_t y = target[row];
+  const acc_t coef = grad_out[row * grad_stride] * scale;
+  const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
+  const acc_t w_total = w == nullptr ? static_cast<acc_t>(C) : *w_total_ptr;
+  const acc_t a = coef * ((acc_t(1) - ls) * w_y + ls * w_total / static_cast<acc_t>(C));
+  const acc_t b = coef * ls / static_cast<acc_t>(C);
+  const acc_t t_term = coef * (acc_t(1) - ls) * w_y;
+  const scalar_t* xr = x + row * row_stride;
+  for (int64_t c = lane; c < C; c += G) {
+    const acc_t p = dev_exp(static_cast<acc_t>(xr[c]) - l);
+    acc_t g = a * p - b * (w == nullptr ? acc_t(1) : w[c]);
+    if (c == y) g -= t_term;  // formed in the accumulation type, then rounded once
+    gr[c] = static_cast<scalar_t>(g);
+  }
+}
+
+at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+unsigned int grid_for(int64_t M, int G) {
+  const int64_t rows_per_block = kThreads / G;
+  const int64_t blocks = (M + rows_per_block - 1) / rows_per_block;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fused_trim: too many rows: ", M);
+  return static_cast<unsigned int>(blocks);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
+                    const std::optional<at::Tensor>& weight_, double keep_ratio,
+                    const std::optional<at::Tensor>& keep_ratio_t, bool easiest,
+                    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  TORCH_CHECK(input_.dim() == 2, "fused_trim: input must be (M, C), got ", input_.sizes());
+  TORCH_CHECK(target_.dim() == 1 && target_.size(0) == input_.size(0),
+              "fused_trim: target must be (M,), got ", target_.sizes());
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "fused_trim: bad reduction code ", reduction);
+  c10::cuda::CUDAGuard guard(input_.device());
+  const at::Tensor input = input_.stride(1) == 1 ? input_ : input_.contiguous();
+  const at::Tensor target = target_.to(at::kLong).contiguous();
+  const int64_t M = input.size(0), C = input.size(1);
+  const auto acc_st = acc_type_of(input.scalar_type());
+  const at::Tensor weight =
+      weight_.has_value() && weight_->defined() ? weight_->to(acc_st).contiguous() : at::Tensor();
+  const at::Tensor w_total = weight.defined() ? weight.sum() : at::Tensor();
+  const at::Tensor ratio_t = keep_ratio_t.has_value() && keep_ratio_t->defined()
+                                 ? keep_ratio_t->to(input.device(), at::kDouble).contiguous()
+                                 : at::Tensor();
+  auto acc_opts = input.options().dtype(acc_st);
+  at::Tensor losses = at::empty({M}, input.options());
+  at::Tensor kept = at::empty({M}, input.options().dtype(at::kBool));
+  at::Tensor k_t = at::empty({}, input.options().dtype(at::kLong));
+  at::Tensor threshold = at::empty({}, input.options());
+  at::Tensor loss_acc = at::empty({M}, acc_opts);
+  at::Tensor lse = at::empty({M}, acc_opts);
+  at::Tensor rowscale = at::empty({M}, acc_opts);
+  at::Tensor out = reduction == kNone ? at::empty({M}, input.options()) : at::empty({}, input.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "trimmed_ce_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* wt = w_total.defined() ? w_total.const_data_ptr<acc_t>() : nullptr;
+    const acc_t ls = static_cast<acc_t>(label_smoothing);
+    if (M > 0) {
+      if (C <= 2048) {
+        ce_forward_kernel<scalar_t, acc_t, 32><<<grid_for(M, 32), kThreads, 0, stream>>>(
+            input.const_data_ptr<scalar_t>(), input.stride(0), M, C,
+            target.const_data_ptr<int64_t>(), ignore_index, w, wt, ls,
+            loss_acc.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(),
+            losses.mutable_data_ptr<scalar_t>());
+      } else {
+        ce_forward_kernel<scalar_t, acc_t, kThreads><<<grid_for(M, kThreads), kThreads, 0, stream>>>(
+            input.const_data_ptr<scalar_t>(), input.stride(0), M, C,
+            target.const_data_ptr<int64_t>(), ignore_index, w, wt, ls,
+            loss_acc.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(),
+            losses.mutable_data_ptr<scalar_t>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    select_kernel<scalar_t, acc_t><<<1, kSelectThreads, 0, stream>>>(
+        loss_acc.const_data_ptr<acc_t>(), target.const_data_ptr<int64_t>(), M, ignore_index, w,
+        keep_ratio, ratio_t.defined() ? ratio_t.const_data_ptr<double>() : nullptr, easiest,
+        reduction, kept.mutable_data_ptr<bool>(), k_t.mutable_data_ptr<int64_t>(),
+        threshold.mutable_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+        rowscale.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, losses, kept, k_t, threshold, lse, rowscale};
+}
+
+at::Tensor trimmed_ce_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& input_,
+                               const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
+                               const at::Tensor& lse_t, const at::Tensor& rowscale_t,
+                               int64_t ignore_index, double label_smoothing) {
+  c10::cuda::CUDAGuard guard(input_.device());
+  const at::Tensor input = input_.stride(1) == 1 ? input_ : input_.contiguous();
+  const at::Tensor target = target_.to(at::kLong).contiguous();
+  const int64_t M = input.size(0), C = input.size(1);
+  const auto acc_st = acc_type_of(input.scalar_type());
+  const at::Tensor weight =
+      weight_.has_value() && weight_->defined() ? weight_->to(acc_st).contiguous() : at::Tensor();
+  const at::Tensor w_total = weight.defined() ? weight.sum() : at::Tensor();
+  const at::Tensor g = grad_out.to(acc_st).contiguous();
+  const int64_t g_stride = g.dim() == 1 ? 1 : 0;
+  const at::Tensor lse = lse_t.to(acc_st).contiguous();
+  const at::Tensor rs = rowscale_t.to(acc_st).contiguous();
+  at::Tensor grad = at::empty({M, C}, input.options());
+  if (M == 0) return grad;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "trimmed_ce_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* wt = w_total.defined() ? w_total.const_data_ptr<acc_t>() : nullptr;
+    const acc_t ls = static_cast<acc_t>(label_smoothing);
+    if (C <= 2048) {
+      ce_backward_kernel<scalar_t, acc_t, 32><<<grid_for(M, 32), kThreads, 0, stream>>>(
+          input.const_data_ptr<scalar_t>(), input.stride(0), M, C, target.const_data_ptr<int64_t>(),
+          w, wt, ls, g.const_data_ptr<acc_t>(), g_stride, lse.const_data_ptr<acc_t>(),
+          rs.const_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>());
+    } else {
+      ce_backward_kernel<scalar_t, acc_t, kThreads><<<grid_for(M, kThreads), kThreads, 0, stream>>>(
+          input.const_data_ptr<scalar_t>(), input.stride(0), M, C, target.const_data_ptr<int64_t>(),
+          w, wt, ls, g.const_data_ptr<acc_t>(), g_stride, lse.const_data_ptr<acc_t>(),
+          rs.const_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_trim, CUDA, m) {
+  m.impl("trimmed_ce_fwd", &trimmed_ce_fwd_cuda);
+  m.impl("trimmed_ce_bwd", &trimmed_ce_bwd_cuda);
+}
+
+}  // namespace fused_trim

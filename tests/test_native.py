@@ -1,0 +1,263 @@
+"""Native-op specifics: build and cache, torch.library registration (opcheck), torch.compile,
+the fallback when nothing can be compiled, and an offline nvcc compile of the CUDA source.
+
+The contract itself (values, gradients, ties, NaN, dtypes, shapes, bad inputs) is checked for the
+native backend by tests/test_contract.py, which runs every available backend.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_trim import native, trimmed_cross_entropy
+from fused_trim import reference as ref
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+HAS_CXX = any(shutil.which(c) for c in (os.environ.get("CXX") or "c++", "c++", "g++"))
+
+needs_native = pytest.mark.skipif(
+    not native.is_available(torch.device("cpu")),
+    reason=f"native op unavailable: {native.unavailable_reason(torch.device('cpu'))}",
+)
+
+
+@pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler on this machine")
+def test_builds_where_a_compiler_exists_and_caches():
+    assert native.unavailable_reason(torch.device("cpu")) is None
+    assert hasattr(torch.ops.fused_trim, "trimmed_ce_fwd")
+    assert hasattr(torch.ops.fused_trim, "trimmed_ce_bwd")
+    t0 = time.perf_counter()
+    path = native.build()
+    assert path.exists()
+    assert native.build() == path
+    assert time.perf_counter() - t0 < 5.0, "a second build on the same machine must hit the cache"
+
+
+@needs_native
+def test_reports_cuda_state_honestly():
+    reason = native.unavailable_reason(torch.device("cuda"))
+    if not torch.cuda.is_available():
+        assert reason is not None
+    assert native.unavailable_reason(torch.device("meta")) is not None
+
+
+@needs_native
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_opcheck(reduction, dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 11, generator=gen).to(dtype).requires_grad_()
+    t = torch.randint(0, 11, (37,), generator=gen)
+    t[::5] = -100
+    w = torch.rand(11, generator=gen).to(dtype)
+    args = (x, t, w, 0.4, None, False, -100, 0.1, reduction)
+    torch.library.opcheck(torch.ops.fused_trim.trimmed_ce_fwd.default, args)
+    r = torch.ops.fused_trim.trimmed_ce_fwd(*args)
+    g = torch.ones(r[0].shape, dtype=dtype)
+    bwd_args = (g, x.detach(), t, w, r[5], r[6], -100, 0.1)
+    torch.library.opcheck(torch.ops.fused_trim.trimmed_ce_bwd.default, bwd_args)
+
+
+@needs_native
+def test_keep_ratio_tensor_goes_to_the_op():
+    x = torch.randn(50, 7)
+    t = torch.randint(0, 7, (50,))
+    a = native.trimmed_cross_entropy_2d(x, t, torch.tensor(0.3), "hardest", None, -100, 0.0, "mean")
+    b = native.trimmed_cross_entropy_2d(x, t, 0.3, "hardest", None, -100, 0.0, "mean")
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.GELU(), torch.nn.Linear(32, 10))
+
+    def forward(self, x, t, keep_ratio):
+        logits = self.body(x)
+        out, _losses, kept, k, _thr = native.trimmed_cross_entropy_2d(
+            logits, t, keep_ratio, "hardest", None, -100, 0.05, "mean"
+        )
+        return out, kept, k
+
+
+@needs_native
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(64, 12)
+    t = torch.randint(0, 10, (64,))
+    t[::9] = -100
+    ratio = torch.tensor(0.4)
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        out, kept, k = model(x, t, ratio)
+        out.backward()
+        return out.detach(), kept, k, [p.grad.clone() for p in model.parameters()]
+
+    eager = step(net)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    got = step(compiled)
+    torch.testing.assert_close(got[0], eager[0])
+    assert torch.equal(got[1], eager[1]) and int(got[2]) == int(eager[2])
+    for a, b in zip(got[3], eager[3], strict=True):
+        torch.testing.assert_close(a, b)
+    # Inductor too (a different keep ratio: the tensor argument must not force a recompile).
+    torch._dynamo.reset()
+    compiled = torch.compile(net, fullgraph=True)
+    got = step(compiled)
+    torch.testing.assert_close(got[0], eager[0])
+    for a, b in zip(got[3], eager[3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    ratio.fill_(0.7)
+    eager = step(net)
+    got = step(compiled)
+    torch.testing.assert_close(got[0], eager[0])
+
+
+@needs_native
+def test_non_kept_rows_get_exact_zero_even_with_nan_logits():
+    # Under keep="easiest" a NaN loss ranks last, so NaN rows are left out: their gradient must be
+    # exactly zero (the backward never reads them), not NaN.
+    x = torch.randn(40, 9)
+    x[3, 2] = float("nan")
+    x[17] = float("nan")
+    x.requires_grad_()
+    t = torch.randint(0, 9, (40,))
+    out, info = trimmed_cross_entropy(x, t, 0.5, keep="easiest", backend="native", return_info=True)
+    out.backward()
+    assert not info.kept[3] and not info.kept[17]
+    assert torch.isfinite(out)
+    assert torch.equal(x.grad[~info.kept], torch.zeros_like(x.grad[~info.kept]))
+    assert torch.isfinite(x.grad).all()
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(4096, 3), (300, 2500), (64, 70000)])
+def test_block_and_tile_paths_against_reference(shape):
+    # The few-class tile path, the blocked path with several blocks, and a row over 64k classes.
+    m, c = shape
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(m, c, generator=gen) * 4).requires_grad_()
+    t = torch.randint(0, c, (m,), generator=gen)
+    t[::11] = -100
+    w = torch.rand(c, generator=gen)
+    kw = dict(weight=w, label_smoothing=0.2, reduction="sum")
+    out_n, info_n = trimmed_cross_entropy(x, t, 0.3, backend="native", return_info=True, **kw)
+    (g_n,) = torch.autograd.grad(out_n, x)
+    out_r, info_r = trimmed_cross_entropy(x, t, 0.3, backend="reference", return_info=True, **kw)
+    (g_r,) = torch.autograd.grad(out_r, x)
+    assert torch.equal(info_n.kept, info_r.kept)
+    torch.testing.assert_close(out_n, out_r, rtol=2e-5, atol=1e-4)
+    torch.testing.assert_close(g_n, g_r, rtol=2e-5, atol=2e-6)
+
+
+@needs_native
+def test_big_logits_losses_close_to_float64():
+    # Shifting the logits by a large constant must not cost precision (no lse - x_y cancellation
+    # beyond the input's own rounding, no sum-of-logits cancellation with label smoothing).
+    x = torch.randn(64, 1000, dtype=torch.float64) + 1e3
+    t = torch.randint(0, 1000, (64,))
+    for ls in (0.0, 0.3):
+        _, info = trimmed_cross_entropy(x.float(), t, 1.0, label_smoothing=ls, backend="native", return_info=True)
+        want = F.cross_entropy(x.float().double(), t, reduction="none", label_smoothing=ls)
+        torch.testing.assert_close(info.losses.double(), want, rtol=2e-5, atol=1e-5)
+
+
+@needs_native
+def test_auto_uses_native_on_cpu():
+    x = torch.randn(20, 5)
+    t = torch.randint(0, 5, (20,))
+    a = trimmed_cross_entropy(x, t, 0.5)
+    b = trimmed_cross_entropy(x, t, 0.5, backend="native")
+    assert torch.equal(a, b)
+    want, *_ = ref.trimmed_cross_entropy_2d(x, t, 0.5, "hardest", None, -100, 0.0, "mean")
+    torch.testing.assert_close(a, want)
+
+
+def test_missing_compiler_warns_once_and_falls_back(tmp_path):
+    """No compiler and no cached build: import is silent, auto falls back with one warning, and
+    backend='native' raises naming the reason."""
+    script = textwrap.dedent(
+        """
+        import warnings
+        import torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import fused_trim
+            assert not caught, [str(w.message) for w in caught]
+            from fused_trim import trimmed_cross_entropy
+            x = torch.randn(8, 4)
+            t = torch.randint(0, 4, (8,))
+            a = trimmed_cross_entropy(x, t, 0.5)
+            b = trimmed_cross_entropy(x, t, 0.5, backend="reference")
+            assert torch.equal(a, b)
+            trimmed_cross_entropy(x, t, 0.5)
+        msgs = [str(w.message) for w in caught if "fused_trim" in str(w.message)]
+        assert len(msgs) == 1, msgs
+        assert "compiler" in msgs[0], msgs[0]
+        try:
+            trimmed_cross_entropy(x, t, 0.5, backend="native")
+        except RuntimeError as exc:
+            assert "native" in str(exc) and "compiler" in str(exc), str(exc)
+        else:
+            raise AssertionError("backend='native' must raise without a build")
+        print("OK")
+        """
+    )
+    env = dict(os.environ)
+    env.update(CXX=str(tmp_path / "no-such-c++"), FUSED_TRIM_CACHE_DIR=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    cand = os.path.join(home, "bin", "nvcc")
+    return cand if os.path.exists(cand) else shutil.which("nvcc")
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+def test_cuda_source_compiles_with_nvcc(tmp_path):
+    """`nvcc -c` of csrc/trimmed_ce_cuda.cu for sm_90 against the installed torch's headers, with
+    register/spill counts. A CPU-only torch wheel lacks one generated header
+    (c10/cuda/impl/cuda_cmake_macros.h, a single #define); it is stubbed in a temporary include dir."""
+    from torch.utils.cpp_extension import include_paths
+
+    incs = list(include_paths())
+    macros = "c10/cuda/impl/cuda_cmake_macros.h"
+    if not any((Path(p) / macros).exists() for p in incs):
+        stub = tmp_path / "stub" / macros
+        stub.parent.mkdir(parents=True)
+        stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        incs.append(str(tmp_path / "stub"))
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+    cmd = [
+        _nvcc(), "-c", str(CSRC / "trimmed_ce_cuda.cu"), "-o", str(tmp_path / "trimmed_ce_cuda.o"),
+        "-std=c++20", "-O3", "-gencode=arch=compute_90,code=sm_90", "--expt-relaxed-constexpr",
+        "-Xcompiler", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-Xptxas", "-v",
+        *[f"-I{p}" for p in incs], f"-I{CSRC}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert (tmp_path / "trimmed_ce_cuda.o").stat().st_size > 0
+    log = proc.stdout + proc.stderr
+    kernels = re.findall(r"Compiling entry function '(\w+)'", log)
+    assert any("ce_forward_kernel" in k for k in kernels) and any("select_kernel" in k for k in kernels)
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill stores", log)]
+    assert spills and max(spills) == 0, "a kernel spills registers:\n" + log[-4000:]
