@@ -23,6 +23,16 @@ if TYPE_CHECKING:
 __all__ = ["trimmed_cross_entropy"]
 
 
+def _host_checkable(t: Tensor) -> bool:
+    """Whether reading ``t``'s values on the host is free: a CPU tensor outside ``torch.compile``.
+
+    Elsewhere value checks run on the device (``torch._assert_async``): no host synchronisation,
+    no graph break; a failing check raises asynchronously, as an out-of-range class index does in
+    ``F.cross_entropy`` on CUDA.
+    """
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _check_keep_ratio(keep_ratio: float | Tensor) -> float | Tensor:
     if isinstance(keep_ratio, Tensor):
         if keep_ratio.dim() != 0 or not keep_ratio.is_floating_point():
@@ -30,16 +40,12 @@ def _check_keep_ratio(keep_ratio: float | Tensor) -> float | Tensor:
                 "keep_ratio must be a Python float or a 0-dim floating-point tensor, got a tensor "
                 f"of shape {tuple(keep_ratio.shape)} and dtype {keep_ratio.dtype}"
             )
-        if keep_ratio.device.type == "cpu":
+        if _host_checkable(keep_ratio):
             value = float(keep_ratio.detach())
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"keep_ratio must be in (0, 1], got {value}")
         else:
-            # Checked on the device without a host synchronisation: an out-of-range ratio on
-            # CUDA raises asynchronously, as an out-of-range class index does in torch.
-            torch._assert_async(
-                (keep_ratio > 0) & (keep_ratio <= 1), "keep_ratio must be in (0, 1]"
-            )
+            torch._assert_async((keep_ratio > 0) & (keep_ratio <= 1), "keep_ratio must be in (0, 1]")
         return keep_ratio
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
         raise TypeError(f"keep_ratio must be a float in (0, 1] or a 0-dim tensor, got {keep_ratio!r}")
@@ -100,45 +106,46 @@ def _check_weight(weight: Tensor | None, num_classes: int, input: Tensor) -> Non
 
 def _check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-    if target.device.type == "cpu":
+    if _host_checkable(target):
         if bool(bad.any()):
             value = int(target[bad][0])
             raise ValueError(
                 f"target holds {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}"
             )
     else:
-        # No host synchronisation on an accelerator: the check fires asynchronously.
         torch._assert_async(~bad.any(), "target outside [0, C) and not ignore_index")
 
 
-def _triton_unavailable_reason(input: Tensor) -> str | None:
+def _triton_unavailable_reason(device: torch.device) -> str | None:
     try:
         import triton  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the machine
         return f"triton is not importable ({exc})"
-    if input.device.type == "cuda":
+    if device.type == "cuda":
         return None
-    if input.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return (
-        f"input is on {input.device}; the Triton kernels need a CUDA tensor "
+        f"input is on {device}; the Triton kernels need a CUDA tensor "
         "(or TRITON_INTERPRET=1 to run them on the CPU in Triton's interpreter)"
     )
 
 
-def _resolve_backend(backend: str, input: Tensor) -> str:
+@torch.compiler.assume_constant_result
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs: a host-side fact about the machine, constant under torch.compile."""
     if backend == "auto":
-        if input.device.type == "cuda" and _triton_unavailable_reason(input) is None:
+        if device.type == "cuda" and _triton_unavailable_reason(device) is None:
             return "triton"
-        if native.is_available(input.device):
+        if native.is_available(device):
             return "native"
         return "reference"
     if backend == "triton":
-        reason = _triton_unavailable_reason(input)
+        reason = _triton_unavailable_reason(device)
         if reason is not None:
             raise RuntimeError(f"backend='triton' cannot run here: {reason}")
     elif backend == "native":
-        reason = native.unavailable_reason(input.device)
+        reason = native.unavailable_reason(device)
         if reason is not None:
             raise RuntimeError(f"backend='native' cannot run here: {reason}")
     return backend
@@ -222,7 +229,7 @@ def trimmed_cross_entropy(
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     _check_weight(weight, num_classes, input)
     _check_target_range(target, num_classes, ignore_index)
-    name = _resolve_backend(backend, input)
+    name = _resolve_backend(backend, input.device)
 
     # Normalise to (M, C) rows in the target's flat order.
     if input.dim() == 1:

@@ -73,7 +73,7 @@ def test_auto_on_cpu_never_picks_triton(monkeypatch):
     """auto uses native (when built) or the reference on the CPU, even under the interpreter."""
     import fused_trim.functional as functional
 
-    picked = functional._resolve_backend("auto", X)
+    picked = functional._resolve_backend("auto", X.device)
     assert picked == ("native" if native.is_available(torch.device("cpu")) else "reference")
 
 
