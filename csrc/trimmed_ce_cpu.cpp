@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
 #include <cstring>
 #include <cmath>
 #include <limits>
@@ -217,25 +218,83 @@ inline RowResult<acc_t> row_forward(const scalar_t* row, int64_t C, int64_t y, c
 }
 
 // The gradient is the one O(N*C) buffer the op allocates. A fresh multi-hundred-MB allocation is
-// backed page by page on first touch; 4 KiB page faults then cost more than writing the data.
-// Large gradients therefore come from 2 MiB-aligned memory with transparent huge pages requested
-// (Linux, THP in "madvise" or "always" mode); elsewhere this is at::empty.
+// backed page by page on first touch (the kernel zeroes every page it hands out), which costs
+// more than writing the gradient itself. Large gradients therefore come from a small cache of
+// 2 MiB-aligned blocks with transparent huge pages requested: a block freed by one step (the
+// usual `zero_grad(set_to_none=True)`) serves the next step's backward, as the CUDA caching
+// allocator does. The cache holds at most kMaxCachedBlocks blocks of memory the process already
+// used; FUSED_TRIM_NO_GRAD_CACHE=1 turns it off, and fused_trim::empty_cache() releases it.
+constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kMaxCachedBlocks = 2;
+
+struct GradBlockCache {
+  std::mutex mu;
+  std::vector<std::pair<void*, size_t>> blocks;  // (pointer, size) of free blocks
+
+  void* take(size_t size) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      if (blocks[i].second == size) {
+        void* p = blocks[i].first;
+        blocks.erase(blocks.begin() + static_cast<std::ptrdiff_t>(i));
+        return p;
+      }
+    }
+    return nullptr;
+  }
+  void give(void* p, size_t size) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (blocks.size() < kMaxCachedBlocks) {
+        blocks.emplace_back(p, size);
+        return;
+      }
+    }
+    std::free(p);
+  }
+  void clear() {
+    std::vector<std::pair<void*, size_t>> old;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      old.swap(blocks);
+    }
+    for (auto& b : old) std::free(b.first);
+  }
+};
+
+GradBlockCache& grad_cache() {
+  static GradBlockCache* cache = new GradBlockCache();  // never destroyed: deleters may run late
+  return *cache;
+}
+
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] == '1';
+}
+
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opts) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   int64_t numel = 1;
   for (auto s : sizes) numel *= s;
-  const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
-  constexpr size_t kHuge = size_t(2) << 20;
-  if (nbytes >= 8 * kHuge && std::getenv("FUSED_TRIM_NO_HUGEPAGES") == nullptr) {
-    const size_t alloc = (nbytes + kHuge - 1) / kHuge * kHuge;
-    void* p = nullptr;
-    if (posix_memalign(&p, kHuge, alloc) == 0) {
-      madvise(p, alloc, MADV_HUGEPAGE);
-      return at::from_blob(p, sizes, [](void* q) { std::free(q); }, opts);
+  const size_t nbytes =
+      static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
+  static const bool disabled = env_flag("FUSED_TRIM_NO_GRAD_CACHE");
+  if (nbytes >= 8 * kHugePage && !disabled) {
+    const size_t size = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* p = grad_cache().take(size);
+    if (p == nullptr && posix_memalign(&p, kHugePage, size) == 0) {
+      madvise(p, size, MADV_HUGEPAGE);
+    }
+    if (p != nullptr) {
+      return at::from_blob(p, sizes, [size](void* q) { grad_cache().give(q, size); }, opts);
     }
   }
 #endif
   return at::empty(sizes, opts);
+}
+
+void empty_cache() {
+  grad_cache().clear();
 }
 
 // Few classes (C <= kSmallC): a row is shorter than a vector or two, and the per-row reductions
@@ -583,6 +642,7 @@ TORCH_LIBRARY(fused_trim, m) {
   m.def(
       "trimmed_ce_bwd(Tensor grad_out, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
       "Tensor rowscale, int ignore_index, float label_smoothing) -> Tensor");
+  m.def("empty_cache() -> ()", &empty_cache);
 }
 
 TORCH_LIBRARY_IMPL(fused_trim, CPU, m) {

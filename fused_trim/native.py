@@ -32,10 +32,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["build", "is_available", "trimmed_cross_entropy_2d", "unavailable_reason"]
+__all__ = ["build", "empty_cache", "is_available", "trimmed_cross_entropy_2d", "unavailable_reason"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-_CSRC = _PACKAGE_DIR.parent / "csrc"
+# The checkout's csrc/ (editable installs), else the copy that setup.py puts into wheels.
+_CSRC = next(
+    (d for d in (_PACKAGE_DIR.parent / "csrc", _PACKAGE_DIR / "_csrc") if (d / "trimmed_ce_cpu.cpp").exists()),
+    _PACKAGE_DIR.parent / "csrc",
+)
 _CPU_SOURCES = ("trimmed_ce_cpu.cpp",)
 _CUDA_SOURCES = ("trimmed_ce_cuda.cu",)
 _HEADERS = ("trimmed_ce_common.h",)
@@ -196,9 +200,9 @@ def build(force: bool = False, verbose: bool = False) -> Path:
                     except FileNotFoundError as exc:
                         raise RuntimeError(f"no C++ compiler found ({exc})") from None
                     if proc.returncode != 0:
-                        raise RuntimeError(
-                            f"compiling the native op failed:\n$ {' '.join(cmd)}\n{proc.stderr[-4000:]}"
-                        )
+                        errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+                        detail = "\n".join(errors[:5]) or proc.stderr[-2000:]
+                        raise RuntimeError(f"compiling the native op failed ({cmd[0]}):\n{detail}")
                 os.replace(tmp_out, target)
         finally:
             fcntl.flock(lockfile, fcntl.LOCK_UN)
@@ -242,7 +246,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 
     The first call on a machine may compile the extension (tens of seconds, once).
     """
-    device = torch.device(device)
+    device = device.device if isinstance(device, Tensor) else torch.device(device)
     if device.type not in ("cpu", "cuda"):
         return f"the native op has kernels for CPU and CUDA tensors only, not {device.type}"
     error = _load()
@@ -256,6 +260,13 @@ def unavailable_reason(device: torch.device) -> str | None:
 def is_available(device: torch.device) -> bool:
     """Whether ``backend="native"`` can run on ``device``."""
     return unavailable_reason(device) is None
+
+
+def empty_cache() -> None:
+    """Release the CPU gradient blocks the native op keeps for reuse (at most two; see
+    ``csrc/trimmed_ce_cpu.cpp``). ``FUSED_TRIM_NO_GRAD_CACHE=1`` disables the cache."""
+    if _load() is None:
+        torch.ops.fused_trim.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------
