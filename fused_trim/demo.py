@@ -388,6 +388,7 @@ def summarize(
         "wins_final": sum(d < 0 for d in diff_final),
         "wins_late": sum(d < 0 for d in diff_late),
         "per_seed_final": final,
+        "per_seed_diff_final": diff_final,
         "schedule": repr(schedule),
     }
 
@@ -403,7 +404,7 @@ def format_table(summary: dict[str, Any], cfg: DemoConfig) -> str:
         f"trimmed arm: keep={cfg.keep!r}, schedule {summary['schedule']}; "
         f"backend {summary.get('backend', 'auto')!r}",
         "",
-        f"{'test error (%)':<34}{'final epoch':>18}{f'mean of last {tail} epochs':>28}",
+        f"{'test error (%)':<34}{'final epoch':>18}{f'mean of last {tail} epoch(s)':>28}",
     ]
     for arm in ARMS:
         (fm, fs), (lm, ls) = summary["final"][arm], summary["late"][arm]
@@ -415,8 +416,12 @@ def format_table(summary: dict[str, Any], cfg: DemoConfig) -> str:
         f"{'seeds where trimming is better':<34}{summary['wins_final']:>10d} / {n:<3d}"
         f"{summary['wins_late']:>20d} / {n:<3d}"
     )
+    per_seed = ", ".join(
+        f"{seed}: {d:+.2f}" for seed, d in zip(summary["seeds"], summary["per_seed_diff_final"], strict=True)
+    )
+    lines.append(f"final-epoch difference per seed: {per_seed}")
     lines.append("(mean ± std over seeds; differences in percentage points, negative = trimming helps)")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def write_csv(rows: list[dict[str, object]], path: Path) -> None:

@@ -69,6 +69,7 @@ def test_tiny_demo_writes_csv_png_and_both_arms(tmp_path):
     final = {(r["arm"], r["seed"]): 100 * float(r["test_error"]) for r in rows if r["epoch"] == "1"}
     diffs = [final["trimmed", s] - final["baseline", s] for s in "01"]
     assert result["summary"]["diff_final"][0] == pytest.approx(sum(diffs) / 2, abs=1e-3)
+    assert f"0: {diffs[0]:+.2f}, 1: {diffs[1]:+.2f}" in printed
 
 
 def test_same_seed_same_results_other_seed_differs(tmp_path):
