@@ -264,26 +264,26 @@ def measure(
     *,
     repeats: int,
     min_repeats: int = 3,
-    budget_s: float = 2.0,
-    warmup: int = 1,
+    budget_s: float = 1.0,
+    warmup: int = 0,
     batch_s: float = 2e-3,
 ) -> tuple[float, int]:
-    """Median seconds per call of ``step`` after ``warmup`` calls, and the number of calls timed.
+    """Median seconds per call of ``step``, and the number of calls timed.
 
-    Calls shorter than ``batch_s`` are timed in batches (one sample = the mean of a batch), so that
-    the timer's resolution and a GPU's launch latency do not dominate. Sampling stops after
-    ``repeats`` samples, or after ``min_repeats`` once ``budget_s`` has passed.
+    ``warmup`` calls run untimed first (the caller may have warmed up already). Calls shorter than
+    ``batch_s`` are timed in batches (one sample = the mean of a batch), so that the timer's
+    resolution and a GPU's launch latency do not dominate. Sampling stops after ``repeats`` samples,
+    or after ``min_repeats`` once ``budget_s`` has passed.
     """
     for _ in range(warmup):
         step()
     synchronize(device)
-    t0 = time.perf_counter()
+    start = time.perf_counter()
     step()
     synchronize(device)
-    single = time.perf_counter() - t0
+    single = time.perf_counter() - start
+    samples: list[float] = [single] if single >= batch_s else []
     inner = max(1, min(1000, int(batch_s / max(single, 1e-7))))
-    samples: list[float] = []
-    start = time.perf_counter()
     while len(samples) < repeats:
         t0 = time.perf_counter()
         for _ in range(inner):

@@ -345,6 +345,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile-backend", default="inductor", help="torch.compile backend of the compiled baseline (tests: eager)"
     )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument(
+        "--strict", action="store_true", help="exit 3 when a fused_trim backend fails or disagrees with the reference"
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -387,9 +390,9 @@ def main(argv: list[str] | None = None) -> int:
                 skipped[b] = "not available here"
         backends = [b for b in backends if b in args.backends or b in (C.EAGER_BASELINE, C.COMPILED_BASELINE)]
     opts = {
-        "repeats": args.repeats or (5 if args.quick else 10),
+        "repeats": args.repeats or (21 if args.quick else 51),
         "min_repeats": 3,
-        "budget_s": 1.5 if args.quick else 4.0,
+        "budget_s": 0.5 if args.quick else 2.0,
         "compile_backend": args.compile_backend,
         "threads": args.threads,
     }
@@ -402,7 +405,49 @@ def main(argv: list[str] | None = None) -> int:
 
     all_rows: list[dict] = []
     threads = torch.get_num_threads()
-    skipped_cases = []
+    skipped_cases: list[str] = []
+
+    def write_outputs() -> str:
+        """Write CSV, JSON and the table (after every case, so a cut-short run leaves its data)."""
+        wall = time.perf_counter() - started
+        info = machine_info(device)
+        info["torch_threads"] = threads
+        header = (
+            f"Machine: {info.get('gpu', info['cpu'])}"
+            + (f" ({info['cpu_count']} CPUs, {threads} torch threads)" if device == "cpu" else "")
+            + f"; torch {torch.__version__}; copy bandwidth {copy_bps / 1e9:.1f} GB/s; "
+            f"compiled baseline: {C.COMPILED_BASELINE} ({args.compile_backend}); wall time {wall:.0f} s"
+        )
+        table = markdown_table(all_rows)
+        write_csv(out / "results.csv", all_rows)
+        (out / "results.md").write_text(header + "\n\n" + table + "\n")
+        methods = sorted({r["memory_method"] for r in all_rows if r["memory_method"]})
+        meta = {
+            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": [sys.executable, "-m", "benchmarks.run", *(argv if argv is not None else sys.argv[1:])],
+            "device": device,
+            "machine": info,
+            "versions": versions(),
+            "copy_bandwidth_GBps": copy_bps / 1e9,
+            "copy_buffer_MiB": copy_mib,
+            "options": opts,
+            "wall_s": wall,
+            "backends": {b: C.DESCRIPTIONS[b] for b in backends},
+            "skipped_backends": skipped,
+            "skipped_cases": skipped_cases,
+            "memory_method": methods,
+            "memory_method_note": (
+                "cuda: max_memory_allocated - memory_allocated before one fwd+bwd"
+                if device == "cuda"
+                else "fresh subprocess per case; per backend: gc + malloc_trim, reset VmHWM (/proc/self/clear_refs), "
+                "then VmHWM after one fwd+bwd - VmRSS before it ('sampling': VmRSS polled every 0.2 ms)"
+            ),
+            "columns": COLUMNS,
+            "rows": all_rows,
+        }
+        (out / "results.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+        return header + "\n\n" + table
+
     for i, case in enumerate(cases):
         elapsed = time.perf_counter() - started
         if args.max_minutes is not None and elapsed > 60 * args.max_minutes:
@@ -422,53 +467,36 @@ def main(argv: list[str] | None = None) -> int:
         bad = [r["backend"] for r in rows if r["status"] != "ok"]
         note = f"; failed: {', '.join(bad)}" if bad else ""
         print(f"[{i + 1}/{len(cases)}] {case.label}: {time.perf_counter() - t0:.1f} s{note}", flush=True)
+        write_outputs()
 
-    wall = time.perf_counter() - started
-    table = markdown_table(all_rows)
-    info = machine_info(device)
-    info["torch_threads"] = threads
-    header = (
-        f"Machine: {info.get('gpu', info['cpu'])}"
-        + (f" ({info['cpu_count']} CPUs, {threads} torch threads)" if device == "cpu" else "")
-        + f"; torch {torch.__version__}; copy bandwidth {copy_bps / 1e9:.1f} GB/s; "
-        f"compiled baseline: {C.COMPILED_BASELINE} ({args.compile_backend}); wall time {wall:.0f} s"
-    )
     print()
-    print(header)
-    print()
-    print(table)
-    write_csv(out / "results.csv", all_rows)
-    (out / "results.md").write_text(header + "\n\n" + table + "\n")
-    meta = {
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": [sys.executable, "-m", "benchmarks.run", *(argv if argv is not None else sys.argv[1:])],
-        "device": device,
-        "machine": info,
-        "versions": versions(),
-        "copy_bandwidth_GBps": copy_bps / 1e9,
-        "copy_buffer_MiB": copy_mib,
-        "options": opts,
-        "wall_s": wall,
-        "backends": {b: C.DESCRIPTIONS[b] for b in backends},
-        "skipped_backends": skipped,
-        "skipped_cases": skipped_cases,
-        "memory_method": (
-            "cuda max_memory_allocated - memory_allocated"
-            if device == "cuda"
-            else "fresh subprocess per case; per backend: malloc_trim, reset VmHWM (/proc/self/clear_refs), "
-            "VmHWM after one fwd+bwd - VmRSS before"
-        ),
-        "columns": COLUMNS,
-        "rows": all_rows,
-    }
-    (out / "results.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    print(write_outputs())
     if not args.no_plot:
         problem = write_plot(out / "benchmark.png", all_rows)
         if problem:
             print(problem)
     print(f"\nwrote {out}/results.csv, results.json, results.md" + ("" if args.no_plot else ", benchmark.png"))
-    print(f"wall time {wall:.1f} s")
-    return 0
+    print(f"wall time {time.perf_counter() - started:.1f} s")
+    problems = check_rows(all_rows)
+    for p in problems:
+        print(f"CHECK: {p}")
+    return 3 if problems and args.strict else 0
+
+
+def check_rows(rows: list[dict]) -> list[str]:
+    """fused_trim backends that failed, or whose loss or gradient disagrees with the eager reference."""
+    problems = []
+    for r in rows:
+        if r["backend"] not in ("reference", "native", "triton"):
+            continue
+        if r["status"] != "ok":
+            problems.append(f"{r['case']} {r['backend']}: {r['status']}")
+            continue
+        tol = 1e-4 if r["dtype"] == "fp32" else 3e-2
+        err = r["max_rel_err"]
+        if not isinstance(err, float) or not err <= tol:
+            problems.append(f"{r['case']} {r['backend']}: max_rel_err {err} > {tol} against the eager reference")
+    return problems
 
 
 if __name__ == "__main__":

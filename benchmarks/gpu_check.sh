@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One command for a machine with a GPU: the test suite with compiled (not interpreted) Triton, then the
+# benchmark runner on CUDA, all within 8 minutes, everything written under one folder.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]        # default: $OUT, else ./gpu_out
+#
+# Uses $PYTHON (default: python3). Installs torch==2.13.0 and triton==3.9.0 from PyPI only when
+# `import torch` with CUDA fails, then `pip install -e .[test]` (tolerated offline: the repository root
+# is on PYTHONPATH anyway). Each step runs under `timeout`; the runner starts no new case once its share
+# of the time is spent and writes its CSV/JSON after every case, so a cut-short run still leaves data.
+# Exit status: 0 when every step passed, else the first failing step's status.
+# Output: gpu_check.log (everything), env.txt, pytest.log, bench.log, results.{csv,json,md}, benchmark.png.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT_DIR="${1:-${OUT:-./gpu_out}}"
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+exec > >(tee -a "$OUT_DIR/gpu_check.log") 2>&1
+
+TOTAL_S="${GPU_CHECK_SECONDS:-470}"   # 8 minutes less a margin for start-up and copying results back
+START_S=$SECONDS
+PY="${PYTHON:-python3}"
+STATUS=0
+
+left() { echo $((TOTAL_S - (SECONDS - START_S))); }
+note() { echo "== [$((SECONDS - START_S)) s] $*"; }
+fail() {
+    local rc=$1
+    shift
+    note "FAILED ($rc): $*"
+    if [ "$STATUS" -eq 0 ]; then STATUS=$rc; fi
+}
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_INTERPRET=0   # tests/conftest.py defaults it to 1: compile the kernels for the GPU instead
+export PYTHONUNBUFFERED=1
+
+note "machine"
+{ nvidia-smi || true; "$PY" --version; } | tee "$OUT_DIR/env.txt"
+
+if ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    note "no torch with CUDA here: pip install torch==2.13.0 triton==3.9.0 (PyPI's default CUDA build)"
+    timeout 240 "$PY" -m pip install -q torch==2.13.0 triton==3.9.0 || fail $? "installing torch"
+fi
+if ! "$PY" -c "import torch; assert torch.cuda.is_available()"; then
+    fail 1 "torch cannot see a CUDA device; nothing to check"
+    exit "$STATUS"
+fi
+note "pip install -e .[test]"
+if ! timeout 120 "$PY" -m pip install -q -e ".[test]"; then
+    note "pip install -e .[test] failed (offline?); using the checkout through PYTHONPATH"
+fi
+"$PY" - <<'EOF' | tee -a "$OUT_DIR/env.txt"
+import importlib.metadata as md
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
+for dist in ("triton", "pytest", "pytest-benchmark", "hypothesis", "liger-kernel", "matplotlib"):
+    try:
+        print(dist, md.version(dist))
+    except md.PackageNotFoundError:
+        print(dist, "not installed")
+EOF
+
+# Tests: about 40% of the time (the native op's CUDA build, when it happens, is part of it).
+TEST_S=$(( $(left) * 2 / 5 ))
+note "pytest tests/ -x (TRITON_INTERPRET=0, timeout ${TEST_S} s)"
+if timeout "$TEST_S" "$PY" -m pytest -q -x -p no:cacheprovider tests/ 2>&1 | tee "$OUT_DIR/pytest.log"; then
+    note "tests passed"
+else
+    fail "${PIPESTATUS[0]}" "pytest (124 = timed out)"
+fi
+
+# Benchmarks: what is left, less a minute for the last case and the plot.
+BENCH_S=$(left)
+BENCH_MIN=$(( (BENCH_S - 75) / 60 ))
+if [ "$BENCH_MIN" -lt 1 ]; then BENCH_MIN=1; fi
+note "python -m benchmarks.run --device cuda (cases started within ${BENCH_MIN} min, timeout ${BENCH_S} s)"
+if timeout "$BENCH_S" "$PY" -m benchmarks.run --device cuda --out "$OUT_DIR" --max-minutes "$BENCH_MIN" --strict \
+    2>&1 | tee "$OUT_DIR/bench.log"; then
+    note "benchmarks done"
+else
+    fail "${PIPESTATUS[0]}" "benchmarks.run (124 = timed out; 3 = a fused_trim backend disagreed or failed)"
+fi
+
+note "done, status $STATUS; results in $OUT_DIR"
+exit "$STATUS"
