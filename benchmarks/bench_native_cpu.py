@@ -61,7 +61,7 @@ def _time(fn, x, t, repeats: int, warmup: int) -> float:
         if i >= warmup:
             times.append(dt)
     x.grad = None
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 7) -> float:
@@ -137,7 +137,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"copy bandwidth (read + write): {bw / 1e9:.1f} GB/s; keep_ratio {args.keep}; "
-          f"forward+backward, median of {args.repeats}")
+          f"forward+backward, median and min of {args.repeats} (30 for small shapes)")
+    print(f"load average before the run: {os.getloadavg()[0]:.2f} (other processes skew the figures)")
     fns = _fns(args.keep)
     for n, c in shapes:
         x, t = _make(n, c)
@@ -146,15 +147,17 @@ def main() -> None:
         floor = floor_bytes / bw
         warmup = 2 if n * c >= 1 << 24 else 5
         repeats = args.repeats if n * c >= 1 << 24 else max(args.repeats, 30)
-        times = {name: _time(fn, x, t, repeats, warmup) for name, fn in fns.items()}
+        stats = {name: _time(fn, x, t, repeats, warmup) for name, fn in fns.items()}
+        times = {name: med for name, (med, _) in stats.items()}
         print(f"\n(N, C) = ({n}, {c}), fp32; bytes floor {floor * 1e3:.2f} ms")
-        for name, dt in times.items():
-            print(f"  {name:20s} {dt * 1e3:10.2f} ms")
-        nat = times["native"]
-        print(f"  native speed-up over eager reference:    {times['reference'] / nat:6.2f}x")
-        print(f"  native speed-up over compiled reference: {times['reference_compiled'] / nat:6.2f}x")
-        print(f"  native speed-up over F.cross_entropy:    {times['F.cross_entropy'] / nat:6.2f}x")
-        print(f"  native / bytes floor:                    {nat / floor:6.2f}x")
+        print(f"  {'':20s} {'median':>10s} {'min':>10s}")
+        for name, (med, best) in stats.items():
+            print(f"  {name:20s} {med * 1e3:8.3f}ms {best * 1e3:8.3f}ms")
+        nat, nat_min = stats["native"]
+        for other in ("reference", "reference_compiled", "F.cross_entropy"):
+            print(f"  native speed-up over {other + ':':20s} {times[other] / nat:7.2f}x "
+                  f"(min/min {stats[other][1] / nat_min:7.2f}x)")
+        print(f"  native / bytes floor:                    {nat / floor:7.2f}x (min {nat_min / floor:.2f}x)")
         if not args.no_memory:
             grad_mb = n * c * elem / 2**20
             print(f"  peak extra resident memory (gradient buffer {grad_mb:.1f} MiB):")

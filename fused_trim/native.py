@@ -334,7 +334,7 @@ def trimmed_cross_entropy_2d(
         ratio, ratio_t = 0.0, keep_ratio
     else:
         ratio, ratio_t = float(keep_ratio), None
-    out, losses, kept, k, threshold, _lse, _scale = torch.ops.fused_trim.trimmed_ce_fwd(
+    out, losses, kept, k, threshold, _lse, _scale = torch.ops.fused_trim.trimmed_ce_fwd.default(
         input,
         target,
         weight,
