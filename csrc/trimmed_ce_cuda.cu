@@ -206,7 +206,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kSelectThreads)
     select_kernel(const acc_t* __restrict__ loss_acc, const int64_t* __restrict__ target, int64_t M,
                   int64_t ignore_index, const acc_t* __restrict__ w, double keep_ratio,
-                  const double* __restrict__ keep_ratio_ptr, bool easiest, int64_t reduction,
+                  const double* __restrict__ keep_ratio_ptr, const int64_t* __restrict__ count_ptr,
+                  bool easiest, int64_t reduction,
                   bool* __restrict__ kept, int64_t* __restrict__ k_out,
                   scalar_t* __restrict__ threshold, scalar_t* __restrict__ out,
                   acc_t* __restrict__ rowscale) {
@@ -226,7 +227,9 @@ __global__ void __launch_bounds__(kSelectThreads)
   for (int64_t i = tid; i < M; i += blockDim.x) local_n += target[i] != ignore_index;
   const long long n = block_sum<long long>(local_n, llscratch);
   const double r = keep_ratio_ptr != nullptr ? *keep_ratio_ptr : keep_ratio;
-  const int64_t k = compute_k(n, r);
+  // An integer keep_ratio tensor is an exact count (a rank's share of a global selection).
+  const long long count = count_ptr != nullptr ? (*count_ptr > 0 ? *count_ptr : 0) : 0;
+  const int64_t k = count_ptr != nullptr ? (count < n ? count : n) : compute_k(n, r);
 
   // Radix select of the k-th largest key, 8 bits at a time from the top.
   key_t prefix = 0, mask = 0;
@@ -374,9 +377,15 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
   const at::Tensor weight =
       weight_.has_value() && weight_->defined() ? weight_->to(acc_st).contiguous() : at::Tensor();
   const at::Tensor w_total = weight.defined() ? weight.sum() : at::Tensor();
-  const at::Tensor ratio_t = keep_ratio_t.has_value() && keep_ratio_t->defined()
+  // keep_ratio_t: a 0-dim float tensor (a ratio) or an integer one (an exact count), read on the
+  // device: no host synchronisation.
+  const bool has_ratio_t = keep_ratio_t.has_value() && keep_ratio_t->defined();
+  const bool exact_count = has_ratio_t && !at::isFloatingType(keep_ratio_t->scalar_type());
+  const at::Tensor ratio_t = has_ratio_t && !exact_count
                                  ? keep_ratio_t->to(input.device(), at::kDouble).contiguous()
                                  : at::Tensor();
+  const at::Tensor count_t =
+      exact_count ? keep_ratio_t->to(input.device(), at::kLong).contiguous() : at::Tensor();
   auto acc_opts = input.options().dtype(acc_st);
   at::Tensor losses = at::empty({M}, input.options());
   at::Tensor kept = at::empty({M}, input.options().dtype(at::kBool));
@@ -411,7 +420,8 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
     }
     select_kernel<scalar_t, acc_t><<<1, kSelectThreads, 0, stream>>>(
         loss_acc.const_data_ptr<acc_t>(), target.const_data_ptr<int64_t>(), M, ignore_index, w,
-        keep_ratio, ratio_t.defined() ? ratio_t.const_data_ptr<double>() : nullptr, easiest,
+        keep_ratio, ratio_t.defined() ? ratio_t.const_data_ptr<double>() : nullptr,
+        count_t.defined() ? count_t.const_data_ptr<int64_t>() : nullptr, easiest,
         reduction, kept.mutable_data_ptr<bool>(), k_t.mutable_data_ptr<int64_t>(),
         threshold.mutable_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
         rowscale.mutable_data_ptr<acc_t>());
