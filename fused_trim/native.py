@@ -325,9 +325,10 @@ def trimmed_cross_entropy_2d(
 
     Returns ``(out, losses, kept, k, threshold)``; only ``out`` carries gradient.
     """
-    reason = unavailable_reason(input.device)
-    if reason is not None:
-        raise RuntimeError(f"backend='native' cannot run here: {reason}")
+    if _state.get("error", "not loaded") is not None or input.device.type != "cpu":
+        reason = unavailable_reason(input.device)
+        if reason is not None:
+            raise RuntimeError(f"backend='native' cannot run here: {reason}")
     if input.stride(-1) != 1:
         input = input.contiguous()
     if isinstance(keep_ratio, Tensor):
@@ -345,4 +346,5 @@ def trimmed_cross_entropy_2d(
         float(label_smoothing),
         _REDUCTION_CODES[reduction],
     )
-    return out, losses.detach(), kept, k, threshold.detach()
+    # losses and threshold are marked non-differentiable by the op's autograd (C++): no detach.
+    return out, losses, kept, k, threshold
