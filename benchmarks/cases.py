@@ -338,8 +338,15 @@ def _reset_rss_peak() -> bool:
 
 
 def _release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS, so that the next run faults in what it allocates."""
+    """Hand freed memory back to the OS, so that the next run faults in what it allocates.
+
+    Includes the native op's cache of gradient blocks (``fused_trim.native.empty_cache``): kept, the
+    block would sit in the baseline and the native backend's gradient would not count.
+    """
     gc.collect()
+    empty_cache = getattr(native, "empty_cache", None)
+    if empty_cache is not None and native.is_available(torch.device("cpu")):
+        empty_cache()
     libc_name = ctypes.util.find_library("c")
     if libc_name:
         try:
@@ -361,7 +368,8 @@ def peak_memory(step: Callable[[], object], device: str) -> tuple[int, str]:
     """Peak memory of one ``step()`` beyond what was allocated before it, in bytes, and the method.
 
     CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``, minus ``memory_allocated``
-    before. CPU: freed heap pages are returned to the OS (``gc``, ``malloc_trim``), the resident-set
+    before. CPU: freed memory is returned to the OS (``gc``, the native op's gradient-block cache,
+    ``malloc_trim``), the resident-set
     high-water mark is reset (``/proc/self/clear_refs``), and the result is ``VmHWM`` after the step
     minus ``VmRSS`` before it; where the mark cannot be reset, ``VmRSS`` is sampled every 0.2 ms
     from a thread (a lower bound).
