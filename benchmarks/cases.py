@@ -10,6 +10,7 @@ Backends (the names used in every table):
   "reference")`` itself graph-breaks (host syncs in validation, ``nonzero``, ``int(k)``), so that is not
   the baseline.
 - ``topk_eager``: the same function, eager.
+- ``reference_compiled`` (only on request): ``torch.compile`` of ``backend="reference"``, graph breaks and all.
 - ``native``: ``backend="native"`` (the C++ op on the CPU, its CUDA kernels on a GPU), when built.
 - ``triton``: ``backend="triton"``, CUDA only (Triton's interpreter is never benchmarked).
 - ``liger_topk``: Liger-Kernel's cross-entropy (``reduction="none"``) -> ``topk`` -> ``mean``, CUDA only,
@@ -47,6 +48,7 @@ KEEP_RATIOS = (0.5, 0.2, 1.0)  # in order of priority when a time budget cuts a 
 EAGER_BASELINE = "reference"
 COMPILED_BASELINE = "topk_compiled"
 BASELINES = ("F.cross_entropy", EAGER_BASELINE, COMPILED_BASELINE, "topk_eager")
+OPTIONAL = ("reference_compiled",)  # run only when asked for by name
 INPLACE_INPUT = {"liger_topk"}  # Liger writes the gradient into its input: it gets a private copy
 
 DESCRIPTIONS = {
@@ -55,6 +57,8 @@ DESCRIPTIONS = {
     "topk_compiled": "torch.compile(F.cross_entropy(reduction='none') -> topk(k) -> mean), static shapes "
     "(the compiled reference; compiling backend='reference' itself graph-breaks)",
     "topk_eager": "F.cross_entropy(reduction='none') -> topk(k) -> mean, eager",
+    "reference_compiled": "torch.compile(trimmed_cross_entropy(backend='reference')), static shapes, with its "
+    "graph breaks",
     "native": "trimmed_cross_entropy(backend='native'): the C++/CUDA op",
     "triton": "trimmed_cross_entropy(backend='triton'): the Triton kernels",
     "liger_topk": "Liger-Kernel cross-entropy(reduction='none') -> topk(k) -> mean",
@@ -215,6 +219,13 @@ def make_fn(name: str, case: Case, compile_backend: str = "inductor") -> Callabl
         return lambda x, t: trimmed_cross_entropy(x, t, r, backend=name)
     if name == "topk_eager":
         return lambda x, t: topk_mean(x, t, k)
+    if name == "reference_compiled":
+        configure_dynamo()
+
+        def reference(x: Tensor, t: Tensor) -> Tensor:
+            return trimmed_cross_entropy(x, t, r, backend="reference")
+
+        return torch.compile(reference, dynamic=False, backend=compile_backend)
     if name == "topk_compiled":
         configure_dynamo()
         compiled = torch.compile(topk_mean, dynamic=False, backend=compile_backend)

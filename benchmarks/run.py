@@ -337,8 +337,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shapes", nargs="+", help="override the shapes, e.g. 1024x1000 8x19x128x128")
     p.add_argument("--dtypes", nargs="+", choices=sorted(C.DTYPES), help="override the dtypes")
     p.add_argument("--keeps", nargs="+", type=float, help="override the keep ratios")
-    p.add_argument("--backends", nargs="+", help="only these backends (the two baselines always run)")
-    p.add_argument("--repeats", type=int, help="timed samples per measurement (default 5 quick, 10 full)")
+    p.add_argument(
+        "--backends", nargs="+", help="only these (the two baselines always run); reference_compiled on request"
+    )
+    p.add_argument("--repeats", type=int, help="most timed samples per measurement (default 21 quick, 51 full)")
     p.add_argument("--threads", type=int, help="torch intra-op threads on the CPU (default: torch's)")
     p.add_argument("--max-minutes", type=float, help="start no new case after this many minutes")
     p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer (default 256 CPU, 1024 CUDA)")
@@ -390,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             if b not in backends and b not in skipped:
                 skipped[b] = "not available here"
         backends = [b for b in backends if b in args.backends or b in (C.EAGER_BASELINE, C.COMPILED_BASELINE)]
+        backends += [b for b in C.OPTIONAL if b in args.backends]
     opts = {
         "repeats": args.repeats or (21 if args.quick else 51),
         "min_repeats": 3,
