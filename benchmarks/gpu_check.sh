@@ -73,8 +73,9 @@ fi
 
 # Benchmarks: what is left, less a minute for the last case and the plot.
 BENCH_S=$(left)
-BENCH_MIN=$(( (BENCH_S - 75) / 60 ))
-if [ "$BENCH_MIN" -lt 1 ]; then BENCH_MIN=1; fi
+START_WITHIN_S=$(( BENCH_S - 75 ))
+if [ "$START_WITHIN_S" -lt 60 ]; then START_WITHIN_S=60; fi
+printf -v BENCH_MIN '%d.%d' $(( START_WITHIN_S / 60 )) $(( START_WITHIN_S % 60 / 6 ))
 note "python -m benchmarks.run --device cuda (cases started within ${BENCH_MIN} min, timeout ${BENCH_S} s)"
 if timeout "$BENCH_S" "$PY" -m benchmarks.run --device cuda --out "$OUT_DIR" --max-minutes "$BENCH_MIN" --strict \
     2>&1 | tee "$OUT_DIR/bench.log"; then
