@@ -357,7 +357,7 @@ template <typename scalar_t, typename acc_t>
 void small_c_forward(const scalar_t* x, int64_t row_stride, int64_t C, const int64_t* t,
                      int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls,
                      int64_t begin, int64_t end, acc_t* loss_out, acc_t* lse_out,
-                     std::atomic<int64_t>& bad_target) {
+                     std::atomic<bool>& bad_target) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
@@ -388,7 +388,7 @@ void small_c_forward(const scalar_t* x, int64_t row_stride, int64_t C, const int
       const int64_t i = i0 + r;
       const int64_t y = t[i];
       if (y == ignore_index || y < 0 || y >= C) {
-        if (y != ignore_index) bad_target.store(y);
+        if (y != ignore_index) bad_target.store(true, std::memory_order_relaxed);
         loss_out[i] = 0;
         lse_out[i] = 0;
         continue;
@@ -455,7 +455,7 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
     acc_t* loss_acc = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(losses.mutable_data_ptr<scalar_t>())
                                                       : loss_buf.data();
     acc_t* lse = lse_t.mutable_data_ptr<acc_t>();
-    std::atomic<int64_t> bad_target{-1};
+    std::atomic<bool> bad_target{false};
 
     const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(C, 1));
     if (C <= kSmallC) {
@@ -476,7 +476,7 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
           continue;
         }
         if (y < 0 || y >= C) {
-          bad_target.store(y);
+          bad_target.store(true, std::memory_order_relaxed);
           loss_acc[i] = 0;
           lse[i] = 0;
           continue;
@@ -486,9 +486,17 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
         lse[i] = res.lse;
       }
     });
-    TORCH_CHECK(bad_target.load() == -1 || bad_target.load() == ignore_index,
-                "fused_trim: target holds ", bad_target.load(), ", outside [0, ", C,
-                ") and not ignore_index=", ignore_index);
+    if (bad_target.load()) {  // (the public API validates first; this guards direct calls)
+      int64_t first = 0;
+      for (int64_t i = 0; i < M; ++i) {
+        if (t[i] != ignore_index && (t[i] < 0 || t[i] >= C)) {
+          first = t[i];
+          break;
+        }
+      }
+      TORCH_CHECK_VALUE(false, "target holds ", first, ", outside [0, ", C,
+                        ") and not ignore_index=", ignore_index);
+    }
 
     // Selection: the k candidates with the largest (key, -index).
     struct Cand {

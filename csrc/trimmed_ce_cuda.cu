@@ -129,7 +129,10 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ x, int64_t row_st
   // (a whole-block group must not return early: it synchronises inside group_reduce)
   const bool active = row < M;
   const int64_t y = active ? target[row] : ignore_index;
-  const bool valid = active && y != ignore_index;
+  // A class index outside [0, C) that is not ignore_index (the public API asserts against it
+  // asynchronously) is never read through: its loss is NaN.
+  const bool in_range = y >= 0 && y < C;
+  const bool valid = active && y != ignore_index && in_range;
   const scalar_t* xr = x + (active ? row : 0) * row_stride;
   const bool smooth = ls > acc_t(0);
   const acc_t first = valid ? static_cast<acc_t>(xr[0]) : acc_t(0);
@@ -146,9 +149,10 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ x, int64_t row_st
   group_reduce<G, acc_t>(ms, sx);  // every thread of the group takes part
   if (!valid || lane != 0) {
     if (active && lane == 0) {
-      loss_acc[row] = 0;
-      lse_out[row] = 0;
-      losses[row] = static_cast<scalar_t>(0);
+      const acc_t v = (y == ignore_index) ? acc_t(0) : quiet_nan<acc_t>();
+      loss_acc[row] = v;
+      lse_out[row] = v;
+      losses[row] = static_cast<scalar_t>(v);
     }
     return;
   }
@@ -205,7 +209,7 @@ __device__ int block_exclusive_scan(int v, int* scratch, int& total) {
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kSelectThreads)
     select_kernel(const acc_t* __restrict__ loss_acc, const int64_t* __restrict__ target, int64_t M,
-                  int64_t ignore_index, const acc_t* __restrict__ w, double keep_ratio,
+                  int64_t C, int64_t ignore_index, const acc_t* __restrict__ w, double keep_ratio,
                   const double* __restrict__ keep_ratio_ptr, const int64_t* __restrict__ count_ptr,
                   bool easiest, int64_t reduction,
                   bool* __restrict__ kept, int64_t* __restrict__ k_out,
@@ -288,7 +292,8 @@ __global__ void __launch_bounds__(kSelectThreads)
       kept[i] = is_kept;
       if (is_kept) {
         local_loss += static_cast<double>(loss_acc[i]);
-        local_w += w == nullptr ? 1.0 : static_cast<double>(w[target[i]]);
+        const int64_t yi = target[i];
+        local_w += w == nullptr ? 1.0 : (yi >= 0 && yi < C ? static_cast<double>(w[yi]) : NAN);
       }
     }
   }
@@ -334,6 +339,10 @@ __global__ void ce_backward_kernel(const scalar_t* __restrict__ x, int64_t row_s
     return;
   }
   const int64_t y = target[row];
+  if (y < 0 || y >= C) {  // out-of-range class index (asserted against asynchronously): NaN row
+    for (int64_t c = lane; c < C; c += G) gr[c] = static_cast<scalar_t>(quiet_nan<acc_t>());
+    return;
+  }
   const acc_t coef = grad_out[row * grad_stride] * scale;
   const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
   const acc_t w_total = w == nullptr ? static_cast<acc_t>(C) : *w_total_ptr;
@@ -419,7 +428,7 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     select_kernel<scalar_t, acc_t><<<1, kSelectThreads, 0, stream>>>(
-        loss_acc.const_data_ptr<acc_t>(), target.const_data_ptr<int64_t>(), M, ignore_index, w,
+        loss_acc.const_data_ptr<acc_t>(), target.const_data_ptr<int64_t>(), M, C, ignore_index, w,
         keep_ratio, ratio_t.defined() ? ratio_t.const_data_ptr<double>() : nullptr,
         count_t.defined() ? count_t.const_data_ptr<int64_t>() : nullptr, easiest,
         reduction, kept.mutable_data_ptr<bool>(), k_t.mutable_data_ptr<int64_t>(),
