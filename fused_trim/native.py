@@ -10,10 +10,10 @@ Build: the first time the op is needed on a machine, the sources are compiled ag
 installed torch with the system C++ compiler (and ``nvcc`` for the CUDA kernels, when torch has
 CUDA and a GPU is present) and the shared library is cached under ``~/.cache/fused_trim`` (or
 ``$FUSED_TRIM_CACHE_DIR``), keyed by the sources, the flags, torch's and Python's versions and the
-CPU capability; later processes load the cached library in milliseconds. A prebuilt
-``fused_trim/_C*.so`` (from a build with ``setup.py``) is used when present. When nothing can be
-built (no compiler, no sources), one warning says why, ``backend="auto"`` falls back to the
-reference and ``backend="native"`` raises with the reason.
+CPU capability; later processes load the cached library in milliseconds (``build()`` does it
+ahead of time). When nothing can be built (no compiler, no sources), one warning says why,
+``backend="auto"`` falls back to the reference and ``backend="native"`` raises with the reason.
+``FUSED_TRIM_NO_BUILD=1`` forbids compiling (a cached library is still used).
 """
 
 from __future__ import annotations
@@ -159,15 +159,10 @@ def _build_key(with_cuda: bool) -> str:
     return f"{cap.lower()}{'-cuda' if with_cuda else ''}-{h.hexdigest()[:16]}"
 
 
-def _prebuilt() -> Path | None:
-    found = sorted(_PACKAGE_DIR.glob("_C*.so"))
-    return found[0] if found else None
-
-
-def build(force: bool = False, verbose: bool = False) -> Path:
+def build(force: bool = False, verbose: bool = False, allow_compile: bool = True) -> Path:
     """Compile the native op (or find it in the cache) and return the shared library's path.
 
-    Raises ``RuntimeError`` with the compiler's output when the build fails.
+    Raises ``RuntimeError`` with the compiler's errors when the build fails.
     """
     missing = [n for n in _CPU_SOURCES + _HEADERS if not (_CSRC / n).exists()]
     if missing:
@@ -183,6 +178,8 @@ def build(force: bool = False, verbose: bool = False) -> Path:
     target = cache / f"fused_trim_C-{key}.so"
     if target.exists() and not force:
         return target
+    if not allow_compile:
+        raise RuntimeError(f"the extension is not built ({target} missing) and FUSED_TRIM_NO_BUILD=1")
     import fcntl
 
     with open(cache / f"{key}.lock", "w") as lockfile:
@@ -219,11 +216,7 @@ def _load() -> str | None:
         error: str | None = None
         try:
             if not hasattr(torch.ops, "fused_trim") or not hasattr(torch.ops.fused_trim, "trimmed_ce_fwd"):
-                path = _prebuilt()
-                if path is None:
-                    if os.environ.get("FUSED_TRIM_NO_BUILD") == "1":
-                        raise RuntimeError("the extension is not built and FUSED_TRIM_NO_BUILD=1")
-                    path = build()
+                path = build(allow_compile=os.environ.get("FUSED_TRIM_NO_BUILD") != "1")
                 torch.ops.load_library(str(path))
                 _state["path"] = str(path)
             _register_python_parts()
