@@ -159,15 +159,19 @@ def _build_key(with_cuda: bool) -> str:
     return f"{cap.lower()}{'-cuda' if with_cuda else ''}-{h.hexdigest()[:16]}"
 
 
-def build(force: bool = False, verbose: bool = False, allow_compile: bool = True) -> Path:
+def build(
+    force: bool = False, verbose: bool = False, allow_compile: bool = True, with_cuda: bool | None = None
+) -> Path:
     """Compile the native op (or find it in the cache) and return the shared library's path.
 
-    Raises ``RuntimeError`` with the compiler's errors when the build fails.
+    ``with_cuda=None`` builds the CUDA kernels too when torch has CUDA, a GPU is present and
+    ``nvcc`` is found. Raises ``RuntimeError`` with the compiler's errors when the build fails.
     """
     missing = [n for n in _CPU_SOURCES + _HEADERS if not (_CSRC / n).exists()]
     if missing:
         raise RuntimeError(f"the C++ sources are not found (looked for {', '.join(missing)} in {_CSRC})")
-    with_cuda = _want_cuda()
+    if with_cuda is None:
+        with_cuda = _want_cuda()
     key = _build_key(with_cuda)
     cache = _cache_dir()
     try:
@@ -216,7 +220,21 @@ def _load() -> str | None:
         error: str | None = None
         try:
             if not hasattr(torch.ops, "fused_trim") or not hasattr(torch.ops.fused_trim, "trimmed_ce_fwd"):
-                path = build(allow_compile=os.environ.get("FUSED_TRIM_NO_BUILD") != "1")
+                allow = os.environ.get("FUSED_TRIM_NO_BUILD") != "1"
+                try:
+                    path = build(allow_compile=allow)
+                except RuntimeError as exc:
+                    if not _want_cuda():
+                        raise
+                    # The CUDA kernels did not build (say, nvcc and torch disagree on the CUDA
+                    # version): keep the CPU op rather than lose both.
+                    warnings.warn(
+                        f"fused_trim: the native CUDA kernels could not be built ({exc}); "
+                        "building the CPU op only.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                    path = build(allow_compile=allow, with_cuda=False)
                 torch.ops.load_library(str(path))
                 _state["path"] = str(path)
             _register_python_parts()
