@@ -105,14 +105,19 @@ def _check_weight(weight: Tensor | None, num_classes: int, input: Tensor) -> Non
 
 
 def _check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if target.numel() == 0:
+        return
     if _host_checkable(target):
-        if bool(bad.any()):
+        # One pass in the common, valid case; the offending value is looked up only on failure.
+        lo, hi = torch.where(target == ignore_index, 0, target).aminmax()
+        if int(lo) < 0 or int(hi) >= num_classes:
+            bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
             value = int(target[bad][0])
             raise ValueError(
                 f"target holds {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}"
             )
     else:
+        bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
         torch._assert_async(~bad.any(), "target outside [0, C) and not ignore_index")
 
 
