@@ -31,7 +31,7 @@ def per_sample_loss(
     safe_t = torch.where(valid, target, torch.zeros_like(target)).long()
     logp = F.log_softmax(x, dim=1)
     nll = -logp.gather(1, safe_t[:, None])[:, 0]
-    w = None if weight is None else weight.to(x.dtype)
+    w = None if weight is None else weight.detach().to(x.dtype)  # no gradient to the weights
     w_y = torch.ones_like(nll) if w is None else w[safe_t]
     loss = w_y * nll
     if label_smoothing > 0.0:

@@ -9,9 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fused_trim import trimmed_cross_entropy
-
-from .helpers import BACKENDS, KERNEL_BACKENDS, make_batch, run, tolerances
+from .helpers import BACKENDS, KERNEL_BACKENDS, call, make_batch, run, split, tolerances
 
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -122,7 +120,7 @@ def test_k_formula(backend):
     for n, r in itertools.product([1, 2, 3, 5, 8, 10, 33], [1e-9, 0.1, 0.125, 0.25, 0.5, 0.7, 0.9999, 1.0]):
         x, t = make_batch(n + 2, c, seed=n)
         t[:2] = -100  # two ignored rows do not count in n
-        _, info = trimmed_cross_entropy(x, t, r, backend=backend, return_info=True)
+        _, info = call(backend, x.to(split(backend)[1]), t, r, return_info=True)
         assert int(info.k) == min(n, max(1, math.floor(r * n + 0.5))), (n, r)
         assert int(info.kept.sum()) == int(info.k)
 
@@ -305,8 +303,8 @@ def test_no_gradient_to_weight_or_ratio(backend):
     x, t = make_batch(10, 4, seed=12)
     w = torch.rand(4, dtype=torch.float64, requires_grad=True)
     r = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
-    x = x.requires_grad_(True)
-    trimmed_cross_entropy(x, t, r, weight=w.detach(), backend=backend).backward()
+    x = x.to(split(backend)[1]).requires_grad_(True)
+    call(backend, x, t, r, weight=w, label_smoothing=0.1).backward()
     assert r.grad is None and w.grad is None and x.grad is not None
 
 
@@ -314,7 +312,7 @@ def test_no_gradient_to_weight_or_ratio(backend):
 def test_empty_batch(backend):
     x = torch.randn(0, 5, dtype=torch.float64, requires_grad=True)
     t = torch.zeros(0, dtype=torch.long)
-    out, info = trimmed_cross_entropy(x, t, 0.5, backend=backend, return_info=True)
+    out, info = call(backend, x.to(split(backend)[1]), t, 0.5, return_info=True)
     assert torch.isnan(out) and int(info.k) == 0
 
 

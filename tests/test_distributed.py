@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from . import _dist_worker
-from .helpers import BACKENDS
+from .helpers import CPU_BACKENDS
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -17,12 +17,12 @@ def test_ddp_gradients_equal_single_process_global_trim(tmp_path):
     result = tmp_path / "cases.txt"
     mp.spawn(
         _dist_worker.run_rank,
-        args=(2, str(tmp_path / "init"), BACKENDS, str(result)),
+        args=(2, str(tmp_path / "init"), CPU_BACKENDS, str(result)),
         nprocs=2,
         join=True,
     )
     cases = result.read_text().splitlines()
-    assert len(cases) == len(BACKENDS) * len(_dist_worker.scenarios()) * 4
+    assert len(cases) == len(CPU_BACKENDS) * len(_dist_worker.scenarios()) * 4
 
 
 def test_global_share_matches_sorted_order_on_one_rank(tmp_path):

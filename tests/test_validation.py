@@ -7,13 +7,13 @@ import torch
 
 from fused_trim import native, trimmed_cross_entropy
 
-from .helpers import BACKENDS
+from .helpers import CPU_BACKENDS
 
 X = torch.randn(4, 3)
 T = torch.tensor([0, 1, 2, -100])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
