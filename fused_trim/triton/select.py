@@ -3,25 +3,7 @@
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _ordered_key(loss, valid, HARDEST: tl.constexpr, IS_FP64: tl.constexpr):
-    """Signed integer key whose order is the ranking order (larger key = kept first).
-
-    Float bits ``b`` map to ``b ^ ((b >> sign) & max)``, monotone in the float value; NaN gets the
-    largest key (NaN ranks above +inf); ``keep="easiest"`` reverses the order with ``-1 - key``.
-    """
-    if IS_FP64:
-        b = loss.to(tl.int64, bitcast=True)
-        key = b ^ ((b >> 63) & 0x7FFFFFFFFFFFFFFF)
-        key = tl.where(loss != loss, 0x7FFFFFFFFFFFFFFF, key)
-    else:
-        b = loss.to(tl.int32, bitcast=True)
-        key = b ^ ((b >> 31) & 0x7FFFFFFF)
-        key = tl.where(loss != loss, 0x7FFFFFFF, key)
-    if not HARDEST:
-        key = -1 - key
-    return tl.where(valid, key, 0)
+from ._radix import compute_k, ordered_key, radix_step, sign_bit, store_results
 
 
 @triton.jit
@@ -65,15 +47,7 @@ def select_kernel(
         idx = start + offs
         tgt = tl.load(target_ptr + idx, mask=idx < num_rows, other=ignore_index)
         n += tl.sum((tgt != ignore_index).to(tl.int64), 0)
-    if RATIO_FROM_PTR and ratio_ptr.dtype.element_ty == tl.int64:
-        k = tl.minimum(tl.load(ratio_ptr), n)  # an exact count (a rank's share of a global k)
-    else:
-        if RATIO_FROM_PTR:
-            r = tl.load(ratio_ptr).to(tl.float64)
-        else:
-            r = keep_ratio_bits.to(tl.int64).to(tl.float64, bitcast=True)
-        k = tl.floor(r * n.to(tl.float64) + 0.5)
-        k = tl.minimum(tl.maximum(k, 1.0), n.to(tl.float64)).to(tl.int64)
+    k = compute_k(n, keep_ratio_bits, ratio_ptr, RATIO_FROM_PTR)
 
     max_key: tl.constexpr = 0x7FFFFFFFFFFFFFFF if IS_FP64 else 0x7FFFFFFF
     if KEEP_ALL:
@@ -85,15 +59,11 @@ def select_kernel(
             tgt = tl.load(target_ptr + idx, mask=idx < num_rows, other=ignore_index)
             valid = tgt != ignore_index
             loss = tl.load(loss_ptr + idx, mask=valid, other=0.0)
-            key = _ordered_key(loss, valid, HARDEST, IS_FP64)
+            key = ordered_key(loss, valid, HARDEST, IS_FP64)
             kth = tl.minimum(kth, tl.min(tl.where(valid, key, max_key), 0))
     else:
-        if IS_FP64:
-            sign_bit = tl.full((), -9223372036854775808, tl.int64)
-        else:
-            sign_bit = tl.full((), -2147483648, tl.int32)
-        digits = tl.arange(0, 256)
-        prefix = tl.zeros((), key_dtype)  # in unsigned-flipped space: u = key ^ sign_bit
+        sign = sign_bit(IS_FP64)
+        prefix = tl.zeros((), key_dtype)  # in unsigned-flipped space: u = key ^ sign
         prefix_mask = tl.zeros((), key_dtype)
         krem = k
         for p in tl.static_range(NBITS // 8):
@@ -104,20 +74,12 @@ def select_kernel(
                 tgt = tl.load(target_ptr + idx, mask=idx < num_rows, other=ignore_index)
                 valid = tgt != ignore_index
                 loss = tl.load(loss_ptr + idx, mask=valid, other=0.0)
-                u = _ordered_key(loss, valid, HARDEST, IS_FP64) ^ sign_bit
+                u = ordered_key(loss, valid, HARDEST, IS_FP64) ^ sign
                 match = valid & ((u & prefix_mask) == prefix)
                 digit = ((u >> shift) & 255).to(tl.int32)
                 hist += tl.histogram(digit, 256, mask=match)
-            cum = tl.cumsum(hist, 0)
-            total = tl.sum(hist, 0)
-            at_or_above = total - cum + hist
-            d = tl.max(tl.where(at_or_above >= krem, digits, -1), 0)
-            d = tl.maximum(d, 0)  # k == 0 (no valid row): any prefix will do
-            above = total - tl.sum(tl.where(digits == d, cum, 0), 0)
-            krem = krem - above
-            prefix = prefix | (d.to(key_dtype) << shift)
-            prefix_mask = prefix_mask | (tl.full((), 255, key_dtype) << shift)
-        kth = prefix ^ sign_bit
+            krem, prefix, prefix_mask = radix_step(hist, krem, prefix, prefix_mask, shift, key_dtype)
+        kth = prefix ^ sign
 
     # Final pass: keep key > kth, and the first krem rows with key == kth in index order.
     ties_before = tl.zeros((), tl.int64)
@@ -129,7 +91,7 @@ def select_kernel(
         tgt = tl.load(target_ptr + idx, mask=in_range, other=ignore_index)
         valid = tgt != ignore_index
         loss = tl.load(loss_ptr + idx, mask=valid, other=0.0)
-        key = _ordered_key(loss, valid, HARDEST, IS_FP64)
+        key = ordered_key(loss, valid, HARDEST, IS_FP64)
         tie = valid & (key == kth)
         tie_i = tie.to(tl.int64)
         tie_rank = ties_before + tl.cumsum(tie_i, 0) - tie_i
@@ -146,24 +108,4 @@ def select_kernel(
         if REDUCTION == 2:
             tl.store(out_ptr + idx, kept_loss.to(out_ptr.dtype.element_ty), mask=in_range)
 
-    if REDUCTION == 0:
-        result = sum_loss / sum_w
-        denom = sum_w
-    else:
-        result = sum_loss
-        denom = tl.full((), 1.0, acc_dtype)
-    if REDUCTION != 2:
-        tl.store(result_ptr, result.to(result_ptr.dtype.element_ty))
-    tl.store(denom_ptr, denom)
-    tl.store(k_ptr, k)
-    # Back from key to float bits (the map is an involution); NaN when nothing is kept.
-    if not HARDEST:
-        kth = -1 - kth
-    if IS_FP64:
-        bits = kth ^ ((kth >> 63) & 0x7FFFFFFFFFFFFFFF)
-        thr = bits.to(tl.float64, bitcast=True)
-    else:
-        bits = kth ^ ((kth >> 31) & 0x7FFFFFFF)
-        thr = bits.to(tl.float32, bitcast=True)
-    thr = tl.where(k > 0, thr, float("nan"))
-    tl.store(threshold_ptr, thr.to(threshold_ptr.dtype.element_ty))
+    store_results(sum_loss, sum_w, k, kth, result_ptr, denom_ptr, k_ptr, threshold_ptr, HARDEST, REDUCTION)
