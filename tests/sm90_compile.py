@@ -21,7 +21,17 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fused_trim.triton import ce_backward, ce_forward, select  # noqa: E402
+from fused_trim.triton import (  # noqa: E402
+    ce_backward,
+    ce_forward,
+    grid_finish,
+    grid_histogram,
+    grid_keep,
+    grid_pick,
+    grid_scan,
+    grid_ties,
+    select,
+)
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -67,6 +77,38 @@ def _backward_case(dtype, per_row, has_weight, has_smoothing, block_c, warps):
     return name, ce_backward.ce_backward_kernel, sig, const, warps
 
 
+def _grid_cases(loss_dtype, out_dtype, hardest, reduction):
+    """The multi-program select's six kernels for one configuration."""
+    rows = {"num_rows": "i32", "ignore_index": "i32"}
+    return [
+        (f"grid_histogram[{loss_dtype},hardest={hardest}]", grid_histogram.grid_histogram_kernel,
+         {"loss_ptr": f"*{loss_dtype}", "target_ptr": "*i64", "state_ptr": "*i64", "hist_ptr": "*i32", **rows,
+          "SHIFT": "constexpr", "HARDEST": "constexpr", "BLOCK": "constexpr"},
+         {"SHIFT": 24, "HARDEST": hardest, "BLOCK": 2048}, 8),
+        (f"grid_pick[{loss_dtype}]", grid_pick.grid_pick_kernel,
+         {"state_ptr": "*i64", "hist_ptr": "*i32", "keep_ratio_bits": "i64", "ratio_ptr": "*fp32",
+          "SHIFT": "constexpr", "FIRST": "constexpr", "IS_FP64": "constexpr", "RATIO_FROM_PTR": "constexpr"},
+         {"SHIFT": 24, "FIRST": True, "IS_FP64": loss_dtype == "fp64", "RATIO_FROM_PTR": False}, 4),
+        (f"grid_ties[{loss_dtype}]", grid_ties.grid_ties_kernel,
+         {"loss_ptr": f"*{loss_dtype}", "target_ptr": "*i64", "state_ptr": "*i64", "ties_ptr": "*i64", **rows,
+          "HARDEST": "constexpr", "BLOCK": "constexpr"},
+         {"HARDEST": hardest, "BLOCK": 2048}, 8),
+        ("grid_scan", grid_scan.grid_scan_kernel,
+         {"ties_ptr": "*i64", "num_blocks": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}, 4),
+        (f"grid_keep[{loss_dtype}->{out_dtype},red={reduction}]", grid_keep.grid_keep_kernel,
+         {"loss_ptr": f"*{loss_dtype}", "wy_ptr": f"*{loss_dtype}", "target_ptr": "*i64", "state_ptr": "*i64",
+          "ties_before_ptr": "*i64", "kept_ptr": "*i1", "out_ptr": f"*{out_dtype}", "partial_ptr": f"*{loss_dtype}",
+          "num_rows": "i32", "num_blocks": "i32", "ignore_index": "i32", "HARDEST": "constexpr",
+          "REDUCTION": "constexpr", "BLOCK": "constexpr"},
+         {"HARDEST": hardest, "REDUCTION": reduction, "BLOCK": 2048}, 8),
+        (f"grid_finish[{loss_dtype}->{out_dtype},red={reduction}]", grid_finish.grid_finish_kernel,
+         {"partial_ptr": f"*{loss_dtype}", "state_ptr": "*i64", "result_ptr": f"*{out_dtype}", "k_ptr": "*i64",
+          "threshold_ptr": f"*{out_dtype}", "denom_ptr": f"*{loss_dtype}", "num_blocks": "i32",
+          "HARDEST": "constexpr", "REDUCTION": "constexpr", "BLOCK": "constexpr"},
+         {"HARDEST": hardest, "REDUCTION": reduction, "BLOCK": 1024}, 4),
+    ]  # fmt: skip
+
+
 CASES = [
     _forward_case("fp32", False, False, 4096, 8),
     _forward_case("bf16", False, False, 8192, 8),
@@ -82,6 +124,8 @@ CASES = [
     _backward_case("fp16", False, True, True, 8192, 8),
     _backward_case("fp32", False, True, True, 16, 1),
     _backward_case("fp64", True, True, True, 2048, 4),
+    *_grid_cases("fp32", "bf16", True, 0),
+    *_grid_cases("fp64", "fp64", False, 2),
 ]
 
 

@@ -17,9 +17,22 @@ from torch.library import triton_op, wrap_triton
 
 from .ce_backward import ce_backward_kernel
 from .ce_forward import ce_forward_kernel
+from .grid_finish import grid_finish_kernel
+from .grid_histogram import grid_histogram_kernel
+from .grid_keep import grid_keep_kernel
+from .grid_pick import grid_pick_kernel
+from .grid_scan import grid_scan_kernel
+from .grid_ties import grid_ties_kernel
 from .select import select_kernel
 
 REDUCTION_CODE = {"mean": 0, "sum": 1, "none": 2}
+
+# Up to this many rows one program selects (one launch; ~0.2 s interpreted at 65536 rows).
+# Beyond it (segmentation maps, large token batches) the select spreads over a grid of programs
+# of GRID_BLOCK rows each: per 8-bit digit a histogram launch and a one-program pick, then tie
+# counts, their prefix sums, the kept flags with partial sums, and a fixed-order final sum.
+SINGLE_PROGRAM_MAX_ROWS = 65536
+GRID_BLOCK = 2048
 
 
 def float64_bits(value: float) -> int:
@@ -88,13 +101,69 @@ def trimmed_ce_fwd(
     k = torch.empty((), dtype=torch.int64, device=dev)
     threshold = torch.empty((), dtype=input.dtype, device=dev)
     denom = torch.empty((), dtype=acc, device=dev)
-    wrap_triton(select_kernel)[(1,)](
-        loss, w_y, target, kept, out, out, k, threshold, denom, num_rows, ignore_index,
-        float64_bits(keep_ratio), keep_ratio_t if ratio_on_device else loss,
-        RATIO_FROM_PTR=ratio_on_device, KEEP_ALL=not ratio_on_device and keep_ratio == 1.0, HARDEST=hardest,
-        REDUCTION=reduction, BLOCK=select_block(num_rows), num_warps=4,
-    )  # fmt: skip
+    ratio_bits = float64_bits(keep_ratio)
+    ratio_ptr = keep_ratio_t if ratio_on_device else loss
+    if num_rows <= SINGLE_PROGRAM_MAX_ROWS:
+        wrap_triton(select_kernel)[(1,)](
+            loss, w_y, target, kept, out, out, k, threshold, denom, num_rows, ignore_index, ratio_bits,
+            ratio_ptr, RATIO_FROM_PTR=ratio_on_device, KEEP_ALL=not ratio_on_device and keep_ratio == 1.0,
+            HARDEST=hardest, REDUCTION=reduction, BLOCK=select_block(num_rows), num_warps=4,
+        )  # fmt: skip
+    else:
+        _grid_select(
+            loss, w_y, target, kept, out, k, threshold, denom, ignore_index, ratio_bits, ratio_ptr,
+            ratio_on_device, hardest, reduction,
+        )  # fmt: skip
     return out, loss.to(input.dtype), kept, k, threshold, lse, denom
+
+
+def _grid_select(
+    loss: Tensor,
+    w_y: Tensor,
+    target: Tensor,
+    kept: Tensor,
+    out: Tensor,
+    k: Tensor,
+    threshold: Tensor,
+    denom: Tensor,
+    ignore_index: int,
+    ratio_bits: int,
+    ratio_ptr: Tensor,
+    ratio_on_device: bool,
+    hardest: bool,
+    reduction: int,
+) -> None:
+    """The select of :func:`select_kernel` spread over a grid of programs (see GRID_BLOCK)."""
+    num_rows = loss.shape[0]
+    is_fp64 = loss.dtype == torch.float64
+    nbits = 64 if is_fp64 else 32
+    blocks = triton.cdiv(num_rows, GRID_BLOCK)
+    state = torch.zeros(5, dtype=torch.int64, device=loss.device)  # prefix, mask, krem, k, n
+    hist = torch.zeros(256, dtype=torch.int32, device=loss.device)
+    for digit in range(nbits // 8):
+        shift = nbits - 8 * (digit + 1)
+        wrap_triton(grid_histogram_kernel)[(blocks,)](
+            loss, target, state, hist, num_rows, ignore_index, SHIFT=shift, HARDEST=hardest, BLOCK=GRID_BLOCK,
+            num_warps=8,
+        )  # fmt: skip
+        wrap_triton(grid_pick_kernel)[(1,)](
+            state, hist, ratio_bits, ratio_ptr, SHIFT=shift, FIRST=digit == 0, IS_FP64=is_fp64,
+            RATIO_FROM_PTR=ratio_on_device, num_warps=4,
+        )  # fmt: skip
+    ties = torch.empty(blocks, dtype=torch.int64, device=loss.device)
+    wrap_triton(grid_ties_kernel)[(blocks,)](
+        loss, target, state, ties, num_rows, ignore_index, HARDEST=hardest, BLOCK=GRID_BLOCK, num_warps=8
+    )
+    wrap_triton(grid_scan_kernel)[(1,)](ties, blocks, BLOCK=1024, num_warps=4)
+    partial = torch.empty(2 * blocks, dtype=loss.dtype, device=loss.device)
+    wrap_triton(grid_keep_kernel)[(blocks,)](
+        loss, w_y, target, state, ties, kept, out, partial, num_rows, blocks, ignore_index,
+        HARDEST=hardest, REDUCTION=reduction, BLOCK=GRID_BLOCK, num_warps=8,
+    )  # fmt: skip
+    wrap_triton(grid_finish_kernel)[(1,)](
+        partial, state, out, k, threshold, denom, blocks, HARDEST=hardest, REDUCTION=reduction, BLOCK=1024,
+        num_warps=4,
+    )  # fmt: skip
 
 
 @triton_op("fused_trim::triton_trimmed_ce_bwd", mutates_args=())
