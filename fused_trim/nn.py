@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
 from ._common import KEEP_CHOICES, REDUCTIONS, TrimInfo
 from .functional import trimmed_cross_entropy
 from .schedules import ConstantSchedule
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["TrimmedCrossEntropyLoss"]
 
@@ -33,6 +37,8 @@ class TrimmedCrossEntropyLoss(nn.Module):
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         label_smoothing: in ``[0, 1]``.
         backend: ``"auto"``, ``"triton"``, ``"native"`` or ``"reference"``.
+        process_group: trim over the global batch of this ``torch.distributed`` group (see
+            :mod:`fused_trim.distributed`); ``info.global_loss`` is then the value to log.
 
     Attributes:
         info: the :class:`~fused_trim.TrimInfo` of the last forward (``None`` before the first).
@@ -63,6 +69,7 @@ class TrimmedCrossEntropyLoss(nn.Module):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         backend: str = "auto",
+        process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         if callable(keep_ratio):
@@ -79,6 +86,7 @@ class TrimmedCrossEntropyLoss(nn.Module):
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.backend = backend
+        self.process_group = process_group
         self.epoch = 0
         self.step_in_epoch = 0
         self.info: TrimInfo | None = None
@@ -116,6 +124,7 @@ class TrimmedCrossEntropyLoss(nn.Module):
             reduction=self.reduction,
             backend=self.backend,
             return_info=True,
+            process_group=self.process_group,
         )
         self.info = info
         self.last_keep_ratio = r
