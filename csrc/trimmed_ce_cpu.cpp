@@ -9,6 +9,7 @@
 // zero-filled without reading their logits.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -182,7 +183,7 @@ struct RowResult {
 
 // Loss and logsumexp of one row (one pass over memory, blockwise online max).
 template <typename scalar_t, typename acc_t>
-inline RowResult<acc_t> row_forward(const scalar_t* row, int64_t C, int64_t y, const acc_t* w,
+__attribute__((flatten)) inline RowResult<acc_t> row_forward(const scalar_t* row, int64_t C, int64_t y, const acc_t* w,
                                     acc_t w_total, acc_t ls, acc_t* buf) {
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const bool smooth = ls > 0;
@@ -291,7 +292,7 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opts) {
     }
   }
 #endif
-  return at::empty(sizes, opts);
+  return at::detail::empty_cpu(sizes, opts);
 }
 
 void empty_cache() {
@@ -406,8 +407,88 @@ void small_c_forward(const scalar_t* x, int64_t row_stride, int64_t C, const int
   }
 }
 
+// Rows of one block (C <= kBlock) in fp32/fp64: rows are taken kRowGroup at a time, in phases
+// (every row's max, then every row's exp-sum, then one vector log for the group), so that the
+// short dependency chains of independent rows overlap (a row at a time, max -> horizontal
+// reduction -> exp -> reduction -> log is one long chain that left the core idle at C ~ 100).
+// The rows of a group stay in L1 between the phases. Same arithmetic as row_forward.
+constexpr int64_t kRowGroup = 16;
+
+template <typename acc_t>
+__attribute__((flatten)) void grouped_rows_forward(
+    const acc_t* x, int64_t row_stride, int64_t C, const int64_t* t, int64_t ignore_index,
+    const acc_t* w, acc_t w_total, acc_t ls, int64_t begin, int64_t end, acc_t* loss_out,
+    acc_t* lse_out, std::atomic<bool>& bad_target) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t G = kRowGroup;
+  static_assert(G % V == 0, "the group is a whole number of vectors");
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  const bool smooth = ls > 0;
+  // Fewer rows per group when they would not stay in L1 (~32 KiB) between the phases.
+  const int64_t g_max = std::clamp<int64_t>(int64_t(32768) / (C * int64_t(sizeof(acc_t))), 1, G);
+  alignas(64) acc_t mv[G], sv[G], lsv[G], sxv[G];
+  int64_t idx[G];
+  int64_t i = begin;
+  while (i < end) {
+    int64_t g = 0;
+    for (; i < end && g < g_max; ++i) {
+      const int64_t y = t[i];
+      if (y == ignore_index || y < 0 || y >= C) {
+        if (y != ignore_index) bad_target.store(true, std::memory_order_relaxed);
+        loss_out[i] = 0;
+        lse_out[i] = 0;
+        continue;
+      }
+      idx[g++] = i;
+    }
+    for (int64_t r = 0; r < g; ++r) mv[r] = block_max<acc_t>(x + idx[r] * row_stride, C);
+    for (int64_t r = 0; r < g; ++r) {
+      const acc_t* p = x + idx[r] * row_stride;
+      const acc_t m = mv[r];
+      sv[r] = m != ninf ? block_sumexp<acc_t>(p, C, m) : acc_t(0);
+      if (smooth) sxv[r] = block_sum_shifted<acc_t>(p, w, C, std::isfinite(m) ? m : acc_t(0));
+    }
+    for (int64_t r = g; r < G; ++r) sv[r] = 1;
+    for (int64_t r = 0; r < g; r += V) Vec::loadu(sv + r).log().store(lsv + r);
+    for (int64_t r = 0; r < g; ++r) {
+      const int64_t row = idx[r];
+      const int64_t y = t[row];
+      const acc_t m = mv[r];
+      // A row whose max is not finite (a NaN, a +inf, or all -inf) has NaN log-probabilities.
+      const acc_t log_s = std::isfinite(m) ? lsv[r] : nan;
+      const acc_t x_y = x[row * row_stride + y];
+      const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
+      acc_t loss = w_y * ((m - x_y) + log_s);
+      if (smooth) {
+        const acc_t ref = std::isfinite(m) ? m : acc_t(0);
+        loss = (acc_t(1) - ls) * loss +
+               (ls / static_cast<acc_t>(C)) * (((m - ref) + log_s) * w_total - sxv[r]);
+      }
+      loss_out[row] = loss;
+      lse_out[row] = m + log_s;
+    }
+  }
+}
+
 at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// `t` as a contiguous tensor of dtype `st`, without a dispatcher round trip when it already is
+// one (the usual case: at small shapes a no-op `.to().contiguous()` costs as much as a row).
+at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType st) {
+  if (t.scalar_type() == st && t.is_contiguous()) return t;
+  return t.to(st).contiguous();
+}
+
+// sum of the class weights, in the accumulation type, without a tensor op and `.item()`.
+template <typename acc_t>
+acc_t weight_total(const acc_t* w, int64_t C) {
+  double s = 0.0;
+  for (int64_t c = 0; c < C; ++c) s += static_cast<double>(w[c]);
+  return static_cast<acc_t>(s);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -420,12 +501,12 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
               "fused_trim: target must be (M,), got ", target_.sizes());
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "fused_trim: bad reduction code ", reduction);
   const at::Tensor input = input_.stride(1) == 1 ? input_ : input_.contiguous();
-  const at::Tensor target = target_.to(at::kLong).contiguous();
+  const at::Tensor target = as_contiguous(target_, at::kLong);
   const int64_t M = input.size(0), C = input.size(1);
   const int64_t row_stride = input.stride(0);
   const auto acc_st = acc_type_of(input.scalar_type());
   const at::Tensor weight =
-      weight_.has_value() && weight_->defined() ? weight_->to(acc_st).contiguous() : at::Tensor();
+      weight_.has_value() && weight_->defined() ? as_contiguous(*weight_, acc_st) : at::Tensor();
   // keep_ratio_t: a 0-dim float tensor (a ratio), or an integer one: an exact count (a rank's
   // share of a global selection, see fused_trim/distributed.py).
   const bool has_ratio_t = keep_ratio_t.has_value() && keep_ratio_t->defined();
@@ -433,14 +514,19 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
   const int64_t count = exact_count ? std::max<int64_t>(0, keep_ratio_t->item<int64_t>()) : 0;
   const double r = has_ratio_t && !exact_count ? keep_ratio_t->item<double>() : keep_ratio;
 
-  auto acc_opts = input.options().dtype(acc_st);
-  at::Tensor losses = at::empty({M}, input.options());
-  at::Tensor kept = at::empty({M}, input.options().dtype(at::kBool));
-  at::Tensor k_t = at::empty({}, input.options().dtype(at::kLong));
-  at::Tensor threshold = at::empty({}, input.options());
-  at::Tensor lse_t = at::empty({M}, acc_opts);
-  at::Tensor rowscale = at::empty({M}, acc_opts);
-  at::Tensor out = reduction == kNone ? at::empty({M}, input.options()) : at::empty({}, input.options());
+  // The CPU allocator directly (at::detail::empty_cpu), not at::empty through the dispatcher:
+  // seven outputs, and at (256, 100) each dispatcher round trip costs about as much as a row.
+  const at::ScalarType st = input.scalar_type();
+  auto empty = [](at::IntArrayRef sizes, at::ScalarType dtype) -> at::Tensor {
+    return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, std::nullopt);
+  };
+  at::Tensor losses = empty({M}, st);
+  at::Tensor kept = empty({M}, at::kBool);
+  at::Tensor k_t = empty({}, at::kLong);
+  at::Tensor threshold = empty({}, st);
+  at::Tensor lse_t = empty({M}, acc_st);
+  at::Tensor rowscale = empty({M}, acc_st);
+  at::Tensor out = reduction == kNone ? empty({M}, st) : empty({}, st);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "trimmed_ce_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -448,7 +534,7 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const int64_t* t = target.const_data_ptr<int64_t>();
     const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-    const acc_t w_total = w == nullptr ? static_cast<acc_t>(C) : weight.sum().item<acc_t>();
+    const acc_t w_total = w == nullptr ? static_cast<acc_t>(C) : weight_total<acc_t>(w, C);
     const acc_t ls = static_cast<acc_t>(label_smoothing);
     // Per-row losses in the accumulation type: straight into `losses` when that is the same type.
     std::vector<acc_t> loss_buf(std::is_same_v<scalar_t, acc_t> ? 0 : M);
@@ -464,6 +550,11 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
       at::parallel_for(0, (M + V - 1) / V, (small_grain + V - 1) / V, [&](int64_t gb, int64_t ge) {
         small_c_forward<scalar_t, acc_t>(x, row_stride, C, t, ignore_index, w, w_total, ls, gb * V,
                                          std::min(M, ge * V), loss_acc, lse, bad_target);
+      });
+    } else if (std::is_same_v<scalar_t, acc_t> && C <= kBlock) {
+      at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+        grouped_rows_forward<acc_t>(reinterpret_cast<const acc_t*>(x), row_stride, C, t, ignore_index,
+                                    w, w_total, ls, begin, end, loss_acc, lse, bad_target);
       });
     } else
     at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
@@ -498,30 +589,54 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
                         ") and not ignore_index=", ignore_index);
     }
 
-    // Selection: the k candidates with the largest (key, -index).
-    struct Cand {
-      key_t key;
-      int64_t idx;
-    };
-    std::vector<Cand> cands;
-    cands.reserve(M);
-    for (int64_t i = 0; i < M; ++i) {
-      if (t[i] != ignore_index) cands.push_back({KeyOf<acc_t>::get(loss_acc[i], easiest), i});
-    }
-    const int64_t n = static_cast<int64_t>(cands.size());
-    const int64_t k = exact_count ? std::min(n, count) : compute_k(n, r);
-    auto better = [](const Cand& a, const Cand& b) {
-      return a.key > b.key || (a.key == b.key && a.idx < b.idx);
-    };
-    if (k > 0 && k < n) std::nth_element(cands.begin(), cands.begin() + (k - 1), cands.end(), better);
-    int64_t thr_idx = -1;
-    if (k > 0) {
+    // Selection: the k candidates with the largest (key, -index). With 32-bit keys (fp32 and
+    // below) and fewer than 2^32 rows, a candidate is one 64-bit integer (key above, complemented
+    // index below), so the selection compares plain integers.
+    std::vector<int64_t> kept_idx;  // the k kept rows, in no particular order
+    int64_t n = 0, k = 0, thr_idx = -1;
+    bool selected = false;
+    auto select = [&](auto& cands, auto better, auto index_of) {
+      n = static_cast<int64_t>(cands.size());
+      k = exact_count ? std::min(n, count) : compute_k(n, r);
+      if (k > 0 && k < n) std::nth_element(cands.begin(), cands.begin() + (k - 1), cands.end(), better);
       // The k-th in ranking order is the worst of the first k.
-      thr_idx = std::max_element(cands.begin(), cands.begin() + k, better)->idx;
+      if (k > 0) thr_idx = index_of(*std::max_element(cands.begin(), cands.begin() + k, better));
+      kept_idx.resize(k);
+      for (int64_t j = 0; j < k; ++j) kept_idx[j] = index_of(cands[j]);
+      selected = true;
+    };
+    if constexpr (sizeof(key_t) == 4) {
+      if (M <= int64_t(0xFFFFFFFF)) {
+        std::vector<uint64_t> cands;
+        cands.reserve(M);
+        for (int64_t i = 0; i < M; ++i) {
+          if (t[i] != ignore_index) {
+            cands.push_back((uint64_t(KeyOf<acc_t>::get(loss_acc[i], easiest)) << 32) |
+                            (uint64_t(0xFFFFFFFFu) - uint64_t(i)));
+          }
+        }
+        // "better" = ranks first = larger packed value; max_element(better) gives the worst.
+        select(cands, std::greater<uint64_t>(),
+               [](uint64_t c) { return int64_t(0xFFFFFFFFu - (c & 0xFFFFFFFFu)); });
+      }
+    }
+    if (!selected) {
+      struct Cand {
+        key_t key;
+        int64_t idx;
+      };
+      std::vector<Cand> cands;
+      cands.reserve(M);
+      for (int64_t i = 0; i < M; ++i) {
+        if (t[i] != ignore_index) cands.push_back({KeyOf<acc_t>::get(loss_acc[i], easiest), i});
+      }
+      select(cands,
+             [](const Cand& a, const Cand& b) { return a.key > b.key || (a.key == b.key && a.idx < b.idx); },
+             [](const Cand& c) { return c.idx; });
     }
     double sum_loss = 0.0, sum_w = 0.0;
     for (int64_t j = 0; j < k; ++j) {
-      const int64_t i = cands[j].idx;
+      const int64_t i = kept_idx[j];
       sum_loss += static_cast<double>(loss_acc[i]);
       sum_w += w == nullptr ? 1.0 : static_cast<double>(w[t[i]]);
     }
@@ -537,7 +652,7 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
       if (o != nullptr) o[i] = static_cast<scalar_t>(0);
     }
     for (int64_t j = 0; j < k; ++j) {
-      const int64_t i = cands[j].idx;
+      const int64_t i = kept_idx[j];
       kp[i] = true;
       rs[i] = scale;
       if (o != nullptr) o[i] = lo[i];
@@ -560,16 +675,16 @@ at::Tensor trimmed_ce_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& inpu
                               const at::Tensor& lse_t, const at::Tensor& rowscale_t,
                               int64_t ignore_index, double label_smoothing) {
   const at::Tensor input = input_.stride(1) == 1 ? input_ : input_.contiguous();
-  const at::Tensor target = target_.to(at::kLong).contiguous();
+  const at::Tensor target = as_contiguous(target_, at::kLong);
   const int64_t M = input.size(0), C = input.size(1);
   const int64_t row_stride = input.stride(0);
   const auto acc_st = acc_type_of(input.scalar_type());
   const at::Tensor weight =
-      weight_.has_value() && weight_->defined() ? weight_->to(acc_st).contiguous() : at::Tensor();
+      weight_.has_value() && weight_->defined() ? as_contiguous(*weight_, acc_st) : at::Tensor();
   const bool per_row = grad_out.dim() == 1;
-  const at::Tensor g = grad_out.to(acc_st).contiguous();
-  const at::Tensor lse_c = lse_t.to(acc_st).contiguous();
-  const at::Tensor rs_c = rowscale_t.to(acc_st).contiguous();
+  const at::Tensor g = as_contiguous(grad_out, acc_st);
+  const at::Tensor lse_c = as_contiguous(lse_t, acc_st);
+  const at::Tensor rs_c = as_contiguous(rowscale_t, acc_st);
   at::Tensor grad = empty_large({M, C}, input.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "trimmed_ce_bwd_cpu", [&] {
@@ -579,7 +694,7 @@ at::Tensor trimmed_ce_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& inpu
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const int64_t* t = target.const_data_ptr<int64_t>();
     const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-    const acc_t w_total = w == nullptr ? static_cast<acc_t>(C) : weight.sum().item<acc_t>();
+    const acc_t w_total = w == nullptr ? static_cast<acc_t>(C) : weight_total<acc_t>(w, C);
     const acc_t ls = static_cast<acc_t>(label_smoothing);
     const acc_t* gp = g.const_data_ptr<acc_t>();
     const acc_t* lse = lse_c.const_data_ptr<acc_t>();
@@ -702,6 +817,20 @@ FwdOut trimmed_ce_fwd_autograd(const at::Tensor& input, const at::Tensor& target
                                const std::optional<at::Tensor>& weight, double keep_ratio,
                                const std::optional<at::Tensor>& keep_ratio_t, bool easiest,
                                int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  if (!(at::GradMode::is_enabled() && input.requires_grad())) {
+    // No gradient to record (evaluation, no_grad, a detached input): the plain op, without the
+    // autograd Function's node, saved variables and output wrapping (about a microsecond and a
+    // half a call, a tenth of the whole op at (256, 100)). Only `input` is differentiable.
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fused_trim::trimmed_ce_fwd", "")
+                         .typed<FwdOut(const at::Tensor&, const at::Tensor&,
+                                       const std::optional<at::Tensor>&, double,
+                                       const std::optional<at::Tensor>&, bool, int64_t, double,
+                                       int64_t)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(input, target, weight, keep_ratio, keep_ratio_t, easiest, ignore_index,
+                   label_smoothing, reduction);
+  }
   auto r = TrimmedCEFunction::apply(input, target, weight, keep_ratio, keep_ratio_t, easiest,
                                     ignore_index, label_smoothing, reduction);
   return {r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
