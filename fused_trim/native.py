@@ -257,7 +257,10 @@ def unavailable_reason(device: torch.device) -> str | None:
 
     The first call on a machine may compile the extension (tens of seconds, once).
     """
-    device = device.device if isinstance(device, Tensor) else torch.device(device)
+    if not isinstance(device, torch.device):
+        device = device.device if isinstance(device, Tensor) else torch.device(device)
+    if device.type == "cpu" and _state.get("error", "not loaded") is None:
+        return None  # the fast path of every call once the op is loaded
     if device.type not in ("cpu", "cuda"):
         return f"the native op has kernels for CPU and CUDA tensors only, not {device.type}"
     error = _load()
@@ -336,12 +339,12 @@ def trimmed_cross_entropy_2d(
 
     Returns ``(out, losses, kept, k, threshold)``; only ``out`` carries gradient.
     """
-    if _state.get("error", "not loaded") is not None or input.device.type != "cpu":
+    if _state.get("error", "not loaded") is not None or not input.is_cpu:
         reason = unavailable_reason(input.device)
         if reason is not None:
             raise RuntimeError(f"backend='native' cannot run here: {reason}")
-    if input.stride(-1) != 1:
-        input = input.contiguous()
+    if not input.is_cpu and input.stride(-1) != 1:
+        input = input.contiguous()  # (the CPU op takes any row stride itself)
     if isinstance(keep_ratio, Tensor):
         ratio, ratio_t = 0.0, keep_ratio
     else:
