@@ -78,5 +78,9 @@ def test_validation_runs_before_any_backend(monkeypatch):
         raise AssertionError("a backend ran on bad input")
 
     monkeypatch.setattr(functional, "_backend_fn", boom)
-    with pytest.raises(ValueError):
-        trimmed_cross_entropy(X, torch.tensor([0, 1, 7, 0]), 0.5)
+    with pytest.raises(ValueError, match="weight"):
+        trimmed_cross_entropy(X, T, 0.5, weight=torch.ones(5))
+    # The class range too, except on the native CPU op, which checks it in its own first pass
+    # (test_bad_input_raises holds it to the same message).
+    with pytest.raises(ValueError, match="target holds 7"):
+        trimmed_cross_entropy(X, torch.tensor([0, 1, 7, 0]), 0.5, backend="reference")
