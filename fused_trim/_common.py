@@ -34,6 +34,21 @@ class TrimInfo(NamedTuple):
     global_loss: Tensor | None = None
 
 
+def check_ratio(name: str, value: object) -> float:
+    """A Python float (or int) in ``(0, 1]``, else a ``TypeError``/``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in (0, 1], got {value!r}")
+    if not 0.0 < float(value) <= 1.0:  # also false for NaN
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """``ValueError`` naming ``name`` and ``value`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
 def compute_k(n: Tensor, keep_ratio: float | Tensor) -> Tensor:
     """``k = min(n, max(1, floor(keep_ratio * n + 0.5)))`` in float64; ``k = 0`` when ``n = 0``.
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import native
 from . import reference as _reference
-from ._common import BACKENDS, KEEP_CHOICES, REDUCTIONS, TrimInfo
+from ._common import BACKENDS, KEEP_CHOICES, REDUCTIONS, TrimInfo, check_choice, check_ratio
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -47,17 +47,7 @@ def _check_keep_ratio(keep_ratio: float | Tensor) -> float | Tensor:
         else:
             torch._assert_async((keep_ratio > 0) & (keep_ratio <= 1), "keep_ratio must be in (0, 1]")
         return keep_ratio
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
-        raise TypeError(f"keep_ratio must be a float in (0, 1] or a 0-dim tensor, got {keep_ratio!r}")
-    value = float(keep_ratio)
-    if math.isnan(value) or not 0.0 < value <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
-    return value
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return check_ratio("keep_ratio", keep_ratio)
 
 
 def _check_shapes(input: Tensor, target: Tensor) -> None:
@@ -221,9 +211,9 @@ def trimmed_cross_entropy(
         one copy before the Triton and native kernels run.
     """
     keep_ratio = _check_keep_ratio(keep_ratio)
-    _check_choice("keep", keep, KEEP_CHOICES)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    _check_choice("backend", backend, BACKENDS)
+    check_choice("keep", keep, KEEP_CHOICES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
     _check_shapes(input, target)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from ._common import KEEP_CHOICES, REDUCTIONS, TrimInfo
+from ._common import KEEP_CHOICES, REDUCTIONS, TrimInfo, check_choice, check_ratio
 from .functional import trimmed_cross_entropy
 from .schedules import ConstantSchedule
 
@@ -76,10 +75,8 @@ class TrimmedCrossEntropyLoss(nn.Module):
             self.schedule = keep_ratio
         else:
             self.schedule = ConstantSchedule(keep_ratio)  # validates the ratio now
-        if keep not in KEEP_CHOICES:
-            raise ValueError(f"keep must be one of {KEEP_CHOICES}, got {keep!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_choice("keep", keep, KEEP_CHOICES)
+        check_choice("reduction", reduction, REDUCTIONS)
         self.keep = keep
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
@@ -96,9 +93,7 @@ class TrimmedCrossEntropyLoss(nn.Module):
     def keep_ratio(self) -> float:
         """The keep ratio the next forward will use."""
         r = float(self.schedule(self.epoch, self.step_in_epoch))
-        if math.isnan(r) or not 0.0 < r <= 1.0:
-            raise ValueError(f"schedule {self.schedule!r} returned keep ratio {r}, outside (0, 1]")
-        return r
+        return check_ratio(f"the keep ratio of schedule {self.schedule!r}", r)
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` (0-based): the schedule is read at its first mini-batch."""

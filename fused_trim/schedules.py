@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from ._common import check_ratio
+
 __all__ = [
     "KeepRatioSchedule",
     "LinearSchedule",
@@ -28,15 +30,6 @@ __all__ = [
     "ConstantSchedule",
     "OrderedSGDSchedule",
 ]
-
-
-def _check_ratio(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in (0, 1], got {value!r}")
-    value = float(value)
-    if math.isnan(value) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-    return value
 
 
 def _check_count(name: str, value: int, minimum: int) -> int:
@@ -86,7 +79,19 @@ class KeepRatioSchedule:
         return f"{type(self).__name__}({args})"
 
 
-class LinearSchedule(KeepRatioSchedule):
+class _EpochRange(KeepRatioSchedule):
+    """A schedule from ``start`` at epoch 0 to ``end`` at the last of ``epochs`` epochs."""
+
+    def __init__(self, epochs: int, start: float = 1.0, end: float = 0.2) -> None:
+        self.epochs = _check_count("epochs", epochs, 1)
+        self.start = check_ratio("start", start)
+        self.end = check_ratio("end", end)
+
+    def _fields(self) -> dict[str, object]:
+        return {"epochs": self.epochs, "start": self.start, "end": self.end}
+
+
+class LinearSchedule(_EpochRange):
     r"""The mini-batch trimming schedule of Fassold (2021): linear in the epoch, constant within one.
 
     .. math:: r(e) = \text{start} + (\text{end} - \text{start}) \cdot \frac{e}{\text{epochs} - 1}
@@ -100,16 +105,8 @@ class LinearSchedule(KeepRatioSchedule):
         end: keep ratio at the last epoch.
     """
 
-    def __init__(self, epochs: int, start: float = 1.0, end: float = 0.2) -> None:
-        self.epochs = _check_count("epochs", epochs, 1)
-        self.start = _check_ratio("start", start)
-        self.end = _check_ratio("end", end)
-
     def value(self, epoch: int, step: int) -> float:
         return _ramp(self.start, self.end, epoch, self.epochs - 1)
-
-    def _fields(self) -> dict[str, object]:
-        return {"epochs": self.epochs, "start": self.start, "end": self.end}
 
 
 class LinearStepSchedule(KeepRatioSchedule):
@@ -130,8 +127,8 @@ class LinearStepSchedule(KeepRatioSchedule):
     def __init__(self, epochs: int, steps_per_epoch: int, start: float = 1.0, end: float = 0.2) -> None:
         self.epochs = _check_count("epochs", epochs, 1)
         self.steps_per_epoch = _check_count("steps_per_epoch", steps_per_epoch, 1)
-        self.start = _check_ratio("start", start)
-        self.end = _check_ratio("end", end)
+        self.start = check_ratio("start", start)
+        self.end = check_ratio("end", end)
 
     def value(self, epoch: int, step: int) -> float:
         t = epoch * self.steps_per_epoch + step
@@ -172,7 +169,7 @@ class WarmupSchedule(KeepRatioSchedule):
         return {"schedule": self.schedule, "warmup_epochs": self.warmup_epochs}
 
 
-class CosineSchedule(KeepRatioSchedule):
+class CosineSchedule(_EpochRange):
     r"""Cosine decay from ``start`` at epoch 0 to ``end`` at the last epoch, constant within one.
 
     .. math:: r(e) = \text{end} + \tfrac12 (\text{start} - \text{end})
@@ -184,19 +181,11 @@ class CosineSchedule(KeepRatioSchedule):
         end: keep ratio at the last epoch.
     """
 
-    def __init__(self, epochs: int, start: float = 1.0, end: float = 0.2) -> None:
-        self.epochs = _check_count("epochs", epochs, 1)
-        self.start = _check_ratio("start", start)
-        self.end = _check_ratio("end", end)
-
     def value(self, epoch: int, step: int) -> float:
         if self.epochs == 1:
             return self.start
         frac = min(epoch, self.epochs - 1) / (self.epochs - 1)
         return self.end + 0.5 * (self.start - self.end) * (1.0 + math.cos(math.pi * frac))
-
-    def _fields(self) -> dict[str, object]:
-        return {"epochs": self.epochs, "start": self.start, "end": self.end}
 
 
 class StepSchedule(KeepRatioSchedule):
@@ -215,8 +204,8 @@ class StepSchedule(KeepRatioSchedule):
         if list(milestones) != sorted(set(milestones)):
             raise ValueError(f"milestones must be strictly increasing, got {milestones}")
         self.milestones = milestones
-        self.gamma = _check_ratio("gamma", gamma)
-        self.start = _check_ratio("start", start)
+        self.gamma = check_ratio("gamma", gamma)
+        self.start = check_ratio("start", start)
 
     def value(self, epoch: int, step: int) -> float:
         return self.start * self.gamma ** sum(epoch >= m for m in self.milestones)
@@ -233,7 +222,7 @@ class ConstantSchedule(KeepRatioSchedule):
     """
 
     def __init__(self, ratio: float) -> None:
-        self.ratio = _check_ratio("ratio", ratio)
+        self.ratio = check_ratio("ratio", ratio)
 
     def value(self, epoch: int, step: int) -> float:
         return self.ratio
@@ -262,12 +251,12 @@ class OrderedSGDSchedule(KeepRatioSchedule):
         thresholds: Sequence[float] = (0.8, 0.9, 0.95, 0.995),
         factor: float = 0.5,
     ) -> None:
-        self.start = _check_ratio("start", start)
+        self.start = check_ratio("start", start)
         self.thresholds = tuple(float(t) for t in thresholds)
         for t in self.thresholds:
             if not 0.0 <= t <= 1.0:
                 raise ValueError(f"thresholds are accuracies in [0, 1], got {t!r}")
-        self.factor = _check_ratio("factor", factor)
+        self.factor = check_ratio("factor", factor)
         self.crossed = 0
 
     def update(self, train_accuracy: float) -> float:
