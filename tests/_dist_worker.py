@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import os
+import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -31,9 +34,37 @@ def scenarios():
             ("all-tied", 24, 5, False)]
 
 
-def run_rank(rank: int, world: int, init_file: str, backends: list[str], result_file: str) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def run(rank: int, job: str, world: int, init_file: str, out_file: str, *args) -> None:
+    """Entry point of a spawned rank: run ``job`` and leave without tearing the process group down.
+
+    Tearing a gloo process group down can deadlock: the Python thread drops the last reference
+    while holding the GIL and joins gloo's worker threads, and a worker that is freeing a finished
+    collective waits for that GIL (pytorch/pytorch#56297). It hung one run in five here and a CI run
+    for 90 minutes. So after a final barrier the rank leaves with ``os._exit``: 0 when every check
+    passed, 1 with the traceback in ``out_file.rank<r>.err`` otherwise.
+    """
+    code = 1
+    try:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=120))
+        lines = _JOBS[job](rank, *args)
+        dist.barrier()
+        if rank == 0:
+            with open(out_file, "w") as f:
+                f.write("\n".join(lines))
+        code = 0
+    except BaseException:
+        with open(f"{out_file}.rank{rank}.err", "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def ddp_matches_single_process(rank: int, backends: list[str]) -> list[str]:
+    """Two ranks under DDP: each scenario's gradients, loss and kept set equal one process's."""
     torch.manual_seed(0)
     base = torch.nn.Linear(6, 5).double()
     lines = []
@@ -68,7 +99,27 @@ def run_rank(rank: int, world: int, init_file: str, backends: list[str], result_
                     assert int(info.k) == int(ref_info.k), case
                     torch.testing.assert_close(info.threshold, ref_info.threshold, equal_nan=True, msg=case)
                     lines.append(case)
-    if rank == 0:
-        with open(result_file, "w") as f:
-            f.write("\n".join(lines))
-    dist.destroy_process_group()
+    return lines
+
+
+def world_of_one(rank: int) -> list[str]:
+    """World of one: the distributed radix select is the plain selection."""
+    from fused_trim.distributed import global_share
+
+    losses = torch.tensor([1.0, float("nan"), 3.0, 1.0, float("inf"), -2.0, 0.5, 3.0])
+    valid = torch.tensor([True, True, True, True, True, True, False, True])
+    lines = []
+    for keep, ratio, expected_k, expected_thr in [
+        ("hardest", 0.5, 4, 3.0),
+        ("hardest", 0.1, 1, float("nan")),
+        ("easiest", 0.3, 2, 1.0),
+        ("easiest", 1.0, 7, float("nan")),
+    ]:
+        k_local, k, thr = global_share(losses, valid, ratio, keep, dist.group.WORLD)
+        assert int(k_local) == int(k) == expected_k, (keep, ratio, int(k_local), int(k))
+        torch.testing.assert_close(thr, torch.tensor(expected_thr, dtype=torch.float64), equal_nan=True)
+        lines.append(f"{keep}/{ratio}")
+    return lines
+
+
+_JOBS = {"ddp": ddp_matches_single_process, "one": world_of_one}

@@ -1,9 +1,15 @@
-"""Global trimming across ranks: two gloo processes under DDP match one process on the whole batch."""
+"""Global trimming across ranks: two gloo processes under DDP match one process on the whole batch.
+
+Every rank runs in a spawned process (``tests/_dist_worker.py``) under a deadline, so a collective
+that never completes fails the test instead of hanging the suite.
+"""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -12,35 +18,39 @@ from .helpers import CPU_BACKENDS
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
+DEADLINE_S = 300.0  # the 2-rank job takes about 10 s here
+
+
+def _spawn(tmp_path: Path, job: str, world: int, *args) -> list[str]:
+    """Run ``_dist_worker.run(rank, job, ...)`` on ``world`` spawned ranks; return rank 0's lines."""
+    out = tmp_path / f"{job}.txt"
+    ctx = mp.start_processes(
+        _dist_worker.run, args=(job, world, str(tmp_path / f"{job}.init"), str(out), *args),
+        nprocs=world, join=False, start_method="spawn",
+    )
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while not ctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"{job}: ranks still running after {DEADLINE_S:.0f} s")
+    except mp.ProcessExitedException:
+        errors = [f.read_text() for f in sorted(tmp_path.glob(f"{job}.txt.rank*.err"))]
+        pytest.fail(f"{job}: a rank failed\n" + "\n".join(errors or ["(no traceback written)"]))
+    return out.read_text().splitlines()
+
 
 def test_ddp_gradients_equal_single_process_global_trim(tmp_path):
-    result = tmp_path / "cases.txt"
-    mp.spawn(
-        _dist_worker.run_rank,
-        args=(2, str(tmp_path / "init"), CPU_BACKENDS, str(result)),
-        nprocs=2,
-        join=True,
-    )
-    cases = result.read_text().splitlines()
+    cases = _spawn(tmp_path, "ddp", 2, CPU_BACKENDS)
     assert len(cases) == len(CPU_BACKENDS) * len(_dist_worker.scenarios()) * 4
 
 
 def test_global_share_matches_sorted_order_on_one_rank(tmp_path):
-    """World of one: the distributed radix select is the plain selection."""
-    from fused_trim.distributed import global_share
+    assert len(_spawn(tmp_path, "one", 1)) == 4
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init1'}", rank=0, world_size=1)
-    try:
-        losses = torch.tensor([1.0, float("nan"), 3.0, 1.0, float("inf"), -2.0, 0.5, 3.0])
-        valid = torch.tensor([True, True, True, True, True, True, False, True])
-        for keep, ratio, expected_k, expected_thr in [
-            ("hardest", 0.5, 4, 3.0),
-            ("hardest", 0.1, 1, float("nan")),
-            ("easiest", 0.3, 2, 1.0),
-            ("easiest", 1.0, 7, float("nan")),
-        ]:
-            k_local, k, thr = global_share(losses, valid, ratio, keep, dist.group.WORLD)
-            assert int(k_local) == int(k) == expected_k
-            torch.testing.assert_close(thr, torch.tensor(expected_thr, dtype=torch.float64), equal_nan=True)
-    finally:
-        dist.destroy_process_group()
+
+def test_a_failing_rank_fails_the_test_with_its_traceback(tmp_path):
+    """The harness itself: an assertion in a rank must surface, not hang or pass."""
+    with pytest.raises(pytest.fail.Exception, match="KeyError"):
+        _spawn(tmp_path, "no-such-job", 2)
