@@ -67,3 +67,12 @@ def compute_k(n: Tensor, keep_ratio: float | Tensor) -> Tensor:
     k = torch.floor(r * nf + 0.5).clamp(min=1.0)
     k = torch.minimum(k, nf)
     return k.to(torch.int64)
+
+
+def as_rows(input: Tensor) -> Tensor:
+    """``(M, C)`` rows of a backend's input, which is ``(M, C)`` or ``(N, C, S)`` (the spatial
+    layout, rows in ``n * S + s`` order); the latter costs one ``(N, C, S) -> (N * S, C)`` copy.
+    For backends (and code paths) without a kernel that reads the class dimension strided."""
+    if input.dim() == 2:
+        return input
+    return input.movedim(1, -1).reshape(-1, input.shape[1])

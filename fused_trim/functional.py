@@ -207,8 +207,9 @@ def trimmed_cross_entropy(
         The loss, in ``input``'s dtype; with ``return_info=True`` the pair ``(loss, info)``.
 
     Note:
-        Inputs with spatial dimensions ``(N, C, d1, ...)`` are moved to ``(N * d1 * ..., C)`` with
-        one copy before the Triton and native kernels run.
+        Inputs with spatial dimensions ``(N, C, d1, ...)`` are read in place (the class dimension
+        strided) by the native CPU and Triton kernels; the reference and the native CUDA op first
+        move them to ``(N * d1 * ..., C)`` with one copy.
     """
     keep_ratio = _check_keep_ratio(keep_ratio)
     check_choice("keep", keep, KEEP_CHOICES)
@@ -230,15 +231,19 @@ def trimmed_cross_entropy(
         # the whole op at small shapes.
         _check_target_range(target, num_classes, ignore_index)
 
-    # Normalise to (M, C) rows in the target's flat order.
+    # Normalise to (M, C) rows, or to the spatial layout (N, C, S), in the target's flat order.
     if input.dim() == 1:
         x2d = input.unsqueeze(0)
     elif input.dim() == 2:
         x2d = input
     else:
-        x2d = input.movedim(1, -1).reshape(-1, num_classes)
+        rows = input.movedim(1, -1)
+        if rows.is_contiguous():
+            x2d = rows.reshape(-1, num_classes)  # channels-last: (N*S, C) is a view
+        else:
+            x2d = input.reshape(input.shape[0], num_classes, -1)  # a view when contiguous
     t1d = target.reshape(-1)
-    if x2d.shape[0] == 0:
+    if t1d.shape[0] == 0:
         name = "reference"  # an empty batch launches no kernel (a rank may still join collectives)
     args = (keep_ratio, keep, weight, ignore_index, float(label_smoothing), reduction)
     global_loss = None

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ._common import as_rows
+
 __all__ = ["build", "empty_cache", "is_available", "trimmed_cross_entropy_2d", "unavailable_reason"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -335,7 +337,7 @@ def trimmed_cross_entropy_2d(
     label_smoothing: float,
     reduction: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The native op on the normalised ``(M, C)`` problem (see :mod:`fused_trim.reference`).
+    """The native op on the normalised ``(M, C)`` or ``(N, C, S)`` problem (see :mod:`fused_trim.reference`).
 
     Returns ``(out, losses, kept, k, threshold)``; only ``out`` carries gradient.
     """
@@ -343,6 +345,7 @@ def trimmed_cross_entropy_2d(
         reason = unavailable_reason(input.device)
         if reason is not None:
             raise RuntimeError(f"backend='native' cannot run here: {reason}")
+    input = as_rows(input)
     if not input.is_cpu and input.stride(-1) != 1:
         input = input.contiguous()  # (the CPU op takes any row stride itself)
     if isinstance(keep_ratio, Tensor):

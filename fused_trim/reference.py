@@ -1,7 +1,8 @@
 """Pure PyTorch trimmed cross-entropy: the oracle of every test and the fallback everywhere.
 
-Written to be obviously correct, not fast. It works on the normalised 2-D problem that
-:mod:`fused_trim.functional` hands every backend: ``input (M, C)``, ``target (M,)``.
+Written to be obviously correct, not fast. It works on the normalised problem that
+:mod:`fused_trim.functional` hands every backend: ``input (M, C)`` or, for inputs with spatial
+dimensions, ``(N, C, S)`` with ``M = N * S``; ``target (M,)``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import compute_k
+from ._common import as_rows, compute_k
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,11 +61,12 @@ def trimmed_cross_entropy_2d(
     label_smoothing: float,
     reduction: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The whole contract on ``input (M, C)``, ``target (M,)``.
+    """The whole contract on ``input (M, C)`` or ``(N, C, S)``, ``target (M,)``.
 
     Returns ``(out, losses, kept, k, threshold)``; ``out`` is 0-dim for ``"mean"``/``"sum"`` and
     ``(M,)`` for ``"none"``. Only ``out`` carries gradient, and only through the kept rows.
     """
+    input = as_rows(input)
     valid = target != ignore_index
     with torch.no_grad():
         losses, _ = per_sample_loss(input, target, weight, ignore_index, label_smoothing)

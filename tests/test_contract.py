@@ -262,6 +262,77 @@ def test_spatial_input(backend, reduction):
     assert torch.all(grad.movedim(1, -1)[~info.kept] == 0)
 
 
+def _spatial_case(layout):
+    """(x, t) for one layout of a spatial input; x's strides are what the backends must read."""
+    if layout == "3d":
+        return make_batch(3, 7, ignore_frac=0.2, seed=11, spatial=(13,))
+    if layout == "5d":
+        return make_batch(2, 4, ignore_frac=0.2, seed=12, spatial=(3, 2, 5))
+    if layout == "c1":
+        return make_batch(2, 1, ignore_frac=0.2, seed=13, spatial=(4, 3))
+    if layout == "channels-last":
+        x, t = make_batch(2, 6, ignore_frac=0.2, seed=14, spatial=(5, 3))
+        return x.contiguous(memory_format=torch.channels_last), t
+    if layout == "sliced":  # neither contiguous nor channels-last
+        x, t = make_batch(2, 6, ignore_frac=0.2, seed=15, spatial=(4, 10))
+        return x[:, :, :, ::2], t[:, :, ::2]
+    if layout == "257-classes":
+        return make_batch(2, 257, ignore_frac=0.1, seed=16, spatial=(3, 3))
+    raise AssertionError(layout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["3d", "5d", "c1", "channels-last", "sliced", "257-classes"])
+def test_spatial_layouts(backend, layout):
+    """Every memory layout of ``(N, C, d...)`` against F.cross_entropy and the reference, with
+    weights, label smoothing and a custom ignore_index; zero gradient outside the kept set."""
+    x, t = _spatial_case(layout)
+    c = x.shape[1]
+    t = torch.where(t == -100, torch.full_like(t, 3), t) if c > 3 else t
+    ignore = 3 if c > 3 else -100
+    weight = torch.linspace(0.5, 2.0, c, dtype=x.dtype)
+    kw = dict(weight=weight, ignore_index=ignore, label_smoothing=0.05)
+    for reduction in REDUCTIONS:
+        out, info, grad = run(backend, x, t, 1.0, reduction=reduction, **kw)
+        ref_out, ref_grad = _f_ce(x, t, reduction, **kw)
+        _assert_close(out, ref_out)
+        _assert_close(grad, ref_grad)
+        for keep in ("hardest", "easiest"):
+            out, info, grad = run(backend, x, t, 0.35, reduction=reduction, keep=keep, **kw)
+            ref_out, ref_info, ref_grad = run("reference", x, t, 0.35, reduction=reduction, keep=keep, **kw)
+            assert torch.equal(info.kept, ref_info.kept)
+            assert int(info.k) == int(ref_info.k)
+            _assert_close(info.losses, ref_info.losses)
+            _assert_close(out, ref_out)
+            _assert_close(grad, ref_grad)
+            assert torch.all(grad.movedim(1, -1)[~info.kept] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spatial_ties_keep_the_lowest_flat_indices(backend):
+    """Identical pixels over 2048 rows (more than one select chunk): exactly k kept, lowest first."""
+    x = torch.randn(3, 1, 1, dtype=torch.float32).expand(2, 3, 32, 32).contiguous()
+    t = torch.ones(2, 32, 32, dtype=torch.long)
+    out, info, grad = run(backend, x, t, 0.3)
+    k = math.floor(0.3 * 2048 + 0.5)
+    assert int(info.k) == k
+    flat = info.kept.reshape(-1)
+    assert torch.equal(flat, torch.arange(2048) < k)
+    assert torch.all(grad.movedim(1, -1)[~info.kept] == 0)
+    assert torch.all(grad.movedim(1, -1)[info.kept] != 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spatial_bf16(backend):
+    x, t = make_batch(2, 19, dtype=torch.bfloat16, ignore_frac=0.1, seed=17, spatial=(6, 5))
+    out, info, grad = run(backend, x, t, 0.5)
+    ref_out, ref_info, ref_grad = run("reference", x, t, 0.5)
+    assert torch.equal(info.kept, ref_info.kept)
+    _assert_close(out, ref_out, torch.bfloat16)
+    _assert_close(grad, ref_grad, torch.bfloat16)
+    assert grad.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_single_sample_input(backend):
     x = torch.randn(7, dtype=torch.float64)
