@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
 from ._common import KEEP_CHOICES, REDUCTIONS, TrimInfo, check_choice, check_ratio
@@ -28,6 +29,12 @@ class TrimmedCrossEntropyLoss(nn.Module):
     The module keeps the progress: call :meth:`set_epoch` at the start of each epoch and
     :meth:`step` after each mini-batch (only per-step schedules need the latter).
 
+    Under :func:`torch.compile` the forward reads the ratio from a 0-dim buffer that
+    :meth:`set_epoch` and :meth:`step` refresh eagerly, so a moving schedule never recompiles the
+    graph; a schedule whose value changes otherwise (:class:`~fused_trim.schedules.OrderedSGD`'s
+    ``update``) takes effect at the next :meth:`set_epoch` or :meth:`step`. Eager forwards read
+    the schedule themselves.
+
     Args:
         keep_ratio: a float in ``(0, 1]`` or a schedule.
         keep: ``"hardest"`` (mini-batch trimming) or ``"easiest"`` (noisy labels).
@@ -41,7 +48,6 @@ class TrimmedCrossEntropyLoss(nn.Module):
 
     Attributes:
         info: the :class:`~fused_trim.TrimInfo` of the last forward (``None`` before the first).
-        last_keep_ratio: the keep ratio the last forward used.
 
     Example::
 
@@ -87,7 +93,10 @@ class TrimmedCrossEntropyLoss(nn.Module):
         self.epoch = 0
         self.step_in_epoch = 0
         self.info: TrimInfo | None = None
-        self.last_keep_ratio: float | None = None
+        self._ratio = self.keep_ratio
+        # float64: a float32 0.7 rounds k = floor(0.7 * 5 + 0.5) down to 3. Not a buffer, so that
+        # moving the module never meets a device without float64; the forward moves a copy.
+        self._ratio_t = torch.tensor(self._ratio, dtype=torch.float64)
 
     @property
     def keep_ratio(self) -> float:
@@ -101,13 +110,26 @@ class TrimmedCrossEntropyLoss(nn.Module):
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         self.epoch = epoch
         self.step_in_epoch = 0
+        self._refresh()
 
     def step(self) -> None:
         """Advance to the next mini-batch of the current epoch."""
         self.step_in_epoch += 1
+        self._refresh()
+
+    def _refresh(self) -> float:
+        """Read the schedule now; the compiled forward's ratio buffer follows it."""
+        r = self.keep_ratio
+        if r != self._ratio:
+            self._ratio = r
+            self._ratio_t.fill_(r)
+        return r
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        r = self.keep_ratio
+        if torch.compiler.is_compiling():
+            r: float | Tensor = self._ratio_t.to(input.device)  # a value, not a constant of the graph
+        else:
+            r = self._refresh()
         loss, info = trimmed_cross_entropy(
             input,
             target,
@@ -122,8 +144,12 @@ class TrimmedCrossEntropyLoss(nn.Module):
             process_group=self.process_group,
         )
         self.info = info
-        self.last_keep_ratio = r
         return loss
+
+    @property
+    def last_keep_ratio(self) -> float:
+        """The keep ratio the last forward used (what the schedule gave at the last refresh)."""
+        return self._ratio
 
     def extra_repr(self) -> str:
         return (

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from fused_trim import native, trimmed_cross_entropy
+from fused_trim import TrimmedCrossEntropyLoss, native, trimmed_cross_entropy
 from fused_trim.schedules import LinearSchedule
 
 HAS_CUDA = torch.cuda.is_available()
@@ -54,6 +54,34 @@ def test_fullgraph_and_no_recompile_across_a_schedule(backend):
         for a, b in zip(got_grads, ref_grads, strict=True):
             torch.testing.assert_close(a, b)
     assert counter.frame_count == 1, f"{counter.frame_count} compiles for 5 keep ratios"
+
+
+@pytest.mark.skipif(not COMPILE_BACKENDS, reason="no compiled backend here (native not built, no CUDA)")
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_compiled_module_follows_its_schedule_without_recompiling(backend):
+    """TrimmedCrossEntropyLoss inside a compiled step: the schedule's ratio is a graph input."""
+    dev = "cuda" if backend == "triton" else "cpu"
+    torch.manual_seed(0)
+    body = torch.nn.Linear(12, 10).to(dev)
+    x = torch.randn(64, 12, device=dev)
+    t = torch.randint(0, 10, (64,), device=dev)
+    compiled_crit = TrimmedCrossEntropyLoss(LinearSchedule(epochs=5), backend=backend, label_smoothing=0.05)
+    eager_crit = TrimmedCrossEntropyLoss(LinearSchedule(epochs=5), backend=backend, label_smoothing=0.05)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    step = torch.compile(lambda x, t: compiled_crit(body(x), t), fullgraph=True, backend=counter)
+    frames_after_first = None
+    for epoch in range(5):
+        compiled_crit.set_epoch(epoch)
+        eager_crit.set_epoch(epoch)
+        got = step(x, t)
+        if frames_after_first is None:
+            frames_after_first = counter.frame_count
+        ref = eager_crit(body(x), t)
+        torch.testing.assert_close(got, ref)
+        assert int(compiled_crit.info.k) == int(eager_crit.info.k) == round(64 * (1.0 - 0.2 * epoch))
+        assert compiled_crit.last_keep_ratio == eager_crit.last_keep_ratio
+    assert counter.frame_count == frames_after_first, "a schedule step recompiled the loss"
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

@@ -93,9 +93,12 @@ def test_plain_callable_schedule_and_validation():
     crit = TrimmedCrossEntropyLoss(lambda epoch, step: 0.5)
     crit(x, y)
     assert int(crit.info.k) == 5
-    bad = TrimmedCrossEntropyLoss(lambda epoch, step: 1.5)
     with pytest.raises(ValueError, match=r"keep ratio of schedule .* must be in \(0, 1\], got 1.5"):
-        bad(x, y)
+        TrimmedCrossEntropyLoss(lambda epoch, step: 1.5)  # read at construction already
+    turns_bad = TrimmedCrossEntropyLoss(lambda epoch, step: 0.5 if epoch == 0 else float("nan"))
+    turns_bad(x, y)
+    with pytest.raises(ValueError, match=r"keep ratio of schedule .* must be in \(0, 1\], got nan"):
+        turns_bad.set_epoch(1)
     with pytest.raises(ValueError):
         TrimmedCrossEntropyLoss(0.0)
     with pytest.raises(ValueError):
