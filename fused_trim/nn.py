@@ -93,6 +93,7 @@ class TrimmedCrossEntropyLoss(nn.Module):
         self.epoch = 0
         self.step_in_epoch = 0
         self.info: TrimInfo | None = None
+        self._last: float | Tensor | None = None
         self._ratio = self.keep_ratio
         # float64: a float32 0.7 rounds k = floor(0.7 * 5 + 0.5) down to 3. Not a buffer, so that
         # moving the module never meets a device without float64; the forward moves a copy.
@@ -127,9 +128,10 @@ class TrimmedCrossEntropyLoss(nn.Module):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
-            r: float | Tensor = self._ratio_t.to(input.device)  # a value, not a constant of the graph
+            r: float | Tensor = self._ratio_t.to(input.device, copy=True)  # a graph input, not a constant
         else:
             r = self._refresh()
+        self._last = r
         loss, info = trimmed_cross_entropy(
             input,
             target,
@@ -147,9 +149,10 @@ class TrimmedCrossEntropyLoss(nn.Module):
         return loss
 
     @property
-    def last_keep_ratio(self) -> float:
-        """The keep ratio the last forward used (what the schedule gave at the last refresh)."""
-        return self._ratio
+    def last_keep_ratio(self) -> float | None:
+        """The keep ratio the last forward used (``None`` before the first). After a compiled
+        forward on CUDA, reading it synchronises with the device."""
+        return float(self._last) if isinstance(self._last, Tensor) else self._last
 
     def extra_repr(self) -> str:
         return (
