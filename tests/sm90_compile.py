@@ -16,6 +16,9 @@ import sys
 import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
+# Run as a script, sys.path[0] is tests/: put this checkout first, or an installed (editable)
+# fused_trim from another checkout would be compiled instead.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -23,7 +26,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fused_trim.triton import (  # noqa: E402
     ce_backward,
+    ce_backward_spatial,
     ce_forward,
+    ce_forward_spatial,
     grid_finish,
     grid_histogram,
     grid_keep,
@@ -77,6 +82,37 @@ def _backward_case(dtype, per_row, has_weight, has_smoothing, block_c, warps):
     return name, ce_backward.ce_backward_kernel, sig, const, warps
 
 
+def _forward_spatial_case(dtype, has_weight, has_smoothing, block_c, block_s, warps):
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    sig = {
+        "logits_ptr": f"*{dtype}", "stride_n": "i64", "stride_c": "i32", "target_ptr": "*i64",
+        "weight_ptr": f"*{dtype}", "loss_ptr": f"*{acc}", "lse_ptr": f"*{acc}", "wy_ptr": f"*{acc}",
+        "num_classes": "i32", "num_pixels": "i32", "ignore_index": "i32", "label_smoothing_bits": "i64",
+        "HAS_WEIGHT": "constexpr", "HAS_SMOOTHING": "constexpr", "BLOCK_C": "constexpr", "BLOCK_S": "constexpr",
+    }  # fmt: skip
+    const = {"HAS_WEIGHT": has_weight, "HAS_SMOOTHING": has_smoothing, "BLOCK_C": block_c, "BLOCK_S": block_s}
+    name = (f"ce_forward_spatial[{dtype},w={has_weight},ls={has_smoothing},BLOCK_C={block_c},"
+            f"BLOCK_S={block_s},warps={warps}]")  # fmt: skip
+    return name, ce_forward_spatial.ce_forward_spatial_kernel, sig, const, warps
+
+
+def _backward_spatial_case(dtype, per_sample, has_weight, has_smoothing, block_c, block_s, warps):
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    sig = {
+        "logits_ptr": f"*{dtype}", "stride_n": "i64", "stride_c": "i32", "grad_ptr": f"*{dtype}",
+        "stride_grad_n": "i64", "stride_grad_c": "i32", "target_ptr": "*i64", "weight_ptr": f"*{dtype}",
+        "weight_sum_ptr": f"*{acc}", "lse_ptr": f"*{acc}", "kept_ptr": "*i1", "grad_out_ptr": f"*{dtype}",
+        "denom_ptr": f"*{acc}", "num_classes": "i32", "num_pixels": "i32", "label_smoothing_bits": "i64",
+        "PER_SAMPLE_GRAD": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_SMOOTHING": "constexpr",
+        "BLOCK_C": "constexpr", "BLOCK_S": "constexpr",
+    }  # fmt: skip
+    const = {"PER_SAMPLE_GRAD": per_sample, "HAS_WEIGHT": has_weight, "HAS_SMOOTHING": has_smoothing,
+             "BLOCK_C": block_c, "BLOCK_S": block_s}  # fmt: skip
+    name = (f"ce_backward_spatial[{dtype},sample_grad={per_sample},w={has_weight},ls={has_smoothing},"
+            f"BLOCK_C={block_c},BLOCK_S={block_s},warps={warps}]")  # fmt: skip
+    return name, ce_backward_spatial.ce_backward_spatial_kernel, sig, const, warps
+
+
 def _grid_cases(loss_dtype, out_dtype, hardest, reduction):
     """The multi-program select's six kernels for one configuration."""
     rows = {"num_rows": "i32", "ignore_index": "i32"}
@@ -124,6 +160,22 @@ CASES = [
     _backward_case("fp16", False, True, True, 8192, 8),
     _backward_case("fp32", False, True, True, 16, 1),
     _backward_case("fp64", True, True, True, 2048, 4),
+    # The spatial kernels at tiles spatial_config picks: many classes (16x128; 8 warps for fp64),
+    # few classes (8x256, 4x256), one class (1x256), and a small image (8x16).
+    _forward_spatial_case("fp32", False, False, 16, 128, 4),
+    _forward_spatial_case("bf16", True, True, 16, 128, 4),
+    _forward_spatial_case("fp16", False, True, 4, 256, 4),
+    _forward_spatial_case("fp32", True, True, 1, 256, 4),
+    _forward_spatial_case("bf16", False, False, 8, 16, 1),
+    _forward_spatial_case("fp64", True, True, 16, 128, 8),
+    _forward_spatial_case("fp64", False, False, 8, 256, 8),
+    _backward_spatial_case("fp32", False, False, False, 16, 128, 4),
+    _backward_spatial_case("bf16", True, True, True, 16, 128, 4),
+    _backward_spatial_case("fp16", False, True, False, 4, 256, 4),
+    _backward_spatial_case("fp32", True, True, True, 1, 256, 4),
+    _backward_spatial_case("bf16", False, False, False, 8, 16, 1),
+    _backward_spatial_case("fp64", True, True, True, 16, 128, 8),
+    _backward_spatial_case("fp64", False, False, False, 8, 256, 8),
     *_grid_cases("fp32", "bf16", True, 0),
     *_grid_cases("fp64", "fp64", False, 2),
 ]

@@ -44,5 +44,5 @@ def test_every_kernel_compiles_for_sm90_without_spills():
     assert proc.returncode == 0 and not any("error" in r for r in rows), report
     assert all(r["spill_bytes"] == 0 for r in rows), report
     kernels = {r["name"].split("[")[0] for r in rows}
-    assert kernels == {"ce_forward", "select", "ce_backward", "grid_histogram", "grid_pick", "grid_ties", "grid_scan",
-                       "grid_keep", "grid_finish"}
+    assert kernels == {"ce_forward", "ce_forward_spatial", "select", "ce_backward", "ce_backward_spatial",
+                       "grid_histogram", "grid_pick", "grid_ties", "grid_scan", "grid_keep", "grid_finish"}

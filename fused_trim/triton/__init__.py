@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .._common import as_rows
 from .function import REDUCTION_CODE, trimmed_ce_fwd
 
 __all__ = ["trimmed_cross_entropy_2d"]
@@ -20,13 +19,12 @@ def trimmed_cross_entropy_2d(
     label_smoothing: float,
     reduction: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The contract on ``input (M, C)`` or ``(N, C, S)``, ``target (M,)``.
+    """The contract on ``input (M, C)`` or ``(N, C, S)`` (read in place), ``target (M,)``.
 
     Returns ``(out, losses, kept, k, threshold)``.
 
     ``keep_ratio`` may also be a 0-dim int64 tensor: an exact count (see :mod:`fused_trim.distributed`).
     """
-    input = as_rows(input)
     ratio_t = None
     if isinstance(keep_ratio, Tensor):
         if keep_ratio.device != input.device:

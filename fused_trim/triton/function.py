@@ -16,7 +16,9 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .ce_backward import ce_backward_kernel
+from .ce_backward_spatial import ce_backward_spatial_kernel
 from .ce_forward import ce_forward_kernel
+from .ce_forward_spatial import ce_forward_spatial_kernel
 from .grid_finish import grid_finish_kernel
 from .grid_histogram import grid_histogram_kernel
 from .grid_keep import grid_keep_kernel
@@ -53,6 +55,22 @@ def row_config(num_classes: int, element_size: int) -> tuple[int, int]:
     return block, num_warps
 
 
+def spatial_config(num_classes: int, num_pixels: int, element_size: int) -> tuple[int, int, int]:
+    """``(BLOCK_C, BLOCK_S, num_warps)`` of the spatial kernels: ``[BLOCK_C, BLOCK_S]`` tiles.
+
+    ``BLOCK_S`` pixels are contiguous in memory (one coalesced row of the tile per class): 128
+    (256 when at most 8 classes leave room), fewer only for a smaller image. Warps are chosen for
+    about 64 bytes of accumulated tile per thread (16 fp32, 8 fp64 values: 32x128 fp32 tiles at 4
+    warps took up to 182 registers in an sm_90 compile, 16x128 ones 89), and at least one per 64
+    pixels for the per-pixel state (running max and sum, target, ...).
+    """
+    block_c = min(triton.next_power_of_2(num_classes), 16)
+    block_s = min(max(triton.next_power_of_2(num_pixels), 16), 256 if block_c <= 8 else 128)
+    acc_bytes = 8 if element_size >= 8 else 4
+    num_warps = min(8, max(1, block_c * block_s * acc_bytes // 2048, block_s // 64))
+    return block_c, block_s, num_warps
+
+
 def select_block(num_rows: int) -> int:
     """Rows per iteration of the single selection program."""
     return min(max(triton.next_power_of_2(num_rows), 128), 2048)
@@ -70,15 +88,20 @@ def trimmed_ce_fwd(
     label_smoothing: float,
     reduction: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward on ``input (M, C)``: ``(out, losses, kept, k, threshold, lse, denom)``.
+    """Forward on ``input (M, C)`` or ``(N, C, S)``: ``(out, losses, kept, k, threshold, lse, denom)``.
+
+    The spatial layout ``(N, C, S)`` is read in place (samples in ``n * S + s`` order, ``target``
+    flat ``(N * S,)``); every per-sample output is flat ``(N * S,)``.
 
     ``keep_ratio_t``, when given, replaces ``keep_ratio``: a 0-dim float tensor (a ratio) or int64
     tensor (an exact count), read on the device. ``lse`` and ``denom`` (the divisor of the mean)
     are saved for the backward.
     """
-    num_rows, num_classes = input.shape
-    if input.stride(1) != 1:
+    spatial = input.dim() == 3
+    if input.stride(-1) != 1:
         input = input.contiguous()
+    num_classes = input.shape[1] if spatial else input.shape[-1]
+    num_rows = input.shape[0] * input.shape[2] if spatial else input.shape[0]
     target = target.contiguous()
     acc = accumulation_dtype(input.dtype)
     dev = input.device
@@ -88,12 +111,22 @@ def trimmed_ce_fwd(
     has_weight = weight is not None
     if has_weight:
         weight = weight.contiguous()
-    block_c, warps = row_config(num_classes, input.element_size())
-    wrap_triton(ce_forward_kernel)[(num_rows,)](
-        input, input.stride(0), target, weight if has_weight else loss, loss, lse, w_y,
-        num_classes, ignore_index, float64_bits(label_smoothing),
-        HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_C=block_c, num_warps=warps,
-    )  # fmt: skip
+    if spatial:
+        num_pixels = input.shape[2]
+        block_c, block_s, warps = spatial_config(num_classes, num_pixels, input.element_size())
+        wrap_triton(ce_forward_spatial_kernel)[(input.shape[0] * triton.cdiv(num_pixels, block_s),)](
+            input, input.stride(0), input.stride(1), target, weight if has_weight else loss, loss, lse, w_y,
+            num_classes, num_pixels, ignore_index, float64_bits(label_smoothing),
+            HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_C=block_c, BLOCK_S=block_s,
+            num_warps=warps,
+        )  # fmt: skip
+    else:
+        block_c, warps = row_config(num_classes, input.element_size())
+        wrap_triton(ce_forward_kernel)[(num_rows,)](
+            input, input.stride(0), target, weight if has_weight else loss, loss, lse, w_y,
+            num_classes, ignore_index, float64_bits(label_smoothing),
+            HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_C=block_c, num_warps=warps,
+        )  # fmt: skip
 
     ratio_on_device = keep_ratio_t is not None
     kept = torch.empty(num_rows, dtype=torch.bool, device=dev)
@@ -177,14 +210,26 @@ def trimmed_ce_bwd(
     denom: Tensor,
     label_smoothing: float,
 ) -> Tensor:
-    """Gradient of ``out`` with respect to ``input``; exact zeros on rows outside the kept set."""
-    num_rows, num_classes = input.shape
-    if input.stride(1) != 1:
+    """Gradient of ``out`` with respect to ``input`` (``(M, C)`` or ``(N, C, S)``, the gradient
+    in the same shape); exact zeros on samples outside the kept set."""
+    if input.stride(-1) != 1:
         input = input.contiguous()
-    grad = torch.empty((num_rows, num_classes), dtype=input.dtype, device=input.device)
+    grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     has_weight = weight is not None
     has_smoothing = label_smoothing > 0.0
     weight_sum = weight.sum(dtype=lse.dtype) if has_weight and has_smoothing else lse
+    if input.dim() == 3:
+        num_images, num_classes, num_pixels = input.shape
+        block_c, block_s, warps = spatial_config(num_classes, num_pixels, input.element_size())
+        wrap_triton(ce_backward_spatial_kernel)[(num_images * triton.cdiv(num_pixels, block_s),)](
+            input, input.stride(0), input.stride(1), grad, grad.stride(0), grad.stride(1), target.contiguous(),
+            weight.contiguous() if has_weight else lse, weight_sum, lse, kept, grad_out.contiguous(), denom,
+            num_classes, num_pixels, float64_bits(label_smoothing),
+            PER_SAMPLE_GRAD=grad_out.dim() == 1, HAS_WEIGHT=has_weight, HAS_SMOOTHING=has_smoothing,
+            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
+        )  # fmt: skip
+        return grad
+    num_rows, num_classes = input.shape
     block_c, warps = row_config(num_classes, input.element_size())
     wrap_triton(ce_backward_kernel)[(num_rows,)](
         input, input.stride(0), grad, grad.stride(0), target.contiguous(),

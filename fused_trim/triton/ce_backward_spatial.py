@@ -1,0 +1,91 @@
+"""Backward kernel on the spatial layout ``(N, C, S)``: softmax recomputed from the saved
+logsumexp for kept pixels only, the gradient written in the same layout."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def ce_backward_spatial_kernel(
+    logits_ptr,
+    stride_n,
+    stride_c,
+    grad_ptr,
+    stride_grad_n,
+    stride_grad_c,
+    target_ptr,
+    weight_ptr,
+    weight_sum_ptr,
+    lse_ptr,
+    kept_ptr,
+    grad_out_ptr,
+    denom_ptr,
+    num_classes,
+    num_pixels,
+    label_smoothing_bits,
+    PER_SAMPLE_GRAD: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """One program per ``(n, block of BLOCK_S pixels)`` writes ``d loss / d logits[n, :, s]``.
+
+    ``dl/dx_c = (1 - eps) w_y (p_c - [c == y]) + eps / C (sum_w p_c - w_c)``, scaled by the
+    upstream gradient (``grad_out / denom`` for a scalar loss, ``grad_out[n * S + s]`` for
+    "none"), as :func:`ce_backward_kernel` forms it per row. Pixels outside the kept set store
+    exact zeros without reading their logits. Everything is formed in the accumulation dtype
+    (fp32; fp64 for fp64) before the one rounding to the gradient's dtype. Both layouts have unit
+    stride along ``s``.
+    """
+    acc_dtype = lse_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    blocks_per_image = tl.cdiv(num_pixels, BLOCK_S)
+    n = (pid // blocks_per_image).to(tl.int64)
+    s = (pid % blocks_per_image) * BLOCK_S + tl.arange(0, BLOCK_S)
+    in_image = s < num_pixels
+    flat = n * num_pixels + s  # int64: N * S may pass 2^31
+    kept = tl.load(kept_ptr + flat, mask=in_image, other=0) != 0
+    if PER_SAMPLE_GRAD:
+        g = tl.load(grad_out_ptr + flat, mask=kept, other=0.0).to(acc_dtype)
+    else:
+        scale = tl.load(grad_out_ptr).to(acc_dtype) / tl.load(denom_ptr).to(acc_dtype)
+        g = tl.full((BLOCK_S,), 0.0, acc_dtype) + scale
+    tgt = tl.load(target_ptr + flat, mask=kept, other=0).to(tl.int64)
+    lse = tl.load(lse_ptr + flat, mask=kept, other=0.0)
+    if HAS_WEIGHT:
+        w_t = tl.load(weight_ptr + tgt, mask=kept, other=0.0).to(acc_dtype)
+    else:
+        w_t = tl.full((BLOCK_S,), 1.0, acc_dtype)
+    eps = label_smoothing_bits.to(tl.int64).to(tl.float64, bitcast=True).to(acc_dtype)
+    true_coef = (1.0 - eps) * w_t
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            sum_w = tl.load(weight_sum_ptr).to(acc_dtype)
+        else:
+            sum_w = tl.cast(num_classes, acc_dtype)
+        p_coef = true_coef + eps / num_classes * sum_w
+    else:
+        p_coef = true_coef
+
+    in_ptr = logits_ptr + n * stride_n
+    out_ptr = grad_ptr + n * stride_grad_n
+    for start in range(0, num_classes, BLOCK_C):
+        cls = start + tl.arange(0, BLOCK_C)
+        cls_in = cls < num_classes
+        cls64 = cls.to(tl.int64)[:, None]
+        x = tl.load(in_ptr + cls64 * stride_c + s[None, :], mask=cls_in[:, None] & kept[None, :], other=0.0)
+        p = tl.exp(x.to(acc_dtype) - lse[None, :])
+        grad = p_coef[None, :] * p - tl.where(cls[:, None] == tgt[None, :], true_coef[None, :], 0.0)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cls, mask=cls_in, other=0.0).to(acc_dtype)
+                grad -= eps / num_classes * w[:, None]
+            else:
+                grad -= eps / num_classes
+        grad = tl.where(kept[None, :], g[None, :] * grad, 0.0)
+        tl.store(
+            out_ptr + cls64 * stride_grad_c + s[None, :],
+            grad.to(grad_ptr.dtype.element_ty),
+            mask=cls_in[:, None] & in_image[None, :],
+        )
