@@ -476,6 +476,10 @@ __attribute__((flatten)) void grouped_rows_forward(
   }
 }
 
+// From this many rows on, the forward's selection starts with a histogram of the ranking keys
+// (fp32 and narrower; below it, one nth_element over all the candidates is faster).
+constexpr int64_t kRadixSelectMin = int64_t(1) << 15;
+
 at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -702,6 +706,17 @@ __attribute__((flatten)) inline void spatial_block_backward(
   }
 }
 
+// v where keep is 1, +0 where it is 0 (bitwise: no branch, and a NaN v is dropped too).
+template <typename acc_t>
+inline acc_t zero_unless(acc_t v, int64_t keep) {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
+  bits_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  b &= static_cast<bits_t>(-keep);
+  std::memcpy(&v, &b, sizeof(b));
+  return v;
+}
+
 at::Tensor spatial_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& target,
                             const at::Tensor& weight, const at::Tensor& lse_c, const at::Tensor& rs_c,
                             int64_t ignore_index, double label_smoothing) {
@@ -724,32 +739,45 @@ at::Tensor spatial_backward(const at::Tensor& grad_out, const at::Tensor& input,
     const int64_t nblk = (S + P - 1) / P;
     const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(C * P, 1));
     const bool stream = static_cast<size_t>(N) * C * S * sizeof(scalar_t) >= kStreamBytes;
+    // d l / d x_c = (1-ls) w_y (p_c - [c==y]) + ls/C (W p_c - w_c), per kept pixel a p_c - b w_c
+    // with a = coef ((1-ls) w_y + ls W / C), b = coef ls / C, and the true-class term patched.
+    const acc_t one_m_ls = acc_t(1) - ls, ls_wc = ls * w_total / static_cast<acc_t>(C);
+    const acc_t ls_c = ls / static_cast<acc_t>(C);
     at::parallel_for(0, N * nblk, grain, [&](int64_t begin, int64_t end) {
       alignas(64) acc_t am[P], bm[P], lm[P], km[P], coefv[P];
       int64_t kept_r[P];
+      // Locals, so that the per-pixel loop does not reload them through the captures.
+      const int64_t* const tp = t;
+      const acc_t* const rsp = rs;
+      const acc_t* const lsep = lse;
+      const acc_t* const wp = w;
+      const acc_t* const gpp = gp;
+      const int64_t ign = ignore_index;
+      const int64_t g_step = per_row ? 1 : 0;
       for (int64_t u = begin; u < end; ++u) {
         const int64_t n = u / nblk, s0 = (u - n * nblk) * P;
         const int64_t rows = std::min(P, S - s0);
         const int64_t i0 = n * S + s0;
         scalar_t* g = gr + n * C * S + s0;
         int64_t nk = 0;
-        for (int64_t r = 0; r < P; ++r) {
-          am[r] = bm[r] = lm[r] = km[r] = 0;
-          if (r >= rows) continue;
+        // Branch-free: a random half of the pixels is kept, which no predictor guesses.
+        for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
-          const int64_t y = t[i];
-          const acc_t scale = rs[i];
-          if (scale == acc_t(0) || y == ignore_index || y < 0 || y >= C) continue;
-          const acc_t coef = (per_row ? gp[i] : gp[0]) * scale;
-          const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
-          // d l / d x_c = (1-ls) w_y (p_c - [c==y]) + ls/C (W p_c - w_c)
-          am[r] = coef * ((acc_t(1) - ls) * w_y + ls * w_total / static_cast<acc_t>(C));
-          bm[r] = coef * ls / static_cast<acc_t>(C);
-          lm[r] = lse[i];
-          km[r] = 1;
+          const int64_t y = tp[i];
+          const int64_t keep_r = int64_t(rsp[i] != acc_t(0)) & int64_t(y != ign) &
+                                 int64_t(static_cast<uint64_t>(y) < static_cast<uint64_t>(C));
+          // Masks, not products: a non-kept pixel's upstream gradient may be NaN.
+          const acc_t coef = zero_unless(gpp[i * g_step] * rsp[i], keep_r);
+          const acc_t w_y = wp == nullptr ? acc_t(1) : wp[y & -keep_r];
+          am[r] = coef * (one_m_ls * w_y + ls_wc);
+          bm[r] = coef * ls_c;
+          lm[r] = zero_unless(lsep[i], keep_r);
+          km[r] = static_cast<acc_t>(keep_r);
           coefv[r] = coef;
-          kept_r[nk++] = r;
+          kept_r[nk] = r;
+          nk += keep_r;
         }
+        for (int64_t r = rows; r < P; ++r) am[r] = bm[r] = lm[r] = km[r] = 0;
         if (nk == 0) {  // no kept pixel: zeros, without reading the logits
           for (int64_t c = 0; c < C; ++c) {
             zero_bytes(static_cast<void*>(g + c * S), rows * sizeof(scalar_t), stream);
@@ -776,7 +804,7 @@ at::Tensor spatial_backward(const at::Tensor& grad_out, const at::Tensor& input,
           // The true-class term, formed in the accumulation type before rounding.
           const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
           const acc_t p_y = std::exp(static_cast<acc_t>(p[y * sC + r]) - lse[i]);
-          g[y * S + r] = static_cast<scalar_t>(am[r] * p_y - bm[r] * w_y - coefv[r] * (acc_t(1) - ls) * w_y);
+          g[y * S + r] = static_cast<scalar_t>(am[r] * p_y - bm[r] * w_y - coefv[r] * one_m_ls * w_y);
         }
       }
       if (stream) stream_fence();
@@ -907,7 +935,44 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
       selected = true;
     };
     if constexpr (sizeof(key_t) == 4) {
-      if (M <= int64_t(0xFFFFFFFF)) {
+      if (M >= kRadixSelectMin && M <= int64_t(0xFFFFFFFF)) {
+        // Many rows: a histogram of the keys' top 16 bits finds the bin that holds the k-th; rows
+        // above it are kept, rows below it dropped, and only the threshold bin's rows (a few
+        // hundredths of them) go through nth_element. Branch-free where the outcome is random.
+        std::vector<uint32_t> keys(M);
+        std::vector<uint32_t> hist(size_t(1) << 16, 0);
+        for (int64_t i = 0; i < M; ++i) {
+          const uint32_t key = KeyOf<acc_t>::get(loss_acc[i], easiest);
+          const uint32_t valid = t[i] != ignore_index;
+          keys[i] = key;
+          hist[key >> 16] += valid;
+          n += valid;
+        }
+        k = exact_count ? std::min(n, count) : compute_k(n, r);
+        kept_idx.resize(k);
+        if (k > 0) {
+          int64_t above = 0;  // rows in the bins above the threshold bin
+          uint32_t bin = 0xFFFF;
+          while (above + int64_t(hist[bin]) < k) above += hist[bin--];
+          std::vector<uint64_t> tie;
+          int64_t na = 0;
+          for (int64_t i = 0; i < M; ++i) {
+            const uint32_t hb = keys[i] >> 16;
+            const bool valid = t[i] != ignore_index;
+            kept_idx[std::min(na, k - 1)] = i;  // (na < k whenever it is kept)
+            na += valid & (hb > bin);
+            if (valid & (hb == bin)) tie.push_back((uint64_t(keys[i]) << 32) | (uint64_t(0xFFFFFFFFu) - uint64_t(i)));
+          }
+          const int64_t need = k - above;  // 1 <= need <= tie.size()
+          if (need < static_cast<int64_t>(tie.size())) {
+            std::nth_element(tie.begin(), tie.begin() + (need - 1), tie.end(), std::greater<uint64_t>());
+          }
+          const uint64_t worst = *std::min_element(tie.begin(), tie.begin() + need);
+          thr_idx = int64_t(0xFFFFFFFFu - (worst & 0xFFFFFFFFu));
+          for (int64_t j = 0; j < need; ++j) kept_idx[above + j] = int64_t(0xFFFFFFFFu - (tie[j] & 0xFFFFFFFFu));
+        }
+        selected = true;
+      } else if (M <= int64_t(0xFFFFFFFF)) {
         std::vector<uint64_t> cands;
         cands.reserve(M);
         for (int64_t i = 0; i < M; ++i) {

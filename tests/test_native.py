@@ -283,6 +283,34 @@ def test_spatial_streamed_gradient():
 
 
 @needs_native
+@pytest.mark.parametrize("keep", ["hardest", "easiest"])
+@pytest.mark.parametrize("ratio", [1e-6, 0.3, 0.985, 1.0, "count"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_histogram_select_many_rows(keep, ratio, dtype):
+    """From 2^15 rows on, the selection first bins the ranking keys (csrc: kRadixSelectMin):
+    heavy exact ties, NaN and +-inf losses, ignored rows, k = 1, k = n and an exact count (the
+    distributed path), in both the row and the spatial layout, against the reference."""
+    gen = torch.Generator().manual_seed(31)
+    m = 40000
+    patterns = torch.randn(6, 5, generator=gen)
+    patterns[4, 1] = float("nan")
+    patterns[5, 2] = float("-inf")  # target 2 below: an infinite loss
+    which = torch.randint(0, 6, (m,), generator=gen)
+    x, t = patterns[which].to(dtype), which.clamp(max=4).clone()
+    t[which == 5] = 2
+    t[torch.rand(m, generator=gen) < 0.1] = -100
+    r = torch.tensor(12345) if ratio == "count" else ratio
+    for layout in ("rows", "spatial"):
+        xl = x if layout == "rows" else x.view(2, m // 2, 5).transpose(1, 2)
+        got = native.trimmed_cross_entropy_2d(xl, t, r, keep, None, -100, 0.0, "sum")
+        want = ref.trimmed_cross_entropy_2d(x, t, r, keep, None, -100, 0.0, "sum")
+        assert torch.equal(got[2], want[2]), layout
+        assert int(got[3]) == int(want[3])
+        torch.testing.assert_close(got[4], want[4], equal_nan=True)
+        torch.testing.assert_close(got[0], want[0], equal_nan=True)
+
+
+@needs_native
 def test_big_logits_losses_close_to_float64():
     # Shifting the logits by a large constant must not cost precision (no lse - x_y cancellation
     # beyond the input's own rounding, no sum-of-logits cancellation with label smoothing).
