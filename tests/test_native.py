@@ -145,6 +145,36 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 @needs_native
+def test_torch_compile_fullgraph_spatial():
+    """A segmentation head under torch.compile(fullgraph=True): the (N, C, S) input goes through
+    the fake implementations (shapes of the N * S per-pixel outputs) and the C++ autograd."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 7, 3, padding=1)
+    x = torch.randn(2, 3, 9, 10)
+    t = torch.randint(0, 7, (2, 9, 10))
+    t[:, ::4] = -100
+    ratio = torch.tensor(0.4)
+
+    def step(fn):
+        conv.zero_grad(set_to_none=True)
+        out, info = fn(x, t, ratio)
+        out.backward()
+        return out.detach(), info.kept, [p.grad.clone() for p in conv.parameters()]
+
+    def loss(x, t, ratio):
+        return trimmed_cross_entropy(conv(x), t, ratio, backend="native", label_smoothing=0.05, return_info=True)
+
+    eager = step(loss)
+    for backend in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        got = step(torch.compile(loss, fullgraph=True, backend=backend))
+        torch.testing.assert_close(got[0], eager[0])
+        assert torch.equal(got[1], eager[1])
+        for a, b in zip(got[2], eager[2], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@needs_native
 def test_non_kept_rows_get_exact_zero_even_with_nan_logits():
     # Under keep="easiest" a NaN loss ranks last, so NaN rows are left out: their gradient must be
     # exactly zero (the backward never reads them), not NaN.
