@@ -1,12 +1,14 @@
 // fused_trim::trimmed_ce_fwd / trimmed_ce_bwd: op schemas and the CPU implementation.
 //
+// Input: (M, C) rows, or a spatial (N, C, S) map read in place (M = N * S samples in n * S + s
+// order; see the "Spatial inputs" section below).
 // Forward: one pass over each row's logits (rows split over threads with at::parallel_for; a
 // row is read block by block, each block once from memory and re-read from L1), giving the
 // per-row loss and logsumexp in float32 (float64 for float64 input). Then the exact-k selection
-// (std::nth_element over (key, index) pairs), the kept mask, the reduced loss, the threshold
-// and a per-row backward scale (0 outside the kept set).
+// (std::nth_element over (key, index) pairs, after a histogram of the keys for many rows), the
+// kept mask, the reduced loss, the threshold and a per-row backward scale (0 outside the kept set).
 // Backward: kept rows recompute softmax from the saved logsumexp; the other rows are
-// zero-filled without reading their logits.
+// zero-filled without reading their logits. The gradient has the input's shape, contiguous.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
