@@ -7,8 +7,13 @@ measured on this machine in the same run. Peak memory is measured per backend in
 (the rise of the resident-set high-water mark over the inputs), and reported beside the size of the
 gradient buffer, which every backend must allocate.
 
-    python benchmarks/bench_native_cpu.py                  # the issue's three shapes
+    python benchmarks/bench_native_cpu.py                  # the default cases (below)
     python benchmarks/bench_native_cpu.py --shape 4096x32000 --repeats 7
+    python benchmarks/bench_native_cpu.py --shape 8x19x128x128 --dtype bfloat16 --threads 1
+
+A shape is NxC (rows) or NxCxd1x... (a segmentation map: one sample per pixel, the class
+dimension strided in memory). The defaults are the three row shapes the CPU op was tuned on and
+the segmentation case (8, 19, 128, 128) in fp32 and bf16.
 
 A benchmark, not a test: the figures depend on the machine and on what else runs on it.
 """
@@ -31,14 +36,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fused_trim import native, trimmed_cross_entropy  # noqa: E402
 
-DEFAULT_SHAPES = ["4096x32000", "256x100", "65536x10"]
+DEFAULT_CASES = [
+    ((4096, 32000), "float32"),
+    ((256, 100), "float32"),
+    ((65536, 10), "float32"),
+    ((8, 19, 128, 128), "float32"),
+    ((8, 19, 128, 128), "bfloat16"),
+]
 
 
-def _make(n: int, c: int, seed: int = 0):
+def _make(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, c, generator=g).requires_grad_()
-    t = torch.randint(0, c, (n,), generator=g)
+    x = torch.randn(shape, generator=g).to(dtype).requires_grad_()
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
     return x, t
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "x".join(str(v) for v in shape)
 
 
 def _fns(keep_ratio: float):
@@ -85,18 +100,18 @@ def _rss_status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _peak_child(name: str, n: int, c: int, keep_ratio: float) -> None:
+def _peak_child(name: str, shape: tuple[int, ...], dtype: torch.dtype, keep_ratio: float) -> None:
     """Child process: print the peak extra resident memory of one forward+backward.
 
     The resident-set high-water mark (VmHWM) is reset (``/proc/self/clear_refs``) after the
     inputs exist, so the figure is what the forward+backward itself adds at its peak.
     """
-    x, t = _make(n, c)
+    x, t = _make(shape, dtype)
     fn = _fns(keep_ratio)[name]
     if name == "native":
         native.is_available(torch.device("cpu"))
     # Warm up on a small problem (compilation, thread pools) without touching the big one.
-    xs, ts = _make(64, c)
+    xs, ts = _make((2, *shape[1:]) if len(shape) > 2 else (64, shape[1]), dtype)
     fn(xs, ts).backward()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS to the current RSS
@@ -106,8 +121,9 @@ def _peak_child(name: str, n: int, c: int, keep_ratio: float) -> None:
     print(json.dumps({"peak_extra": after - before}))
 
 
-def peak_memory(name: str, n: int, c: int, keep_ratio: float) -> int | None:
-    cmd = [sys.executable, __file__, "--peak-child", name, "--shape", f"{n}x{c}", "--keep", str(keep_ratio)]
+def peak_memory(name: str, shape: tuple[int, ...], dtype: torch.dtype, keep_ratio: float) -> int | None:
+    cmd = [sys.executable, __file__, "--peak-child", name, "--shape", _fmt(shape), "--keep", str(keep_ratio),
+           "--dtype", str(dtype).removeprefix("torch.")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("{"):
@@ -118,16 +134,23 @@ def peak_memory(name: str, n: int, c: int, keep_ratio: float) -> int | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", action="append", help="NxC (repeatable); default: the issue's three")
+    p.add_argument("--shape", action="append", help="NxC or NxCxd1x... (repeatable); default: the cases above")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or float64")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-memory", action="store_true", help="skip the per-backend peak-memory runs")
     p.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = p.parse_args()
-    shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shape or DEFAULT_SHAPES)]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.shape:
+        cases = [(tuple(int(v) for v in s.split("x")), args.dtype or "float32") for s in args.shape]
+    else:
+        cases = [c for c in DEFAULT_CASES if args.dtype is None or c[1] == args.dtype]
 
     if args.peak_child:
-        _peak_child(args.peak_child, *shapes[0], args.keep)
+        _peak_child(args.peak_child, cases[0][0], getattr(torch, cases[0][1]), args.keep)
         return
 
     reason = native.unavailable_reason(torch.device("cpu"))
@@ -140,16 +163,19 @@ def main() -> None:
           f"forward+backward, median and min of {args.repeats} (30 for small shapes)")
     print(f"load average before the run: {os.getloadavg()[0]:.2f} (other processes skew the figures)")
     fns = _fns(args.keep)
-    for n, c in shapes:
-        x, t = _make(n, c)
+    for shape, dtype_name in cases:
+        dtype = getattr(torch, dtype_name)
+        x, t = _make(shape, dtype)
         elem = x.element_size()
-        floor_bytes = n * c * elem * (1 + args.keep + 1)  # fwd read, bwd read kept, bwd write all
+        numel = x.numel()
+        floor_bytes = numel * elem * (1 + args.keep + 1)  # fwd read, bwd read kept, bwd write all
         floor = floor_bytes / bw
-        warmup = 2 if n * c >= 1 << 24 else 5
-        repeats = args.repeats if n * c >= 1 << 24 else max(args.repeats, 30)
+        warmup = 2 if numel >= 1 << 24 else 5
+        repeats = args.repeats if numel >= 1 << 24 else max(args.repeats, 30)
         stats = {name: _time(fn, x, t, repeats, warmup) for name, fn in fns.items()}
         times = {name: med for name, (med, _) in stats.items()}
-        print(f"\n(N, C) = ({n}, {c}), fp32; bytes floor {floor * 1e3:.2f} ms")
+        dims = "(N, C)" if len(shape) == 2 else "(N, C, d...)"
+        print(f"\n{dims} = {shape}, {dtype_name}; bytes floor {floor * 1e3:.2f} ms")
         print(f"  {'':20s} {'median':>10s} {'min':>10s}")
         for name, (med, best) in stats.items():
             print(f"  {name:20s} {med * 1e3:8.3f}ms {best * 1e3:8.3f}ms")
@@ -159,10 +185,10 @@ def main() -> None:
                   f"(min/min {stats[other][1] / nat_min:7.2f}x)")
         print(f"  native / bytes floor:                    {nat / floor:7.2f}x (min {nat_min / floor:.2f}x)")
         if not args.no_memory:
-            grad_mb = n * c * elem / 2**20
+            grad_mb = numel * elem / 2**20
             print(f"  peak extra resident memory (gradient buffer {grad_mb:.1f} MiB):")
             for name in fns:
-                peak = peak_memory(name, n, c, args.keep)
+                peak = peak_memory(name, shape, dtype, args.keep)
                 if peak is not None:
                     print(f"    {name:20s} {peak / 2**20:9.1f} MiB  (beyond the gradient: "
                           f"{(peak / 2**20 - grad_mb):8.1f} MiB)")

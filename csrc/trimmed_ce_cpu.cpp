@@ -1,12 +1,14 @@
 // fused_trim::trimmed_ce_fwd / trimmed_ce_bwd: op schemas and the CPU implementation.
 //
+// Input: (M, C) rows, or a spatial (N, C, S) map read in place (M = N * S samples in n * S + s
+// order; see the "Spatial inputs" section below).
 // Forward: one pass over each row's logits (rows split over threads with at::parallel_for; a
 // row is read block by block, each block once from memory and re-read from L1), giving the
 // per-row loss and logsumexp in float32 (float64 for float64 input). Then the exact-k selection
-// (std::nth_element over (key, index) pairs), the kept mask, the reduced loss, the threshold
-// and a per-row backward scale (0 outside the kept set).
+// (std::nth_element over (key, index) pairs, after a histogram of the keys for many rows), the
+// kept mask, the reduced loss, the threshold and a per-row backward scale (0 outside the kept set).
 // Backward: kept rows recompute softmax from the saved logsumexp; the other rows are
-// zero-filled without reading their logits.
+// zero-filled without reading their logits. The gradient has the input's shape, contiguous.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
@@ -476,6 +478,10 @@ __attribute__((flatten)) void grouped_rows_forward(
   }
 }
 
+// From this many rows on, the forward's selection starts with a histogram of the ranking keys
+// (fp32 and narrower; below it, one nth_element over all the candidates is faster).
+constexpr int64_t kRadixSelectMin = int64_t(1) << 15;
+
 at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -487,6 +493,12 @@ at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType st) {
   return t.to(st).contiguous();
 }
 
+// `t` with a unit-stride last dimension (the CPU kernels' one requirement on the layout).
+at::Tensor unit_stride_last(const at::Tensor& t) {
+  const int64_t d = t.dim() - 1;
+  return t.size(d) <= 1 || t.stride(d) == 1 ? t : t.contiguous();
+}
+
 // sum of the class weights, in the accumulation type, without a tensor op and `.item()`.
 template <typename acc_t>
 acc_t weight_total(const acc_t* w, int64_t C) {
@@ -495,18 +507,330 @@ acc_t weight_total(const acc_t* w, int64_t C) {
   return static_cast<acc_t>(s);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Spatial inputs (N, C, S): a sample is a pixel, its classes S elements apart, neighbouring
+// pixels adjacent. The vectors run ACROSS pixels (V pixels per vector, as the small-C tile does
+// for rows, but without a transpose: the layout already is one), and the reductions over the C
+// classes are plain elementwise vector ops, with no horizontal reduction at all.
+//
+// Pixels go in blocks of kPixelVecs vectors (64 fp32 pixels), each block's classes in chunks of
+// kClassChunk. The first pass over a chunk reads it from memory once, converts it to the
+// accumulation type and copies it into a contiguous tile; the second pass (exp-sum) reads the
+// tile. Re-reading the input instead would miss L1 (and L2) for power-of-two maps: the C lines at
+// one pixel offset are S * elem bytes apart, a multiple of 4 KiB, so they all fall in one cache
+// set, and 19 classes > 8 ways. A later chunk that raises the running max rescales the sum
+// (online softmax per chunk, one exp per element).
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kPixelVecs = 4;
+constexpr int64_t kClassChunk = 64;
+
+template <typename acc_t>
+constexpr int64_t kPixelBlock = kPixelVecs * Vectorized<acc_t>::size();
+
+// V pixels of one class in the accumulation type; `count` < V pads with zeros.
+template <typename scalar_t, typename acc_t, bool full>
+inline Vectorized<acc_t> load_px(const scalar_t* p, int64_t count) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (full) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return Vec::loadu(p);
+    } else {
+      Vec out;
+      at::vec::load_to_float<scalar_t>(p, out);
+      return out;
+    }
+  } else {
+    alignas(64) acc_t tmp[Vec::size()] = {};
+    for (int64_t j = 0; j < std::min<int64_t>(count, Vec::size()); ++j) tmp[j] = static_cast<acc_t>(p[j]);
+    return Vec::loadu(tmp);
+  }
+}
+
+// V (or `count` < V) pixels of one class, rounded to the output type.
+template <typename scalar_t, typename acc_t, bool full>
+inline void store_px(scalar_t* dst, const Vectorized<acc_t>& v, int64_t count) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (full) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      v.store(dst);
+    } else {
+      at::vec::convert_from_float<scalar_t>(v, v).store(dst, Vec::size());
+    }
+  } else {
+    alignas(64) acc_t tmp[Vec::size()];
+    v.store(tmp);
+    for (int64_t j = 0; j < std::min<int64_t>(count, Vec::size()); ++j) dst[j] = static_cast<scalar_t>(tmp[j]);
+  }
+}
+
+// One block of pixels [s0, s0 + rows) of image n: loss and logsumexp per pixel.
+template <typename scalar_t, typename acc_t, bool full>
+__attribute__((flatten)) inline void spatial_block_forward(
+    const scalar_t* p, int64_t cs, int64_t C, int64_t rows, const int64_t* t, int64_t ignore_index,
+    const acc_t* w, acc_t w_total, acc_t ls, acc_t* tile, acc_t* loss_out, acc_t* lse_out,
+    std::atomic<bool>& bad_target) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t B = kPixelVecs;
+  constexpr int64_t P = kPixelBlock<acc_t>;
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  const bool smooth = ls > 0;
+  Vec m[B], s[B], sx[B], ref[B];
+  int64_t c0 = 0;
+  for (; c0 < C; c0 += kClassChunk) {
+    const int64_t cn = std::min(kClassChunk, C - c0);
+    Vec bm[B];
+    for (int64_t v = 0; v < B; ++v) bm[v] = Vec(ninf);
+    for (int64_t c = 0; c < cn; ++c) {
+      const scalar_t* row = p + (c0 + c) * cs;
+      for (int64_t v = 0; v < B; ++v) {
+        const Vec xv = load_px<scalar_t, acc_t, full>(row + v * V, rows - v * V);
+        xv.store(tile + c * P + v * V);
+        bm[v] = at::vec::maximum(bm[v], xv);
+      }
+    }
+    if (c0 == 0) {
+      for (int64_t v = 0; v < B; ++v) {
+        m[v] = bm[v];
+        s[v] = Vec(0);
+        sx[v] = Vec(0);
+        // The smoothing sum is taken relative to the first chunk's max where that is finite.
+        ref[v] = Vec::blendv(Vec(0), bm[v], (bm[v] - bm[v]) == Vec(0));
+      }
+    } else {
+      for (int64_t v = 0; v < B; ++v) {
+        const Vec mn = at::vec::maximum(m[v], bm[v]);
+        // Lanes whose classes so far were all -inf hold no sum yet (exp(-inf - -inf) is NaN).
+        s[v] = Vec::blendv(Vec(0), s[v] * vexp(m[v] - mn), m[v] != Vec(ninf));
+        m[v] = mn;
+      }
+    }
+    for (int64_t c = 0; c < cn; ++c) {
+      const acc_t* trow = tile + c * P;
+      for (int64_t v = 0; v < B; ++v) s[v] = s[v] + vexp(Vec::loadu(trow + v * V) - m[v]);
+      if (smooth) {
+        const Vec wc(w == nullptr ? acc_t(1) : w[c0 + c]);
+        for (int64_t v = 0; v < B; ++v) sx[v] = sx[v] + wc * (Vec::loadu(trow + v * V) - ref[v]);
+      }
+    }
+  }
+  const int64_t last_c0 = (C - 1) / kClassChunk * kClassChunk;  // the chunk still in the tile
+  alignas(64) acc_t mv[P], lsv[P], sxv[P], refv[P];
+  for (int64_t v = 0; v < B; ++v) {
+    m[v].store(mv + v * V);
+    s[v].log().store(lsv + v * V);
+    sx[v].store(sxv + v * V);
+    ref[v].store(refv + v * V);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t y = t[r];
+    if (y == ignore_index || y < 0 || y >= C) {
+      if (y != ignore_index) bad_target.store(true, std::memory_order_relaxed);
+      loss_out[r] = 0;
+      lse_out[r] = 0;
+      continue;
+    }
+    const acc_t mr = mv[r];
+    // A pixel whose max is not finite (a NaN, a +inf, or all -inf) has NaN log-probabilities.
+    const acc_t log_s = std::isfinite(mr) ? lsv[r] : nan;
+    const acc_t x_y = y >= last_c0 ? tile[(y - last_c0) * P + r] : static_cast<acc_t>(p[y * cs + r]);
+    const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
+    acc_t loss = w_y * ((mr - x_y) + log_s);
+    if (smooth) {
+      loss = (acc_t(1) - ls) * loss + (ls / static_cast<acc_t>(C)) * (((mr - refv[r]) + log_s) * w_total - sxv[r]);
+    }
+    loss_out[r] = loss;
+    lse_out[r] = mr + log_s;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void spatial_forward(const scalar_t* x, int64_t N, int64_t C, int64_t S, int64_t sN, int64_t sC,
+                     const int64_t* t, int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls,
+                     acc_t* loss_out, acc_t* lse_out, std::atomic<bool>& bad_target) {
+  constexpr int64_t P = kPixelBlock<acc_t>;
+  const int64_t nblk = (S + P - 1) / P;
+  const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(C * P, 1));
+  at::parallel_for(0, N * nblk, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t tile[kClassChunk * P];
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n = u / nblk, s0 = (u - n * nblk) * P;
+      const int64_t rows = std::min(P, S - s0);
+      const scalar_t* p = x + n * sN + s0;
+      const int64_t i0 = n * S + s0;
+      if (rows == P) {
+        spatial_block_forward<scalar_t, acc_t, true>(p, sC, C, rows, t + i0, ignore_index, w, w_total, ls,
+                                                     tile, loss_out + i0, lse_out + i0, bad_target);
+      } else {
+        spatial_block_forward<scalar_t, acc_t, false>(p, sC, C, rows, t + i0, ignore_index, w, w_total, ls,
+                                                      tile, loss_out + i0, lse_out + i0, bad_target);
+      }
+    }
+  });
+}
+
+// Gradient of one block of pixels: kept pixels recompute softmax from the saved logsumexp; the
+// other lanes are masked to exactly 0 (NaN logits there must not leak). `g` is the block's
+// class-0 gradient, classes S apart.
+template <typename scalar_t, typename acc_t, bool full>
+__attribute__((flatten)) inline void spatial_block_backward(
+    const scalar_t* p, int64_t cs, scalar_t* g, int64_t gs, int64_t C, int64_t rows, const acc_t* am,
+    const acc_t* bm, const acc_t* lm, const acc_t* km, const acc_t* w, bool stream) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t B = kPixelVecs;
+  Vec va[B], vb[B], vl[B], mask[B];
+  for (int64_t v = 0; v < B; ++v) {
+    va[v] = Vec::loadu(am + v * V);
+    vb[v] = Vec::loadu(bm + v * V);
+    vl[v] = Vec::loadu(lm + v * V);
+    mask[v] = Vec::loadu(km + v * V) != Vec(0);
+  }
+  const bool nt = full && std::is_same_v<scalar_t, acc_t> && stream &&
+                  reinterpret_cast<uintptr_t>(g) % kVecBytes<acc_t> == 0 &&
+                  (gs * int64_t(sizeof(scalar_t))) % int64_t(kVecBytes<acc_t>) == 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* row = p + c * cs;
+    scalar_t* grow = g + c * gs;
+    const Vec wc(w == nullptr ? acc_t(1) : w[c]);
+    for (int64_t v = 0; v < B; ++v) {
+      const Vec xv = load_px<scalar_t, acc_t, full>(row + v * V, rows - v * V);
+      const Vec gv = Vec::blendv(Vec(0), vexp(xv - vl[v]) * va[v] - vb[v] * wc, mask[v]);
+      if constexpr (full && std::is_same_v<scalar_t, acc_t>) {
+        if (nt) {
+          store_stream<acc_t>(reinterpret_cast<acc_t*>(grow + v * V), gv);
+          continue;
+        }
+      }
+      store_px<scalar_t, acc_t, full>(grow + v * V, gv, rows - v * V);
+    }
+  }
+}
+
+// v where keep is 1, +0 where it is 0 (bitwise: no branch, and a NaN v is dropped too).
+template <typename acc_t>
+inline acc_t zero_unless(acc_t v, int64_t keep) {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
+  bits_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  b &= static_cast<bits_t>(-keep);
+  std::memcpy(&v, &b, sizeof(b));
+  return v;
+}
+
+at::Tensor spatial_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& target,
+                            const at::Tensor& weight, const at::Tensor& lse_c, const at::Tensor& rs_c,
+                            int64_t ignore_index, double label_smoothing) {
+  const int64_t N = input.size(0), C = input.size(1), S = input.size(2);
+  const int64_t sN = input.stride(0), sC = input.stride(1);
+  const bool per_row = grad_out.dim() == 1;
+  at::Tensor grad = empty_large({N, C, S}, input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "trimmed_ce_bwd_spatial", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int64_t P = kPixelBlock<acc_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const int64_t* t = target.const_data_ptr<int64_t>();
+    const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+    const acc_t w_total = w == nullptr ? static_cast<acc_t>(C) : weight_total<acc_t>(w, C);
+    const acc_t ls = static_cast<acc_t>(label_smoothing);
+    const acc_t* gp = grad_out.const_data_ptr<acc_t>();
+    const acc_t* lse = lse_c.const_data_ptr<acc_t>();
+    const acc_t* rs = rs_c.const_data_ptr<acc_t>();
+    scalar_t* gr = grad.mutable_data_ptr<scalar_t>();
+    const int64_t nblk = (S + P - 1) / P;
+    const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(C * P, 1));
+    const bool stream = static_cast<size_t>(N) * C * S * sizeof(scalar_t) >= kStreamBytes;
+    // d l / d x_c = (1-ls) w_y (p_c - [c==y]) + ls/C (W p_c - w_c), per kept pixel a p_c - b w_c
+    // with a = coef ((1-ls) w_y + ls W / C), b = coef ls / C, and the true-class term patched.
+    const acc_t one_m_ls = acc_t(1) - ls, ls_wc = ls * w_total / static_cast<acc_t>(C);
+    const acc_t ls_c = ls / static_cast<acc_t>(C);
+    at::parallel_for(0, N * nblk, grain, [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t am[P], bm[P], lm[P], km[P], coefv[P];
+      int64_t kept_r[P];
+      // Locals, so that the per-pixel loop does not reload them through the captures.
+      const int64_t* const tp = t;
+      const acc_t* const rsp = rs;
+      const acc_t* const lsep = lse;
+      const acc_t* const wp = w;
+      const acc_t* const gpp = gp;
+      const int64_t ign = ignore_index;
+      const int64_t g_step = per_row ? 1 : 0;
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t n = u / nblk, s0 = (u - n * nblk) * P;
+        const int64_t rows = std::min(P, S - s0);
+        const int64_t i0 = n * S + s0;
+        scalar_t* g = gr + n * C * S + s0;
+        int64_t nk = 0;
+        // Branch-free: a random half of the pixels is kept, which no predictor guesses.
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
+          const int64_t y = tp[i];
+          const int64_t keep_r = int64_t(rsp[i] != acc_t(0)) & int64_t(y != ign) &
+                                 int64_t(static_cast<uint64_t>(y) < static_cast<uint64_t>(C));
+          // Masks, not products: a non-kept pixel's upstream gradient may be NaN.
+          const acc_t coef = zero_unless(gpp[i * g_step] * rsp[i], keep_r);
+          const acc_t w_y = wp == nullptr ? acc_t(1) : wp[y & -keep_r];
+          am[r] = coef * (one_m_ls * w_y + ls_wc);
+          bm[r] = coef * ls_c;
+          lm[r] = zero_unless(lsep[i], keep_r);
+          km[r] = static_cast<acc_t>(keep_r);
+          coefv[r] = coef;
+          kept_r[nk] = r;
+          nk += keep_r;
+        }
+        for (int64_t r = rows; r < P; ++r) am[r] = bm[r] = lm[r] = km[r] = 0;
+        if (nk == 0) {  // no kept pixel: zeros, without reading the logits
+          for (int64_t c = 0; c < C; ++c) {
+            zero_bytes(static_cast<void*>(g + c * S), rows * sizeof(scalar_t), stream);
+          }
+          continue;
+        }
+        const scalar_t* p = x + n * sN + s0;
+        if (rows == P) {
+          spatial_block_backward<scalar_t, acc_t, true>(p, sC, g, S, C, rows, am, bm, lm, km, w, stream);
+        } else {
+          spatial_block_backward<scalar_t, acc_t, false>(p, sC, g, S, C, rows, am, bm, lm, km, w, stream);
+        }
+        if (stream) stream_fence();  // the streamed block is in place before it is patched
+        for (int64_t j = 0; j < nk; ++j) {
+          const int64_t r = kept_r[j];
+          const int64_t i = i0 + r;
+          const int64_t y = t[i];
+          if (lse[i] != lse[i]) {  // a kept pixel with NaN log-probabilities: NaN gradient, as torch
+            for (int64_t c = 0; c < C; ++c) {
+              g[c * S + r] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+            }
+            continue;
+          }
+          // The true-class term, formed in the accumulation type before rounding.
+          const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
+          const acc_t p_y = std::exp(static_cast<acc_t>(p[y * sC + r]) - lse[i]);
+          g[y * S + r] = static_cast<scalar_t>(am[r] * p_y - bm[r] * w_y - coefv[r] * one_m_ls * w_y);
+        }
+      }
+      if (stream) stream_fence();
+    });
+  });
+  return grad;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
                    const std::optional<at::Tensor>& weight_, double keep_ratio,
                    const std::optional<at::Tensor>& keep_ratio_t, bool easiest,
                    int64_t ignore_index, double label_smoothing, int64_t reduction) {
-  TORCH_CHECK(input_.dim() == 2, "fused_trim: input must be (M, C), got ", input_.sizes());
-  TORCH_CHECK(target_.dim() == 1 && target_.size(0) == input_.size(0),
-              "fused_trim: target must be (M,), got ", target_.sizes());
+  // (M, C) rows, or the spatial layout (N, C, S): M = N * S samples in n * S + s order.
+  const bool spatial = input_.dim() == 3;
+  TORCH_CHECK(input_.dim() == 2 || spatial, "fused_trim: input must be (M, C) or (N, C, S), got ",
+              input_.sizes());
+  const int64_t M = spatial ? input_.size(0) * input_.size(2) : input_.size(0);
+  TORCH_CHECK(target_.dim() == 1 && target_.size(0) == M, "fused_trim: target must be (", M, ",), got ",
+              target_.sizes());
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "fused_trim: bad reduction code ", reduction);
-  const at::Tensor input = input_.stride(1) == 1 ? input_ : input_.contiguous();
+  const at::Tensor input = unit_stride_last(input_);
   const at::Tensor target = as_contiguous(target_, at::kLong);
-  const int64_t M = input.size(0), C = input.size(1);
+  const int64_t C = input.size(1);
   const int64_t row_stride = input.stride(0);
   const auto acc_st = acc_type_of(input.scalar_type());
   const at::Tensor weight =
@@ -548,7 +872,10 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
     std::atomic<bool> bad_target{false};
 
     const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(C, 1));
-    if (C <= kSmallC) {
+    if (spatial) {
+      spatial_forward<scalar_t, acc_t>(x, input.size(0), C, input.size(2), input.stride(0), input.stride(1), t,
+                                       ignore_index, w, w_total, ls, loss_acc, lse, bad_target);
+    } else if (C <= kSmallC) {
       constexpr int64_t V = Vectorized<acc_t>::size();
       const int64_t small_grain = (grain + V - 1) / V * V;
       at::parallel_for(0, (M + V - 1) / V, (small_grain + V - 1) / V, [&](int64_t gb, int64_t ge) {
@@ -610,7 +937,44 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
       selected = true;
     };
     if constexpr (sizeof(key_t) == 4) {
-      if (M <= int64_t(0xFFFFFFFF)) {
+      if (M >= kRadixSelectMin && M <= int64_t(0xFFFFFFFF)) {
+        // Many rows: a histogram of the keys' top 16 bits finds the bin that holds the k-th; rows
+        // above it are kept, rows below it dropped, and only the threshold bin's rows (a few
+        // hundredths of them) go through nth_element. Branch-free where the outcome is random.
+        std::vector<uint32_t> keys(M);
+        std::vector<uint32_t> hist(size_t(1) << 16, 0);
+        for (int64_t i = 0; i < M; ++i) {
+          const uint32_t key = KeyOf<acc_t>::get(loss_acc[i], easiest);
+          const uint32_t valid = t[i] != ignore_index;
+          keys[i] = key;
+          hist[key >> 16] += valid;
+          n += valid;
+        }
+        k = exact_count ? std::min(n, count) : compute_k(n, r);
+        kept_idx.resize(k);
+        if (k > 0) {
+          int64_t above = 0;  // rows in the bins above the threshold bin
+          uint32_t bin = 0xFFFF;
+          while (above + int64_t(hist[bin]) < k) above += hist[bin--];
+          std::vector<uint64_t> tie;
+          int64_t na = 0;
+          for (int64_t i = 0; i < M; ++i) {
+            const uint32_t hb = keys[i] >> 16;
+            const bool valid = t[i] != ignore_index;
+            kept_idx[std::min(na, k - 1)] = i;  // (na < k whenever it is kept)
+            na += valid & (hb > bin);
+            if (valid & (hb == bin)) tie.push_back((uint64_t(keys[i]) << 32) | (uint64_t(0xFFFFFFFFu) - uint64_t(i)));
+          }
+          const int64_t need = k - above;  // 1 <= need <= tie.size()
+          if (need < static_cast<int64_t>(tie.size())) {
+            std::nth_element(tie.begin(), tie.begin() + (need - 1), tie.end(), std::greater<uint64_t>());
+          }
+          const uint64_t worst = *std::min_element(tie.begin(), tie.begin() + need);
+          thr_idx = int64_t(0xFFFFFFFFu - (worst & 0xFFFFFFFFu));
+          for (int64_t j = 0; j < need; ++j) kept_idx[above + j] = int64_t(0xFFFFFFFFu - (tie[j] & 0xFFFFFFFFu));
+        }
+        selected = true;
+      } else if (M <= int64_t(0xFFFFFFFF)) {
         std::vector<uint64_t> cands;
         cands.reserve(M);
         for (int64_t i = 0; i < M; ++i) {
@@ -678,7 +1042,9 @@ at::Tensor trimmed_ce_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& inpu
                               const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
                               const at::Tensor& lse_t, const at::Tensor& rowscale_t,
                               int64_t ignore_index, double label_smoothing) {
-  const at::Tensor input = input_.stride(1) == 1 ? input_ : input_.contiguous();
+  TORCH_CHECK(input_.dim() == 2 || input_.dim() == 3, "fused_trim: input must be (M, C) or (N, C, S), got ",
+              input_.sizes());
+  const at::Tensor input = unit_stride_last(input_);
   const at::Tensor target = as_contiguous(target_, at::kLong);
   const int64_t M = input.size(0), C = input.size(1);
   const int64_t row_stride = input.stride(0);
@@ -689,6 +1055,9 @@ at::Tensor trimmed_ce_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& inpu
   const at::Tensor g = as_contiguous(grad_out, acc_st);
   const at::Tensor lse_c = as_contiguous(lse_t, acc_st);
   const at::Tensor rs_c = as_contiguous(rowscale_t, acc_st);
+  if (input.dim() == 3) {
+    return spatial_backward(g, input, target, weight, lse_c, rs_c, ignore_index, label_smoothing);
+  }
   at::Tensor grad = empty_large({M, C}, input.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "trimmed_ce_bwd_cpu", [&] {

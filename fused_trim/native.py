@@ -6,6 +6,13 @@ The C++ (CPU) and CUDA sources live in ``csrc/``. They register two ``torch.libr
 formula is registered in C++ (``csrc/trimmed_ce_cpu.cpp``, the ``Autograd`` key, for every device):
 the backward op fed with the forward's saved logsumexp and per-row scale, no Python on the path.
 
+Spatial inputs reach :func:`trimmed_cross_entropy_2d` as ``(N, C, S)`` (rows in ``n * S + s``
+order). The CPU op reads them in place (vectorised across the pixels, which are adjacent in
+memory, the classes ``S`` apart; only an input whose last dimension is not unit-stride is made
+contiguous first) and returns the gradient in the same ``(N, C, S)`` layout. The CUDA op takes
+``(M, C)`` rows only: CUDA tensors are first moved to ``(N * S, C)`` with one copy
+(:func:`fused_trim._common.as_rows`).
+
 Build: the first time the op is needed on a machine, the sources are compiled against the
 installed torch with the system C++ compiler (and ``nvcc`` for the CUDA kernels, when torch has
 CUDA and a GPU is present) and the shared library is cached under ``~/.cache/fused_trim`` (or
@@ -294,9 +301,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _num_rows(input):
+    """Samples of the op's input: ``M`` of ``(M, C)``, ``N * S`` of ``(N, C, S)``."""
+    torch._check(input.dim() in (2, 3), lambda: f"fused_trim: input must be (M, C) or (N, C, S), got {input.shape}")
+    return input.shape[0] if input.dim() == 2 else input.shape[0] * input.shape[2]
+
+
 def _fwd_fake(input, target, weight, keep_ratio, keep_ratio_t, easiest, ignore_index, label_smoothing,
               reduction):
-    m = input.shape[0]
+    m = _num_rows(input)
     acc = _acc_dtype(input.dtype)
     out = input.new_empty((m,) if reduction == 0 else ())
     return (
@@ -311,7 +324,8 @@ def _fwd_fake(input, target, weight, keep_ratio, keep_ratio_t, easiest, ignore_i
 
 
 def _bwd_fake(grad_out, input, target, weight, lse, rowscale, ignore_index, label_smoothing):
-    return input.new_empty(input.shape)
+    _num_rows(input)
+    return input.new_empty(input.shape)  # contiguous, as the CPU and CUDA ops return it
 
 
 def _register_python_parts() -> None:
@@ -345,9 +359,12 @@ def trimmed_cross_entropy_2d(
         reason = unavailable_reason(input.device)
         if reason is not None:
             raise RuntimeError(f"backend='native' cannot run here: {reason}")
-    input = as_rows(input)
-    if not input.is_cpu and input.stride(-1) != 1:
-        input = input.contiguous()  # (the CPU op takes any row stride itself)
+    if not input.is_cpu:
+        # The CUDA op reads (M, C) rows with unit class stride: spatial inputs cost one copy.
+        input = as_rows(input)
+        if input.stride(-1) != 1:
+            input = input.contiguous()
+    # (The CPU op takes (M, C) or (N, C, S) with any strides itself.)
     if isinstance(keep_ratio, Tensor):
         ratio, ratio_t = 0.0, keep_ratio
     else:

@@ -53,14 +53,29 @@ def test_reports_cuda_state_honestly():
     assert native.unavailable_reason(torch.device("meta")) is not None
 
 
+def _opcheck_input(layout, dtype, gen):
+    """(x, t) of the op's own input layouts: (M, C) rows, or the spatial (N, C, S)."""
+    if layout == "rows":
+        x = torch.randn(37, 11, generator=gen)
+    elif layout == "spatial":  # a full pixel block and a partial one per image
+        x = torch.randn(3, 11, 77, generator=gen)
+    elif layout == "spatial-strided":  # classes sliced out of a wider map, last dim unit-stride
+        x = torch.randn(2, 15, 70, generator=gen)[:, 2:13]
+    else:  # spatial, last dim not unit-stride: the op makes it contiguous
+        x = torch.randn(2, 19, 11, generator=gen).transpose(1, 2)
+    m = x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[2]
+    t = torch.randint(0, 11, (m,), generator=gen)
+    t[::5] = -100
+    return x.to(dtype).requires_grad_(), t
+
+
 @needs_native
+@pytest.mark.parametrize("layout", ["rows", "spatial", "spatial-strided", "spatial-transposed"])
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_opcheck(reduction, dtype):
+def test_opcheck(reduction, dtype, layout):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(37, 11, generator=gen).to(dtype).requires_grad_()
-    t = torch.randint(0, 11, (37,), generator=gen)
-    t[::5] = -100
+    x, t = _opcheck_input(layout, dtype, gen)
     w = torch.rand(11, generator=gen).to(dtype)
     args = (x, t, w, 0.4, None, False, -100, 0.1, reduction)
     torch.library.opcheck(torch.ops.fused_trim.trimmed_ce_fwd.default, args)
@@ -130,6 +145,36 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 @needs_native
+def test_torch_compile_fullgraph_spatial():
+    """A segmentation head under torch.compile(fullgraph=True): the (N, C, S) input goes through
+    the fake implementations (shapes of the N * S per-pixel outputs) and the C++ autograd."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 7, 3, padding=1)
+    x = torch.randn(2, 3, 9, 10)
+    t = torch.randint(0, 7, (2, 9, 10))
+    t[:, ::4] = -100
+    ratio = torch.tensor(0.4)
+
+    def step(fn):
+        conv.zero_grad(set_to_none=True)
+        out, info = fn(x, t, ratio)
+        out.backward()
+        return out.detach(), info.kept, [p.grad.clone() for p in conv.parameters()]
+
+    def loss(x, t, ratio):
+        return trimmed_cross_entropy(conv(x), t, ratio, backend="native", label_smoothing=0.05, return_info=True)
+
+    eager = step(loss)
+    for backend in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        got = step(torch.compile(loss, fullgraph=True, backend=backend))
+        torch.testing.assert_close(got[0], eager[0])
+        assert torch.equal(got[1], eager[1])
+        for a, b in zip(got[2], eager[2], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@needs_native
 def test_non_kept_rows_get_exact_zero_even_with_nan_logits():
     # Under keep="easiest" a NaN loss ranks last, so NaN rows are left out: their gradient must be
     # exactly zero (the backward never reads them), not NaN.
@@ -164,6 +209,135 @@ def test_block_and_tile_paths_against_reference(shape):
     assert torch.equal(info_n.kept, info_r.kept)
     torch.testing.assert_close(out_n, out_r, rtol=2e-5, atol=1e-4)
     torch.testing.assert_close(g_n, g_r, rtol=2e-5, atol=2e-6)
+
+
+def _spatial_grad_pair(x, t, ratio, **kw):
+    """(out, info, grad) of the native op and of the reference on the same spatial input."""
+    res = []
+    for backend in ("native", "reference"):
+        xb = x.detach().clone().requires_grad_()
+        out, info = trimmed_cross_entropy(xb, t, ratio, backend=backend, return_info=True, **kw)
+        gen = torch.Generator().manual_seed(3)
+        up = torch.randn(out.shape, generator=gen).to(out.dtype)
+        (g,) = torch.autograd.grad(out, xb, up)
+        res.append((out, info, g))
+    return res
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 3, 5), (3, 19, 64), (2, 19, 130), (2, 150, 7, 11), (1, 1, 70)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_spatial_blocks_and_class_chunks(dtype, shape, reduction):
+    """The spatial CPU kernels: whole and partial pixel blocks, several class chunks (C > 64, the
+    later chunks raising the running max, so the exp-sum is rescaled), every dtype, weights,
+    label smoothing, a scalar and a per-pixel upstream gradient."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    c = shape[1]
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    x = x + torch.linspace(0, 8, c, dtype=torch.float64).view(1, c, *([1] * (len(shape) - 2)))
+    x = x.to(dtype)
+    t = torch.randint(0, c, (shape[0], *shape[2:]), generator=gen)
+    t[torch.rand(t.shape, generator=gen) < 0.15] = -100
+    w = torch.rand(c, generator=gen, dtype=torch.float64).add(0.5).to(dtype)
+    kw = dict(weight=w, label_smoothing=0.1, reduction=reduction)
+    (out_n, info_n, g_n), (out_r, info_r, g_r) = _spatial_grad_pair(x, t, 0.4, **kw)
+    assert torch.equal(info_n.kept, info_r.kept)
+    tol = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6),
+           torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}[dtype]
+    torch.testing.assert_close(info_n.losses, info_r.losses, **tol)
+    torch.testing.assert_close(out_n, out_r, **tol)
+    torch.testing.assert_close(g_n, g_r, **tol)
+    assert g_n.dtype == dtype and g_n.shape == x.shape
+    assert torch.all(g_n.movedim(1, -1)[~info_n.kept] == 0)
+
+
+@needs_native
+def test_spatial_nan_and_inf_pixels():
+    """NaN pixels beside kept ones in the same block: exactly 0 where not kept (keep="easiest"
+    leaves NaN losses out), NaN where kept (keep="hardest"); -inf logits in the first class chunk
+    with finite ones in a later chunk."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 70, 50, generator=gen)
+    x[0, :64, 3] = float("-inf")  # the first chunk all -inf, the second finite
+    x[1, 5, 7] = float("nan")
+    x[0, :, 20] = float("nan")
+    t = torch.randint(64, 70, (2, 50), generator=gen)
+    for keep in ("easiest", "hardest"):
+        (out_n, info_n, g_n), (out_r, info_r, g_r) = _spatial_grad_pair(x, t, 0.5, keep=keep)
+        assert torch.equal(info_n.kept, info_r.kept)
+        torch.testing.assert_close(info_n.losses, info_r.losses, equal_nan=True)
+        torch.testing.assert_close(g_n, g_r, equal_nan=True)
+        assert torch.all(g_n.movedim(1, -1)[~info_n.kept] == 0)
+        if keep == "easiest":
+            assert torch.isfinite(out_n) and torch.isfinite(g_n).all()
+
+
+@needs_native
+def test_spatial_bad_target_raises():
+    x = torch.randn(2, 5, 9, 9)
+    t = torch.randint(0, 5, (2, 9, 9))
+    t[1, 4, 4] = 5
+    with pytest.raises(ValueError, match="outside"):
+        trimmed_cross_entropy(x, t, 0.5, backend="native")
+
+
+@needs_native
+def test_spatial_input_is_not_copied_into_rows(monkeypatch):
+    """CPU spatial inputs go to the op as (N, C, S) views: as_rows is never called, and the
+    gradient comes back in the input's layout."""
+    x = torch.randn(2, 4, 6, 5, requires_grad=True)
+    t = torch.randint(0, 4, (2, 6, 5))
+    want = torch.autograd.grad(trimmed_cross_entropy(x, t, 0.5, backend="reference"), x)[0]
+
+    def fail(_input):
+        raise AssertionError("as_rows called for a CPU tensor")
+
+    monkeypatch.setattr(native, "as_rows", fail)
+    trimmed_cross_entropy(x, t, 0.5, backend="native").backward()
+    torch.testing.assert_close(x.grad, want)
+
+
+@needs_native
+def test_spatial_streamed_gradient():
+    """A gradient over 32 MiB (written with streaming stores) with a partial last pixel block.
+    Integer logits: a few distinct losses, each bit-identical wherever it occurs, so the kept set
+    (ties by index) cannot differ from the reference's by a rounding at the threshold."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randint(-4, 5, (1, 3, (1 << 23) // 3 + 5), generator=gen).float()
+    t = torch.randint(0, 3, (1, x.shape[2]), generator=gen)
+    (out_n, info_n, g_n), (out_r, info_r, g_r) = _spatial_grad_pair(x, t, 0.3)
+    assert torch.equal(info_n.kept, info_r.kept)
+    torch.testing.assert_close(out_n, out_r)
+    torch.testing.assert_close(g_n, g_r)
+
+
+@needs_native
+@pytest.mark.parametrize("keep", ["hardest", "easiest"])
+@pytest.mark.parametrize("ratio", [1e-6, 0.3, 0.985, 1.0, "count"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_histogram_select_many_rows(keep, ratio, dtype):
+    """From 2^15 rows on, the selection first bins the ranking keys (csrc: kRadixSelectMin):
+    heavy exact ties, NaN and +-inf losses, ignored rows, k = 1, k = n and an exact count (the
+    distributed path), in both the row and the spatial layout, against the reference."""
+    gen = torch.Generator().manual_seed(31)
+    m = 40000
+    patterns = torch.randn(6, 5, generator=gen)
+    patterns[4, 1] = float("nan")
+    patterns[5, 2] = float("-inf")  # target 2 below: an infinite loss
+    which = torch.randint(0, 6, (m,), generator=gen)
+    x, t = patterns[which].to(dtype), which.clamp(max=4).clone()
+    t[which == 5] = 2
+    t[torch.rand(m, generator=gen) < 0.1] = -100
+    r = torch.tensor(12345) if ratio == "count" else ratio
+    for layout in ("rows", "spatial"):
+        xl = x if layout == "rows" else x.view(2, m // 2, 5).transpose(1, 2)
+        got = native.trimmed_cross_entropy_2d(xl, t, r, keep, None, -100, 0.0, "sum")
+        want = ref.trimmed_cross_entropy_2d(x, t, r, keep, None, -100, 0.0, "sum")
+        assert torch.equal(got[2], want[2]), layout
+        assert int(got[3]) == int(want[3])
+        torch.testing.assert_close(got[4], want[4], equal_nan=True)
+        torch.testing.assert_close(got[0], want[0], equal_nan=True)
 
 
 @needs_native
