@@ -4,6 +4,8 @@ logsumexp for kept pixels only, the gradient written in the same layout."""
 import triton
 import triton.language as tl
 
+from ._ce import grad_coefs, smoothing_eps
+
 
 @triton.jit
 def ce_backward_spatial_kernel(
@@ -57,16 +59,8 @@ def ce_backward_spatial_kernel(
         w_t = tl.load(weight_ptr + tgt, mask=kept, other=0.0).to(acc_dtype)
     else:
         w_t = tl.full((BLOCK_S,), 1.0, acc_dtype)
-    eps = label_smoothing_bits.to(tl.int64).to(tl.float64, bitcast=True).to(acc_dtype)
-    true_coef = (1.0 - eps) * w_t
-    if HAS_SMOOTHING:
-        if HAS_WEIGHT:
-            sum_w = tl.load(weight_sum_ptr).to(acc_dtype)
-        else:
-            sum_w = tl.cast(num_classes, acc_dtype)
-        p_coef = true_coef + eps / num_classes * sum_w
-    else:
-        p_coef = true_coef
+    eps = smoothing_eps(label_smoothing_bits).to(acc_dtype)
+    true_coef, p_coef = grad_coefs(w_t, eps, weight_sum_ptr, num_classes, HAS_WEIGHT, HAS_SMOOTHING)
 
     in_ptr = logits_ptr + n * stride_n
     out_ptr = grad_ptr + n * stride_grad_n

@@ -6,6 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._ce import smoothing_eps, weighted_loss
+
 
 @triton.jit
 def ce_forward_spatial_kernel(
@@ -78,13 +80,10 @@ def ce_forward_spatial_kernel(
         w_t = tl.load(weight_ptr + safe_t, mask=valid, other=0.0).to(acc_dtype)
     else:
         w_t = tl.full((BLOCK_S,), 1.0, acc_dtype)
-    loss = w_t * (lse - x_t)
-    if HAS_SMOOTHING:
-        if not HAS_WEIGHT:
-            sum_w = tl.cast(num_classes, acc_dtype)
-        smooth = lse * sum_w - sum_wx
-        eps = label_smoothing_bits.to(tl.int64).to(tl.float64, bitcast=True).to(acc_dtype)
-        loss = (1.0 - eps) * loss + (eps / num_classes) * smooth
+    if HAS_SMOOTHING and not HAS_WEIGHT:
+        sum_w = tl.cast(num_classes, acc_dtype)
+    eps = smoothing_eps(label_smoothing_bits).to(acc_dtype)
+    loss = weighted_loss(lse, x_t, w_t, sum_w, sum_wx, eps, num_classes, HAS_SMOOTHING)
     zero = tl.zeros((BLOCK_S,), acc_dtype)
     tl.store(loss_ptr + flat, tl.where(valid, loss, zero), mask=in_image)
     tl.store(lse_ptr + flat, tl.where(valid, lse, zero), mask=in_image)
