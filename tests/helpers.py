@@ -70,7 +70,9 @@ def run(backend, x, t, keep_ratio=1.0, grad_seed=0, **kw):
     """Forward with ``return_info``, backward with a random upstream gradient (same for every
     backend given the same seed). Returns ``(out, info, grad_input)``, on the CPU."""
     _, dev = split(backend)
-    x = x.detach().to(dev).clone().requires_grad_(True)
+    # A leaf with exactly x's strides (clone() would make a sliced or padded view contiguous).
+    leaf = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=dev)
+    x = leaf.copy_(x.detach()).requires_grad_(True)
     out, info = call(backend, x, t, keep_ratio, return_info=True, **kw)
     gen = torch.Generator().manual_seed(grad_seed)
     # Rounded to bf16 so that every dtype sees exactly the same upstream gradient.

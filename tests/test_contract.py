@@ -276,17 +276,21 @@ def _spatial_case(layout):
     if layout == "sliced":  # neither contiguous nor channels-last
         x, t = make_batch(2, 6, ignore_frac=0.2, seed=15, spatial=(4, 10))
         return x[:, :, :, ::2], t[:, :, ::2]
+    if layout == "padded":  # 3-D, unit stride along the pixels, rows of a wider buffer: read in place
+        x, t = make_batch(3, 5, ignore_frac=0.2, seed=18, spatial=(40,))
+        return x[:, :, :33], t[:, :33]
     if layout == "257-classes":
         return make_batch(2, 257, ignore_frac=0.1, seed=16, spatial=(3, 3))
     raise AssertionError(layout)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", ["3d", "5d", "c1", "channels-last", "sliced", "257-classes"])
+@pytest.mark.parametrize("layout", ["3d", "5d", "c1", "channels-last", "sliced", "padded", "257-classes"])
 def test_spatial_layouts(backend, layout):
     """Every memory layout of ``(N, C, d...)`` against F.cross_entropy and the reference, with
     weights, label smoothing and a custom ignore_index; zero gradient outside the kept set."""
     x, t = _spatial_case(layout)
+    assert layout not in ("sliced", "padded") or not x.is_contiguous()
     c = x.shape[1]
     t = torch.where(t == -100, torch.full_like(t, 3), t) if c > 3 else t
     ignore = 3 if c > 3 else -100

@@ -11,14 +11,22 @@ from .helpers import KERNEL_BACKENDS, run
 
 @st.composite
 def problems(draw):
-    n = draw(st.integers(1, 40))
     c = draw(st.sampled_from([1, 2, 3, 7, 16, 33, 257]))
-    spatial = draw(st.sampled_from([(), (), (3,), (2, 3)]))
+    # Spatial maps up to a few pixel blocks (64 per native block, 16-256 per Triton program).
+    spatial = draw(st.sampled_from([(), (), (3,), (2, 3), (70,), (5, 13)]))
+    n = draw(st.integers(1, 40 if len(spatial) == 0 or spatial[-1] <= 3 else 3))
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((n, c, *spatial), generator=gen, dtype=torch.float64) * draw(st.sampled_from([0.1, 1.0, 30.0]))
     if draw(st.booleans()):  # duplicated rows make exact ties
         x[1::2] = x[0]
+    layout = draw(st.sampled_from(["contiguous", "strided"])) if spatial else "contiguous"
+    if layout == "strided":  # every other element of a wider map: no dense layout to read
+        wide = torch.zeros((*x.shape[:-1], 2 * x.shape[-1]), dtype=x.dtype)
+        wide[..., ::2] = x
+        x = wide[..., ::2]
+    elif len(spatial) == 2 and draw(st.booleans()):
+        x = x.contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, c, (n, *spatial), generator=gen)
     ignore_index = draw(st.sampled_from([-100, 0]))
     drop = torch.rand(t.shape, generator=gen) < draw(st.sampled_from([0.0, 0.3, 1.0]))
