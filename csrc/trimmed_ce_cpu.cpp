@@ -848,7 +848,7 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
   auto empty = [](at::IntArrayRef sizes, at::ScalarType dtype) -> at::Tensor {
     return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, std::nullopt);
   };
-  at::Tensor losses = empty({M}, st);
+  at::Tensor losses = empty({M}, acc_st);  // the ranking's own values: fp32 (fp64) for every input
   at::Tensor kept = empty({M}, at::kBool);
   at::Tensor k_t = empty({}, at::kLong);
   at::Tensor threshold = empty({}, st);
@@ -864,10 +864,7 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
     const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
     const acc_t w_total = w == nullptr ? static_cast<acc_t>(C) : weight_total<acc_t>(w, C);
     const acc_t ls = static_cast<acc_t>(label_smoothing);
-    // Per-row losses in the accumulation type: straight into `losses` when that is the same type.
-    std::vector<acc_t> loss_buf(std::is_same_v<scalar_t, acc_t> ? 0 : M);
-    acc_t* loss_acc = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(losses.mutable_data_ptr<scalar_t>())
-                                                      : loss_buf.data();
+    acc_t* loss_acc = losses.mutable_data_ptr<acc_t>();  // per-row losses in the accumulation type
     acc_t* lse = lse_t.mutable_data_ptr<acc_t>();
     std::atomic<bool> bad_target{false};
 
@@ -1011,19 +1008,17 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
     const acc_t scale = reduction == kMean ? static_cast<acc_t>(1.0 / sum_w) : acc_t(1);
     bool* kp = kept.mutable_data_ptr<bool>();
     acc_t* rs = rowscale.mutable_data_ptr<acc_t>();
-    scalar_t* lo = losses.mutable_data_ptr<scalar_t>();
     scalar_t* o = reduction == kNone ? out.mutable_data_ptr<scalar_t>() : nullptr;
     for (int64_t i = 0; i < M; ++i) {
       kp[i] = false;
       rs[i] = 0;
-      if constexpr (!std::is_same_v<scalar_t, acc_t>) lo[i] = static_cast<scalar_t>(loss_acc[i]);
       if (o != nullptr) o[i] = static_cast<scalar_t>(0);
     }
     for (int64_t j = 0; j < k; ++j) {
       const int64_t i = kept_idx[j];
       kp[i] = true;
       rs[i] = scale;
-      if (o != nullptr) o[i] = lo[i];
+      if (o != nullptr) o[i] = static_cast<scalar_t>(loss_acc[i]);
     }
     if (reduction == kSum) {
       *out.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(sum_loss);

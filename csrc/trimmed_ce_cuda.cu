@@ -121,8 +121,7 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ x, int64_t row_st
                                   int64_t C, const int64_t* __restrict__ target,
                                   int64_t ignore_index, const acc_t* __restrict__ w,
                                   const acc_t* __restrict__ w_total_ptr, acc_t ls,
-                                  acc_t* __restrict__ loss_acc, acc_t* __restrict__ lse_out,
-                                  scalar_t* __restrict__ losses) {
+                                  acc_t* __restrict__ loss_acc, acc_t* __restrict__ lse_out) {
   constexpr int rows_per_block = kThreads / G;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / G;
   const int lane = threadIdx.x % G;
@@ -152,7 +151,6 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ x, int64_t row_st
       const acc_t v = (y == ignore_index) ? acc_t(0) : quiet_nan<acc_t>();
       loss_acc[row] = v;
       lse_out[row] = v;
-      losses[row] = static_cast<scalar_t>(v);
     }
     return;
   }
@@ -167,7 +165,6 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ x, int64_t row_st
   }
   loss_acc[row] = loss;
   lse_out[row] = ms.m + log_s;
-  losses[row] = static_cast<scalar_t>(loss);
 }
 
 // ---- selection ------------------------------------------------------------------------------
@@ -396,7 +393,6 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
   const at::Tensor count_t =
       exact_count ? keep_ratio_t->to(input.device(), at::kLong).contiguous() : at::Tensor();
   auto acc_opts = input.options().dtype(acc_st);
-  at::Tensor losses = at::empty({M}, input.options());
   at::Tensor kept = at::empty({M}, input.options().dtype(at::kBool));
   at::Tensor k_t = at::empty({}, input.options().dtype(at::kLong));
   at::Tensor threshold = at::empty({}, input.options());
@@ -416,14 +412,12 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
         ce_forward_kernel<scalar_t, acc_t, 32><<<grid_for(M, 32), kThreads, 0, stream>>>(
             input.const_data_ptr<scalar_t>(), input.stride(0), M, C,
             target.const_data_ptr<int64_t>(), ignore_index, w, wt, ls,
-            loss_acc.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(),
-            losses.mutable_data_ptr<scalar_t>());
+            loss_acc.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
       } else {
         ce_forward_kernel<scalar_t, acc_t, kThreads><<<grid_for(M, kThreads), kThreads, 0, stream>>>(
             input.const_data_ptr<scalar_t>(), input.stride(0), M, C,
             target.const_data_ptr<int64_t>(), ignore_index, w, wt, ls,
-            loss_acc.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(),
-            losses.mutable_data_ptr<scalar_t>());
+            loss_acc.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -436,7 +430,7 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
         rowscale.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out, losses, kept, k_t, threshold, lse, rowscale};
+  return {out, loss_acc, kept, k_t, threshold, lse, rowscale};
 }
 
 at::Tensor trimmed_ce_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& input_,

@@ -19,9 +19,9 @@ The value a rank returns is therefore not the global loss; ``return_info=True`` 
 ``info.global_loss`` (the global mean or sum; the global sum for ``"none"``).
 
 Costs: the losses are computed twice (once detached to rank them, once with the fused op), so a
-step reads the logits twice in the forward. Ranking uses the per-sample losses in the input dtype:
-for bf16/fp16 inputs ties after rounding are broken by index, which may differ from the
-single-process fp32 ranking within one rounding of the threshold.
+step reads the logits twice in the forward. Ranking uses the per-sample losses in the
+accumulation dtype (fp32; fp64 for fp64 input), as one process does: bf16 and fp16 inputs keep the
+same set as a single process would, not one decided by ties after rounding.
 """
 
 from __future__ import annotations

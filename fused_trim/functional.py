@@ -259,5 +259,6 @@ def trimmed_cross_entropy(
         out = out.reshape(target.shape)
     if not return_info:
         return out
-    info = TrimInfo(losses.reshape(target.shape), kept.reshape(target.shape), k, threshold, global_loss)
+    losses = losses.to(input.dtype).reshape(target.shape)  # (the backends rank them in fp32 / fp64)
+    info = TrimInfo(losses, kept.reshape(target.shape), k, threshold, global_loss)
     return out, info

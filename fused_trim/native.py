@@ -314,7 +314,7 @@ def _fwd_fake(input, target, weight, keep_ratio, keep_ratio_t, easiest, ignore_i
     out = input.new_empty((m,) if reduction == 0 else ())
     return (
         out,
-        input.new_empty((m,)),
+        input.new_empty((m,), dtype=acc),
         input.new_empty((m,), dtype=torch.bool),
         input.new_empty((), dtype=torch.int64),
         input.new_empty(()),
@@ -353,7 +353,8 @@ def trimmed_cross_entropy_2d(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The native op on the normalised ``(M, C)`` or ``(N, C, S)`` problem (see :mod:`fused_trim.reference`).
 
-    Returns ``(out, losses, kept, k, threshold)``; only ``out`` carries gradient.
+    Returns ``(out, losses, kept, k, threshold)``, ``losses`` in the accumulation dtype (see
+    :func:`fused_trim.reference.trimmed_cross_entropy_2d`); only ``out`` carries gradient.
     """
     if _state.get("error", "not loaded") is not None or not input.is_cpu:
         reason = unavailable_reason(input.device)

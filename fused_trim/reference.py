@@ -65,6 +65,8 @@ def trimmed_cross_entropy_2d(
 
     Returns ``(out, losses, kept, k, threshold)``; ``out`` is 0-dim for ``"mean"``/``"sum"`` and
     ``(M,)`` for ``"none"``. Only ``out`` carries gradient, and only through the kept rows.
+    ``losses`` are the values the selection ranked, in the accumulation dtype (fp32; fp64 for fp64
+    input), as every backend returns them; the rest is in the input dtype.
     """
     input = as_rows(input)
     valid = target != ignore_index
@@ -88,7 +90,7 @@ def trimmed_cross_entropy_2d(
         out = kept_loss.sum() / kept_w.sum()
     return (
         out.to(input.dtype),
-        losses.to(input.dtype),
+        losses,
         kept,
         k,
         threshold.to(input.dtype),

@@ -122,4 +122,45 @@ def world_of_one(rank: int) -> list[str]:
     return lines
 
 
-_JOBS = {"ddp": ddp_matches_single_process, "one": world_of_one}
+def near_ties_in_low_precision(rank: int, backends: list[str]) -> list[str]:
+    """bf16/fp16 logits whose fp32 losses differ but round to a few equal values: the ranks keep
+    exactly the set one process keeps (the fp32 ranking), not the first indices of each tie."""
+    world = dist.get_world_size()
+    rows, split = 40, 13
+    lines = []
+    for dtype in (torch.bfloat16, torch.float16):
+        base = torch.randn(11, generator=torch.Generator().manual_seed(3)).to(dtype)
+        x = base.repeat(rows, 1)
+        # Row i: logit 0 raised by i units in the last place, so the fp32 losses (target 5) strictly
+        # increase with i while their roundings to the input dtype repeat.
+        bits = x[:, 0].view(torch.int16) + torch.arange(rows, dtype=torch.int16) * (1 if base[0] > 0 else -1)
+        x[:, 0] = bits.view(dtype)
+        target = torch.full((rows,), 5)
+        perm = torch.randperm(rows, generator=torch.Generator().manual_seed(4))
+        x, target = x[perm].contiguous(), target[perm]
+        part = slice(0, split) if rank == 0 else slice(split, rows)
+        for backend in backends:
+            for keep in ("hardest", "easiest"):
+                case = f"{backend}/{dtype}/{keep}"
+                single = x.clone().requires_grad_(True)
+                ref_loss, ref_info = trimmed_cross_entropy(
+                    single, target, 0.3, keep=keep, backend=backend, return_info=True
+                )
+                ref_loss.backward()
+                rounded = ref_info.losses[ref_info.kept].unique().numel() < int(ref_info.k)
+                assert rounded, f"{case}: the kept losses should repeat after rounding"
+                mine = x[part].clone().requires_grad_(True)
+                loss, info = trimmed_cross_entropy(
+                    mine, target[part], 0.3, keep=keep, backend=backend, return_info=True,
+                    process_group=dist.group.WORLD,
+                )
+                loss.backward()
+                assert torch.equal(info.kept, ref_info.kept[part]), case
+                # DDP would average the ranks' gradients: each rank's is world x its rows' share.
+                torch.testing.assert_close((mine.grad.float() / world), single.grad[part].float(),
+                                           rtol=1e-2, atol=1e-4, msg=case)
+                lines.append(case)
+    return lines
+
+
+_JOBS = {"ddp": ddp_matches_single_process, "one": world_of_one, "near-ties": near_ties_in_low_precision}

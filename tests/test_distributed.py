@@ -46,6 +46,11 @@ def test_ddp_gradients_equal_single_process_global_trim(tmp_path):
     assert len(cases) == len(CPU_BACKENDS) * len(_dist_worker.scenarios()) * 4
 
 
+def test_low_precision_ranks_on_fp32_losses_like_one_process(tmp_path):
+    cases = _spawn(tmp_path, "near-ties", 2, CPU_BACKENDS)
+    assert len(cases) == len(CPU_BACKENDS) * 2 * 2
+
+
 def test_global_share_matches_sorted_order_on_one_rank(tmp_path):
     assert len(_spawn(tmp_path, "one", 1)) == 4
 

@@ -162,7 +162,7 @@ def test_fake_shapes_of_the_spatial_ops(monkeypatch):
         t = torch.empty(100, dtype=torch.int64)
         out, losses, kept, k, thr, lse, denom = function.trimmed_ce_fwd(x, t, None, 0.5, None, True, -100, 0.0, 2)
         assert out.shape == losses.shape == kept.shape == lse.shape == (100,)
-        assert out.dtype == losses.dtype == torch.bfloat16 and lse.dtype == torch.float32
+        assert out.dtype == torch.bfloat16 and losses.dtype == lse.dtype == torch.float32
         assert k.shape == thr.shape == denom.shape == ()
         grad = function.trimmed_ce_bwd(out, x, t, None, lse, kept, denom, 0.0)
         assert grad.shape == x.shape and grad.dtype == x.dtype

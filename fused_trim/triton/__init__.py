@@ -21,7 +21,8 @@ def trimmed_cross_entropy_2d(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The contract on ``input (M, C)`` or ``(N, C, S)`` (read in place), ``target (M,)``.
 
-    Returns ``(out, losses, kept, k, threshold)``.
+    Returns ``(out, losses, kept, k, threshold)``, ``losses`` in the accumulation dtype (see
+    :func:`fused_trim.reference.trimmed_cross_entropy_2d`).
 
     ``keep_ratio`` may also be a 0-dim int64 tensor: an exact count (see :mod:`fused_trim.distributed`).
     """

@@ -147,7 +147,7 @@ def trimmed_ce_fwd(
             loss, w_y, target, kept, out, k, threshold, denom, ignore_index, ratio_bits, ratio_ptr,
             ratio_on_device, hardest, reduction,
         )  # fmt: skip
-    return out, loss.to(input.dtype), kept, k, threshold, lse, denom
+    return out, loss, kept, k, threshold, lse, denom
 
 
 def _grid_select(
