@@ -9,6 +9,18 @@ import triton.language as tl
 
 
 @triton.jit
+def pixel_block(num_pixels, BLOCK_S: tl.constexpr):
+    """This program's pixels in the spatial layout (a flat grid, image ``n`` major):
+    ``(n, s, in_image, flat)`` with ``flat = n * S + s``, the sample index, in int64 (``N * S``
+    may pass 2^31)."""
+    pid = tl.program_id(0)
+    blocks_per_image = tl.cdiv(num_pixels, BLOCK_S)
+    n = (pid // blocks_per_image).to(tl.int64)
+    s = (pid % blocks_per_image) * BLOCK_S + tl.arange(0, BLOCK_S)
+    return n, s, s < num_pixels, n * num_pixels + s
+
+
+@triton.jit
 def smoothing_eps(label_smoothing_bits):
     """The label smoothing ``eps``, passed as its float64 bits (the interpreter would round a
     Python float to fp32), as fp64."""

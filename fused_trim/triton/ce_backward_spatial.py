@@ -4,7 +4,7 @@ logsumexp for kept pixels only, the gradient written in the same layout."""
 import triton
 import triton.language as tl
 
-from ._ce import grad_coefs, smoothing_eps
+from ._ce import grad_coefs, pixel_block, smoothing_eps
 
 
 @triton.jit
@@ -41,12 +41,7 @@ def ce_backward_spatial_kernel(
     stride along ``s``.
     """
     acc_dtype = lse_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    blocks_per_image = tl.cdiv(num_pixels, BLOCK_S)
-    n = (pid // blocks_per_image).to(tl.int64)
-    s = (pid % blocks_per_image) * BLOCK_S + tl.arange(0, BLOCK_S)
-    in_image = s < num_pixels
-    flat = n * num_pixels + s  # int64: N * S may pass 2^31
+    n, s, in_image, flat = pixel_block(num_pixels, BLOCK_S)
     kept = tl.load(kept_ptr + flat, mask=in_image, other=0) != 0
     if PER_SAMPLE_GRAD:
         g = tl.load(grad_out_ptr + flat, mask=kept, other=0.0).to(acc_dtype)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._ce import smoothing_eps, weighted_loss
+from ._ce import pixel_block, smoothing_eps, weighted_loss
 
 
 @triton.jit
@@ -38,12 +38,7 @@ def ce_forward_spatial_kernel(
     pixels do not read their logits.
     """
     acc_dtype = loss_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    blocks_per_image = tl.cdiv(num_pixels, BLOCK_S)
-    n = (pid // blocks_per_image).to(tl.int64)
-    s = (pid % blocks_per_image) * BLOCK_S + tl.arange(0, BLOCK_S)
-    in_image = s < num_pixels
-    flat = n * num_pixels + s  # int64: N * S may pass 2^31
+    n, s, in_image, flat = pixel_block(num_pixels, BLOCK_S)
     tgt = tl.load(target_ptr + flat, mask=in_image, other=ignore_index).to(tl.int64)
     valid = in_image & (tgt != ignore_index)
     safe_t = tl.where(valid, tgt, 0)
