@@ -123,7 +123,7 @@ def _peak_child(name: str, shape: tuple[int, ...], dtype: torch.dtype, keep_rati
 
 def peak_memory(name: str, shape: tuple[int, ...], dtype: torch.dtype, keep_ratio: float) -> int | None:
     cmd = [sys.executable, __file__, "--peak-child", name, "--shape", _fmt(shape), "--keep", str(keep_ratio),
-           "--dtype", str(dtype).removeprefix("torch.")]
+           "--dtype", str(dtype).removeprefix("torch."), "--threads", str(torch.get_num_threads())]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("{"):
