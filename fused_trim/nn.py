@@ -29,7 +29,7 @@ class TrimmedCrossEntropyLoss(nn.Module):
     The module keeps the progress: call :meth:`set_epoch` at the start of each epoch and
     :meth:`step` after each mini-batch (only per-step schedules need the latter).
 
-    Under :func:`torch.compile` the forward reads the ratio from a 0-dim buffer that
+    Under :func:`torch.compile` the forward reads the ratio from a 0-dim float64 tensor that
     :meth:`set_epoch` and :meth:`step` refresh eagerly, so a moving schedule never recompiles the
     graph; a schedule whose value changes otherwise (:class:`~fused_trim.schedules.OrderedSGD`'s
     ``update``) takes effect at the next :meth:`set_epoch` or :meth:`step`. Eager forwards read
@@ -119,7 +119,7 @@ class TrimmedCrossEntropyLoss(nn.Module):
         self._refresh()
 
     def _refresh(self) -> float:
-        """Read the schedule now; the compiled forward's ratio buffer follows it."""
+        """Read the schedule now; the compiled forward's ratio tensor follows it."""
         r = self.keep_ratio
         if r != self._ratio:
             self._ratio = r
