@@ -185,6 +185,33 @@ struct RowResult {
   acc_t lse;
 };
 
+// One sample's loss and logsumexp from its max `m`, `log_s = log(sum_c exp(x_c - m))`, its
+// target's logit and weight, and (label smoothing) `sx = sum_c w_c (x_c - ref)`. Every forward
+// path (rows, few classes, grouped rows, spatial pixels) ends here.
+template <typename acc_t>
+inline RowResult<acc_t> finish_sample(acc_t m, acc_t log_s, acc_t x_y, acc_t w_y, acc_t ref, acc_t sx, acc_t ls,
+                                      acc_t w_total, int64_t C) {
+  // A sample whose max is not finite (a NaN, a +inf, or all -inf) has NaN log-probabilities in
+  // torch; the vector exp saturates instead of propagating NaN, so say it explicitly.
+  if (!std::isfinite(m)) log_s = std::numeric_limits<acc_t>::quiet_NaN();
+  // (m - x_y) + log(s) rather than lse - x_y: no cancellation when p_y is close to 1.
+  acc_t loss = w_y * ((m - x_y) + log_s);
+  if (ls > 0) {
+    const acc_t smooth_term = ((m - ref) + log_s) * w_total - sx;  // -sum_c w_c log p_c
+    loss = (acc_t(1) - ls) * loss + (ls / static_cast<acc_t>(C)) * smooth_term;
+  }
+  return {loss, m + log_s};
+}
+
+// Whether sample target `y` is a class to score; an ignored one is not, and one outside [0, C)
+// is not either and raises the op's ValueError afterwards (through `bad_target`).
+inline bool scored_target(int64_t y, int64_t C, int64_t ignore_index, std::atomic<bool>& bad_target) {
+  if (y == ignore_index) return false;
+  if (y >= 0 && y < C) return true;
+  bad_target.store(true, std::memory_order_relaxed);
+  return false;
+}
+
 // Loss and logsumexp of one row (one pass over memory, blockwise online max).
 template <typename scalar_t, typename acc_t>
 __attribute__((flatten)) inline RowResult<acc_t> row_forward(const scalar_t* row, int64_t C, int64_t y, const acc_t* w,
@@ -208,19 +235,8 @@ __attribute__((flatten)) inline RowResult<acc_t> row_forward(const scalar_t* row
     if (bm != ninf) s += block_sumexp<acc_t>(p, n, m);
     if (smooth) sx += block_sum_shifted<acc_t>(p, w == nullptr ? nullptr : w + b, n, ref);
   }
-  // A row whose max is not finite (a NaN, a +inf, or all -inf) has NaN log-probabilities in
-  // torch; the vector exp saturates instead of propagating NaN, so say it explicitly.
-  const acc_t log_s = std::isfinite(m) ? std::log(s) : std::numeric_limits<acc_t>::quiet_NaN();
-  const acc_t lse = m + log_s;
-  const acc_t x_y = static_cast<acc_t>(row[y]);
-  const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
-  // (m - x_y) + log(s) rather than lse - x_y: no cancellation when p_y is close to 1.
-  acc_t loss = w_y * ((m - x_y) + log_s);
-  if (smooth) {
-    const acc_t smooth_term = ((m - ref) + log_s) * w_total - sx;  // -sum_c w_c log p_c
-    loss = (acc_t(1) - ls) * loss + (ls / static_cast<acc_t>(C)) * smooth_term;
-  }
-  return {loss, lse};
+  return finish_sample<acc_t>(m, std::log(s), static_cast<acc_t>(row[y]), w == nullptr ? acc_t(1) : w[y], ref, sx,
+                              ls, w_total, C);
 }
 
 // The gradient is the one O(N*C) buffer the op allocates. A fresh multi-hundred-MB allocation is
@@ -367,7 +383,6 @@ void small_c_forward(const scalar_t* x, int64_t row_stride, int64_t C, const int
                      std::atomic<bool>& bad_target) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   alignas(64) acc_t tile[kSmallC * V];
   alignas(64) acc_t mv[V], lsv[V], sxv[V];
   const bool smooth = ls > 0;
@@ -394,21 +409,15 @@ void small_c_forward(const scalar_t* x, int64_t row_stride, int64_t C, const int
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
       const int64_t y = t[i];
-      if (y == ignore_index || y < 0 || y >= C) {
-        if (y != ignore_index) bad_target.store(true, std::memory_order_relaxed);
-        loss_out[i] = 0;
-        lse_out[i] = 0;
+      if (!scored_target(y, C, ignore_index, bad_target)) {
+        loss_out[i] = lse_out[i] = 0;
         continue;
       }
-      const acc_t mr = mv[r];
-      const acc_t log_s = std::isfinite(mr) ? lsv[r] : nan;
-      const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
-      acc_t loss = w_y * ((mr - tile[y * V + r]) + log_s);
-      if (smooth) {
-        loss = (acc_t(1) - ls) * loss + (ls / static_cast<acc_t>(C)) * (log_s * w_total - sxv[r]);
-      }
-      loss_out[i] = loss;
-      lse_out[i] = mr + log_s;
+      // (sx was taken relative to the max itself)
+      const auto res = finish_sample<acc_t>(mv[r], lsv[r], tile[y * V + r], w == nullptr ? acc_t(1) : w[y], mv[r],
+                                            sxv[r], ls, w_total, C);
+      loss_out[i] = res.loss;
+      lse_out[i] = res.lse;
     }
   }
 }
@@ -430,7 +439,6 @@ __attribute__((flatten)) void grouped_rows_forward(
   constexpr int64_t G = kRowGroup;
   static_assert(G % V == 0, "the group is a whole number of vectors");
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   const bool smooth = ls > 0;
   // Fewer rows per group when they would not stay in L1 (~32 KiB) between the phases.
   const int64_t g_max = std::clamp<int64_t>(int64_t(32768) / (C * int64_t(sizeof(acc_t))), 1, G);
@@ -440,11 +448,8 @@ __attribute__((flatten)) void grouped_rows_forward(
   while (i < end) {
     int64_t g = 0;
     for (; i < end && g < g_max; ++i) {
-      const int64_t y = t[i];
-      if (y == ignore_index || y < 0 || y >= C) {
-        if (y != ignore_index) bad_target.store(true, std::memory_order_relaxed);
-        loss_out[i] = 0;
-        lse_out[i] = 0;
+      if (!scored_target(t[i], C, ignore_index, bad_target)) {
+        loss_out[i] = lse_out[i] = 0;
         continue;
       }
       idx[g++] = i;
@@ -462,18 +467,10 @@ __attribute__((flatten)) void grouped_rows_forward(
       const int64_t row = idx[r];
       const int64_t y = t[row];
       const acc_t m = mv[r];
-      // A row whose max is not finite (a NaN, a +inf, or all -inf) has NaN log-probabilities.
-      const acc_t log_s = std::isfinite(m) ? lsv[r] : nan;
-      const acc_t x_y = x[row * row_stride + y];
-      const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
-      acc_t loss = w_y * ((m - x_y) + log_s);
-      if (smooth) {
-        const acc_t ref = std::isfinite(m) ? m : acc_t(0);
-        loss = (acc_t(1) - ls) * loss +
-               (ls / static_cast<acc_t>(C)) * (((m - ref) + log_s) * w_total - sxv[r]);
-      }
-      loss_out[row] = loss;
-      lse_out[row] = m + log_s;
+      const auto res = finish_sample<acc_t>(m, lsv[r], x[row * row_stride + y], w == nullptr ? acc_t(1) : w[y],
+                                            std::isfinite(m) ? m : acc_t(0), sxv[r], ls, w_total, C);
+      loss_out[row] = res.loss;
+      lse_out[row] = res.lse;
     }
   }
 }
@@ -574,7 +571,6 @@ __attribute__((flatten)) inline void spatial_block_forward(
   constexpr int64_t B = kPixelVecs;
   constexpr int64_t P = kPixelBlock<acc_t>;
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   const bool smooth = ls > 0;
   Vec m[B], s[B], sx[B], ref[B];
   int64_t c0 = 0;
@@ -625,23 +621,15 @@ __attribute__((flatten)) inline void spatial_block_forward(
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t y = t[r];
-    if (y == ignore_index || y < 0 || y >= C) {
-      if (y != ignore_index) bad_target.store(true, std::memory_order_relaxed);
-      loss_out[r] = 0;
-      lse_out[r] = 0;
+    if (!scored_target(y, C, ignore_index, bad_target)) {
+      loss_out[r] = lse_out[r] = 0;
       continue;
     }
-    const acc_t mr = mv[r];
-    // A pixel whose max is not finite (a NaN, a +inf, or all -inf) has NaN log-probabilities.
-    const acc_t log_s = std::isfinite(mr) ? lsv[r] : nan;
     const acc_t x_y = y >= last_c0 ? tile[(y - last_c0) * P + r] : static_cast<acc_t>(p[y * cs + r]);
-    const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
-    acc_t loss = w_y * ((mr - x_y) + log_s);
-    if (smooth) {
-      loss = (acc_t(1) - ls) * loss + (ls / static_cast<acc_t>(C)) * (((mr - refv[r]) + log_s) * w_total - sxv[r]);
-    }
-    loss_out[r] = loss;
-    lse_out[r] = mr + log_s;
+    const auto res =
+        finish_sample<acc_t>(mv[r], lsv[r], x_y, w == nullptr ? acc_t(1) : w[y], refv[r], sxv[r], ls, w_total, C);
+    loss_out[r] = res.loss;
+    lse_out[r] = res.lse;
   }
 }
 
