@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fused_trim import TrimInfo, native, trimmed_cross_entropy
@@ -90,3 +91,21 @@ def make_batch(n, c, dtype=torch.float64, ignore_frac=0.0, seed=0, spatial=(), i
         drop = torch.rand(t.shape, generator=gen) < ignore_frac
         t = torch.where(drop, torch.full_like(t, ignore_index), t)
     return x, t
+
+
+def assert_close(a: Tensor, b: Tensor, dtype: torch.dtype = torch.float64, **kw) -> None:
+    """``a == b`` within ``dtype``'s tolerances (overridable), compared in float64, NaN == NaN."""
+    tol = tolerances(dtype)
+    tol.update(kw)
+    torch.testing.assert_close(a.double(), b.double(), equal_nan=True, **tol)
+
+
+def f_cross_entropy(x: Tensor, t: Tensor, reduction: str, **kw) -> tuple[Tensor, Tensor]:
+    """``F.cross_entropy`` and its input gradient under the same upstream gradient as :func:`run`
+    (seed 0, rounded to bf16): the untrimmed oracle."""
+    x = x.detach().clone().requires_grad_(True)
+    out = F.cross_entropy(x, t.long(), reduction=reduction, **kw)
+    gen = torch.Generator().manual_seed(0)
+    upstream = torch.randn(out.shape, generator=gen).to(torch.bfloat16).to(out.dtype)
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    return out.detach(), grad

@@ -9,25 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .helpers import BACKENDS, KERNEL_BACKENDS, call, make_batch, run, split, tolerances
+from .helpers import (
+    BACKENDS,
+    KERNEL_BACKENDS,
+    assert_close,
+    call,
+    f_cross_entropy,
+    make_batch,
+    run,
+    split,
+)
 
 REDUCTIONS = ["mean", "sum", "none"]
-
-
-def _assert_close(a, b, dtype=torch.float64, **kw):
-    tol = tolerances(dtype)
-    tol.update(kw)
-    torch.testing.assert_close(a.double(), b.double(), equal_nan=True, **tol)
-
-
-def _f_ce(x, t, reduction, **kw):
-    x = x.detach().clone().requires_grad_(True)
-    out = F.cross_entropy(x, t.long(), reduction=reduction, **kw)
-    gen = torch.Generator().manual_seed(0)
-    # Rounded to bf16 so that every dtype sees exactly the same upstream gradient.
-    upstream = torch.randn(out.shape, generator=gen).to(torch.bfloat16).to(out.dtype)
-    (grad,) = torch.autograd.grad(out, x, upstream)
-    return out.detach(), grad
 
 
 # --- keep_ratio = 1 is F.cross_entropy -------------------------------------------------------
@@ -53,10 +46,10 @@ def test_ratio_one_equals_f_cross_entropy(backend, case, reduction):
     weight = torch.rand(c, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.1
     kw = dict(label_smoothing=ls, weight=weight if weighted else None)
     out, info, grad = run(backend, x, t, 1.0, reduction=reduction, **kw)
-    ref_out, ref_grad = _f_ce(x, t, reduction, **kw)
-    _assert_close(out, ref_out)
-    _assert_close(grad, ref_grad)
-    _assert_close(info.losses, F.cross_entropy(x, t, reduction="none", **kw))
+    ref_out, ref_grad = f_cross_entropy(x, t, reduction, **kw)
+    assert_close(out, ref_out)
+    assert_close(grad, ref_grad)
+    assert_close(info.losses, F.cross_entropy(x, t, reduction="none", **kw))
     assert torch.equal(info.kept, t != -100)
 
 
@@ -64,9 +57,9 @@ def test_ratio_one_equals_f_cross_entropy(backend, case, reduction):
 def test_ratio_one_float32_large_vocab(backend):
     x, t = make_batch(6, 5003, dtype=torch.float32, ignore_frac=0.2, seed=3)
     out, _, grad = run(backend, x, t, 1.0)
-    ref_out, ref_grad = _f_ce(x, t, "mean")
-    _assert_close(out, ref_out, torch.float32)
-    _assert_close(grad, ref_grad, torch.float32)
+    ref_out, ref_grad = f_cross_entropy(x, t, "mean")
+    assert_close(out, ref_out, torch.float32)
+    assert_close(grad, ref_grad, torch.float32)
 
 
 # --- trimming against the reference ----------------------------------------------------------
@@ -86,10 +79,10 @@ def test_matches_reference(backend, keep, ratio, reduction, options):
     ref_out, ref_info, ref_grad = run("reference", x, t, ratio, keep=keep, reduction=reduction, **kw)
     assert torch.equal(info.kept, ref_info.kept)
     assert int(info.k) == int(ref_info.k) == int(info.kept.sum())
-    _assert_close(out, ref_out)
-    _assert_close(grad, ref_grad)
-    _assert_close(info.losses, ref_info.losses)
-    _assert_close(info.threshold, ref_info.threshold)
+    assert_close(out, ref_out)
+    assert_close(grad, ref_grad)
+    assert_close(info.losses, ref_info.losses)
+    assert_close(info.threshold, ref_info.threshold)
     # Exactly zero gradient outside the kept set; nonzero rows inside it.
     assert torch.all(grad[~info.kept] == 0)
     assert torch.all(grad[info.kept].abs().sum(1) > 0)
@@ -109,8 +102,8 @@ def test_kept_set_is_the_extreme_losses(backend, keep):
     assert int(info.k) == k
     assert sorted(losses[info.kept].tolist(), reverse=keep == "hardest") == pytest.approx(ordered[:k])
     assert not info.kept[~valid].any()
-    _assert_close(out, torch.tensor(sum(ordered[:k]), dtype=torch.float64))
-    _assert_close(info.threshold, torch.tensor(ordered[k - 1], dtype=torch.float64))
+    assert_close(out, torch.tensor(sum(ordered[:k]), dtype=torch.float64))
+    assert_close(info.threshold, torch.tensor(ordered[k - 1], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -169,8 +162,8 @@ def test_nan_and_inf_logits(backend, keep):
     out, info, grad = run(backend, x, t, 0.5, keep=keep)
     ref_out, ref_info, ref_grad = run("reference", x, t, 0.5, keep=keep)
     assert torch.equal(info.kept, ref_info.kept)
-    _assert_close(out, ref_out)
-    _assert_close(grad, ref_grad)
+    assert_close(out, ref_out)
+    assert_close(grad, ref_grad)
     nan_rows = torch.isnan(F.cross_entropy(x, t, reduction="none"))
     if keep == "hardest":
         assert info.kept[nan_rows].all()  # NaN ranks above +inf: kept, and shows in the loss
@@ -189,8 +182,8 @@ def test_huge_logits(backend):
     ref_out, ref_info, ref_grad = run("reference", x.double(), t, 0.5)
     assert torch.isfinite(out)
     assert torch.equal(info.kept, ref_info.kept)
-    _assert_close(out, ref_out, torch.float32)
-    _assert_close(grad, ref_grad, torch.float32)
+    assert_close(out, ref_out, torch.float32)
+    assert_close(grad, ref_grad, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -200,7 +193,7 @@ def test_all_rows_ignored(backend, reduction):
     t = torch.full((5,), -100)
     out, info, grad = run(backend, x, t, 0.5, reduction=reduction)
     ref = F.cross_entropy(x, t, reduction=reduction)
-    _assert_close(out, ref)  # NaN for mean, 0 for sum, zeros for none
+    assert_close(out, ref)  # NaN for mean, 0 for sum, zeros for none
     assert int(info.k) == 0 and not info.kept.any()
     assert torch.isnan(info.threshold)
     assert torch.all(grad == 0)
@@ -211,9 +204,9 @@ def test_custom_ignore_index(backend):
     x, t = make_batch(20, 6, seed=4)
     t[::3] = 5  # class 5 is ignored
     out, info, grad = run(backend, x, t, 1.0, ignore_index=5)
-    ref_out, ref_grad = _f_ce(x, t, "mean", ignore_index=5)
-    _assert_close(out, ref_out)
-    _assert_close(grad, ref_grad)
+    ref_out, ref_grad = f_cross_entropy(x, t, "mean", ignore_index=5)
+    assert_close(out, ref_out)
+    assert_close(grad, ref_grad)
     assert not info.kept[t == 5].any()
 
 
@@ -249,16 +242,16 @@ def test_low_precision_against_float64(backend, dtype, reduction):
 def test_spatial_input(backend, reduction):
     x, t = make_batch(2, 5, ignore_frac=0.2, seed=6, spatial=(3, 4))
     out, info, grad = run(backend, x, t, 1.0, reduction=reduction, label_smoothing=0.1)
-    ref_out, ref_grad = _f_ce(x, t, reduction, label_smoothing=0.1)
-    _assert_close(out, ref_out)
-    _assert_close(grad, ref_grad)
+    ref_out, ref_grad = f_cross_entropy(x, t, reduction, label_smoothing=0.1)
+    assert_close(out, ref_out)
+    assert_close(grad, ref_grad)
     assert info.kept.shape == t.shape and info.losses.shape == t.shape
     # Trimming over pixels: kept set as the reference picks it, in the target's flat order.
     out, info, grad = run(backend, x, t, 0.3, reduction=reduction)
     ref_out, ref_info, ref_grad = run("reference", x, t, 0.3, reduction=reduction)
     assert torch.equal(info.kept, ref_info.kept)
-    _assert_close(out, ref_out)
-    _assert_close(grad, ref_grad)
+    assert_close(out, ref_out)
+    assert_close(grad, ref_grad)
     assert torch.all(grad.movedim(1, -1)[~info.kept] == 0)
 
 
@@ -298,17 +291,17 @@ def test_spatial_layouts(backend, layout):
     kw = dict(weight=weight, ignore_index=ignore, label_smoothing=0.05)
     for reduction in REDUCTIONS:
         out, info, grad = run(backend, x, t, 1.0, reduction=reduction, **kw)
-        ref_out, ref_grad = _f_ce(x, t, reduction, **kw)
-        _assert_close(out, ref_out)
-        _assert_close(grad, ref_grad)
+        ref_out, ref_grad = f_cross_entropy(x, t, reduction, **kw)
+        assert_close(out, ref_out)
+        assert_close(grad, ref_grad)
         for keep in ("hardest", "easiest"):
             out, info, grad = run(backend, x, t, 0.35, reduction=reduction, keep=keep, **kw)
             ref_out, ref_info, ref_grad = run("reference", x, t, 0.35, reduction=reduction, keep=keep, **kw)
             assert torch.equal(info.kept, ref_info.kept)
             assert int(info.k) == int(ref_info.k)
-            _assert_close(info.losses, ref_info.losses)
-            _assert_close(out, ref_out)
-            _assert_close(grad, ref_grad)
+            assert_close(info.losses, ref_info.losses)
+            assert_close(out, ref_out)
+            assert_close(grad, ref_grad)
             assert torch.all(grad.movedim(1, -1)[~info.kept] == 0)
 
 
@@ -332,8 +325,8 @@ def test_spatial_bf16(backend):
     out, info, grad = run(backend, x, t, 0.5)
     ref_out, ref_info, ref_grad = run("reference", x, t, 0.5)
     assert torch.equal(info.kept, ref_info.kept)
-    _assert_close(out, ref_out, torch.bfloat16)
-    _assert_close(grad, ref_grad, torch.bfloat16)
+    assert_close(out, ref_out, torch.bfloat16)
+    assert_close(grad, ref_grad, torch.bfloat16)
     assert grad.dtype == torch.bfloat16
 
 
@@ -343,9 +336,9 @@ def test_single_sample_input(backend):
     t = torch.tensor(3)
     for r in (0.01, 1.0):
         out, info, grad = run(backend, x, t, r)
-        ref_out, ref_grad = _f_ce(x, t, "mean")
-        _assert_close(out, ref_out)
-        _assert_close(grad, ref_grad)
+        ref_out, ref_grad = f_cross_entropy(x, t, "mean")
+        assert_close(out, ref_out)
+        assert_close(grad, ref_grad)
         assert info.kept.shape == () and bool(info.kept)
 
 
@@ -357,8 +350,8 @@ def test_strided_input_and_int32_target(backend):
     out, info, grad = run(backend, x, t, 0.6, reduction="sum")
     ref_out, ref_info, ref_grad = run("reference", x.contiguous(), t.long(), 0.6, reduction="sum")
     assert torch.equal(info.kept, ref_info.kept)
-    _assert_close(out, ref_out)
-    _assert_close(grad, ref_grad)
+    assert_close(out, ref_out)
+    assert_close(grad, ref_grad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -367,8 +360,8 @@ def test_keep_ratio_tensor_equals_float(backend):
     a_out, a_info, a_grad = run(backend, x, t, torch.tensor(0.35, dtype=torch.float64))
     b_out, b_info, b_grad = run(backend, x, t, 0.35)
     assert torch.equal(a_info.kept, b_info.kept)
-    _assert_close(a_out, b_out)
-    _assert_close(a_grad, b_grad)
+    assert_close(a_out, b_out)
+    assert_close(a_grad, b_grad)
     c_out, _, _ = run(backend, x, t, torch.tensor(0.35, dtype=torch.float32))
     assert torch.isfinite(c_out)
 
@@ -405,5 +398,5 @@ def test_many_rows_with_ties_across_select_chunks(backend, keep, ratio):
     out, info, grad = run(backend, x, t, ratio, keep=keep)
     ref_out, ref_info, ref_grad = run("reference", x, t, ratio, keep=keep)
     assert torch.equal(info.kept, ref_info.kept)
-    _assert_close(out, ref_out, torch.float32)
-    _assert_close(grad, ref_grad, torch.float32)
+    assert_close(out, ref_out, torch.float32)
+    assert_close(grad, ref_grad, torch.float32)

@@ -8,21 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .helpers import BACKENDS, make_batch, run, tolerances
+from .helpers import BACKENDS, assert_close, f_cross_entropy, make_batch, run
 
 pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton's interpreter is not runnable here")
-
-
-def _close(a, b, dtype=torch.float64):
-    torch.testing.assert_close(a.double(), b.double(), equal_nan=True, **tolerances(dtype))
-
-
-def _f_ce(x, t, reduction, upstream_seed=0, **kw):
-    x = x.detach().clone().requires_grad_(True)
-    out = F.cross_entropy(x, t, reduction=reduction, **kw)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(upstream_seed))
-    (grad,) = torch.autograd.grad(out, x, upstream.to(torch.bfloat16).to(out.dtype))
-    return out.detach(), grad
 
 
 def test_block_config_covers_every_class_and_pixel_count():
@@ -45,16 +33,16 @@ def test_partial_pixel_block_and_several_class_blocks(reduction):
     weight = torch.rand(37, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.2
     kw = dict(weight=weight, label_smoothing=0.1)
     out, info, grad = run("triton", x, t, 1.0, reduction=reduction, **kw)
-    ref_out, ref_grad = _f_ce(x, t, reduction, **kw)
-    _close(out, ref_out)
-    _close(grad, ref_grad)
-    _close(info.losses, F.cross_entropy(x, t, reduction="none", **kw))
+    ref_out, ref_grad = f_cross_entropy(x, t, reduction, **kw)
+    assert_close(out, ref_out)
+    assert_close(grad, ref_grad)
+    assert_close(info.losses, F.cross_entropy(x, t, reduction="none", **kw))
     for keep in ("hardest", "easiest"):
         out, info, grad = run("triton", x, t, 0.3, keep=keep, reduction=reduction, **kw)
         ref_out, ref_info, ref_grad = run("reference", x, t, 0.3, keep=keep, reduction=reduction, **kw)
         assert torch.equal(info.kept, ref_info.kept)
-        _close(out, ref_out)
-        _close(grad, ref_grad)
+        assert_close(out, ref_out)
+        assert_close(grad, ref_grad)
         assert torch.all(grad.movedim(1, -1)[~info.kept] == 0)
         assert torch.all(grad.movedim(1, -1)[info.kept].abs().sum(-1) > 0)
 
@@ -68,9 +56,9 @@ def test_low_precision_maps_accumulate_in_fp32(dtype):
     ref_out, ref_info, ref_grad = run("reference", x.double(), t, 0.6, reduction="sum", label_smoothing=0.05)
     assert grad.dtype == dtype and out.dtype == dtype
     assert torch.equal(info.kept, ref_info.kept)
-    _close(info.losses, ref_info.losses, dtype)
-    _close(out, ref_out, dtype)
-    _close(grad, ref_grad, dtype)
+    assert_close(info.losses, ref_info.losses, dtype)
+    assert_close(out, ref_out, dtype)
+    assert_close(grad, ref_grad, dtype)
 
 
 def test_non_finite_logits_in_a_map():
@@ -99,7 +87,7 @@ def test_non_finite_logits_in_a_map():
     ref = F.cross_entropy(x, t, reduction="none")
     assert losses[0, 1, 2].isnan() and losses[0, 2, 2].isnan() and losses[1, 3, 3] == float("inf")
     finite = ref.isfinite()
-    _close(losses[finite], ref[finite], torch.float32)
+    assert_close(losses[finite], ref[finite], torch.float32)
 
 
 def test_all_pixels_ignored():
