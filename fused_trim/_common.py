@@ -76,3 +76,30 @@ def as_rows(input: Tensor) -> Tensor:
     if input.dim() == 2:
         return input
     return input.movedim(1, -1).reshape(-1, input.shape[1])
+
+
+def default_chunk_size(num_rows: int, in_features: int, num_classes: int) -> int:
+    """Rows of logits the LM head computes at a time when ``chunk_size=None``.
+
+    A chunk's fp32 logits hold about ``max(N * D, 2**22)`` values: as many as the input (torch's
+    "aspect ratio" rule, so the extra memory stays of the order of the input's), but at least
+    16 MiB, so each chunk's matmul stays large enough to run at full speed. The result is in
+    ``[1, N]`` and a multiple of 8 below ``N``.
+    """
+    if num_rows <= 0:
+        return 1
+    rows = -(-max(num_rows * in_features, 1 << 22) // max(num_classes, 1))
+    if rows >= num_rows:
+        return num_rows
+    return max(8, (rows + 7) // 8 * 8) if num_rows > 8 else num_rows
+
+
+def check_chunk_size(chunk_size: object) -> int | None:
+    """``None`` or a positive int, else a ``TypeError``/``ValueError`` naming ``chunk_size``."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return chunk_size

@@ -113,7 +113,6 @@ def trimmed_cross_entropy_global(
 
     Returns ``(out, losses, kept, k_global, threshold, global_loss)``.
     """
-    world = dist.get_world_size(group)
     valid = target != ignore_index
     with torch.no_grad():
         _, losses, _, _, _ = backend_fn(
@@ -124,7 +123,53 @@ def trimmed_cross_entropy_global(
     out, _, kept, _, _ = backend_fn(
         input, target, k_local, keep, weight, ignore_index, label_smoothing, local_reduction
     )
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    out, global_loss = _scale_for_averaging(out, kept, target, weight, reduction, input.dtype, group)
+    return out, losses, kept, k_global, threshold.to(input.dtype), global_loss
+
+
+def trimmed_linear_cross_entropy_global(
+    backend_fn: Callable,
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    keep_ratio: float | Tensor,
+    keep: str,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    chunk_size: int,
+    group,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Global trimming of the LM head with one backend's 2-D entry point.
+
+    The backend computes every row's loss once (one pass over ``V``) and hands the losses to
+    :func:`global_share` through its ``share`` hook; it then keeps exactly this rank's share.
+    Returns ``(out, losses, kept, k_global, threshold, global_loss)``.
+    """
+    found: dict[str, Tensor] = {}
+
+    def share(losses: Tensor, valid: Tensor) -> Tensor:
+        k_local, found["k"], found["threshold"] = global_share(losses, valid, keep_ratio, keep, group)
+        return k_local
+
+    local_reduction = "none" if reduction == "none" else "sum"
+    out, losses, kept, _, _ = backend_fn(
+        input, linear_weight, linear_bias, target, keep_ratio, keep, weight, ignore_index, label_smoothing,
+        local_reduction, chunk_size, share=share,
+    )  # fmt: skip
+    out, global_loss = _scale_for_averaging(out, kept, target, weight, reduction, input.dtype, group)
+    return out, losses, kept, found["k"], found["threshold"].to(input.dtype), global_loss
+
+
+def _scale_for_averaging(
+    out: Tensor, kept: Tensor, target: Tensor, weight: Tensor | None, reduction: str, dtype: torch.dtype, group
+) -> tuple[Tensor, Tensor]:
+    """This rank's local kept sum (or per-sample losses) scaled for DDP's gradient averaging, and
+    the global loss to log (see the module docstring)."""
+    world = dist.get_world_size(group)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
     if weight is None:
         w_y = kept.to(acc)
     else:
@@ -140,4 +185,4 @@ def trimmed_cross_entropy_global(
         out = out * world
     else:
         global_loss = totals[0]
-    return out, losses, kept, k_global, threshold.to(input.dtype), global_loss.to(input.dtype)
+    return out, global_loss.to(dtype)

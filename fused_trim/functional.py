@@ -15,12 +15,21 @@ from torch import Tensor
 
 from . import native
 from . import reference as _reference
-from ._common import BACKENDS, KEEP_CHOICES, REDUCTIONS, TrimInfo, check_choice, check_ratio
+from ._common import (
+    BACKENDS,
+    KEEP_CHOICES,
+    REDUCTIONS,
+    TrimInfo,
+    check_choice,
+    check_chunk_size,
+    check_ratio,
+    default_chunk_size,
+)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["trimmed_cross_entropy"]
+__all__ = ["trimmed_cross_entropy", "trimmed_linear_cross_entropy"]
 
 
 def _host_checkable(t: Tensor) -> bool:
@@ -80,6 +89,15 @@ def _check_shapes(input: Tensor, target: Tensor) -> None:
         raise ValueError(f"input has no classes (C = 0), shape {tuple(input.shape)}")
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
+
+
+def _check_scalar_options(ignore_index: object, label_smoothing: object) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if math.isnan(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
 
 
 def _check_weight(weight: Tensor | None, num_classes: int, input: Tensor) -> None:
@@ -216,12 +234,7 @@ def trimmed_cross_entropy(
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKENDS)
     _check_shapes(input, target)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if math.isnan(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    _check_scalar_options(ignore_index, label_smoothing)
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     _check_weight(weight, num_classes, input)
     name = _resolve_backend(backend, input.device)
@@ -260,5 +273,146 @@ def trimmed_cross_entropy(
     if not return_info:
         return out
     losses = losses.to(input.dtype).reshape(target.shape)  # (the backends rank them in fp32 / fp64)
+    info = TrimInfo(losses, kept.reshape(target.shape), k, threshold, global_loss)
+    return out, info
+
+
+def _check_linear_shapes(
+    input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor
+) -> None:
+    for name, value in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+    if linear_bias is not None and not isinstance(linear_bias, Tensor):
+        raise TypeError(f"linear_bias must be a tensor or None, got {type(linear_bias).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor of hidden states, got dtype {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError("input must have shape (*, D), got a 0-dim tensor")
+    if linear_weight.dim() != 2:
+        raise ValueError(f"linear_weight must have shape (V, D), got {tuple(linear_weight.shape)}")
+    num_classes, in_features = linear_weight.shape
+    if input.shape[-1] != in_features:
+        raise ValueError(
+            f"input has D = {input.shape[-1]} features (shape {tuple(input.shape)}) but linear_weight "
+            f"has D = {in_features} (shape {tuple(linear_weight.shape)})"
+        )
+    if num_classes == 0:
+        raise ValueError(f"linear_weight has no classes (V = 0), shape {tuple(linear_weight.shape)}")
+    if linear_bias is not None and tuple(linear_bias.shape) != (num_classes,):
+        raise ValueError(f"linear_bias must have shape (V,) = ({num_classes},), got {tuple(linear_bias.shape)}")
+    for name, value in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if value is None:
+            continue
+        if value.dtype != input.dtype:
+            raise TypeError(f"{name} has dtype {value.dtype} but input has dtype {input.dtype}")
+        if value.device != input.device:
+            raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
+            f"expected target of shape {tuple(input.shape[:-1])}"
+        )
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+
+
+def _linear_backend_fn(name: str):
+    if name == "triton":
+        from .triton import trimmed_linear_cross_entropy_2d
+    elif name == "native":
+        trimmed_linear_cross_entropy_2d = native.trimmed_linear_cross_entropy_2d
+    else:
+        trimmed_linear_cross_entropy_2d = _reference.trimmed_linear_cross_entropy_2d
+    return trimmed_linear_cross_entropy_2d
+
+
+def trimmed_linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    keep_ratio: float | Tensor = 1.0,
+    *,
+    linear_bias: Tensor | None = None,
+    keep: str = "hardest",
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+    return_info: bool = False,
+    process_group: ProcessGroup | None = None,
+    chunk_size: int | None = None,
+) -> Tensor | tuple[Tensor, TrimInfo]:
+    r"""The LM head fused with trimming: ``trimmed_cross_entropy(F.linear(input, linear_weight,
+    linear_bias), target, keep_ratio, ...)`` without ever holding the ``(N, V)`` logits.
+
+    The forward computes every row's loss (logits in chunks of ``chunk_size`` rows on the CPU, in
+    tiles with an online logsumexp over ``V`` on the GPU), the kept set is chosen on those losses
+    exactly as :func:`trimmed_cross_entropy` chooses it, and the backward recomputes the logits of
+    the kept rows only: about ``2 N D V + 6 k D V`` FLOPs per step instead of ``6 N D V``. With a
+    Python float ``keep_ratio`` of 1.0 and ``reduction`` ``"mean"``/``"sum"`` every valid row is
+    kept, so the gradient is formed during the forward instead (3 matmuls, not 4). The gradients of
+    ``input``, ``linear_weight`` and ``linear_bias`` are accumulated in fp32 in a fixed order:
+    bitwise repeatable. Rows outside the kept set get an exactly zero ``input`` gradient.
+
+    Args:
+        input: hidden states ``(*, D)``; ``(N, D)`` for ``N`` tokens.
+        linear_weight: the head's weight ``(V, D)`` (``model.lm_head.weight``), dtype of ``input``.
+        target: class indices of shape ``*`` (``input.shape[:-1]``).
+        keep_ratio: fraction of the valid rows to keep, as in :func:`trimmed_cross_entropy`.
+        linear_bias: the head's bias ``(V,)`` or ``None``.
+        keep, weight, ignore_index, label_smoothing, reduction, return_info, process_group: as in
+            :func:`trimmed_cross_entropy`; ``weight`` is the per-*class* weight ``(V,)``.
+        backend: ``"auto"`` (Triton for CUDA tensors, the native op on the CPU), ``"triton"``,
+            ``"native"`` or ``"reference"``.
+        chunk_size: rows of logits held at a time (forward and backward). ``None`` picks
+            ``ceil(max(N * D, 2**22) / V)`` rows (rounded up to a multiple of 8, at most ``N``):
+            a chunk of fp32 logits about the size of the input, and at least 16 MiB.
+
+    Returns:
+        The loss in ``input``'s dtype (``"none"``: of ``target``'s shape); with ``return_info=True``
+        the pair ``(loss, info)``.
+
+    Example::
+
+        loss = trimmed_linear_cross_entropy(hidden, model.lm_head.weight, labels, keep_ratio=0.2)
+    """
+    keep_ratio = _check_keep_ratio(keep_ratio)
+    check_choice("keep", keep, KEEP_CHOICES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
+    chunk_size = check_chunk_size(chunk_size)
+    _check_linear_shapes(input, linear_weight, linear_bias, target)
+    _check_scalar_options(ignore_index, label_smoothing)
+    num_classes, in_features = linear_weight.shape
+    _check_weight(weight, num_classes, input)
+    name = _resolve_backend(backend, input.device)
+    _check_target_range(target, num_classes, ignore_index)
+
+    x2d = input.reshape(-1, in_features)
+    t1d = target.reshape(-1)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(x2d.shape[0], in_features, num_classes)
+    if t1d.shape[0] == 0:
+        name = "reference"
+    fn = _linear_backend_fn(name)
+    args = (keep_ratio, keep, weight, ignore_index, float(label_smoothing), reduction, chunk_size)
+    global_loss = None
+    if process_group is None:
+        out, losses, kept, k, threshold = fn(x2d, linear_weight, linear_bias, t1d, *args)
+    else:
+        from .distributed import trimmed_linear_cross_entropy_global
+
+        out, losses, kept, k, threshold, global_loss = trimmed_linear_cross_entropy_global(
+            fn, x2d, linear_weight, linear_bias, t1d, *args, group=process_group
+        )
+    if reduction == "none":
+        out = out.reshape(target.shape)
+    if not return_info:
+        return out
+    losses = losses.to(input.dtype).reshape(target.shape)
     info = TrimInfo(losses, kept.reshape(target.shape), k, threshold, global_loss)
     return out, info

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ._common import as_rows, compute_k
 
@@ -95,3 +96,100 @@ def trimmed_cross_entropy_2d(
         k,
         threshold.to(input.dtype),
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# The LM head: trimmed_linear_cross_entropy
+# ------------------------------------------------------------------------------------------------
+
+
+def _linear_logits(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> Tensor:
+    """``F.linear`` in the accumulation dtype (fp32 for bf16/fp16 inputs: the logits are never rounded)."""
+    acc = _compute_dtype(input.dtype)
+    bias = None if linear_bias is None else linear_bias.to(acc)
+    return F.linear(input.to(acc), linear_weight.to(acc), bias)
+
+
+def linear_ce_rows(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    """Every row's loss of ``F.linear(input, linear_weight, linear_bias)``, ``chunk_size`` rows of
+    logits at a time (detached). Returns ``(loss, w_y)`` in the accumulation dtype, ``(N,)``."""
+    losses, wys = [], []
+    with torch.no_grad():
+        for start in range(0, input.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = _linear_logits(input[rows], linear_weight, linear_bias)
+            loss, w_y = per_sample_loss(logits, target[rows], weight, ignore_index, label_smoothing)
+            losses.append(loss)
+            wys.append(w_y)
+    if not losses:
+        acc = _compute_dtype(input.dtype)
+        empty = input.new_empty((0,), dtype=acc)
+        return empty, empty
+    return torch.cat(losses), torch.cat(wys)
+
+
+def trimmed_linear_cross_entropy_2d(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    keep_ratio: float | Tensor,
+    keep: str,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    chunk_size: int,
+    share=None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The LM-head contract on ``input (N, D)``, ``linear_weight (V, D)``, ``target (N,)``.
+
+    The forward computes every row's loss in chunks of ``chunk_size`` rows, selects the kept set
+    on those losses, and recomputes only the kept rows' logits with autograd, again in chunks and
+    under activation checkpointing, so neither pass holds more than ``chunk_size x V`` logits.
+    ``share``, when given, maps ``(losses, valid)`` to the exact number of rows to keep (a 0-dim
+    int64 tensor; global trimming). Returns ``(out, losses, kept, k, threshold)`` as
+    :func:`trimmed_cross_entropy_2d` does.
+    """
+    valid = target != ignore_index
+    losses, _ = linear_ce_rows(
+        input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, chunk_size
+    )
+    k = compute_k(valid.sum(), keep_ratio if share is None else share(losses, valid))
+    idx = select(losses, valid, int(k), keep)
+    kept = torch.zeros_like(valid)
+    kept[idx] = True
+    nan = torch.full((), float("nan"), dtype=losses.dtype, device=losses.device)
+    threshold = losses[idx[-1]] if idx.numel() else nan
+
+    def kept_rows(x: Tensor, t: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
+        return per_sample_loss(_linear_logits(x, w, b), t, weight, ignore_index, label_smoothing)
+
+    idx = idx.sort().values  # row order: the sums run in a fixed order
+    parts, wys = [], []
+    for start in range(0, idx.numel(), chunk_size):
+        rows = idx[start : start + chunk_size]
+        loss, w_y = checkpoint(
+            kept_rows, input[rows], target[rows], linear_weight, linear_bias, use_reentrant=False
+        )
+        parts.append(loss)
+        wys.append(w_y)
+    acc = losses.dtype
+    kept_loss = torch.cat(parts) if parts else input.new_zeros((0,), dtype=acc)
+    kept_w = torch.cat(wys) if wys else input.new_zeros((0,), dtype=acc)
+    if reduction == "none":
+        out = torch.zeros(target.shape, dtype=acc, device=input.device).index_put((idx,), kept_loss)
+    elif reduction == "sum":
+        out = kept_loss.sum()
+    else:
+        out = kept_loss.sum() / kept_w.sum()
+    return out.to(input.dtype), losses, kept, k, threshold.to(input.dtype)
