@@ -1,7 +1,7 @@
 """fused_trim: mini-batch trimming as one fused cross-entropy operation."""
 
 from ._common import TrimInfo
-from .functional import trimmed_cross_entropy
+from .functional import trimmed_cross_entropy, trimmed_linear_cross_entropy
 from .nn import TrimmedCrossEntropyLoss
 from .schedules import (
     ConstantSchedule,
@@ -17,6 +17,7 @@ from .schedules import (
 __all__ = [
     "TrimInfo",
     "trimmed_cross_entropy",
+    "trimmed_linear_cross_entropy",
     "TrimmedCrossEntropyLoss",
     "KeepRatioSchedule",
     "LinearSchedule",
