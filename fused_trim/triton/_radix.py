@@ -57,8 +57,9 @@ def radix_step(hist, krem, prefix, prefix_mask, shift, key_dtype: tl.constexpr):
     """One 8-bit digit of the k-th largest key from the digit histogram of the current prefix.
 
     Returns the updated ``(krem, prefix, prefix_mask)``: ``krem`` is the rank still to find among
-    keys that share the new prefix.
+    keys that share the new prefix. Counts are summed in int64 (exact past 2^31 rows).
     """
+    hist = hist.to(tl.int64)
     digits = tl.arange(0, 256)
     cum = tl.cumsum(hist, 0)
     total = tl.sum(hist, 0)

@@ -19,12 +19,7 @@ from .ce_backward import ce_backward_kernel
 from .ce_backward_spatial import ce_backward_spatial_kernel
 from .ce_forward import ce_forward_kernel
 from .ce_forward_spatial import ce_forward_spatial_kernel
-from .grid_finish import grid_finish_kernel
-from .grid_histogram import grid_histogram_kernel
-from .grid_keep import grid_keep_kernel
-from .grid_pick import grid_pick_kernel
-from .grid_scan import grid_scan_kernel
-from .grid_ties import grid_ties_kernel
+from .grid_select import grid_select
 from .select import select_kernel
 
 REDUCTION_CODE = {"mean": 0, "sum": 1, "none": 2}
@@ -143,60 +138,11 @@ def trimmed_ce_fwd(
             HARDEST=hardest, REDUCTION=reduction, BLOCK=select_block(num_rows), num_warps=4,
         )  # fmt: skip
     else:
-        _grid_select(
+        grid_select(
             loss, w_y, target, kept, out, k, threshold, denom, ignore_index, ratio_bits, ratio_ptr,
-            ratio_on_device, hardest, reduction,
+            ratio_on_device, hardest, reduction, GRID_BLOCK,
         )  # fmt: skip
     return out, loss, kept, k, threshold, lse, denom
-
-
-def _grid_select(
-    loss: Tensor,
-    w_y: Tensor,
-    target: Tensor,
-    kept: Tensor,
-    out: Tensor,
-    k: Tensor,
-    threshold: Tensor,
-    denom: Tensor,
-    ignore_index: int,
-    ratio_bits: int,
-    ratio_ptr: Tensor,
-    ratio_on_device: bool,
-    hardest: bool,
-    reduction: int,
-) -> None:
-    """The select of :func:`select_kernel` spread over a grid of programs (see GRID_BLOCK)."""
-    num_rows = loss.shape[0]
-    is_fp64 = loss.dtype == torch.float64
-    nbits = 64 if is_fp64 else 32
-    blocks = triton.cdiv(num_rows, GRID_BLOCK)
-    state = torch.zeros(5, dtype=torch.int64, device=loss.device)  # prefix, mask, krem, k, n
-    hist = torch.zeros(256, dtype=torch.int32, device=loss.device)
-    for digit in range(nbits // 8):
-        shift = nbits - 8 * (digit + 1)
-        wrap_triton(grid_histogram_kernel)[(blocks,)](
-            loss, target, state, hist, num_rows, ignore_index, SHIFT=shift, HARDEST=hardest, BLOCK=GRID_BLOCK,
-            num_warps=8,
-        )  # fmt: skip
-        wrap_triton(grid_pick_kernel)[(1,)](
-            state, hist, ratio_bits, ratio_ptr, SHIFT=shift, FIRST=digit == 0, IS_FP64=is_fp64,
-            RATIO_FROM_PTR=ratio_on_device, num_warps=4,
-        )  # fmt: skip
-    ties = torch.empty(blocks, dtype=torch.int64, device=loss.device)
-    wrap_triton(grid_ties_kernel)[(blocks,)](
-        loss, target, state, ties, num_rows, ignore_index, HARDEST=hardest, BLOCK=GRID_BLOCK, num_warps=8
-    )
-    wrap_triton(grid_scan_kernel)[(1,)](ties, blocks, BLOCK=1024, num_warps=4)
-    partial = torch.empty(2 * blocks, dtype=loss.dtype, device=loss.device)
-    wrap_triton(grid_keep_kernel)[(blocks,)](
-        loss, w_y, target, state, ties, kept, out, partial, num_rows, blocks, ignore_index,
-        HARDEST=hardest, REDUCTION=reduction, BLOCK=GRID_BLOCK, num_warps=8,
-    )  # fmt: skip
-    wrap_triton(grid_finish_kernel)[(1,)](
-        partial, state, out, k, threshold, denom, blocks, HARDEST=hardest, REDUCTION=reduction, BLOCK=1024,
-        num_warps=4,
-    )  # fmt: skip
 
 
 @triton_op("fused_trim::triton_trimmed_ce_bwd", mutates_args=())
