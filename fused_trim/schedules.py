@@ -2,8 +2,9 @@
 
 Every schedule is called as ``schedule(epoch, step=0)`` with the 0-based epoch and the 0-based
 index of the mini-batch *within* that epoch, and returns a Python float. Epochs past the last one
-hold the final value. :class:`~fused_trim.TrimmedCrossEntropyLoss` keeps this progress for you
-(``set_epoch`` / ``step``).
+hold the final value. A schedule from ``start`` to ``end`` returns exactly ``start`` first and
+exactly ``end`` last, and no rounding error takes it outside ``[start, end]``.
+:class:`~fused_trim.TrimmedCrossEntropyLoss` keeps this progress for you (``set_epoch`` / ``step``).
 
 Example::
 
@@ -47,13 +48,20 @@ def _check_progress(epoch: int, step: int) -> None:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
 
 
+def _within(value: float, start: float, end: float) -> float:
+    """``value`` clipped to ``[min(start, end), max(start, end)]``: a rounding error never takes a
+    schedule past its end points (a ratio of ``1.0000000000000002`` would be rejected)."""
+    return min(max(value, min(start, end)), max(start, end))
+
+
 def _ramp(start: float, end: float, t: int, last: int) -> float:
-    """``start + (end - start) * t / last``; ``end`` past ``last``, ``start`` when ``last == 0``."""
-    if last <= 0:
+    """``start + (end - start) * t / last`` (the author's arithmetic); exactly ``start`` at
+    ``t = 0`` or when ``last == 0``, exactly ``end`` from ``t = last`` on."""
+    if last <= 0 or t <= 0:
         return start
     if t >= last:
         return end
-    return start + (end - start) * t / last
+    return _within(start + (end - start) * t / last, start, end)
 
 
 class KeepRatioSchedule:
@@ -182,10 +190,13 @@ class CosineSchedule(_EpochRange):
     """
 
     def value(self, epoch: int, step: int) -> float:
-        if self.epochs == 1:
+        if self.epochs == 1 or epoch == 0:  # (the formula gives start + 1 ulp for some end points)
             return self.start
-        frac = min(epoch, self.epochs - 1) / (self.epochs - 1)
-        return self.end + 0.5 * (self.start - self.end) * (1.0 + math.cos(math.pi * frac))
+        if epoch >= self.epochs - 1:
+            return self.end
+        frac = epoch / (self.epochs - 1)
+        value = self.end + 0.5 * (self.start - self.end) * (1.0 + math.cos(math.pi * frac))
+        return _within(value, self.start, self.end)
 
 
 class StepSchedule(KeepRatioSchedule):

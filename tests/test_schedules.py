@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fused_trim.schedules import (
@@ -96,9 +96,57 @@ def test_cosine_formula_and_ends(epochs, start, end, data):
     epoch = data.draw(st.integers(0, epochs - 1))
     expected = end + 0.5 * (start - end) * (1 + math.cos(math.pi * epoch / (epochs - 1)))
     assert s(epoch) == pytest.approx(expected, rel=1e-12)
-    assert s(0) == pytest.approx(start) and s(epochs - 1) == pytest.approx(end)
-    assert s(epochs + 5) == pytest.approx(end)
+    assert s(0) == start and s(epochs - 1) == end
+    assert s(epochs + 5) == end
     assert CosineSchedule(1, start=start, end=end)(0) == start
+
+
+def test_cosine_first_epoch_is_exactly_start():
+    """The formula gives 0.9000000000000001 at epoch 0 for these end points (issue 11, point 6)."""
+    s = CosineSchedule(5, 0.9, 0.3)
+    assert s(0) == 0.9
+    assert s(4) == 0.3
+
+
+@example(epochs=5, spe=1, start=0.9, end=0.3)
+@example(epochs=4, spe=1, start=0.2, end=1.0)
+@example(epochs=38, spe=3, start=0.2, end=1.0)
+@given(epochs=st.integers(2, 300), spe=st.integers(1, 50), start=ratios, end=ratios)
+def test_every_schedule_starts_and_ends_exactly(epochs, spe, start, end):
+    """First and last values are the documented end points, compared with ==."""
+    last = epochs - 1
+    for s in (LinearSchedule(epochs, start, end), CosineSchedule(epochs, start, end)):
+        assert s(0) == start and s(0, spe) == start
+        assert s(last) == end and s(last, spe) == end and s(last + 7) == end
+    s = LinearStepSchedule(epochs, spe, start, end)
+    assert s(0, 0) == start
+    assert s(last, spe - 1) == end and s(last + 1, 0) == end
+    s = WarmupSchedule(CosineSchedule(epochs, start, end), warmup_epochs=3)
+    assert s(0) == 1.0 and s(2) == 1.0
+    assert s(3) == start and s(3 + last) == end
+    s = StepSchedule([2, 5], gamma=end, start=start)
+    assert s(0) == start and s(1) == start
+    assert s(5) == start * end**2 and s(5 + epochs) == start * end**2
+    assert ConstantSchedule(start)(0) == start and ConstantSchedule(start)(last, spe) == start
+    s = OrderedSGDSchedule(start=start, thresholds=(0.5, 0.7), factor=end)
+    assert s(0) == start
+    s.update(1.0)
+    assert s(last, spe) == start * end**2
+
+
+@example(epochs=38, start=0.2, end=1.0)
+@example(epochs=5, start=0.9, end=0.3)
+@given(epochs=st.integers(2, 300), start=ratios, end=ratios)
+def test_ranged_schedules_never_leave_their_range(epochs, start, end):
+    """No rounding error takes a value past an end point (past 1.0 it would be rejected)."""
+    lo, hi = min(start, end), max(start, end)
+    for s in (
+        LinearSchedule(epochs, start, end),
+        CosineSchedule(epochs, start, end),
+        LinearStepSchedule(epochs, 3, start, end),
+    ):
+        for epoch in range(epochs + 1):
+            assert lo <= s(epoch) <= hi and lo <= s(epoch, 2) <= hi
 
 
 def test_step_schedule():
