@@ -24,12 +24,13 @@ from ._radix import compute_k, ordered_key, radix_step, sign_bit, store_results
 
 @triton.jit
 def _block_keys(loss_ptr, target_ptr, num_rows, ignore_index, HARDEST: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's rows ``[pid * BLOCK, (pid + 1) * BLOCK)``: ``(idx, in_range, valid, loss, key)``."""
+    """This program's rows ``[pid * BLOCK, (pid + 1) * BLOCK)``: ``(idx, in_range, valid, loss, key)``.
+    Padding lanes are never valid (``other=ignore_index`` would wrap for a narrow target dtype)."""
     IS_FP64: tl.constexpr = loss_ptr.dtype.element_ty == tl.float64
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = idx < num_rows
-    tgt = tl.load(target_ptr + idx, mask=in_range, other=ignore_index)
-    valid = tgt != ignore_index
+    tgt = tl.load(target_ptr + idx, mask=in_range, other=0)
+    valid = in_range & (tgt != ignore_index)
     loss = tl.load(loss_ptr + idx, mask=valid, other=0.0)
     return idx, in_range, valid, loss, ordered_key(loss, valid, HARDEST, IS_FP64)
 

@@ -35,6 +35,7 @@ def select_kernel(
     ``key == T`` in index order, and writes: ``kept``, ``out`` (per-row loss on K, 0 elsewhere;
     only for ``REDUCTION == 2``, "none"), ``result`` (the mean (0) or sum (1)), ``k``, the
     threshold loss and ``denom`` (the divisor of the mean; 1 otherwise) for the backward.
+    Padding lanes are never valid: ``other=ignore_index`` would wrap for a narrow target dtype.
     """
     IS_FP64: tl.constexpr = loss_ptr.dtype.element_ty == tl.float64
     NBITS: tl.constexpr = 64 if IS_FP64 else 32
@@ -45,8 +46,9 @@ def select_kernel(
     n = tl.zeros((), tl.int64)
     for start in range(0, num_rows, BLOCK):
         idx = start + offs
-        tgt = tl.load(target_ptr + idx, mask=idx < num_rows, other=ignore_index)
-        n += tl.sum((tgt != ignore_index).to(tl.int64), 0)
+        in_range = idx < num_rows
+        tgt = tl.load(target_ptr + idx, mask=in_range, other=0)
+        n += tl.sum((in_range & (tgt != ignore_index)).to(tl.int64), 0)
     k = compute_k(n, keep_ratio_bits, ratio_ptr, RATIO_FROM_PTR)
 
     max_key: tl.constexpr = 0x7FFFFFFFFFFFFFFF if IS_FP64 else 0x7FFFFFFF
@@ -56,8 +58,9 @@ def select_kernel(
         kth = tl.full((), max_key, key_dtype)
         for start in range(0, num_rows, BLOCK):
             idx = start + offs
-            tgt = tl.load(target_ptr + idx, mask=idx < num_rows, other=ignore_index)
-            valid = tgt != ignore_index
+            in_range = idx < num_rows
+            tgt = tl.load(target_ptr + idx, mask=in_range, other=0)
+            valid = in_range & (tgt != ignore_index)
             loss = tl.load(loss_ptr + idx, mask=valid, other=0.0)
             key = ordered_key(loss, valid, HARDEST, IS_FP64)
             kth = tl.minimum(kth, tl.min(tl.where(valid, key, max_key), 0))
@@ -71,8 +74,9 @@ def select_kernel(
             hist = tl.zeros((256,), tl.int32)
             for start in range(0, num_rows, BLOCK):
                 idx = start + offs
-                tgt = tl.load(target_ptr + idx, mask=idx < num_rows, other=ignore_index)
-                valid = tgt != ignore_index
+                in_range = idx < num_rows
+                tgt = tl.load(target_ptr + idx, mask=in_range, other=0)
+                valid = in_range & (tgt != ignore_index)
                 loss = tl.load(loss_ptr + idx, mask=valid, other=0.0)
                 u = ordered_key(loss, valid, HARDEST, IS_FP64) ^ sign
                 match = valid & ((u & prefix_mask) == prefix)
@@ -88,8 +92,8 @@ def select_kernel(
     for start in range(0, num_rows, BLOCK):
         idx = start + offs
         in_range = idx < num_rows
-        tgt = tl.load(target_ptr + idx, mask=in_range, other=ignore_index)
-        valid = tgt != ignore_index
+        tgt = tl.load(target_ptr + idx, mask=in_range, other=0)
+        valid = in_range & (tgt != ignore_index)
         loss = tl.load(loss_ptr + idx, mask=valid, other=0.0)
         key = ordered_key(loss, valid, HARDEST, IS_FP64)
         tie = valid & (key == kth)
