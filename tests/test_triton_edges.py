@@ -53,3 +53,31 @@ def test_narrow_integer_targets_grid_select(grid_select, dtype):
     assert torch.equal(info.kept, ref_info.kept)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("keep", ["hardest", "easiest"])
+def test_signed_zeros_are_one_key(dtype, keep):
+    """A negative class weight makes a loss of -0.0 beside +0.0: one value, so the tie goes to the
+    lower index (issue 11: x = [[100, 0], [0, 100]], t = [0, 1], weight = [-1, 1])."""
+    x = torch.tensor([[100.0, 0.0], [0.0, 100.0]], dtype=dtype)
+    t = torch.tensor([0, 1])
+    weight = torch.tensor([-1.0, 1.0], dtype=dtype)
+    for backend in CPU_BACKENDS:
+        out, info, _ = run(backend, x, t, 0.5, keep=keep, weight=weight, reduction="sum")
+        assert info.kept.tolist() == [True, False], backend
+        assert int(info.k) == 1
+    losses = run("triton", x, t, 1.0, weight=weight, reduction="none")[0]
+    assert losses[0].item() == 0.0 and losses[1].item() == 0.0
+
+
+@pytest.mark.parametrize("keep", ["hardest", "easiest"])
+def test_signed_zeros_grid_select(grid_select, keep):
+    """Signed zeros interleaved over several blocks: the grid select keeps the lowest indices."""
+    x = torch.tensor([[100.0, 0.0], [0.0, 100.0]], dtype=torch.float64).repeat(100, 1)
+    t = torch.tensor([0, 1]).repeat(100)
+    weight = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    _, ref_info, _ = run("reference", x, t, 0.3, keep=keep, weight=weight, reduction="sum")
+    _, info, _ = run("triton", x, t, 0.3, keep=keep, weight=weight, reduction="sum")
+    assert torch.equal(info.kept, ref_info.kept)
+    assert info.kept.nonzero().squeeze(1).tolist() == list(range(60))

@@ -8,15 +8,19 @@ import triton.language as tl
 def ordered_key(loss, valid, HARDEST: tl.constexpr, IS_FP64: tl.constexpr):
     """Signed integer key whose order is the ranking order (larger key = kept first).
 
-    Float bits ``b`` map to ``b ^ ((b >> sign) & max)``, monotone in the float value; NaN gets the
-    largest key (NaN ranks above +inf); ``keep="easiest"`` reverses the order with ``-1 - key``.
+    Float bits ``b`` map to ``b ^ ((b >> sign) & max)``, monotone in the float value; ``-0.0`` maps
+    to ``+0.0``'s key (one value, ties by index, as ``torch.sort`` and the native key rank them); NaN
+    gets the largest key (NaN ranks above +inf); ``keep="easiest"`` reverses the order with
+    ``-1 - key``. The one key of every Triton select (single program and grid).
     """
     if IS_FP64:
         b = loss.to(tl.int64, bitcast=True)
+        b = tl.where(b == -9223372036854775808, 0, b)  # -0.0 -> +0.0
         key = b ^ ((b >> 63) & 0x7FFFFFFFFFFFFFFF)
         key = tl.where(loss != loss, 0x7FFFFFFFFFFFFFFF, key)
     else:
         b = loss.to(tl.int32, bitcast=True)
+        b = tl.where(b == -2147483648, 0, b)  # -0.0 -> +0.0
         key = b ^ ((b >> 31) & 0x7FFFFFFF)
         key = tl.where(loss != loss, 0x7FFFFFFF, key)
     if not HARDEST:
