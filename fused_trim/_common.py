@@ -49,6 +49,36 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def check_ignore_index(value: object) -> int:
+    """An int (not a bool), else a ``TypeError`` naming ``ignore_index``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"ignore_index must be an int, got {value!r}")
+    return value
+
+
+def check_label_smoothing(value: object) -> float:
+    """A Python float (or int) in ``[0, 1]``, else a ``TypeError``/``ValueError`` naming ``label_smoothing``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"label_smoothing must be a float in [0, 1], got {value!r}")
+    if not 0.0 <= float(value) <= 1.0:  # also false for NaN
+        raise ValueError(f"label_smoothing must be in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_weight(weight: object, num_classes: int | None = None) -> None:
+    """``None`` or a 1-D floating-point tensor of class weights (of length ``num_classes`` when
+    given), else a ``ValueError``/``TypeError`` naming ``weight`` and what it got."""
+    if weight is None:
+        return
+    wrong_length = isinstance(weight, Tensor) and num_classes is not None and weight.shape[-1:] != (num_classes,)
+    if not isinstance(weight, Tensor) or weight.dim() != 1 or wrong_length:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        length = "" if num_classes is None else f" of length C = {num_classes}"
+        raise ValueError(f"weight must be a 1-D tensor{length}, got {shape}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point, got dtype {weight.dtype}")
+
+
 def compute_k(n: Tensor, keep_ratio: float | Tensor) -> Tensor:
     """``k = min(n, max(1, floor(keep_ratio * n + 0.5)))`` in float64; ``k = 0`` when ``n = 0``.
 

@@ -1,12 +1,14 @@
 """``trimmed_cross_entropy``: validation, shape normalisation and backend dispatch.
 
-Every backend receives the same normalised problem: a row-major ``(M, C)`` input whose rows are
-the samples in the target's flat order, an ``(M,)`` integer target, and validated options.
+Every backend receives the same normalised problem: an ``(M, C)`` input whose rows are the samples
+in the target's flat order, or for inputs with spatial dimensions the ``(N, C, S)`` view with
+``M = N * S`` samples in ``n * S + s`` order (the class dimension strided); an ``(M,)`` integer
+target; and validated options (a CPU ``keep_ratio`` tensor arrives as a Python float outside
+``torch.compile``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from typing import TYPE_CHECKING
 
@@ -22,7 +24,10 @@ from ._common import (
     TrimInfo,
     check_choice,
     check_chunk_size,
+    check_ignore_index,
+    check_label_smoothing,
     check_ratio,
+    check_weight,
     default_chunk_size,
 )
 
@@ -53,6 +58,9 @@ def _check_keep_ratio(keep_ratio: float | Tensor) -> float | Tensor:
             value = float(keep_ratio.detach())
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"keep_ratio must be in (0, 1], got {value}")
+            # A host value: no backend then copies the CPU tensor to a CUDA input's device on
+            # every call (a synchronising host-to-device copy). Equal to the tensor's value in float64.
+            return value
         else:
             torch._assert_async((keep_ratio > 0) & (keep_ratio <= 1), "keep_ratio must be in (0, 1]")
         return keep_ratio
@@ -92,24 +100,23 @@ def _check_shapes(input: Tensor, target: Tensor) -> None:
 
 
 def _check_scalar_options(ignore_index: object, label_smoothing: object) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if math.isnan(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    check_ignore_index(ignore_index)
+    check_label_smoothing(label_smoothing)
 
 
 def _check_weight(weight: Tensor | None, num_classes: int, input: Tensor) -> None:
+    check_weight(weight, num_classes)
     if weight is None:
         return
-    if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.shape[0] != num_classes:
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be a 1-D tensor of length C = {num_classes}, got {shape}")
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be floating point, got dtype {weight.dtype}")
     if weight.device != input.device:
         raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        # As F.cross_entropy (whose nll_loss raises the same): no backend computes a gradient for
+        # the class weights, and a silent None would be wrong.
+        raise RuntimeError(
+            "weight requires grad, but the loss is not differentiable with respect to the class "
+            "weights (neither is F.cross_entropy): pass weight.detach()"
+        )
 
 
 def _check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:

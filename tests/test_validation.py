@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fused_trim import native, trimmed_cross_entropy
 
-from .helpers import CPU_BACKENDS
+from .helpers import BACKENDS, CPU_BACKENDS, call, split
 
 X = torch.randn(4, 3)
 T = torch.tensor([0, 1, 2, -100])
@@ -84,3 +85,83 @@ def test_validation_runs_before_any_backend(monkeypatch):
     # (test_bad_input_raises holds it to the same message).
     with pytest.raises(ValueError, match="target holds 7"):
         trimmed_cross_entropy(X, torch.tensor([0, 1, 7, 0]), 0.5, backend="reference")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weight_requiring_grad_raises_as_f_cross_entropy_does(backend, reduction):
+    """No backend computes a gradient for the class weights: a weight that requires grad is an
+    error (F.cross_entropy raises a RuntimeError too), not a silent ``weight.grad = None``."""
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 1, -100, 0])
+    weight = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        F.cross_entropy(x, t, weight=weight, reduction=reduction)
+    with pytest.raises(RuntimeError, match=r"weight requires grad.*weight\.detach\(\)"):
+        call(backend, x, t, 0.5, weight=weight, reduction=reduction)
+    with pytest.raises(RuntimeError, match="weight requires grad"):
+        call(backend, x.detach(), t, 0.5, weight=weight, reduction=reduction)  # as torch: input need not
+    # Without grad mode there is no gradient to miss (torch accepts it too).
+    with torch.no_grad():
+        got = call(backend, x, t, 1.0, weight=weight, reduction=reduction)
+        expected = F.cross_entropy(x, t, weight=weight, reduction=reduction)
+    torch.testing.assert_close(got.cpu(), expected)
+
+
+def test_weight_requiring_grad_is_rejected_before_any_backend(monkeypatch):
+    import fused_trim.functional as functional
+
+    def boom(name):
+        raise AssertionError("a backend ran")
+
+    monkeypatch.setattr(functional, "_backend_fn", boom)
+    with pytest.raises(RuntimeError, match="weight requires grad"):
+        trimmed_cross_entropy(X, T, 0.5, weight=torch.ones(3, requires_grad=True))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cpu_ratio_tensor_reaches_the_backend_as_a_host_float(backend, monkeypatch):
+    """A CPU 0-dim keep_ratio is read on the host (free) once, in dispatch: no backend then
+    copies it to the input's device on every call (a synchronising copy on CUDA)."""
+    import fused_trim.functional as functional
+
+    seen = []
+    real = functional._backend_fn
+
+    def spy(name):
+        fn = real(name)
+
+        def wrapped(x2d, t1d, keep_ratio, *args):
+            seen.append(keep_ratio)
+            return fn(x2d, t1d, keep_ratio, *args)
+
+        return wrapped
+
+    monkeypatch.setattr(functional, "_backend_fn", spy)
+    x = torch.randn(10, 4, dtype=torch.float64)
+    t = torch.randint(0, 4, (10,))
+    for ratio in (torch.tensor(0.7, dtype=torch.float64), torch.tensor(0.7)):
+        out = trimmed_cross_entropy(x, t, ratio, backend=backend, reduction="sum")
+        assert type(seen[-1]) is float and seen[-1] == ratio.item()  # the tensor's value exactly
+        torch.testing.assert_close(out, trimmed_cross_entropy(x, t, ratio.item(), backend=backend, reduction="sum"))
+    assert len(seen) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.endswith("@cuda")])
+def test_cpu_ratio_tensor_with_cuda_input_never_syncs(backend):
+    """No host-to-device copy of a CPU ratio per call (that copy synchronises the stream)."""
+    name, dev = split(backend)
+    x = torch.randn(512, 100, device=dev, requires_grad=True)
+    t = torch.randint(0, 100, (512,), device=dev)
+    ratio = torch.tensor(0.3, dtype=torch.float64)  # on the CPU
+    trimmed_cross_entropy(x, t, ratio, backend=name).backward()  # warm-up: compile, load
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = trimmed_cross_entropy(x, t, ratio, backend=name)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = trimmed_cross_entropy(x.detach(), t, 0.3, backend="reference")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
