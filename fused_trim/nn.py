@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ._common import KEEP_CHOICES, REDUCTIONS, TrimInfo, check_choice, check_ratio
+from ._common import (
+    BACKENDS,
+    KEEP_CHOICES,
+    REDUCTIONS,
+    TrimInfo,
+    check_choice,
+    check_ignore_index,
+    check_label_smoothing,
+    check_ratio,
+    check_weight,
+)
 from .functional import trimmed_cross_entropy
 from .schedules import ConstantSchedule
 
@@ -29,11 +39,13 @@ class TrimmedCrossEntropyLoss(nn.Module):
     The module keeps the progress: call :meth:`set_epoch` at the start of each epoch and
     :meth:`step` after each mini-batch (only per-step schedules need the latter).
 
-    Under :func:`torch.compile` the forward reads the ratio from a 0-dim float64 tensor that
-    :meth:`set_epoch` and :meth:`step` refresh eagerly, so a moving schedule never recompiles the
-    graph; a schedule whose value changes otherwise (:class:`~fused_trim.schedules.OrderedSGD`'s
-    ``update``) takes effect at the next :meth:`set_epoch` or :meth:`step`. Eager forwards read
-    the schedule themselves.
+    Under :func:`torch.compile` the forward reads the ratio from a 0-dim float64 tensor on the
+    input's device, one per device, which :meth:`set_epoch` and :meth:`step` fill in place, so a
+    moving schedule never recompiles the graph and no step copies the ratio from the host. A
+    device's tensor is made by the first compiled forward on it, which copies the ratio there once;
+    the next call recompiles once to read the tensor. A schedule whose value changes otherwise
+    (:class:`~fused_trim.schedules.OrderedSGDSchedule`'s ``update``) takes effect at the next
+    :meth:`set_epoch` or :meth:`step`. Eager forwards read the schedule themselves.
 
     Args:
         keep_ratio: a float in ``(0, 1]`` or a schedule.
@@ -81,8 +93,14 @@ class TrimmedCrossEntropyLoss(nn.Module):
             self.schedule = keep_ratio
         else:
             self.schedule = ConstantSchedule(keep_ratio)  # validates the ratio now
+        # The functional checks, now rather than at the first forward (the weight's length at the
+        # forward, when C is known).
         check_choice("keep", keep, KEEP_CHOICES)
         check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("backend", backend, BACKENDS)
+        check_ignore_index(ignore_index)
+        check_label_smoothing(label_smoothing)
+        check_weight(weight)
         self.keep = keep
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
@@ -93,11 +111,14 @@ class TrimmedCrossEntropyLoss(nn.Module):
         self.epoch = 0
         self.step_in_epoch = 0
         self.info: TrimInfo | None = None
-        self._last: float | Tensor | None = None
+        self._last: float | None = None
+        self._last_compiled = False  # the last forward was compiled: it used self._ratio
         self._ratio = self.keep_ratio
-        # float64: a float32 0.7 rounds k = floor(0.7 * 5 + 0.5) down to 3. Not a buffer, so that
-        # moving the module never meets a device without float64; the forward moves a copy.
+        # float64: a float32 0.7 rounds k = floor(0.7 * 5 + 0.5) down to 3. Not buffers, so that
+        # moving the module never meets a device without float64, and every device the loss meets
+        # gets its own: _refresh fills them all in place.
         self._ratio_t = torch.tensor(self._ratio, dtype=torch.float64)
+        self._ratio_on: dict[torch.device, Tensor] = {self._ratio_t.device: self._ratio_t}
 
     @property
     def keep_ratio(self) -> float:
@@ -121,19 +142,25 @@ class TrimmedCrossEntropyLoss(nn.Module):
         self._refresh()
 
     def _refresh(self) -> float:
-        """Read the schedule now; the compiled forward's ratio tensor follows it."""
+        """Read the schedule now; the compiled forward's ratio tensors follow it (eager code)."""
         r = self.keep_ratio
         if r != self._ratio:
+            if self._last_compiled:
+                self._last, self._last_compiled = self._ratio, False
             self._ratio = r
-            self._ratio_t.fill_(r)
+            for t in self._ratio_on.values():
+                t.fill_(r)  # on a GPU a fill kernel: no copy, no synchronisation
         return r
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
-            r: float | Tensor = self._ratio_t.to(input.device, copy=True)  # a graph input, not a constant
+            r: float | Tensor | None = self._ratio_on.get(input.device)  # a graph input, not a constant
+            if r is None:  # first forward on this device: copy once and keep (the next call recompiles)
+                r = self._ratio_on[input.device] = self._ratio_t.to(input.device, copy=True)
+            self._last_compiled = True
         else:
             r = self._refresh()
-        self._last = r
+            self._last, self._last_compiled = r, False
         loss, info = trimmed_cross_entropy(
             input,
             target,
@@ -152,9 +179,8 @@ class TrimmedCrossEntropyLoss(nn.Module):
 
     @property
     def last_keep_ratio(self) -> float | None:
-        """The keep ratio the last forward used (``None`` before the first). After a compiled
-        forward on CUDA, reading it synchronises with the device."""
-        return float(self._last) if isinstance(self._last, Tensor) else self._last
+        """The keep ratio the last forward used (``None`` before the first), read on the host."""
+        return self._ratio if self._last_compiled else self._last
 
     def extra_repr(self) -> str:
         return (

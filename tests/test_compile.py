@@ -84,6 +84,76 @@ def test_compiled_module_follows_its_schedule_without_recompiling(backend):
     assert counter.frame_count == frames_after_first, "a schedule step recompiled the loss"
 
 
+def _ratio_copies(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """``.to(...)`` calls on a graph input of the loss module's ratio (a host-to-device copy on CUDA)."""
+    ratio_inputs = {n for n in gm.graph.nodes if n.op == "placeholder" and "ratio" in n.name}
+    assert ratio_inputs, "the ratio is not a graph input"
+    return [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "to" and n.args[0] in ratio_inputs]
+
+
+@pytest.mark.skipif(not COMPILE_BACKENDS, reason="no compiled backend here (native not built, no CUDA)")
+@pytest.mark.parametrize("new_device", [False, True])
+def test_compiled_module_reads_a_ratio_tensor_on_the_input_device(new_device):
+    """The compiled step reads the module's ratio tensor of the input's device, which set_epoch
+    fills in place: no copy of the ratio in the graph (on CUDA a synchronising host-to-device copy
+    per step). A device the module has not met (simulated by dropping the CPU one) gets its tensor
+    from the first compiled step, once; the next step recompiles once to read it."""
+    backend = COMPILE_BACKENDS[0]
+    dev = torch.device("cuda" if backend == "triton" else "cpu")
+    torch.manual_seed(0)
+    body = torch.nn.Linear(12, 10).to(dev)
+    x = torch.randn(64, 12, device=dev)
+    t = torch.randint(0, 10, (64,), device=dev)
+    crit = TrimmedCrossEntropyLoss(LinearSchedule(epochs=5), backend=backend)
+    if new_device:
+        crit._ratio_on.clear()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda x, t: crit(body(x), t), fullgraph=True, backend=capture)
+    tensors = []
+    for epoch in range(5):
+        crit.set_epoch(epoch)
+        step(x, t)
+        assert int(crit.info.k) == round(64 * (1.0 - 0.2 * epoch))
+        assert crit.last_keep_ratio == LinearSchedule(epochs=5)(epoch)
+        tensors.append(crit._ratio_on[dev])
+    crit.set_epoch(0)  # the ratio moves on; the last forward's stays what it was
+    assert crit.last_keep_ratio == LinearSchedule(epochs=5)(4)
+    assert all(r is tensors[0] for r in tensors), "the device's ratio tensor was made more than once"
+    if new_device:
+        assert len(graphs) == 2 and len(_ratio_copies(graphs[0])) == 1
+    else:
+        assert len(graphs) == 1
+    assert _ratio_copies(graphs[-1]) == []
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_compiled_module_step_on_cuda_never_syncs():
+    body = torch.nn.Linear(12, 10).cuda()
+    x = torch.randn(64, 12, device="cuda")
+    t = torch.randint(0, 10, (64,), device="cuda")
+    crit = TrimmedCrossEntropyLoss(LinearSchedule(epochs=5), backend="triton")
+    torch._dynamo.reset()
+    step = torch.compile(lambda x, t: crit(body(x), t).backward(), fullgraph=False)
+    for epoch in range(2):  # the first step makes the CUDA ratio tensor, the second recompiles to read it
+        crit.set_epoch(epoch)
+        step(x, t)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for epoch in range(2, 5):
+            crit.set_epoch(epoch)
+            step(x, t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert crit._ratio_on[torch.device("cuda", torch.cuda.current_device())].item() == LinearSchedule(epochs=5)(4)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["triton", "native"])
 def test_cuda_forward_backward_never_sync_and_capture_in_a_graph(backend):

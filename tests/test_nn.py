@@ -115,3 +115,50 @@ def test_weight_is_a_buffer_and_repr():
     assert "weight" in dict(crit.named_buffers())
     assert "LinearSchedule(epochs=4, start=1.0, end=0.2)" in repr(crit)
     assert "keep='hardest'" in repr(crit)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(backend="cuda"), ValueError, r"backend must be one of .* got 'cuda'"),
+        (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\], got 1.5"),
+        (dict(label_smoothing=float("nan")), ValueError, r"label_smoothing .* got nan"),
+        (dict(label_smoothing="0.1"), TypeError, r"label_smoothing must be a float .* got '0.1'"),
+        (dict(keep="middle"), ValueError, r"keep must be one of 'hardest', 'easiest', got 'middle'"),
+        (dict(reduction="avg"), ValueError, r"reduction must be one of .* got 'avg'"),
+        (dict(ignore_index=1.0), TypeError, r"ignore_index must be an int, got 1.0"),
+        (dict(ignore_index=True), TypeError, r"ignore_index must be an int, got True"),
+        (dict(weight=torch.ones(3, 1)), ValueError, r"weight must be a 1-D tensor, got \(3, 1\)"),
+        (dict(weight=[1.0, 2.0]), ValueError, r"weight must be a 1-D tensor, got list"),
+        (dict(weight=torch.ones(3, dtype=torch.long)), TypeError, r"weight must be floating point, .* torch.int64"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(kwargs, exc, match):
+    """Like the schedule, the module's options are checked when it is built, not at the first
+    forward, with the functional API's own checks (so the same message)."""
+    with pytest.raises(exc, match=match) as at_construction:
+        TrimmedCrossEntropyLoss(0.5, **kwargs)
+    if "weight" in kwargs:
+        return  # (the functional API also names the length C it expects)
+    x, y = _batch(n=6, c=3)
+    with pytest.raises(exc) as at_call:
+        trimmed_cross_entropy(x, y, 0.5, **kwargs)
+    assert str(at_construction.value) == str(at_call.value)
+
+
+def test_weight_length_is_checked_at_the_forward():
+    crit = TrimmedCrossEntropyLoss(0.5, weight=torch.ones(4, dtype=torch.float64))
+    x, y = _batch(n=6, c=3)
+    with pytest.raises(ValueError, match=r"weight must be a 1-D tensor of length C = 3, got \(4,\)"):
+        crit(x, y)
+
+
+def test_last_keep_ratio_is_the_last_forwards():
+    x, y = _batch(n=20)
+    crit = TrimmedCrossEntropyLoss(LinearSchedule(epochs=3))
+    crit.set_epoch(1)
+    loss = crit(x, y)
+    assert crit.last_keep_ratio == 0.6 and int(crit.info.k) == 12
+    torch.testing.assert_close(loss, trimmed_cross_entropy(x, y, 0.6), rtol=0, atol=0)
+    crit.set_epoch(2)
+    assert crit.last_keep_ratio == 0.6  # the last forward's ratio, not the next one's
