@@ -23,9 +23,11 @@ class BuildPyWithNativeSources(build_py):
             return
         dest = Path(self.build_lib) / "fused_trim" / "_csrc"
         dest.mkdir(parents=True, exist_ok=True)
-        for src in sorted(CSRC.iterdir()):
-            if src.suffix in (".cpp", ".cu", ".h", ".cuh"):
-                shutil.copy2(src, dest / src.name)
+        for src in sorted(CSRC.rglob("*")):  # csrc/ and its subfolders (csrc/cpu/*.h)
+            if src.is_file() and src.suffix in (".cpp", ".cu", ".h", ".cuh"):
+                out = dest / src.relative_to(CSRC)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, out)
 
 
 setup(cmdclass={"build_py": BuildPyWithNativeSources})

@@ -3,8 +3,8 @@
 The C++ (CPU) and CUDA sources live in ``csrc/``. They register two ``torch.library`` ops,
 ``fused_trim::trimmed_ce_fwd`` and ``fused_trim::trimmed_ce_bwd``; this module gives them fake
 (meta) implementations, so ``torch.compile(fullgraph=True)`` traces through them. The autograd
-formula is registered in C++ (``csrc/trimmed_ce_cpu.cpp``, the ``Autograd`` key, for every device):
-the backward op fed with the forward's saved logsumexp and per-row scale, no Python on the path.
+formula is registered in C++ (``csrc/ops.cpp``, the ``Autograd`` key, for every device): the
+backward op fed with the forward's saved logsumexp and per-row scale, no Python on the path.
 
 Spatial inputs reach :func:`trimmed_cross_entropy_2d` as ``(N, C, S)`` (rows in ``n * S + s``
 order). The CPU op reads them in place (vectorised across the pixels, which are adjacent in
@@ -13,45 +13,29 @@ contiguous first) and returns the gradient in the same ``(N, C, S)`` layout. The
 ``(M, C)`` rows only: CUDA tensors are first moved to ``(N * S, C)`` with one copy
 (:func:`fused_trim._common.as_rows`).
 
-Build: the first time the op is needed on a machine, the sources are compiled against the
-installed torch with the system C++ compiler (and ``nvcc`` for the CUDA kernels, when torch has
-CUDA and a GPU is present) and the shared library is cached under ``~/.cache/fused_trim`` (or
-``$FUSED_TRIM_CACHE_DIR``), keyed by the sources, the flags, torch's and Python's versions and the
-CPU capability; later processes load the cached library in milliseconds (``build()`` does it
-ahead of time). When nothing can be built (no compiler, no sources), one warning says why,
-``backend="auto"`` falls back to the reference and ``backend="native"`` raises with the reason.
-``FUSED_TRIM_NO_BUILD=1`` forbids compiling (a cached library is still used).
+Build: the first time the op is needed on a machine, :func:`fused_trim._build.build` compiles
+``csrc/`` against the installed torch and caches the library (``~/.cache/fused_trim`` or
+``$FUSED_TRIM_CACHE_DIR``); later processes load it in milliseconds. ``build()`` (or
+``python -m fused_trim build``) does it ahead of time. When nothing can be built (no compiler, no
+sources), one warning says why, ``backend="auto"`` falls back to the reference and
+``backend="native"`` raises with the reason. ``FUSED_TRIM_NO_BUILD=1`` forbids compiling (a cached
+library is still used).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import subprocess
-import sys
-import sysconfig
-import tempfile
 import threading
 import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ._build import build, want_cuda
 from ._common import as_rows
 
 __all__ = ["build", "empty_cache", "is_available", "trimmed_cross_entropy_2d", "unavailable_reason"]
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
-# The checkout's csrc/ (editable installs), else the copy that setup.py puts into wheels.
-_CSRC = next(
-    (d for d in (_PACKAGE_DIR.parent / "csrc", _PACKAGE_DIR / "_csrc") if (d / "trimmed_ce_cpu.cpp").exists()),
-    _PACKAGE_DIR.parent / "csrc",
-)
-_CPU_SOURCES = ("trimmed_ce_cpu.cpp",)
-_CUDA_SOURCES = ("trimmed_ce_cuda.cu",)
-_HEADERS = ("trimmed_ce_common.h",)
 _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
 _lock = threading.Lock()
@@ -59,164 +43,8 @@ _state: dict[str, object] = {}  # "error": str | None, "cuda": bool, "path": str
 
 
 # --------------------------------------------------------------------------------------------
-# Build and load
+# Load
 # --------------------------------------------------------------------------------------------
-
-
-def _cache_dir() -> Path:
-    env = os.environ.get("FUSED_TRIM_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fused_trim"
-
-
-def _cpu_capability_flags() -> tuple[str, list[str]]:
-    try:
-        cap = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # pragma: no cover - very old torch
-        cap = "DEFAULT"
-    if cap == "AVX512":
-        return cap, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-                     "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    if cap == "AVX2":
-        return cap, ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return "DEFAULT", ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
-
-
-def _want_cuda() -> bool:
-    return (
-        torch.version.cuda is not None
-        and torch.cuda.is_available()
-        and os.environ.get("FUSED_TRIM_NO_CUDA") != "1"
-        and _find_nvcc() is not None
-    )
-
-
-def _find_nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    candidate = os.path.join(home, "bin", "nvcc")
-    if os.path.exists(candidate):
-        return candidate
-    return shutil.which("nvcc")
-
-
-def _torch_paths() -> tuple[list[str], list[str]]:
-    from torch.utils.cpp_extension import include_paths, library_paths
-
-    try:
-        incs = include_paths(device_type="cuda" if _want_cuda() else "cpu")
-    except TypeError:  # older signature: include_paths(cuda: bool)
-        incs = include_paths(_want_cuda())
-    try:
-        libs = library_paths(device_type="cuda" if _want_cuda() else "cpu")
-    except TypeError:
-        libs = library_paths(_want_cuda())
-    return incs, libs
-
-
-def _compile_commands(out: Path, workdir: Path, with_cuda: bool) -> list[list[str]]:
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
-    incs, libs = _torch_paths()
-    inc_flags = [f"-I{p}" for p in incs] + [f"-I{_CSRC}"]
-    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
-    _, cap_flags = _cpu_capability_flags()
-    common = ["-O3", "-std=c++20", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *inc_flags]
-    cmds = []
-    objects = []
-    for src in _CPU_SOURCES:
-        obj = workdir / (src + ".o")
-        cmds.append([cxx, *common, *cap_flags, "-c", str(_CSRC / src), "-o", str(obj)])
-        objects.append(str(obj))
-    link_libs = ["-lc10", "-ltorch_cpu", "-ltorch"]
-    if with_cuda:
-        nvcc = _find_nvcc()
-        major, minor = torch.cuda.get_device_capability()
-        arch = f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"
-        for src in _CUDA_SOURCES:
-            obj = workdir / (src + ".o")
-            cmds.append([
-                nvcc, "-O3", "-std=c++20", arch, "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
-                f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *inc_flags, "-c", str(_CSRC / src), "-o", str(obj),
-            ])
-            objects.append(str(obj))
-        cuda_home = str(Path(nvcc).resolve().parent.parent)
-        link_libs += ["-lc10_cuda", "-ltorch_cuda", f"-L{cuda_home}/lib64", f"-Wl,-rpath,{cuda_home}/lib64",
-                      "-lcudart"]
-    lib_flags = []
-    for p in libs:
-        lib_flags += [f"-L{p}", f"-Wl,-rpath,{p}"]
-    cmds.append([cxx, "-shared", "-fopenmp", *objects, "-o", str(out), *lib_flags, *link_libs])
-    return cmds
-
-
-def _build_key(with_cuda: bool) -> str:
-    h = hashlib.sha256()
-    names = _CPU_SOURCES + _HEADERS + (_CUDA_SOURCES if with_cuda else ())
-    for name in names:
-        h.update(name.encode())
-        h.update((_CSRC / name).read_bytes())
-    cap, flags = _cpu_capability_flags()
-    h.update(" ".join(flags).encode())
-    h.update(torch.__version__.encode())
-    h.update(str(torch.version.cuda).encode())
-    h.update(sys.version.encode())
-    h.update(str(sysconfig.get_platform()).encode())
-    if with_cuda:
-        h.update(str(torch.cuda.get_device_capability()).encode())
-    h.update(b"v1")
-    return f"{cap.lower()}{'-cuda' if with_cuda else ''}-{h.hexdigest()[:16]}"
-
-
-def build(
-    force: bool = False, verbose: bool = False, allow_compile: bool = True, with_cuda: bool | None = None
-) -> Path:
-    """Compile the native op (or find it in the cache) and return the shared library's path.
-
-    ``with_cuda=None`` builds the CUDA kernels too when torch has CUDA, a GPU is present and
-    ``nvcc`` is found. Raises ``RuntimeError`` with the compiler's errors when the build fails.
-    """
-    missing = [n for n in _CPU_SOURCES + _HEADERS if not (_CSRC / n).exists()]
-    if missing:
-        raise RuntimeError(f"the C++ sources are not found (looked for {', '.join(missing)} in {_CSRC})")
-    if with_cuda is None:
-        with_cuda = _want_cuda()
-    key = _build_key(with_cuda)
-    cache = _cache_dir()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        cache = Path(tempfile.gettempdir()) / "fused_trim_cache"
-        cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"fused_trim_C-{key}.so"
-    if target.exists() and not force:
-        return target
-    if not allow_compile:
-        raise RuntimeError(f"the extension is not built ({target} missing) and FUSED_TRIM_NO_BUILD=1")
-    import fcntl
-
-    with open(cache / f"{key}.lock", "w") as lockfile:
-        fcntl.flock(lockfile, fcntl.LOCK_EX)  # one build per machine; the others wait and reuse it
-        try:
-            if target.exists() and not force:
-                return target
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                tmp_out = Path(tmp) / target.name
-                for cmd in _compile_commands(tmp_out, Path(tmp), with_cuda):
-                    if verbose:
-                        print(" ".join(cmd), file=sys.stderr)
-                    try:
-                        proc = subprocess.run(cmd, capture_output=True, text=True)
-                    except FileNotFoundError as exc:
-                        raise RuntimeError(f"no C++ compiler found ({exc})") from None
-                    if proc.returncode != 0:
-                        errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
-                        detail = "\n".join(errors[:5]) or proc.stderr[-2000:]
-                        raise RuntimeError(f"compiling the native op failed ({cmd[0]}):\n{detail}")
-                os.replace(tmp_out, target)
-        finally:
-            fcntl.flock(lockfile, fcntl.LOCK_UN)
-    return target
 
 
 def _load() -> str | None:
@@ -233,7 +61,7 @@ def _load() -> str | None:
                 try:
                     path = build(allow_compile=allow)
                 except RuntimeError as exc:
-                    if not _want_cuda():
+                    if not want_cuda():
                         raise
                     # The CUDA kernels did not build (say, nvcc and torch disagree on the CUDA
                     # version): keep the CPU op rather than lose both.

@@ -1,0 +1,309 @@
+// Cross-entropy of (M, C) rows on the CPU: the per-row forward and the per-row gradient.
+//
+// API (namespace fused_trim::cpu; scalar_t: the logits' type, acc_t = at::opmath_type<scalar_t>:
+// float, or double for double logits). A row is C logits at `x + i * row_stride`, unit class
+// stride; `t` holds int64 targets; `w` is the class weight in acc_t (nullptr: none) and
+// `w_total = weight_total(w, C)` (C without a weight); `ls` the label smoothing.
+//
+//   rows_forward_parallel<scalar_t, acc_t>(x, row_stride, M, C, t, ignore_index, w, w_total, ls,
+//                                          loss_out, lse_out, bad_target)
+//       Rows [0, M) over at::parallel_for: loss_out[i] = l_i and lse_out[i] = logsumexp(x_i) (the
+//       one quantity the gradient needs), both acc_t; an ignored row gets 0 in both. A target
+//       outside [0, C) that is not ignore_index sets `bad_target` (the caller raises) and gets 0.
+//       The loss is formed relative to the row max, ((m - x_y) + log s), never as lse - x_y.
+//       A block of fp32 logits (say an LM head's chunk of x @ W^T) is scalar_t = acc_t = float.
+//   rows_forward<scalar_t, acc_t>(..., begin, end, ...)   the same on rows [begin, end), serially.
+//   row_backward<scalar_t, acc_t>(xrow, grow, C, y, lse, coef, w, w_total, ls, stream, inbuf, outbuf)
+//       d(coef * l)/dx of one row whose target y is a class (kept, not ignored), into `grow`;
+//       `grow == xrow` (in place over the logits) is allowed. coef = upstream gradient times the
+//       row's scale (1 / denominator for "mean"). A NaN lse gives a NaN row, as torch. The
+//       true-class term is formed in acc_t before rounding. inbuf/outbuf: kBlock acc_t each (unused
+//       when scalar_t is acc_t). stream: non-temporal stores (needs a stream_fence() afterwards).
+//   weight_total(w, C), scored_target(y, C, ignore_index, bad_target), finish_sample(...): the
+//       pieces every forward path (rows here, pixels in ce_spatial.h) ends with.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include <ATen/Parallel.h>
+
+#include "vec.h"
+
+namespace fused_trim::cpu {
+
+template <typename acc_t>
+struct RowResult {
+  acc_t loss;
+  acc_t lse;
+};
+
+// sum of the class weights, in the accumulation type, without a tensor op and `.item()`.
+template <typename acc_t>
+inline acc_t weight_total(const acc_t* w, int64_t C) {
+  double s = 0.0;
+  for (int64_t c = 0; c < C; ++c) s += static_cast<double>(w[c]);
+  return static_cast<acc_t>(s);
+}
+
+// One sample's loss and logsumexp from its max `m`, `log_s = log(sum_c exp(x_c - m))`, its
+// target's logit and weight, and (label smoothing) `sx = sum_c w_c (x_c - ref)`. Every forward
+// path (rows, few classes, grouped rows, spatial pixels) ends here.
+template <typename acc_t>
+inline RowResult<acc_t> finish_sample(acc_t m, acc_t log_s, acc_t x_y, acc_t w_y, acc_t ref, acc_t sx, acc_t ls,
+                                      acc_t w_total, int64_t C) {
+  // A sample whose max is not finite (a NaN, a +inf, or all -inf) has NaN log-probabilities in
+  // torch; the vector exp saturates instead of propagating NaN, so say it explicitly.
+  if (!std::isfinite(m)) log_s = std::numeric_limits<acc_t>::quiet_NaN();
+  // (m - x_y) + log(s) rather than lse - x_y: no cancellation when p_y is close to 1.
+  acc_t loss = w_y * ((m - x_y) + log_s);
+  if (ls > 0) {
+    const acc_t smooth_term = ((m - ref) + log_s) * w_total - sx;  // -sum_c w_c log p_c
+    loss = (acc_t(1) - ls) * loss + (ls / static_cast<acc_t>(C)) * smooth_term;
+  }
+  return {loss, m + log_s};
+}
+
+// Whether sample target `y` is a class to score; an ignored one is not, and one outside [0, C)
+// is not either and raises the op's ValueError afterwards (through `bad_target`).
+inline bool scored_target(int64_t y, int64_t C, int64_t ignore_index, std::atomic<bool>& bad_target) {
+  if (y == ignore_index) return false;
+  if (y >= 0 && y < C) return true;
+  bad_target.store(true, std::memory_order_relaxed);
+  return false;
+}
+
+// Loss and logsumexp of one row (one pass over memory, blockwise online max).
+template <typename scalar_t, typename acc_t>
+__attribute__((flatten)) inline RowResult<acc_t> row_forward(const scalar_t* row, int64_t C, int64_t y,
+                                                             const acc_t* w, acc_t w_total, acc_t ls, acc_t* buf) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const bool smooth = ls > 0;
+  acc_t m = ninf, s = 0, sx = 0, ref = 0;
+  for (int64_t b = 0; b < C; b += kBlock) {
+    const int64_t n = std::min(kBlock, C - b);
+    const acc_t* p = load_block<scalar_t, acc_t>(row + b, n, buf);
+    const acc_t bm = block_max<acc_t>(p, n);
+    if (b == 0) {
+      ref = std::isfinite(bm) ? bm : acc_t(0);
+      m = bm;
+    } else if (bm != bm) {
+      m = bm;  // NaN propagates to the loss
+    } else if (bm > m) {
+      s = s * std::exp(m - bm);
+      m = bm;
+    }
+    if (bm != ninf) s += block_sumexp<acc_t>(p, n, m);
+    if (smooth) sx += block_sum_shifted<acc_t>(p, w == nullptr ? nullptr : w + b, n, ref);
+  }
+  return finish_sample<acc_t>(m, std::log(s), static_cast<acc_t>(row[y]), w == nullptr ? acc_t(1) : w[y], ref, sx,
+                              ls, w_total, C);
+}
+
+// Few classes (C <= kSmallC): a row is shorter than a vector or two, and the per-row reductions
+// would dominate. Instead V rows at a time are transposed into a [C][V] tile, so that every
+// vector op works across V rows (max, exp, sum, log), with no horizontal reduction at all.
+constexpr int64_t kSmallC = 32;
+
+template <typename scalar_t, typename acc_t>
+void small_c_forward(const scalar_t* x, int64_t row_stride, int64_t C, const int64_t* t,
+                     int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls,
+                     int64_t begin, int64_t end, acc_t* loss_out, acc_t* lse_out,
+                     std::atomic<bool>& bad_target) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  alignas(64) acc_t tile[kSmallC * V];
+  alignas(64) acc_t mv[V], lsv[V], sxv[V];
+  const bool smooth = ls > 0;
+  for (int64_t i0 = begin; i0 < end; i0 += V) {
+    const int64_t rows = std::min(V, end - i0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* row = x + (i0 + r) * row_stride;
+      for (int64_t c = 0; c < C; ++c) tile[c * V + r] = static_cast<acc_t>(row[c]);
+    }
+    for (int64_t r = rows; r < V; ++r) {
+      for (int64_t c = 0; c < C; ++c) tile[c * V + r] = 0;
+    }
+    Vec m = Vec::loadu(tile);
+    for (int64_t c = 1; c < C; ++c) m = at::vec::maximum(m, Vec::loadu(tile + c * V));
+    Vec s(0), sx(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const Vec d = Vec::loadu(tile + c * V) - m;
+      s = s + vexp(d);
+      if (smooth) sx = sx + (w == nullptr ? d : d * Vec(w[c]));
+    }
+    m.store(mv);
+    s.log().store(lsv);
+    sx.store(sxv);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      const int64_t y = t[i];
+      if (!scored_target(y, C, ignore_index, bad_target)) {
+        loss_out[i] = lse_out[i] = 0;
+        continue;
+      }
+      // (sx was taken relative to the max itself)
+      const auto res = finish_sample<acc_t>(mv[r], lsv[r], tile[y * V + r], w == nullptr ? acc_t(1) : w[y], mv[r],
+                                            sxv[r], ls, w_total, C);
+      loss_out[i] = res.loss;
+      lse_out[i] = res.lse;
+    }
+  }
+}
+
+// Rows of one block (C <= kBlock) in fp32/fp64: rows are taken kRowGroup at a time, in phases
+// (every row's max, then every row's exp-sum, then one vector log for the group), so that the
+// short dependency chains of independent rows overlap (a row at a time, max -> horizontal
+// reduction -> exp -> reduction -> log is one long chain that left the core idle at C ~ 100).
+// The rows of a group stay in L1 between the phases. Same arithmetic as row_forward.
+constexpr int64_t kRowGroup = 16;
+
+template <typename acc_t>
+__attribute__((flatten)) void grouped_rows_forward(
+    const acc_t* x, int64_t row_stride, int64_t C, const int64_t* t, int64_t ignore_index,
+    const acc_t* w, acc_t w_total, acc_t ls, int64_t begin, int64_t end, acc_t* loss_out,
+    acc_t* lse_out, std::atomic<bool>& bad_target) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t G = kRowGroup;
+  static_assert(G % V == 0, "the group is a whole number of vectors");
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const bool smooth = ls > 0;
+  // Fewer rows per group when they would not stay in L1 (~32 KiB) between the phases.
+  const int64_t g_max = std::clamp<int64_t>(int64_t(32768) / (C * int64_t(sizeof(acc_t))), 1, G);
+  alignas(64) acc_t mv[G], sv[G], lsv[G], sxv[G];
+  int64_t idx[G];
+  int64_t i = begin;
+  while (i < end) {
+    int64_t g = 0;
+    for (; i < end && g < g_max; ++i) {
+      if (!scored_target(t[i], C, ignore_index, bad_target)) {
+        loss_out[i] = lse_out[i] = 0;
+        continue;
+      }
+      idx[g++] = i;
+    }
+    for (int64_t r = 0; r < g; ++r) mv[r] = block_max<acc_t>(x + idx[r] * row_stride, C);
+    for (int64_t r = 0; r < g; ++r) {
+      const acc_t* p = x + idx[r] * row_stride;
+      const acc_t m = mv[r];
+      sv[r] = m != ninf ? block_sumexp<acc_t>(p, C, m) : acc_t(0);
+      if (smooth) sxv[r] = block_sum_shifted<acc_t>(p, w, C, std::isfinite(m) ? m : acc_t(0));
+    }
+    for (int64_t r = g; r < G; ++r) sv[r] = 1;
+    for (int64_t r = 0; r < g; r += V) Vec::loadu(sv + r).log().store(lsv + r);
+    for (int64_t r = 0; r < g; ++r) {
+      const int64_t row = idx[r];
+      const int64_t y = t[row];
+      const acc_t m = mv[r];
+      const auto res = finish_sample<acc_t>(m, lsv[r], x[row * row_stride + y], w == nullptr ? acc_t(1) : w[y],
+                                            std::isfinite(m) ? m : acc_t(0), sxv[r], ls, w_total, C);
+      loss_out[row] = res.loss;
+      lse_out[row] = res.lse;
+    }
+  }
+}
+
+// Rows [begin, end), one thread: the path that suits C and the dtype.
+template <typename scalar_t, typename acc_t>
+void rows_forward(const scalar_t* x, int64_t row_stride, int64_t C, const int64_t* t, int64_t ignore_index,
+                  const acc_t* w, acc_t w_total, acc_t ls, int64_t begin, int64_t end, acc_t* loss_out,
+                  acc_t* lse_out, std::atomic<bool>& bad_target) {
+  if (C <= kSmallC) {
+    small_c_forward<scalar_t, acc_t>(x, row_stride, C, t, ignore_index, w, w_total, ls, begin, end, loss_out,
+                                     lse_out, bad_target);
+  } else if (std::is_same_v<scalar_t, acc_t> && C <= kBlock) {
+    grouped_rows_forward<acc_t>(reinterpret_cast<const acc_t*>(x), row_stride, C, t, ignore_index, w, w_total, ls,
+                                begin, end, loss_out, lse_out, bad_target);
+  } else {
+    alignas(64) acc_t buf[std::is_same_v<scalar_t, acc_t> ? 1 : kBlock];
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t y = t[i];
+      if (!scored_target(y, C, ignore_index, bad_target)) {
+        loss_out[i] = lse_out[i] = 0;
+        continue;
+      }
+      const auto res = row_forward<scalar_t, acc_t>(x + i * row_stride, C, y, w, w_total, ls, buf);
+      loss_out[i] = res.loss;
+      lse_out[i] = res.lse;
+    }
+  }
+}
+
+// Rows [0, M) over the intra-op thread pool (chunks of whole vectors of rows for few classes).
+template <typename scalar_t, typename acc_t>
+void rows_forward_parallel(const scalar_t* x, int64_t row_stride, int64_t M, int64_t C, const int64_t* t,
+                           int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls, acc_t* loss_out,
+                           acc_t* lse_out, std::atomic<bool>& bad_target) {
+  const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(C, 1));
+  if (C <= kSmallC) {
+    constexpr int64_t V = Vectorized<acc_t>::size();
+    const int64_t small_grain = (grain + V - 1) / V * V;
+    at::parallel_for(0, (M + V - 1) / V, (small_grain + V - 1) / V, [&](int64_t gb, int64_t ge) {
+      small_c_forward<scalar_t, acc_t>(x, row_stride, C, t, ignore_index, w, w_total, ls, gb * V,
+                                       std::min(M, ge * V), loss_out, lse_out, bad_target);
+    });
+  } else {
+    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+      rows_forward<scalar_t, acc_t>(x, row_stride, C, t, ignore_index, w, w_total, ls, begin, end, loss_out,
+                                    lse_out, bad_target);
+    });
+  }
+}
+
+// d(coef * l)/dx of one kept row into grow (may be xrow itself):
+// d l / d x_c = (1-ls) w_y (p_c - [c==y]) + ls/C (W p_c - w_c), i.e. a p_c - b w_c with
+// a = coef ((1-ls) w_y + ls W / C), b = coef ls / C, and the true-class term patched afterwards.
+template <typename scalar_t, typename acc_t>
+__attribute__((flatten)) inline void row_backward(const scalar_t* xrow, scalar_t* grow, int64_t C, int64_t y,
+                                                  acc_t lse, acc_t coef, const acc_t* w, acc_t w_total, acc_t ls,
+                                                  bool stream, acc_t* inbuf, acc_t* outbuf) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  if (lse != lse) {  // a kept row with NaN log-probabilities: NaN gradient, as torch
+    std::fill(grow, grow + C, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
+    return;
+  }
+  const acc_t x_y = static_cast<acc_t>(xrow[y]);  // read before an in-place pass overwrites it
+  const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
+  const acc_t a = coef * ((acc_t(1) - ls) * w_y + ls * w_total / static_cast<acc_t>(C));
+  const acc_t bconst = coef * ls / static_cast<acc_t>(C);
+  const Vec va(a), vb(bconst), vl(lse);
+  for (int64_t b = 0; b < C; b += kBlock) {
+    const int64_t n = std::min(kBlock, C - b);
+    const acc_t* p = load_block<scalar_t, acc_t>(xrow + b, n, inbuf);
+    acc_t* o = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(grow + b) : outbuf;
+    int64_t j = 0;
+    const bool nt =
+        std::is_same_v<scalar_t, acc_t> && stream && reinterpret_cast<uintptr_t>(o) % kVecBytes<acc_t> == 0;
+    if (nt && bconst == acc_t(0)) {
+      for (; j + V <= n; j += V) store_stream<acc_t>(o + j, vexp(Vec::loadu(p + j) - vl) * va);
+      if (j < n) (vexp(Vec::loadu(p + j, n - j) - vl) * va).store(o + j, n - j);
+    } else if (bconst == acc_t(0)) {
+      for (; j + V <= n; j += V) (vexp(Vec::loadu(p + j) - vl) * va).store(o + j);
+      if (j < n) (vexp(Vec::loadu(p + j, n - j) - vl) * va).store(o + j, n - j);
+    } else if (w == nullptr) {
+      for (; j + V <= n; j += V) (vexp(Vec::loadu(p + j) - vl) * va - vb).store(o + j);
+      if (j < n) (vexp(Vec::loadu(p + j, n - j) - vl) * va - vb).store(o + j, n - j);
+    } else {
+      const acc_t* wb = w + b;
+      for (; j + V <= n; j += V) {
+        (vexp(Vec::loadu(p + j) - vl) * va - vb * Vec::loadu(wb + j)).store(o + j);
+      }
+      if (j < n) {
+        (vexp(Vec::loadu(p + j, n - j) - vl) * va - vb * Vec::loadu(wb + j, n - j)).store(o + j, n - j);
+      }
+    }
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) store_block<scalar_t, acc_t>(o, n, grow + b);
+  }
+  if (stream) stream_fence();  // the streamed row is in place before grow[y] is patched
+  // The true-class term, formed in the accumulation type before rounding.
+  const acc_t p_y = std::exp(x_y - lse);
+  grow[y] = static_cast<scalar_t>(a * p_y - bconst * w_y - coef * (acc_t(1) - ls) * w_y);
+}
+
+}  // namespace fused_trim::cpu
