@@ -334,9 +334,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer cases and repeats (CPU: a few minutes)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default="out/bench", help="output folder (default: out/bench)")
-    p.add_argument("--shapes", nargs="+", help="override the shapes, e.g. 1024x1000 8x19x128x128")
-    p.add_argument("--dtypes", nargs="+", choices=sorted(C.DTYPES), help="override the dtypes")
-    p.add_argument("--keeps", nargs="+", type=float, help="override the keep ratios")
+    dtypes, keeps = " and ".join(C.DTYPES), ", ".join(f"{r:g}" for r in C.KEEP_RATIOS)
+    per_shape = len(C.DTYPES) * len(C.KEEP_RATIOS)
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        help="run these shapes instead, e.g. 1024x1000 8x19x128x128. Each is combined with every dtype and "
+        f"keep ratio of the default cases ({dtypes} x keep {keeps}: {per_shape} cases per shape; on CUDA with "
+        "--quick keep 0.5 only) unless --dtypes and --keeps narrow it",
+    )
+    p.add_argument(
+        "--dtypes", nargs="+", choices=sorted(C.DTYPES), help="only these dtypes (default: those of the default cases)"
+    )
+    p.add_argument(
+        "--keeps", nargs="+", type=float, help="only these keep ratios (default: those of the default cases)"
+    )
     p.add_argument(
         "--backends", nargs="+", help="only these (the two baselines always run); reference_compiled on request"
     )
