@@ -435,3 +435,46 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
     assert any("ce_forward_kernel" in k for k in kernels) and any("select_kernel" in k for k in kernels)
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill stores", log)]
     assert spills and max(spills) == 0, "a kernel spills registers:\n" + log[-4000:]
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["rows", "spatial"])
+def test_double_backward_raises_clearly(layout):
+    """A first-order gradient with create_graph=True still works (a gradient penalty elsewhere in
+    the model); differentiating it again raises, rather than silently giving no gradient."""
+    gen = torch.Generator().manual_seed(4)
+    shape = (12, 5) if layout == "rows" else (2, 5, 3, 4)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 5, (shape[0], *shape[2:]), generator=gen)
+    (g,) = torch.autograd.grad(trimmed_cross_entropy(x, t, 0.5, backend="native"), x, create_graph=True)
+    (want,) = torch.autograd.grad(trimmed_cross_entropy(x, t, 0.5, backend="reference"), x)
+    torch.testing.assert_close(g.detach(), want)
+    msg = "double backward of trimmed_cross_entropy is not supported; use backend='reference'"
+    with pytest.raises(RuntimeError, match=msg):
+        g.pow(2).sum().backward()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(g.sum(), x)
+
+
+def test_cli_build_prints_the_library(capsys):
+    """`python -m fused_trim build`: the cached library's path on stdout, exit 0 (cheap: the
+    library is cached by the time this runs, or is built here once)."""
+    from fused_trim.__main__ import main
+
+    if not HAS_CXX:
+        pytest.skip("no C++ compiler on this machine")
+    assert main(["build"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert Path(out).is_file() and out == str(native.build())
+
+
+def test_cli_build_fails_with_the_reason(tmp_path, monkeypatch, capsys):
+    """No compiler and an empty cache: a non-zero exit and the reason on stderr."""
+    from fused_trim.__main__ import main
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    monkeypatch.setenv("FUSED_TRIM_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["build"]) == 1
+    err = capsys.readouterr().err
+    assert "could not be built" in err and "compiler" in err
+    assert "compiling the native CPU op (once per machine" in err
