@@ -176,7 +176,7 @@ def trimmed_linear_cross_entropy_2d(
 
     idx = idx.sort().values  # row order: the sums run in a fixed order
     parts, wys = [], []
-    for start in range(0, idx.numel(), chunk_size):
+    for start in range(0, max(idx.numel(), 1), chunk_size):  # (an empty chunk keeps the graph)
         rows = idx[start : start + chunk_size]
         loss, w_y = checkpoint(
             kept_rows, input[rows], target[rows], linear_weight, linear_bias, use_reentrant=False
@@ -184,8 +184,7 @@ def trimmed_linear_cross_entropy_2d(
         parts.append(loss)
         wys.append(w_y)
     acc = losses.dtype
-    kept_loss = torch.cat(parts) if parts else input.new_zeros((0,), dtype=acc)
-    kept_w = torch.cat(wys) if wys else input.new_zeros((0,), dtype=acc)
+    kept_loss, kept_w = torch.cat(parts), torch.cat(wys)
     if reduction == "none":
         out = torch.zeros(target.shape, dtype=acc, device=input.device).index_put((idx,), kept_loss)
     elif reduction == "sum":

@@ -1,0 +1,339 @@
+"""``trimmed_linear_cross_entropy`` on every backend against the unfused oracle.
+
+The oracle is ``trimmed_cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` on
+the reference backend in float64 (itself held against ``F.cross_entropy`` in test_contract.py), and
+with ``keep_ratio=1`` torch's own ``F.linear_cross_entropy``. Every case compares the value, the
+per-row losses, the kept set, ``k``, the threshold and the gradients of ``input``, ``linear_weight``
+and ``linear_bias`` under a random upstream gradient, and checks that the ``input`` gradient is
+exactly zero on rows outside the kept set.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fused_trim
+from fused_trim import trimmed_cross_entropy, trimmed_linear_cross_entropy
+
+from .helpers import BACKENDS, split
+
+
+def _has_linear(backend: str) -> bool:
+    name, _ = split(backend)
+    if name == "reference":
+        return True
+    module = importlib.import_module("fused_trim.triton" if name == "triton" else "fused_trim.native")
+    return hasattr(module, "trimmed_linear_cross_entropy_2d")
+
+
+LM_BACKENDS = [b for b in BACKENDS if _has_linear(b)]
+KERNEL_LM_BACKENDS = [b for b in LM_BACKENDS if split(b)[0] != "reference"]
+
+
+def make_head(n, d, v, dtype=torch.float64, seed=0, ignore_frac=0.0, bias=True, scale=1.0, lead=()):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((*lead, n, d), generator=gen, dtype=torch.float64).to(dtype)
+    w = (torch.randn(v, d, generator=gen, dtype=torch.float64) * (scale / max(d, 1) ** 0.5)).to(dtype)
+    b = torch.randn(v, generator=gen, dtype=torch.float64).to(dtype) if bias else None
+    t = torch.randint(0, v, (*lead, n), generator=gen)
+    if ignore_frac > 0:
+        t[torch.rand(t.shape, generator=gen) < ignore_frac] = -100
+    return x, w, b, t
+
+
+def _leaves(*tensors, device):
+    return [None if t is None else t.detach().to(device).clone().requires_grad_(True) for t in tensors]
+
+
+def run_fused(backend, x, w, b, t, keep_ratio=1.0, grad_seed=0, **kw):
+    """Forward with ``return_info`` and backward under a random upstream gradient; CPU results."""
+    name, dev = split(backend)
+    x, w, b = _leaves(x, w, b, device=dev)
+    if "weight" in kw and kw["weight"] is not None:
+        kw["weight"] = kw["weight"].to(dev)
+    out, info = trimmed_linear_cross_entropy(
+        x, w, t.to(dev), keep_ratio, linear_bias=b, backend=name, return_info=True, **kw
+    )
+    gen = torch.Generator().manual_seed(grad_seed)
+    upstream = torch.randn(out.shape, generator=gen).to(torch.bfloat16).to(out.dtype).to(dev)
+    inputs = [p for p in (x, w, b) if p is not None]
+    grads = list(torch.autograd.grad(out, inputs, upstream))
+    if b is None:
+        grads.append(None)
+    info = fused_trim.TrimInfo(*(v.cpu() if isinstance(v, torch.Tensor) else v for v in info))
+    return out.detach().cpu(), info, [None if g is None else g.cpu() for g in grads]
+
+
+def run_unfused(x, w, b, t, keep_ratio=1.0, grad_seed=0, chunk_size=None, **kw):
+    """The oracle: ``trimmed_cross_entropy(F.linear(...))`` on the reference backend."""
+    x, w, b = _leaves(x, w, b, device=torch.device("cpu"))
+    logits = F.linear(x, w, b)
+    out, info = trimmed_cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), t.reshape(-1), keep_ratio, backend="reference", return_info=True, **kw
+    )
+    if kw.get("reduction") == "none":
+        out = out.reshape(t.shape)
+    info = info._replace(losses=info.losses.reshape(t.shape), kept=info.kept.reshape(t.shape))
+    gen = torch.Generator().manual_seed(grad_seed)
+    upstream = torch.randn(out.shape, generator=gen).to(torch.bfloat16).to(out.dtype)
+    inputs = [p for p in (x, w, b) if p is not None]
+    grads = list(torch.autograd.grad(out, inputs, upstream))
+    if b is None:
+        grads.append(None)
+    return out.detach(), info, grads
+
+
+def assert_same(fused, unfused, rtol=1e-9, atol=1e-11):
+    out, info, grads = fused
+    ref_out, ref_info, ref_grads = unfused
+    assert torch.equal(info.kept, ref_info.kept), "kept sets differ"
+    assert int(info.k) == int(ref_info.k)
+    torch.testing.assert_close(out.double(), ref_out.double(), rtol=rtol, atol=atol, equal_nan=True)
+    torch.testing.assert_close(info.losses.double(), ref_info.losses.double(), rtol=rtol, atol=atol, equal_nan=True)
+    torch.testing.assert_close(
+        info.threshold.double(), ref_info.threshold.double(), rtol=rtol, atol=atol, equal_nan=True
+    )
+    for g, r in zip(grads, ref_grads, strict=True):
+        if r is None:
+            assert g is None
+            continue
+        torch.testing.assert_close(g.double(), r.double(), rtol=rtol, atol=atol, equal_nan=True)
+    dx = grads[0].reshape(-1, grads[0].shape[-1])
+    outside = ~info.kept.reshape(-1)
+    assert torch.all(dx[outside] == 0), "input gradient is not exactly zero outside the kept set"
+
+
+SHAPES = [(1, 1, 1), (37, 3, 7), (37, 64, 257), (20, 5, 1003), (64, 1, 13)]
+OPTIONS = [
+    dict(),
+    dict(ignore_frac=0.3),
+    dict(label_smoothing=0.1),
+    dict(weight=True, ignore_frac=0.2),
+    dict(weight=True, label_smoothing=0.2),
+    dict(bias=False),
+]
+
+
+def _case(n, d, v, opts, seed=0):
+    opts = dict(opts)
+    x, w, b, t = make_head(n, d, v, seed=seed, ignore_frac=opts.pop("ignore_frac", 0.0), bias=opts.pop("bias", True))
+    if opts.pop("weight", False):
+        opts["weight"] = torch.rand(v, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.1
+    return x, w, b, t, opts
+
+
+@pytest.mark.parametrize("backend", LM_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(o) or "plain")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_unfused_float64(backend, shape, opts, reduction):
+    x, w, b, t, kw = _case(*shape, opts)
+    for keep, ratio in (("hardest", 0.3), ("easiest", 0.6)):
+        for chunk in (None, 8):
+            fused = run_fused(backend, x, w, b, t, ratio, keep=keep, reduction=reduction, chunk_size=chunk, **kw)
+            assert_same(fused, run_unfused(x, w, b, t, ratio, keep=keep, reduction=reduction, **kw))
+
+
+@pytest.mark.parametrize("backend", LM_BACKENDS)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(o) or "plain")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_keep_all_equals_torch_linear_cross_entropy(backend, opts, reduction):
+    """keep_ratio=1 is F.linear_cross_entropy (torch 2.13's, the unchunked reference path)."""
+    x, w, b, t, kw = _case(29, 6, 11, opts, seed=3)
+    out, info, grads = run_fused(backend, x, w, b, t, 1.0, reduction=reduction, chunk_size=7, **kw)
+    leaves = _leaves(x, w, b, device=torch.device("cpu"))
+    ref = F.linear_cross_entropy(
+        leaves[0], leaves[1], t, linear_bias=leaves[2], weight=kw.get("weight"), reduction=reduction,
+        ignore_index=-100, label_smoothing=kw.get("label_smoothing", 0.0),
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    upstream = torch.randn(ref.shape, generator=gen).to(torch.bfloat16).to(ref.dtype)
+    ref_grads = torch.autograd.grad(ref, [p for p in leaves if p is not None], upstream)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-9, atol=1e-11)
+    for g, r in zip([g for g in grads if g is not None], ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
+    assert bool(info.kept.eq(t != -100).all())
+
+
+@pytest.mark.parametrize("backend", LM_BACKENDS)
+def test_batched_input_ties_and_tensor_ratio(backend):
+    """(B, T, D) hidden states, duplicated rows (exact ties go to the lower index), a tensor ratio."""
+    x, w, b, t = make_head(9, 4, 17, lead=(3,), seed=5, ignore_frac=0.1)
+    x[1, 2:6] = x[0, 0]
+    t[1, 2:6] = 4
+    t[0, 0] = 4
+    for ratio in (0.4, torch.tensor(0.4, dtype=torch.float64)):
+        fused = run_fused(backend, x, w, b, t, ratio, chunk_size=5)
+        assert fused[0].shape == ()
+        assert_same(fused, run_unfused(x, w, b, t, 0.4))
+        fused = run_fused(backend, x, w, b, t, ratio, reduction="none", keep="easiest")
+        assert fused[0].shape == (3, 9)
+        assert_same(fused, run_unfused(x, w, b, t, 0.4, reduction="none", keep="easiest"))
+
+
+@pytest.mark.parametrize("backend", LM_BACKENDS)
+def test_all_ignored_and_nan(backend):
+    x, w, b, t = make_head(12, 4, 9, seed=2)
+    ignored = torch.full_like(t, -100)
+    out, info, grads = run_fused(backend, x, w, b, ignored, 0.5)
+    assert torch.isnan(out) and int(info.k) == 0 and not info.kept.any()
+    assert all(torch.all(g == 0) for g in grads)
+    x[4, 1] = float("nan")  # row 4's logits are all NaN: its loss is NaN and ranks first
+    fused = run_fused(backend, x, w, b, t, 0.25)
+    assert bool(fused[1].kept[4]) and torch.isnan(fused[0])
+    assert_same(fused, run_unfused(x, w, b, t, 0.25))
+
+
+@pytest.mark.parametrize("backend", LM_BACKENDS)
+def test_small_losses_at_large_logits_keep_their_precision(backend):
+    """``keep="easiest"`` ranks tiny losses: they must be formed relative to the row max."""
+    w = torch.eye(2, dtype=torch.float32)  # the logits are exactly the hidden states
+    x = torch.tensor([[1000.0, 990.0], [0.0, -9.9], [100.0, 85.0]], dtype=torch.float32)
+    t = torch.tensor([0, 0, 0])
+    exact = F.cross_entropy(x.double(), t, reduction="none")  # 4.54e-5, 5.02e-5, 3.06e-7
+    expect = F.cross_entropy(x, t, reduction="none")  # fp32: log(1 + 3.06e-7) is 2.98e-7 in fp32
+    out, info, _ = run_fused(backend, x, w, None, t, 0.67, keep="easiest", reduction="none")
+    torch.testing.assert_close(info.losses, expect, rtol=1e-4, atol=0)
+    torch.testing.assert_close(info.losses[:2].double(), exact[:2], rtol=1e-3, atol=0)  # lse - x_t: 34%
+    assert info.kept.tolist() == [True, False, True]
+
+
+def _unfused_bf16_error(x, w, b, t, **kw):
+    xb, wb, bb = (None if p is None else p.to(torch.bfloat16) for p in (x, w, b))
+    out, _, grads = run_unfused(xb, wb, bb, t, **kw)
+    ref_out, _, ref_grads = run_unfused(x, w, b, t, **kw)
+    return out, grads, ref_out, ref_grads
+
+
+@pytest.mark.parametrize("backend", LM_BACKENDS)
+def test_bf16_no_worse_than_unfused_bf16(backend):
+    """bf16 hidden states and head: the error against float64 (from the same bf16-rounded inputs) is
+    at most that of the unfused bf16 path ``F.linear`` -> ``trimmed_cross_entropy``."""
+    x, w, b, t = make_head(48, 32, 300, seed=7, scale=4.0)
+    x, w, b = (p.to(torch.bfloat16).double() for p in (x, w, b))  # exact in bf16
+    for ratio in (1.0, 0.5):
+        fused = run_fused(backend, x.bfloat16(), w.bfloat16(), b.bfloat16(), t, ratio)
+        unfused = run_unfused(x.bfloat16(), w.bfloat16(), b.bfloat16(), t, ratio)
+        exact = run_unfused(x, w, b, t, ratio)
+        pairs = zip([fused[0], *fused[2]], [unfused[0], *unfused[2]], [exact[0], *exact[2]], strict=True)
+        for ours, theirs, truth in pairs:
+            err = (ours.double() - truth).abs().max()
+            base = (theirs.double() - truth).abs().max()
+            scale = truth.abs().max()
+            assert err <= base * 1.25 + 1e-3 * scale, f"fused error {err} vs unfused bf16 {base}"
+
+
+@pytest.mark.parametrize("backend", KERNEL_LM_BACKENDS)
+def test_repeatable_bitwise(backend):
+    x, w, b, t = make_head(40, 16, 70, dtype=torch.float32, seed=11)
+    first = run_fused(backend, x, w, b, t, 0.5, chunk_size=8)
+    again = run_fused(backend, x, w, b, t, 0.5, chunk_size=8)
+    assert torch.equal(first[0], again[0])
+    for g, h in zip(first[2], again[2], strict=True):
+        assert torch.equal(g, h)
+
+
+def test_gradcheck_reference():
+    x, w, b, t = make_head(7, 3, 5, seed=1, ignore_frac=0.2)
+    x, w, b = _leaves(x, w, b, device=torch.device("cpu"))
+    for reduction in ("mean", "none"):
+        def fn(x, w, b, reduction=reduction):
+            return trimmed_linear_cross_entropy(
+                x, w, t, 0.5, linear_bias=b, reduction=reduction, label_smoothing=0.1, backend="reference",
+                chunk_size=3,
+            )  # fmt: skip
+
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+@given(
+    n=st.integers(1, 40),
+    d=st.integers(1, 9),
+    v=st.integers(1, 40),
+    ratio=st.floats(0.01, 1.0),
+    keep=st.sampled_from(["hardest", "easiest"]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    chunk=st.integers(1, 50),
+    seed=st.integers(0, 2**16),
+    smoothing=st.sampled_from([0.0, 0.15]),
+)
+def test_hypothesis_against_unfused(n, d, v, ratio, keep, reduction, chunk, seed, smoothing):
+    x, w, b, t = make_head(n, d, v, seed=seed, ignore_frac=0.2)
+    kw = dict(keep=keep, reduction=reduction, label_smoothing=smoothing)
+    unfused = run_unfused(x, w, b, t, ratio, **kw)
+    for backend in LM_BACKENDS:
+        assert_same(run_fused(backend, x, w, b, t, ratio, chunk_size=chunk, **kw), unfused)
+
+
+BAD_INPUTS = [
+    (lambda x, w, b, t: (x[:, :2], w, b, t), ValueError, "D = 2"),
+    (lambda x, w, b, t: (x, w, b[:3], t), ValueError, "linear_bias must have shape"),
+    (lambda x, w, b, t: (x, w, b, t[:4]), ValueError, "target shape"),
+    (lambda x, w, b, t: (x, w.float(), b, t), TypeError, "linear_weight has dtype"),
+    (lambda x, w, b, t: (x, w, b, t.double()), TypeError, "target must hold integer"),
+    (lambda x, w, b, t: (x, w[0], b, t), ValueError, r"linear_weight must have shape \(V, D\)"),
+    (lambda x, w, b, t: (x, w, b, torch.full_like(t, 9)), ValueError, "outside"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
+def test_bad_input_names_argument(case):
+    make, exc, match = BAD_INPUTS[case]
+    x, w, b, t = make(*make_head(6, 3, 5))
+    with pytest.raises(exc, match=match):
+        trimmed_linear_cross_entropy(x, w, t, 0.5, linear_bias=b)
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(chunk_size=0), ValueError, "chunk_size must be >= 1, got 0"),
+        (dict(chunk_size=2.5), TypeError, "chunk_size"),
+        (dict(keep="most"), ValueError, "keep must be one of"),
+        (dict(weight=torch.ones(3)), ValueError, "weight must be a 1-D tensor of length C = 5"),
+    ],
+)
+def test_bad_options(kw, exc, match):
+    x, w, b, t = make_head(6, 3, 5)
+    with pytest.raises(exc, match=match):
+        trimmed_linear_cross_entropy(x, w, t, 0.5, linear_bias=b, **kw)
+
+
+def _peak_allocated(step) -> int:
+    """Peak bytes held by torch's CPU allocator during ``step()`` (every allocation, C++ ones
+    included, as the profiler's memory events record them), above what was held before."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("backend", [b for b in LM_BACKENDS if "@" not in b])
+def test_peak_memory_does_not_grow_with_logits(backend):
+    """Peak memory of one step at V = 2000 and V = 8000 (N = 4096, D = 32): the (N, V) fp32 logits
+    would add 94 MiB between the two (the unfused path grows from 94 to 375 MiB); what must grow
+    with V (the head's gradient, the chunk buffers) adds a few MiB."""
+    peaks, unfused = [], []
+    name = split(backend)[0]
+    for v in (2000, 8000):
+        x, w, _, t = make_head(4096, 32, v, dtype=torch.float32, bias=False)
+        x, w = _leaves(x, w, device=torch.device("cpu"))
+        peaks.append(_peak_allocated(
+            lambda x=x, w=w, t=t: trimmed_linear_cross_entropy(x, w, t, 0.5, backend=name, chunk_size=64).backward()
+        ))  # fmt: skip
+        unfused.append(_peak_allocated(lambda x=x, w=w, t=t: F.cross_entropy(F.linear(x, w), t).backward()))
+    logits_growth = 4096 * 6000 * 4
+    assert unfused[1] - unfused[0] > logits_growth  # the measurement sees the logits where they exist
+    assert peaks[1] - peaks[0] < logits_growth / 8, f"peak grew by {(peaks[1] - peaks[0]) / 2**20:.1f} MiB"
