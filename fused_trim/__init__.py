@@ -2,7 +2,7 @@
 
 from ._common import TrimInfo
 from .functional import trimmed_cross_entropy, trimmed_linear_cross_entropy
-from .nn import TrimmedCrossEntropyLoss
+from .nn import TrimmedCrossEntropyLoss, TrimmedLinearCrossEntropyLoss
 from .schedules import (
     ConstantSchedule,
     CosineSchedule,
@@ -19,6 +19,7 @@ __all__ = [
     "trimmed_cross_entropy",
     "trimmed_linear_cross_entropy",
     "TrimmedCrossEntropyLoss",
+    "TrimmedLinearCrossEntropyLoss",
     "KeepRatioSchedule",
     "LinearSchedule",
     "LinearStepSchedule",

@@ -14,18 +14,19 @@ from ._common import (
     REDUCTIONS,
     TrimInfo,
     check_choice,
+    check_chunk_size,
     check_ignore_index,
     check_label_smoothing,
     check_ratio,
     check_weight,
 )
-from .functional import trimmed_cross_entropy
+from .functional import trimmed_cross_entropy, trimmed_linear_cross_entropy
 from .schedules import ConstantSchedule
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["TrimmedCrossEntropyLoss"]
+__all__ = ["TrimmedCrossEntropyLoss", "TrimmedLinearCrossEntropyLoss"]
 
 
 class TrimmedCrossEntropyLoss(nn.Module):
@@ -152,15 +153,21 @@ class TrimmedCrossEntropyLoss(nn.Module):
                 t.fill_(r)  # on a GPU a fill kernel: no copy, no synchronisation
         return r
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def _ratio_for(self, device: torch.device) -> float | Tensor:
+        """The ratio a forward on ``device`` passes on: a float eagerly, the device's ratio tensor
+        (a graph input, not a constant) under ``torch.compile``."""
         if torch.compiler.is_compiling():
-            r: float | Tensor | None = self._ratio_on.get(input.device)  # a graph input, not a constant
+            r: float | Tensor | None = self._ratio_on.get(device)
             if r is None:  # first forward on this device: copy once and keep (the next call recompiles)
-                r = self._ratio_on[input.device] = self._ratio_t.to(input.device, copy=True)
+                r = self._ratio_on[device] = self._ratio_t.to(device, copy=True)
             self._last_compiled = True
-        else:
-            r = self._refresh()
-            self._last, self._last_compiled = r, False
+            return r
+        r = self._refresh()
+        self._last, self._last_compiled = r, False
+        return r
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        r = self._ratio_for(input.device)
         loss, info = trimmed_cross_entropy(
             input,
             target,
@@ -188,3 +195,82 @@ class TrimmedCrossEntropyLoss(nn.Module):
             f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
             f"backend={self.backend!r}"
         )
+
+
+class TrimmedLinearCrossEntropyLoss(TrimmedCrossEntropyLoss):
+    r"""The LM head and the trimmed loss in one module: :func:`~fused_trim.trimmed_linear_cross_entropy`.
+
+    ``criterion(hidden, target)`` computes ``TrimmedCrossEntropyLoss(...)(F.linear(hidden,
+    linear_weight, linear_bias), target)`` without the ``(N, V)`` logits. Schedules, ``set_epoch``,
+    ``step``, ``info`` and ``torch.compile`` behave as in :class:`TrimmedCrossEntropyLoss`.
+
+    Args:
+        linear_weight: the head's weight ``(V, D)``, e.g. ``model.lm_head.weight``. Held by
+            reference, not registered: it stays a parameter of the model only. ``None``: pass it
+            to every forward.
+        keep_ratio: a float in ``(0, 1]`` or a schedule.
+        linear_bias: the head's bias ``(V,)`` (held like ``linear_weight``) or ``None``.
+        chunk_size: rows of logits held at a time (see :func:`~fused_trim.trimmed_linear_cross_entropy`).
+        keep, weight, ignore_index, reduction, label_smoothing, backend, process_group: as in
+            :class:`TrimmedCrossEntropyLoss`; ``weight`` is the class weight ``(V,)``.
+
+    Example::
+
+        criterion = TrimmedLinearCrossEntropyLoss(model.lm_head.weight, LinearSchedule(epochs=3))
+        loss = criterion(model.backbone(tokens)[:, :-1], tokens[:, 1:])
+    """
+
+    def __init__(
+        self,
+        linear_weight: Tensor | None = None,
+        keep_ratio: float | Callable[[int, int], float] = 1.0,
+        *,
+        linear_bias: Tensor | None = None,
+        chunk_size: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(keep_ratio, **kwargs)
+        for name, value in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+            if value is not None and not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a tensor or None, got {type(value).__name__}")
+        # Plain attributes, not parameters: the head's weight belongs to the model.
+        object.__setattr__(self, "linear_weight", linear_weight)
+        object.__setattr__(self, "linear_bias", linear_bias)
+        self.chunk_size = check_chunk_size(chunk_size)
+
+    def forward(
+        self,
+        input: Tensor,
+        target: Tensor,
+        linear_weight: Tensor | None = None,
+        linear_bias: Tensor | None = None,
+    ) -> Tensor:
+        """Loss of hidden states ``input (*, D)`` against ``target (*)``; a ``linear_weight`` or
+        ``linear_bias`` given here replaces the one given at construction."""
+        weight = self.linear_weight if linear_weight is None else linear_weight
+        bias = self.linear_bias if linear_bias is None else linear_bias
+        if weight is None:
+            raise ValueError("linear_weight is None: give it at construction or to forward")
+        r = self._ratio_for(input.device)
+        loss, info = trimmed_linear_cross_entropy(
+            input,
+            weight,
+            target,
+            r,
+            linear_bias=bias,
+            keep=self.keep,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            reduction=self.reduction,
+            backend=self.backend,
+            return_info=True,
+            process_group=self.process_group,
+            chunk_size=self.chunk_size,
+        )
+        self.info = info
+        return loss
+
+    def extra_repr(self) -> str:
+        shape = None if self.linear_weight is None else tuple(self.linear_weight.shape)
+        return f"linear_weight={shape}, chunk_size={self.chunk_size}, " + super().extra_repr()

@@ -163,4 +163,61 @@ def near_ties_in_low_precision(rank: int, backends: list[str]) -> list[str]:
     return lines
 
 
-_JOBS = {"ddp": ddp_matches_single_process, "one": world_of_one, "near-ties": near_ties_in_low_precision}
+class _HeadLoss(torch.nn.Module):
+    """A body and an LM head whose forward returns the fused trimmed loss (DDP wraps the call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(6, 8)
+        self.head = torch.nn.Linear(8, 13)
+
+    def forward(self, feats, target, ratio, **kw):
+        from fused_trim import trimmed_linear_cross_entropy
+
+        return trimmed_linear_cross_entropy(
+            self.body(feats), self.head.weight, target, ratio, linear_bias=self.head.bias, return_info=True,
+            chunk_size=5, **kw,
+        )  # fmt: skip
+
+
+def lm_head_ddp(rank: int, backends: list[str]) -> list[str]:
+    """trimmed_linear_cross_entropy with a process group under DDP: a model whose head is the
+    fused op gets, on two ranks, the gradients of one process on the whole batch."""
+    torch.manual_seed(1)
+    base = _HeadLoss().double()
+    lines = []
+    for backend in backends:
+        for name, rows, split, ignore_rank1 in scenarios():
+            for reduction in ("mean", "sum"):
+                for keep, ratio in (("hardest", 0.4), ("easiest", 0.7)):
+                    feats, target = _batch(rows + 7, rows, all_tied=name == "all-tied")
+                    target = target.clamp(max=12)
+                    if ignore_rank1:
+                        target[split:] = -100
+                    kw = dict(keep=keep, reduction=reduction, backend=backend)
+                    single = copy.deepcopy(base)
+                    ref_loss, ref_info = single(feats, target, ratio, **kw)
+                    ref_loss.backward()
+
+                    model = DistributedDataParallel(copy.deepcopy(base))
+                    part = slice(0, split) if rank == 0 else slice(split, rows)
+                    loss, info = model(feats[part], target[part], ratio, process_group=dist.group.WORLD, **kw)
+                    loss.backward()
+                    case = f"lm/{backend}/{name}/{reduction}/{keep}"
+                    for p_ddp, p_ref in zip(model.module.parameters(), single.parameters(), strict=True):
+                        torch.testing.assert_close(p_ddp.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=case)
+                    torch.testing.assert_close(info.global_loss, ref_loss.detach(), rtol=1e-9, atol=1e-12,
+                                               msg=case)
+                    assert torch.equal(info.kept, ref_info.kept[part]), case
+                    assert int(info.k) == int(ref_info.k), case
+                    torch.testing.assert_close(info.threshold, ref_info.threshold, equal_nan=True, msg=case)
+                    lines.append(case)
+    return lines
+
+
+_JOBS = {
+    "ddp": ddp_matches_single_process,
+    "one": world_of_one,
+    "near-ties": near_ties_in_low_precision,
+    "lm-head": lm_head_ddp,
+}

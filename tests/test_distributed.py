@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from . import _dist_worker
 from .helpers import CPU_BACKENDS
+from .test_linear_ce import LM_BACKENDS
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -49,6 +50,12 @@ def test_ddp_gradients_equal_single_process_global_trim(tmp_path):
 def test_low_precision_ranks_on_fp32_losses_like_one_process(tmp_path):
     cases = _spawn(tmp_path, "near-ties", 2, CPU_BACKENDS)
     assert len(cases) == len(CPU_BACKENDS) * 2 * 2
+
+
+def test_lm_head_ddp_gradients_equal_single_process_global_trim(tmp_path):
+    backends = [b for b in CPU_BACKENDS if b in LM_BACKENDS]
+    cases = _spawn(tmp_path, "lm-head", 2, backends)
+    assert len(cases) == len(backends) * len(_dist_worker.scenarios()) * 4
 
 
 def test_global_share_matches_sorted_order_on_one_rank(tmp_path):

@@ -337,3 +337,68 @@ def test_peak_memory_does_not_grow_with_logits(backend):
     logits_growth = 4096 * 6000 * 4
     assert unfused[1] - unfused[0] > logits_growth  # the measurement sees the logits where they exist
     assert peaks[1] - peaks[0] < logits_growth / 8, f"peak grew by {(peaks[1] - peaks[0]) / 2**20:.1f} MiB"
+
+
+COMPILE_LM_BACKENDS = [b for b in KERNEL_LM_BACKENDS if b in ("native", "triton@cuda", "native@cuda")]
+
+
+class _TinyLM(torch.nn.Module):
+    def __init__(self, vocab=40, dim=16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.body = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.GELU())
+        self.lm_head = torch.nn.Linear(dim, vocab)
+
+
+@pytest.mark.skipif(not COMPILE_LM_BACKENDS, reason="no compiled LM-head backend here")
+@pytest.mark.parametrize("backend", COMPILE_LM_BACKENDS)
+def test_module_compiles_fullgraph_and_follows_a_schedule(backend):
+    """A small LM whose head is TrimmedLinearCrossEntropyLoss: torch.compile(fullgraph=True) gives
+    the eager loss and gradients at every epoch of a schedule, with one compile."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    name, dev = split(backend)
+    torch.manual_seed(0)
+    model = _TinyLM().to(dev)
+    criterion = fused_trim.TrimmedLinearCrossEntropyLoss(
+        model.lm_head.weight, fused_trim.LinearSchedule(epochs=4), linear_bias=model.lm_head.bias, backend=name,
+        label_smoothing=0.05,
+    )  # fmt: skip
+    tokens = torch.randint(0, 40, (3, 11), device=dev)
+
+    def step(tokens):
+        hidden = model.body(model.embed(tokens[:, :-1]))
+        return criterion(hidden, tokens[:, 1:])
+
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    for epoch in range(4):
+        criterion.set_epoch(epoch)
+        results = []
+        for fn in (compiled, step):
+            model.zero_grad(set_to_none=True)
+            loss = fn(tokens)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        torch.testing.assert_close(results[0][0], results[1][0])
+        for a, b in zip(results[0][1], results[1][1], strict=True):
+            torch.testing.assert_close(a, b)
+    assert counter.frame_count <= 2, f"{counter.frame_count} compiles for 4 keep ratios"
+
+
+def test_module_holds_the_head_by_reference_and_validates():
+    model = _TinyLM()
+    criterion = fused_trim.TrimmedLinearCrossEntropyLoss(model.lm_head.weight, 0.5, backend="reference")
+    assert list(criterion.parameters()) == []  # the head's weight stays the model's
+    hidden, target = torch.randn(2, 7, 16), torch.randint(0, 40, (2, 7))
+    loss = criterion(hidden, target)
+    expect = trimmed_linear_cross_entropy(hidden, model.lm_head.weight, target, 0.5, backend="reference")
+    torch.testing.assert_close(loss, expect)
+    assert int(criterion.info.k) == 7 and criterion.info.kept.shape == (2, 7)
+    with pytest.raises(ValueError, match="linear_weight is None"):
+        fused_trim.TrimmedLinearCrossEntropyLoss(backend="reference")(hidden, target)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        fused_trim.TrimmedLinearCrossEntropyLoss(model.lm_head.weight, chunk_size=0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fused_trim.TrimmedLinearCrossEntropyLoss(model.lm_head.weight, backend="cuda")
