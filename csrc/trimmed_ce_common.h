@@ -9,9 +9,12 @@
 // Equal keys are broken by the lower flat index. Ignored samples never take part.
 #pragma once
 
+#include <math.h>
+
+#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <cmath>
+#include <limits>
 
 #if defined(__CUDACC__)
 #define FT_HOST_DEVICE __host__ __device__ __forceinline__
@@ -67,6 +70,44 @@ struct KeyOf<double> {
     return easiest ? ~key : key;
   }
 };
+
+// exp in the accumulation type (expf for float), on the host and the device.
+FT_HOST_DEVICE float ft_exp(float v) { return expf(v); }
+FT_HOST_DEVICE double ft_exp(double v) { return exp(v); }
+
+// Online-softmax state of the CUDA forward: running max m and sum s of exp(x - m) over the
+// entries seen; -inf entries contribute nothing, a NaN entry makes s NaN (and keeps it NaN).
+// Here, not in the .cu, so that a host test (tests/native_host/ms_merge_check.cpp) runs the very
+// functions the device runs, in the kernel's lane and warp merge order.
+template <typename acc_t>
+struct MaxSum {
+  acc_t m;
+  acc_t s;
+};
+
+template <typename acc_t>
+FT_HOST_DEVICE void ms_add(MaxSum<acc_t>& a, acc_t v) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  if (v > a.m) {
+    a.s = a.s * ft_exp(a.m - v) + acc_t(1);
+    a.m = v;
+  } else if (v != ninf) {
+    a.s += ft_exp(v - a.m);
+  }
+}
+
+// The state of the union of two sets of entries. A side whose max is -inf holds s = 0 (nothing
+// seen, or only -inf) or s = NaN (a NaN seen): that s passes through as it is, never replaced by
+// 0, so a NaN survives a merge with a side whose max is finite.
+template <typename acc_t>
+FT_HOST_DEVICE MaxSum<acc_t> ms_merge(MaxSum<acc_t> a, MaxSum<acc_t> b) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t m = a.m > b.m ? a.m : b.m;
+  if (m == ninf) return {m, a.s + b.s};
+  const acc_t sa = a.m == ninf ? a.s : a.s * ft_exp(a.m - m);
+  const acc_t sb = b.m == ninf ? b.s : b.s * ft_exp(b.m - m);
+  return {m, sa + sb};
+}
 
 // k = min(n, max(1, floor(r * n + 0.5))) in float64; k = 0 when n = 0.
 FT_HOST_DEVICE int64_t compute_k(int64_t n, double keep_ratio) {

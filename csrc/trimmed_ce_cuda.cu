@@ -1,5 +1,5 @@
 // CUDA implementation of fused_trim::trimmed_ce_fwd / trimmed_ce_bwd (schemas and autograd in
-// trimmed_ce_cpu.cpp). Built only where torch has CUDA and nvcc is present; CI compiles it with
+// ops.cpp). Built only where torch has CUDA and nvcc is present; CI compiles it with
 // `nvcc -c` against torch's headers on CPU-only machines (tests/test_native.py).
 //
 // Forward, two launches on the current stream, no host synchronisation:
@@ -22,6 +22,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -56,34 +57,7 @@ __device__ __forceinline__ acc_t quiet_nan() {
   return std::numeric_limits<acc_t>::quiet_NaN();
 }
 
-// Online-softmax state: running max m and sum s of exp(x - m); -inf entries contribute nothing,
-// NaN entries make s NaN.
-template <typename acc_t>
-struct MaxSum {
-  acc_t m;
-  acc_t s;
-};
-
-template <typename acc_t>
-__device__ __forceinline__ void ms_add(MaxSum<acc_t>& a, acc_t v) {
-  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  if (v > a.m) {
-    a.s = a.s * dev_exp(a.m - v) + acc_t(1);
-    a.m = v;
-  } else if (v != ninf) {
-    a.s += dev_exp(v - a.m);
-  }
-}
-
-template <typename acc_t>
-__device__ __forceinline__ MaxSum<acc_t> ms_merge(MaxSum<acc_t> a, MaxSum<acc_t> b) {
-  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  const acc_t m = a.m > b.m ? a.m : b.m;
-  if (m == ninf) return {m, a.s + b.s};
-  const acc_t sa = a.m == ninf ? acc_t(0) : a.s * dev_exp(a.m - m);
-  const acc_t sb = b.m == ninf ? acc_t(0) : b.s * dev_exp(b.m - m);
-  return {m, sa + sb};
-}
+// The online-softmax state (MaxSum, ms_add, ms_merge) is in trimmed_ce_common.h.
 
 template <typename T>
 __device__ __forceinline__ T shfl_xor(T v, int mask) {
@@ -208,13 +182,14 @@ __global__ void __launch_bounds__(kSelectThreads)
     select_kernel(const acc_t* __restrict__ loss_acc, const int64_t* __restrict__ target, int64_t M,
                   int64_t C, int64_t ignore_index, const acc_t* __restrict__ w, double keep_ratio,
                   const double* __restrict__ keep_ratio_ptr, const int64_t* __restrict__ count_ptr,
-                  bool easiest, int64_t reduction,
+                  long long host_count, bool easiest, int64_t reduction,
                   bool* __restrict__ kept, int64_t* __restrict__ k_out,
                   scalar_t* __restrict__ threshold, scalar_t* __restrict__ out,
                   acc_t* __restrict__ rowscale) {
   using key_t = typename KeyOf<acc_t>::type;
   constexpr int kBits = sizeof(key_t) * 8;
-  __shared__ unsigned int hist[256];
+  // 64-bit counts: a digit's bin may hold more than 2^32 - 1 rows.
+  __shared__ unsigned long long hist[256];
   __shared__ double dscratch[kSelectThreads / 32];
   __shared__ int iscratch[kSelectThreads / 32];
   __shared__ long long llscratch[kSelectThreads / 32];
@@ -229,8 +204,10 @@ __global__ void __launch_bounds__(kSelectThreads)
   const long long n = block_sum<long long>(local_n, llscratch);
   const double r = keep_ratio_ptr != nullptr ? *keep_ratio_ptr : keep_ratio;
   // An integer keep_ratio tensor is an exact count (a rank's share of a global selection).
-  const long long count = count_ptr != nullptr ? (*count_ptr > 0 ? *count_ptr : 0) : 0;
-  const int64_t k = count_ptr != nullptr ? (count < n ? count : n) : compute_k(n, r);
+  // (host_count >= 0: a count read on the host from a CPU tensor.)
+  const bool exact = count_ptr != nullptr || host_count >= 0;
+  const long long count = count_ptr != nullptr ? (*count_ptr > 0 ? *count_ptr : 0) : host_count;
+  const int64_t k = exact ? (count < n ? count : n) : compute_k(n, r);
 
   // Radix select of the k-th largest key, 8 bits at a time from the top.
   key_t prefix = 0, mask = 0;
@@ -239,18 +216,33 @@ __global__ void __launch_bounds__(kSelectThreads)
     for (int shift = kBits - 8; shift >= 0; shift -= 8) {
       for (int b = tid; b < 256; b += blockDim.x) hist[b] = 0;
       __syncthreads();
-      for (int64_t i = tid; i < M; i += blockDim.x) {
-        if (target[i] == ignore_index) continue;
-        const key_t key = KeyOf<acc_t>::get(loss_acc[i], easiest);
-        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xFF], 1u);
+      // Every warp runs the same trip count (the loop bound is the block's), so the lanes are
+      // converged at the vote: the lanes that share a bin add their count with one atomic (in
+      // the first pass losses of one binade share the top byte, and so nearly one bin).
+      for (int64_t base = 0; base < M; base += blockDim.x) {
+        const int64_t i = base + tid;
+        int bin = -1;
+        if (i < M && target[i] != ignore_index) {
+          const key_t key = KeyOf<acc_t>::get(loss_acc[i], easiest);
+          if ((key & mask) == prefix) bin = static_cast<int>((key >> shift) & 0xFF);
+        }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+        const unsigned peers = __match_any_sync(0xffffffffu, bin);
+        if (bin >= 0 && (tid % 32) == __ffs(peers) - 1) {
+          atomicAdd(&hist[bin], static_cast<unsigned long long>(__popc(peers)));
+        }
+#else
+        if (bin >= 0) atomicAdd(&hist[bin], 1ull);
+#endif
       }
       __syncthreads();
       if (tid == 0) {
         long long above = 0;
         int digit = 255;
         for (; digit > 0; --digit) {
-          if (above + hist[digit] >= remaining) break;
-          above += hist[digit];
+          const long long count = static_cast<long long>(hist[digit]);
+          if (above + count >= remaining) break;
+          above += count;
         }
         s_prefix = prefix | (static_cast<key_t>(digit) << shift);
         s_remaining = remaining - above;
@@ -383,15 +375,21 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
   const at::Tensor weight =
       weight_.has_value() && weight_->defined() ? weight_->to(acc_st).contiguous() : at::Tensor();
   const at::Tensor w_total = weight.defined() ? weight.sum() : at::Tensor();
-  // keep_ratio_t: a 0-dim float tensor (a ratio) or an integer one (an exact count), read on the
-  // device: no host synchronisation.
+  // keep_ratio_t: a 0-dim float tensor (a ratio) or an integer one (an exact count). On the
+  // device it is read by the select kernel; on the CPU it is read here, on the host: copying it
+  // to the device would be a synchronising copy from pageable memory (illegal in graph capture).
   const bool has_ratio_t = keep_ratio_t.has_value() && keep_ratio_t->defined();
   const bool exact_count = has_ratio_t && !at::isFloatingType(keep_ratio_t->scalar_type());
-  const at::Tensor ratio_t = has_ratio_t && !exact_count
+  const bool ratio_on_host = has_ratio_t && keep_ratio_t->is_cpu();
+  long long host_count = -1;
+  if (ratio_on_host && exact_count) host_count = std::max<long long>(0, keep_ratio_t->item<int64_t>());
+  if (ratio_on_host && !exact_count) keep_ratio = keep_ratio_t->item<double>();
+  const at::Tensor ratio_t = has_ratio_t && !exact_count && !ratio_on_host
                                  ? keep_ratio_t->to(input.device(), at::kDouble).contiguous()
                                  : at::Tensor();
-  const at::Tensor count_t =
-      exact_count ? keep_ratio_t->to(input.device(), at::kLong).contiguous() : at::Tensor();
+  const at::Tensor count_t = exact_count && !ratio_on_host
+                                 ? keep_ratio_t->to(input.device(), at::kLong).contiguous()
+                                 : at::Tensor();
   auto acc_opts = input.options().dtype(acc_st);
   at::Tensor kept = at::empty({M}, input.options().dtype(at::kBool));
   at::Tensor k_t = at::empty({}, input.options().dtype(at::kLong));
@@ -424,7 +422,7 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
     select_kernel<scalar_t, acc_t><<<1, kSelectThreads, 0, stream>>>(
         loss_acc.const_data_ptr<acc_t>(), target.const_data_ptr<int64_t>(), M, C, ignore_index, w,
         keep_ratio, ratio_t.defined() ? ratio_t.const_data_ptr<double>() : nullptr,
-        count_t.defined() ? count_t.const_data_ptr<int64_t>() : nullptr, easiest,
+        count_t.defined() ? count_t.const_data_ptr<int64_t>() : nullptr, host_count, easiest,
         reduction, kept.mutable_data_ptr<bool>(), k_t.mutable_data_ptr<int64_t>(),
         threshold.mutable_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
         rowscale.mutable_data_ptr<acc_t>());

@@ -478,3 +478,46 @@ def test_cli_build_fails_with_the_reason(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "could not be built" in err and "compiler" in err
     assert "compiling the native CPU op (once per machine" in err
+
+
+@pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler on this machine")
+def test_cuda_online_softmax_merge_keeps_nan(tmp_path):
+    """The CUDA forward's lane and warp merges (ms_add/ms_merge, csrc/trimmed_ce_common.h) run on
+    the host in the kernel's order (tests/native_host/ms_merge_check.cpp): a NaN in any lane
+    position, C = 1..40 and wider, with -inf and +inf entries, gives a NaN logsumexp, and rows
+    without one match a float64 logsumexp. (A lane that saw only NaN holds m = -inf, s = NaN; the
+    merge used to replace that s by 0 and drop the NaN.)"""
+    cxx = next(c for c in (os.environ.get("CXX") or "c++", "c++", "g++") if shutil.which(c))
+    exe = tmp_path / "ms_merge_check"
+    src = ROOT / "tests" / "native_host" / "ms_merge_check.cpp"
+    build = subprocess.run([cxx, "-std=c++20", "-O1", f"-I{CSRC}", str(src), "-o", str(exe)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-4000:]
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("OK"), proc.stdout[-4000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_native
+@pytest.mark.parametrize("ratio", [0.3, 7], ids=["ratio", "count"])
+def test_cuda_cpu_keep_ratio_tensor_does_not_synchronise(ratio):
+    """A CPU keep_ratio tensor (or exact count) with CUDA inputs is read on the host, not copied to
+    the device (a synchronising copy from pageable memory, illegal in graph capture)."""
+    if not native.is_available(torch.device("cuda")):
+        pytest.skip(native.unavailable_reason(torch.device("cuda")))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 10, generator=gen).cuda().requires_grad_()
+    t = torch.randint(0, 10, (300,), generator=gen).cuda()
+    r_cpu = torch.tensor(ratio)
+    want = native.trimmed_cross_entropy_2d(x, t, r_cpu.cuda(), "hardest", None, -100, 0.0, "mean")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = native.trimmed_cross_entropy_2d(x, t, r_cpu, "hardest", None, -100, 0.0, "mean")
+        (g,) = torch.autograd.grad(got[0], x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    (g_want,) = torch.autograd.grad(want[0], x)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(g, g_want, rtol=0, atol=0)
