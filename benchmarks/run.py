@@ -363,6 +363,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--strict", action="store_true", help="exit 3 when a fused_trim backend fails or disagrees with the reference"
     )
+    p.add_argument(
+        "--lm-head",
+        action="store_true",
+        help="benchmark trimmed_linear_cross_entropy instead (see benchmarks/lm_head.py); --dtypes, --keeps, "
+        "--repeats, --threads, --out and --backends apply",
+    )
+    p.add_argument("--lm-shapes", nargs="+", help="LM-head shapes NxDxV (default: 2048x512x32000 quick, CPU)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -394,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.device(device).type == "cuda" else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.lm_head:
+        return _lm_head_main(args, device, out, started)
     cases = select_cases(args, device)
     backends, skipped = C.available_backends(device)
     if args.backends:
@@ -497,6 +506,27 @@ def main(argv: list[str] | None = None) -> int:
     for p in problems:
         print(f"CHECK: {p}")
     return 3 if problems and args.strict else 0
+
+
+def _lm_head_main(args: argparse.Namespace, device: str, out: Path, started: float) -> int:
+    """``--lm-head``: the LM-head rows of :mod:`benchmarks.lm_head`, written to ``lm_head.{md,json}``."""
+    from . import lm_head as L
+
+    cases = L.default_cases(device, quick=not args.lm_shapes and not args.dtypes)
+    if args.lm_shapes or args.dtypes or args.keeps:
+        shapes = [L.parse_shape(s) for s in args.lm_shapes] if args.lm_shapes else list(
+            dict.fromkeys(c.shape for c in cases))
+        dtypes = args.dtypes or list(dict.fromkeys(c.dtype for c in cases))
+        keeps = args.keeps or list(L.KEEPS)
+        cases = [L.LMCase(s, d, r) for s in shapes for d in dtypes for r in keeps]
+    print(f"device {device}; torch threads {torch.get_num_threads()}; {len(cases)} LM-head cases")
+    rows = L.run(device, cases, args.repeats or 5, 30.0, args.backends)
+    (out / "lm_head.md").write_text(L.markdown(rows) + "\n")
+    info = {"machine": machine_info(device), "versions": versions(), "threads": torch.get_num_threads(),
+            "wall_s": time.perf_counter() - started, "rows": rows}
+    (out / "lm_head.json").write_text(json.dumps(info, indent=1, default=str))
+    print(f"wrote {out / 'lm_head.md'} and lm_head.json in {time.perf_counter() - started:.0f} s")
+    return 0
 
 
 def check_rows(rows: list[dict]) -> list[str]:

@@ -52,3 +52,21 @@ def test_runner_tiny_case_fills_every_column(tmp_path):
     assert {"machine", "versions", "timestamp", "rows", "copy_bandwidth_GBps"} <= set(meta)
     assert (out / "benchmark.png").stat().st_size > 0
     assert "| case | backend |" in proc.stdout
+
+
+def test_lm_head_runner_tiny_case(tmp_path):
+    out = tmp_path / "lm"
+    cmd = [
+        sys.executable, "-m", "benchmarks.run", "--device", "cpu", "--lm-head", "--lm-shapes", "64x8x50",
+        "--keeps", "0.5", "--repeats", "2", "--out", str(out),
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "lm_head.json").read_text())["rows"]
+    names = {r["backend"] for r in rows}
+    assert {"linear+cross_entropy", "torch_chunked", "linear+trimmed", "fused/reference"} <= names
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["fwdbwd_ms"] > 0 and r["mm_ms"] > 0 and r["peak_MiB"] >= 0 and r["floor_frac"] > 0
+    assert "| case | row |" in (out / "lm_head.md").read_text()
