@@ -40,7 +40,7 @@ CUOBJDUMP = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 def _forward_case(dtype, has_weight, has_smoothing, block_c, warps):
     sig = {
         "logits_ptr": f"*{dtype}", "stride_row": "i32", "target_ptr": "*i64", "weight_ptr": "*fp32",
-        "loss_ptr": "*fp32", "lse_ptr": "*fp32", "wy_ptr": "*fp32", "num_classes": "i32",
+        "loss_ptr": "*fp32", "stats_ptr": "*fp32", "stats_stride": "i32", "wy_ptr": "*fp32", "num_classes": "i32",
         "ignore_index": "i32", "label_smoothing_bits": "i64", "HAS_WEIGHT": "constexpr",
         "HAS_SMOOTHING": "constexpr", "BLOCK_C": "constexpr",
     }  # fmt: skip
@@ -66,7 +66,8 @@ def _select_case(loss_dtype, out_dtype, keep_all, hardest, reduction, from_ptr):
 def _backward_case(dtype, per_row, has_weight, has_smoothing, block_c, warps):
     sig = {
         "logits_ptr": f"*{dtype}", "stride_row": "i32", "grad_ptr": f"*{dtype}", "stride_grad": "i32",
-        "target_ptr": "*i64", "weight_ptr": "*fp32", "weight_sum_ptr": "*fp32", "lse_ptr": "*fp32",
+        "target_ptr": "*i64", "weight_ptr": "*fp32", "weight_sum_ptr": "*fp32",
+        "stats_ptr": "*fp32", "stats_stride": "i32",
         "kept_ptr": "*i1", "grad_out_ptr": f"*{dtype}", "denom_ptr": "*fp32", "num_classes": "i32",
         "label_smoothing_bits": "i64", "PER_ROW_GRAD": "constexpr", "HAS_WEIGHT": "constexpr",
         "HAS_SMOOTHING": "constexpr", "BLOCK_C": "constexpr",
@@ -81,7 +82,8 @@ def _forward_spatial_case(dtype, has_weight, has_smoothing, block_c, block_s, wa
     acc = "fp64" if dtype == "fp64" else "fp32"
     sig = {
         "logits_ptr": f"*{dtype}", "stride_n": "i64", "stride_c": "i32", "target_ptr": "*i64",
-        "weight_ptr": f"*{dtype}", "loss_ptr": f"*{acc}", "lse_ptr": f"*{acc}", "wy_ptr": f"*{acc}",
+        "weight_ptr": f"*{dtype}", "loss_ptr": f"*{acc}",
+        "stats_ptr": f"*{acc}", "stats_stride": "i32", "wy_ptr": f"*{acc}",
         "num_classes": "i32", "num_pixels": "i32", "ignore_index": "i32", "label_smoothing_bits": "i64",
         "HAS_WEIGHT": "constexpr", "HAS_SMOOTHING": "constexpr", "BLOCK_C": "constexpr", "BLOCK_S": "constexpr",
     }  # fmt: skip
@@ -96,7 +98,8 @@ def _backward_spatial_case(dtype, per_sample, has_weight, has_smoothing, block_c
     sig = {
         "logits_ptr": f"*{dtype}", "stride_n": "i64", "stride_c": "i32", "grad_ptr": f"*{dtype}",
         "stride_grad_n": "i64", "stride_grad_c": "i32", "target_ptr": "*i64", "weight_ptr": f"*{dtype}",
-        "weight_sum_ptr": f"*{acc}", "lse_ptr": f"*{acc}", "kept_ptr": "*i1", "grad_out_ptr": f"*{dtype}",
+        "weight_sum_ptr": f"*{acc}", "stats_ptr": f"*{acc}", "stats_stride": "i32", "kept_ptr": "*i1",
+        "grad_out_ptr": f"*{dtype}",
         "denom_ptr": f"*{acc}", "num_classes": "i32", "num_pixels": "i32", "label_smoothing_bits": "i64",
         "PER_SAMPLE_GRAD": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_SMOOTHING": "constexpr",
         "BLOCK_C": "constexpr", "BLOCK_S": "constexpr",

@@ -148,11 +148,11 @@ def test_fake_shapes_of_the_spatial_ops(monkeypatch):
     with FakeTensorMode():
         x = torch.empty(2, 300, 50, dtype=torch.bfloat16)
         t = torch.empty(100, dtype=torch.int64)
-        out, losses, kept, k, thr, lse, denom = function.trimmed_ce_fwd(x, t, None, 0.5, None, True, -100, 0.0, 2)
-        assert out.shape == losses.shape == kept.shape == lse.shape == (100,)
-        assert out.dtype == torch.bfloat16 and losses.dtype == lse.dtype == torch.float32
+        out, losses, kept, k, thr, stats, denom = function.trimmed_ce_fwd(x, t, None, 0.5, None, True, -100, 0.0, 2)
+        assert out.shape == losses.shape == kept.shape == (100,) and stats.shape == (2, 100)
+        assert out.dtype == torch.bfloat16 and losses.dtype == stats.dtype == torch.float32
         assert k.shape == thr.shape == denom.shape == ()
-        grad = function.trimmed_ce_bwd(out, x, t, None, lse, kept, denom, 0.0)
+        grad = function.trimmed_ce_bwd(out, x, t, None, stats, kept, denom, 0.0)
         assert grad.shape == x.shape and grad.dtype == x.dtype
     # 16x128 tiles: one program per image and block of 128 pixels.
     assert launched[0] == ("ce_forward_spatial_kernel", (2,))

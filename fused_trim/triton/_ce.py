@@ -28,14 +28,75 @@ def smoothing_eps(label_smoothing_bits):
 
 
 @triton.jit
-def weighted_loss(lse, x_t, w_t, sum_w, sum_wx, eps, num_classes, HAS_SMOOTHING: tl.constexpr):
-    """``F.cross_entropy``'s per-sample loss from the logsumexp: ``w_t * (lse - x_t)``, with label
-    smoothing mixed with ``eps / C * (lse * sum_w - sum_wx)`` (``sum_w``: the class weights' sum,
-    or ``C``; ``sum_wx = sum_c w_c x_c``)."""
-    loss = w_t * (lse - x_t)
+def softmax_block(m, sm1, x):
+    """Fold a block of logits ``x`` (classes along axis 0; masked lanes ``-inf``) into the running
+    max ``m`` and ``sm1 = sum_c exp(x_c - m) - 1``: the max's own term, exactly 1, is left out, so
+    that ``log s = log1p(sm1)`` keeps its relative precision when the other terms are tiny (start
+    from ``m = -inf``, ``sm1 = -1``). Returns ``(m, sm1)``."""
+    m_new = tl.maximum(m, tl.max(x, 0), propagate_nan=tl.PropagateNan.ALL)
+    # A block (or prefix) of only -inf leaves m at -inf: shift by 0 instead of -inf - -inf.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    e = tl.exp(x - tl.expand_dims(shift, 0))
+    # A new max in this block: rescale the old sum (with its 1) and leave out one of the block's
+    # terms at the max (each exactly 1).
+    at_max = x == tl.expand_dims(m_new, 0)
+    rest = tl.sum(tl.where(at_max, 0.0, e), 0) + (tl.sum(at_max.to(tl.int32), 0) - 1)
+    grown = (sm1 + 1.0) * tl.exp(m - shift) + rest
+    return m_new, tl.where(m_new > m, grown, sm1 + tl.sum(e, 0))
+
+
+@triton.jit
+def smoothing_block(d, sum_w, m, m_new, x, w, mask):
+    """Fold a block into ``d = sum_c w_c (m - x_c)`` and ``sum_w = sum_c w_c`` (label smoothing),
+    kept relative to the running max (``m`` before this block, ``m_new`` after; 0 while it is
+    ``-inf``): every term is ``>= 0`` for ``w >= 0``, so ``d`` keeps its relative precision."""
+    ref = tl.where(m == float("-inf"), 0.0, m)
+    ref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    w = tl.where(mask, w, 0.0)
+    d += sum_w * (ref_new - ref) + tl.sum(w * tl.where(mask, tl.expand_dims(ref_new, 0) - x, 0.0), 0)
+    return d, sum_w + tl.sum(w, 0)
+
+
+@triton.jit
+def log1p(x):
+    """``log(1 + x)`` to a few ulp for ``x >= -1`` (``log(u) * x / (u - 1)`` with ``u = 1 + x``;
+    ``tl.log`` compiles to libdevice's accurate ``logf``)."""
+    u = 1.0 + x
+    exact = (u == 1.0) | (x == float("inf"))
+    return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
+
+
+@triton.jit
+def expm1_neg(y):
+    """``exp(y) - 1`` to a few ulp for ``y <= 0``: a Taylor polynomial for ``y > -1/2`` (degree 9
+    for fp32, 17 for fp64), ``exp(y) - 1`` below, where it is at least ``0.39`` in magnitude."""
+    DEGREE: tl.constexpr = 17 if y.dtype == tl.float64 else 9
+    small = y > -0.5
+    ys = tl.where(small, y, 0.0)
+    r = tl.full(y.shape, 1.0, y.dtype)
+    for j in tl.static_range(DEGREE - 1):
+        r = 1.0 + ys * r / (DEGREE - j)
+    return tl.where(small, ys * r, tl.exp(y) - 1.0)
+
+
+@triton.jit
+def weighted_loss(m, log_s, x_t, w_t, sum_w, d, eps, num_classes, HAS_SMOOTHING: tl.constexpr):
+    """``F.cross_entropy``'s per-sample loss from the row max ``m`` and ``log s`` (``s = sum_c
+    exp(x_c - m)``), never from an absolute logsumexp: ``w_t * ((m - x_t) + log s)``, with label
+    smoothing mixed with ``eps / C * (d + sum_w * log s)`` (``d = sum_c w_c (m - x_c)``, ``sum_w``:
+    the class weights' sum, or ``C``)."""
+    loss = w_t * ((m - x_t) + log_s)
     if HAS_SMOOTHING:
-        loss = (1.0 - eps) * loss + (eps / num_classes) * (lse * sum_w - sum_wx)
+        loss = (1.0 - eps) * loss + (eps / num_classes) * (d + sum_w * log_s)
     return loss
+
+
+@triton.jit
+def target_grad(p_t, pm1_t, true_coef, p_coef):
+    """The true class's ``p_coef * p_t - true_coef``, formed as ``true_coef * (p_t - 1) +
+    (p_coef - true_coef) * p_t`` with ``pm1_t = p_t - 1 = expm1_neg(-((m - x_t) + log s))``:
+    accurate in fp32 also when ``p_t`` is close to 1."""
+    return true_coef * pm1_t + (p_coef - true_coef) * p_t
 
 
 @triton.jit

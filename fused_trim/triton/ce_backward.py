@@ -1,9 +1,9 @@
-"""Backward kernel: softmax recomputed from the saved logsumexp, for kept rows only."""
+"""Backward kernel: softmax recomputed from the saved row max and log-sum, for kept rows only."""
 
 import triton
 import triton.language as tl
 
-from ._ce import grad_coefs, smoothing_eps
+from ._ce import expm1_neg, grad_coefs, smoothing_eps, target_grad
 
 
 @triton.jit
@@ -15,7 +15,8 @@ def ce_backward_kernel(
     target_ptr,
     weight_ptr,
     weight_sum_ptr,
-    lse_ptr,
+    stats_ptr,
+    stats_stride,
     kept_ptr,
     grad_out_ptr,
     denom_ptr,
@@ -29,20 +30,22 @@ def ce_backward_kernel(
     """One program per row writes ``d loss / d logits[row, :]``.
 
     ``dl/dx_c = (1 - eps) w_y (p_c - [c == y]) + eps / C (sum_w p_c - w_c)``, scaled by the
-    upstream gradient (``grad_out / denom`` for a scalar loss, ``grad_out[row]`` for "none").
-    Rows outside the kept set write exact zeros without reading their logits. Everything is
-    formed in the accumulation dtype (fp32; fp64 for fp64) before the one rounding to the
-    gradient's dtype.
+    upstream gradient (``grad_out / denom`` for a scalar loss, ``grad_out[row]`` for "none"), with
+    ``p_c = exp(-((m - x_c) + log s))`` from the forward's ``stats`` and the true class's
+    ``p_y - 1`` formed from those relative quantities (see :func:`._ce.target_grad`). Rows outside
+    the kept set write exact zeros without reading their logits. Everything is formed in the
+    accumulation dtype (fp32; fp64 for fp64) before the one rounding to the gradient's dtype.
     """
     row = tl.program_id(0).to(tl.int64)
-    acc_dtype = lse_ptr.dtype.element_ty
+    acc_dtype = stats_ptr.dtype.element_ty
     kept = tl.load(kept_ptr + row) != 0
     if PER_ROW_GRAD:
         g = tl.load(grad_out_ptr + row).to(acc_dtype)
     else:
         g = tl.load(grad_out_ptr).to(acc_dtype) / tl.load(denom_ptr).to(acc_dtype)
     tgt = tl.load(target_ptr + row, mask=kept, other=0).to(tl.int64)
-    lse = tl.load(lse_ptr + row, mask=kept, other=0.0)
+    m = tl.load(stats_ptr + row, mask=kept, other=0.0)
+    log_s = tl.load(stats_ptr + stats_stride + row, mask=kept, other=0.0)
     if HAS_WEIGHT:
         w_t = tl.load(weight_ptr + tgt, mask=kept, other=0.0).to(acc_dtype)
     else:
@@ -52,13 +55,14 @@ def ce_backward_kernel(
 
     cols_read = tl.where(kept, num_classes, 0)  # a row outside K reads nothing
     in_row = logits_ptr + row * stride_row
+    pm1_t = expm1_neg(-((m - tl.load(in_row + tgt, mask=kept, other=0.0).to(acc_dtype)) + log_s))  # p_y - 1
     out_row = grad_ptr + row * stride_grad
     for start in range(0, num_classes, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         mask = cols < num_classes
         x = tl.load(in_row + cols, mask=cols < cols_read, other=0.0).to(acc_dtype)
-        p = tl.exp(x - lse)
-        grad = p_coef * p - tl.where(cols == tgt, true_coef, 0.0)
+        p = tl.exp(-((m - x) + log_s))
+        grad = tl.where(cols == tgt, target_grad(p, pm1_t, true_coef, p_coef), p_coef * p)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=cols < cols_read, other=0.0).to(acc_dtype)

@@ -1,10 +1,10 @@
 """Backward kernel on the spatial layout ``(N, C, S)``: softmax recomputed from the saved
-logsumexp for kept pixels only, the gradient written in the same layout."""
+max and log-sum for kept pixels only, the gradient written in the same layout."""
 
 import triton
 import triton.language as tl
 
-from ._ce import grad_coefs, pixel_block, smoothing_eps
+from ._ce import expm1_neg, grad_coefs, pixel_block, smoothing_eps, target_grad
 
 
 @triton.jit
@@ -18,7 +18,8 @@ def ce_backward_spatial_kernel(
     target_ptr,
     weight_ptr,
     weight_sum_ptr,
-    lse_ptr,
+    stats_ptr,
+    stats_stride,
     kept_ptr,
     grad_out_ptr,
     denom_ptr,
@@ -35,12 +36,12 @@ def ce_backward_spatial_kernel(
 
     ``dl/dx_c = (1 - eps) w_y (p_c - [c == y]) + eps / C (sum_w p_c - w_c)``, scaled by the
     upstream gradient (``grad_out / denom`` for a scalar loss, ``grad_out[n * S + s]`` for
-    "none"), as :func:`ce_backward_kernel` forms it per row. Pixels outside the kept set store
-    exact zeros without reading their logits. Everything is formed in the accumulation dtype
-    (fp32; fp64 for fp64) before the one rounding to the gradient's dtype. Both layouts have unit
-    stride along ``s``.
+    "none"), as :func:`ce_backward_kernel` forms it per row (the true class from relative
+    quantities). Pixels outside the kept set store exact zeros without reading their logits.
+    Everything is formed in the accumulation dtype (fp32; fp64 for fp64) before the one rounding
+    to the gradient's dtype. Both layouts have unit stride along ``s``.
     """
-    acc_dtype = lse_ptr.dtype.element_ty
+    acc_dtype = stats_ptr.dtype.element_ty
     n, s, in_image, flat = pixel_block(num_pixels, BLOCK_S)
     kept = tl.load(kept_ptr + flat, mask=in_image, other=0) != 0
     if PER_SAMPLE_GRAD:
@@ -49,7 +50,8 @@ def ce_backward_spatial_kernel(
         scale = tl.load(grad_out_ptr).to(acc_dtype) / tl.load(denom_ptr).to(acc_dtype)
         g = tl.full((BLOCK_S,), 0.0, acc_dtype) + scale
     tgt = tl.load(target_ptr + flat, mask=kept, other=0).to(tl.int64)
-    lse = tl.load(lse_ptr + flat, mask=kept, other=0.0)
+    m = tl.load(stats_ptr + flat, mask=kept, other=0.0)
+    log_s = tl.load(stats_ptr + stats_stride + flat, mask=kept, other=0.0)
     if HAS_WEIGHT:
         w_t = tl.load(weight_ptr + tgt, mask=kept, other=0.0).to(acc_dtype)
     else:
@@ -59,13 +61,19 @@ def ce_backward_spatial_kernel(
 
     in_ptr = logits_ptr + n * stride_n
     out_ptr = grad_ptr + n * stride_grad_n
+    x_t = tl.load(in_ptr + tgt * stride_c + s, mask=kept, other=0.0).to(acc_dtype)
+    pm1_t = expm1_neg(-((m - x_t) + log_s))  # p_y - 1
     for start in range(0, num_classes, BLOCK_C):
         cls = start + tl.arange(0, BLOCK_C)
         cls_in = cls < num_classes
         cls64 = cls.to(tl.int64)[:, None]
         x = tl.load(in_ptr + cls64 * stride_c + s[None, :], mask=cls_in[:, None] & kept[None, :], other=0.0)
-        p = tl.exp(x.to(acc_dtype) - lse[None, :])
-        grad = p_coef[None, :] * p - tl.where(cls[:, None] == tgt[None, :], true_coef[None, :], 0.0)
+        p = tl.exp(-((m[None, :] - x.to(acc_dtype)) + log_s[None, :]))
+        grad = tl.where(
+            cls[:, None] == tgt[None, :],
+            target_grad(p, pm1_t[None, :], true_coef[None, :], p_coef[None, :]),
+            p_coef[None, :] * p,
+        )
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cls, mask=cls_in, other=0.0).to(acc_dtype)

@@ -1,11 +1,11 @@
-"""Forward kernel: per-row cross-entropy and logsumexp in one read of the logits."""
+"""Forward kernel: per-row cross-entropy, row max and log-sum-exp in one read of the logits."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ._ce import smoothing_eps, weighted_loss
+from ._ce import log1p, smoothing_block, smoothing_eps, softmax_block, weighted_loss
 
 
 @triton.jit
@@ -15,7 +15,8 @@ def ce_forward_kernel(
     target_ptr,
     weight_ptr,
     loss_ptr,
-    lse_ptr,
+    stats_ptr,
+    stats_stride,
     wy_ptr,
     num_classes,
     ignore_index,
@@ -26,9 +27,11 @@ def ce_forward_kernel(
 ):
     """One program per row: online softmax over column blocks of ``BLOCK_C``.
 
-    Writes ``loss[row]``, ``lse[row]`` and ``wy[row]`` (the target's class weight; 0 when ignored)
-    in the accumulation dtype of ``loss_ptr`` (fp32, or fp64 for fp64 logits). Ignored rows do not
-    read their logits.
+    Writes ``loss[row]``, ``wy[row]`` (the target's class weight; 0 when ignored), and for the
+    backward the row max ``m`` at ``stats[row]`` and ``log s`` (``s = sum_c exp(x_c - m)``) at
+    ``stats[stats_stride + row]`` (0 when ignored), in the accumulation dtype of ``loss_ptr`` (fp32,
+    or fp64 for fp64 logits). The loss is formed relative to the row max (see
+    :func:`._ce.weighted_loss`). Ignored rows do not read their logits.
     """
     row = tl.program_id(0).to(tl.int64)
     acc_dtype = loss_ptr.dtype.element_ty
@@ -38,27 +41,22 @@ def ce_forward_kernel(
     n_cols = tl.where(valid, num_classes, 0)
 
     m = tl.full((), float("-inf"), acc_dtype)
-    s = tl.zeros((), acc_dtype)
-    sum_wx = tl.zeros((), acc_dtype)  # sum_c w_c x_c, for label smoothing
+    sm1 = tl.full((), -1.0, acc_dtype)  # sum_c exp(x_c - m) - 1
+    d = tl.zeros((), acc_dtype)  # sum_c w_c (m - x_c), for label smoothing
     sum_w = tl.zeros((), acc_dtype)
     for start in range(0, n_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         mask = cols < n_cols
         x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(acc_dtype)
-        m_new = tl.maximum(m, tl.max(x, 0), propagate_nan=tl.PropagateNan.ALL)
-        # A block (or row prefix) of only -inf leaves m at -inf: shift by 0 instead of -inf - -inf.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
-        m = m_new
+        m_new, sm1 = softmax_block(m, sm1, x)
         if HAS_SMOOTHING:
-            xs = tl.where(mask, x, 0.0)
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(acc_dtype)
-                sum_wx += tl.sum(w * xs, 0)
-                sum_w += tl.sum(w, 0)
             else:
-                sum_wx += tl.sum(xs, 0)
-    lse = tl.where(m == float("-inf"), m, m + tl.log(s))
+                w = tl.full((BLOCK_C,), 1.0, acc_dtype)
+            d, sum_w = smoothing_block(d, sum_w, m, m_new, x, w, mask)
+        m = m_new
+    log_s = log1p(sm1)
 
     safe_t = tl.where(valid, tgt, 0)
     x_t = tl.load(row_ptr + safe_t, mask=valid, other=0.0).to(acc_dtype)
@@ -66,11 +64,10 @@ def ce_forward_kernel(
         w_t = tl.load(weight_ptr + safe_t, mask=valid, other=0.0).to(acc_dtype)
     else:
         w_t = tl.full((), 1.0, acc_dtype)
-    if HAS_SMOOTHING and not HAS_WEIGHT:
-        sum_w = tl.cast(num_classes, acc_dtype)
     eps = smoothing_eps(label_smoothing_bits).to(acc_dtype)
-    loss = weighted_loss(lse, x_t, w_t, sum_w, sum_wx, eps, num_classes, HAS_SMOOTHING)
+    loss = weighted_loss(m, log_s, x_t, w_t, sum_w, d, eps, num_classes, HAS_SMOOTHING)
     zero = tl.zeros((), acc_dtype)
     tl.store(loss_ptr + row, tl.where(valid, loss, zero))
-    tl.store(lse_ptr + row, tl.where(valid, lse, zero))
+    tl.store(stats_ptr + row, tl.where(valid, m, zero))
+    tl.store(stats_ptr + stats_stride + row, tl.where(valid, log_s, zero))
     tl.store(wy_ptr + row, tl.where(valid, w_t, zero))

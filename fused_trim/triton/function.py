@@ -83,14 +83,15 @@ def trimmed_ce_fwd(
     label_smoothing: float,
     reduction: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward on ``input (M, C)`` or ``(N, C, S)``: ``(out, losses, kept, k, threshold, lse, denom)``.
+    """Forward on ``input (M, C)`` or ``(N, C, S)``: ``(out, losses, kept, k, threshold, stats, denom)``.
 
     The spatial layout ``(N, C, S)`` is read in place (samples in ``n * S + s`` order, ``target``
     flat ``(N * S,)``); every per-sample output is flat ``(N * S,)``.
 
     ``keep_ratio_t``, when given, replaces ``keep_ratio``: a 0-dim float tensor (a ratio) or int64
-    tensor (an exact count), read on the device. ``lse`` and ``denom`` (the divisor of the mean)
-    are saved for the backward.
+    tensor (an exact count), read on the device. ``stats`` (``(2, M)``: each sample's max logit and
+    ``log sum_c exp(x_c - max)``, so that the backward keeps the relative precision of a small loss)
+    and ``denom`` (the divisor of the mean) are saved for the backward.
     """
     spatial = input.dim() == 3
     if input.stride(-1) != 1:
@@ -101,7 +102,7 @@ def trimmed_ce_fwd(
     acc = accumulation_dtype(input.dtype)
     dev = input.device
     loss = torch.empty(num_rows, dtype=acc, device=dev)
-    lse = torch.empty(num_rows, dtype=acc, device=dev)
+    stats = torch.empty(2, num_rows, dtype=acc, device=dev)
     w_y = torch.empty(num_rows, dtype=acc, device=dev)
     has_weight = weight is not None
     if has_weight:
@@ -110,15 +111,15 @@ def trimmed_ce_fwd(
         num_pixels = input.shape[2]
         block_c, block_s, warps = spatial_config(num_classes, num_pixels, input.element_size())
         wrap_triton(ce_forward_spatial_kernel)[(input.shape[0] * triton.cdiv(num_pixels, block_s),)](
-            input, input.stride(0), input.stride(1), target, weight if has_weight else loss, loss, lse, w_y,
-            num_classes, num_pixels, ignore_index, float64_bits(label_smoothing),
+            input, input.stride(0), input.stride(1), target, weight if has_weight else loss, loss, stats, num_rows,
+            w_y, num_classes, num_pixels, ignore_index, float64_bits(label_smoothing),
             HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_C=block_c, BLOCK_S=block_s,
             num_warps=warps,
         )  # fmt: skip
     else:
         block_c, warps = row_config(num_classes, input.element_size())
         wrap_triton(ce_forward_kernel)[(num_rows,)](
-            input, input.stride(0), target, weight if has_weight else loss, loss, lse, w_y,
+            input, input.stride(0), target, weight if has_weight else loss, loss, stats, num_rows, w_y,
             num_classes, ignore_index, float64_bits(label_smoothing),
             HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
@@ -142,7 +143,7 @@ def trimmed_ce_fwd(
             loss, w_y, target, kept, out, k, threshold, denom, ignore_index, ratio_bits, ratio_ptr,
             ratio_on_device, hardest, reduction, GRID_BLOCK,
         )  # fmt: skip
-    return out, loss, kept, k, threshold, lse, denom
+    return out, loss, kept, k, threshold, stats, denom
 
 
 @triton_op("fused_trim::triton_trimmed_ce_bwd", mutates_args=())
@@ -151,7 +152,7 @@ def trimmed_ce_bwd(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     kept: Tensor,
     denom: Tensor,
     label_smoothing: float,
@@ -163,14 +164,15 @@ def trimmed_ce_bwd(
     grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     has_weight = weight is not None
     has_smoothing = label_smoothing > 0.0
-    weight_sum = weight.sum(dtype=lse.dtype) if has_weight and has_smoothing else lse
+    weight_sum = weight.sum(dtype=stats.dtype) if has_weight and has_smoothing else stats
+    num_samples = stats.shape[1]
     if input.dim() == 3:
         num_images, num_classes, num_pixels = input.shape
         block_c, block_s, warps = spatial_config(num_classes, num_pixels, input.element_size())
         wrap_triton(ce_backward_spatial_kernel)[(num_images * triton.cdiv(num_pixels, block_s),)](
             input, input.stride(0), input.stride(1), grad, grad.stride(0), grad.stride(1), target.contiguous(),
-            weight.contiguous() if has_weight else lse, weight_sum, lse, kept, grad_out.contiguous(), denom,
-            num_classes, num_pixels, float64_bits(label_smoothing),
+            weight.contiguous() if has_weight else stats, weight_sum, stats, num_samples, kept, grad_out.contiguous(),
+            denom, num_classes, num_pixels, float64_bits(label_smoothing),
             PER_SAMPLE_GRAD=grad_out.dim() == 1, HAS_WEIGHT=has_weight, HAS_SMOOTHING=has_smoothing,
             BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
         )  # fmt: skip
@@ -179,8 +181,8 @@ def trimmed_ce_bwd(
     block_c, warps = row_config(num_classes, input.element_size())
     wrap_triton(ce_backward_kernel)[(num_rows,)](
         input, input.stride(0), grad, grad.stride(0), target.contiguous(),
-        weight.contiguous() if has_weight else lse, weight_sum, lse, kept, grad_out.contiguous(), denom,
-        num_classes, float64_bits(label_smoothing),
+        weight.contiguous() if has_weight else stats, weight_sum, stats, num_samples, kept, grad_out.contiguous(),
+        denom, num_classes, float64_bits(label_smoothing),
         PER_ROW_GRAD=grad_out.dim() == 1, HAS_WEIGHT=has_weight, HAS_SMOOTHING=has_smoothing,
         BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
@@ -189,14 +191,14 @@ def trimmed_ce_bwd(
 
 def _setup_context(ctx, inputs, output) -> None:
     input, target, weight, _, _, _, _, label_smoothing, _ = inputs
-    _, _, kept, _, _, lse, denom = output
-    ctx.save_for_backward(input, target, weight, lse, kept, denom)
+    _, _, kept, _, _, stats, denom = output
+    ctx.save_for_backward(input, target, weight, stats, kept, denom)
     ctx.label_smoothing = label_smoothing
 
 
 def _backward(ctx, grad_out, *_unused):
-    input, target, weight, lse, kept, denom = ctx.saved_tensors
-    grad = trimmed_ce_bwd(grad_out, input, target, weight, lse, kept, denom, ctx.label_smoothing)
+    input, target, weight, stats, kept, denom = ctx.saved_tensors
+    grad = trimmed_ce_bwd(grad_out, input, target, weight, stats, kept, denom, ctx.label_smoothing)
     return grad, None, None, None, None, None, None, None, None
 
 
