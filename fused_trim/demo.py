@@ -89,7 +89,7 @@ class DemoConfig:
     keep: str = "hardest"
     label_noise: float = 0.0
     batch_size: int = 100
-    lr: float = 1e-2
+    lr: float = 2e-2
     lr_schedule: str = "cosine"
     train_size: int | None = None  # None: the whole training split
     out: Path = field(default_factory=lambda: Path("demo_out"))

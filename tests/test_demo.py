@@ -197,9 +197,9 @@ def test_lr_schedule_reaches_the_optimizer(tmp_path):
     cfg = _tiny(tmp_path, dataset="digits", model="linear", train_size=200, epochs=4, batch_size=50)
     rows = train_run(load_data("digits", 200), cfg, "baseline", seed=0)
     # 4 steps per epoch, 16 in all; the row records the rate of the epoch's last step
-    assert [r["lr"] for r in rows] == pytest.approx([0.01 * lr_factor("cosine", 4 * e + 3, 16) for e in range(4)])
+    assert [r["lr"] for r in rows] == pytest.approx([0.02 * lr_factor("cosine", 4 * e + 3, 16) for e in range(4)])
     cfg.lr_schedule = "constant"
-    assert {r["lr"] for r in train_run(load_data("digits", 200), cfg, "baseline", seed=0)} == {0.01}
+    assert {r["lr"] for r in train_run(load_data("digits", 200), cfg, "baseline", seed=0)} == {0.02}
 
 
 def test_compare_trains_the_baseline_once_per_seed(tmp_path, monkeypatch):
