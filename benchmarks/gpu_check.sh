@@ -9,7 +9,8 @@
 # is on PYTHONPATH anyway). Each step runs under `timeout`; the runner starts no new case once its share
 # of the time is spent and writes its CSV/JSON after every case, so a cut-short run still leaves data.
 # Exit status: 0 when every step passed, else the first failing step's status.
-# Output: gpu_check.log (everything), env.txt, pytest.log, bench.log, results.{csv,json,md}, benchmark.png.
+# Output: gpu_check.log (everything), env.txt, pytest.log, bench.log, results.{csv,json,md}, benchmark.png,
+# select_timing.log, tiny_classes.log and tiny_classes/.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -71,8 +72,9 @@ else
     fail "${PIPESTATUS[0]}" "pytest (124 = timed out)"
 fi
 
-# Benchmarks: what is left, less a minute for the last case and the plot.
-BENCH_S=$(left)
+# Benchmarks: what is left less the measurements after it (EXTRA_S), less a minute for the last case and the plot.
+EXTRA_S=165
+BENCH_S=$(( $(left) - EXTRA_S ))
 START_WITHIN_S=$(( BENCH_S - 75 ))
 if [ "$START_WITHIN_S" -lt 60 ]; then START_WITHIN_S=60; fi
 printf -v BENCH_MIN '%d.%d' $(( START_WITHIN_S / 60 )) $(( START_WITHIN_S % 60 / 6 ))
@@ -82,6 +84,24 @@ if timeout "$BENCH_S" "$PY" -m benchmarks.run --device cuda --out "$OUT_DIR" --m
     note "benchmarks done"
 else
     fail "${PIPESTATUS[0]}" "benchmarks.run (124 = timed out; 3 = a fused_trim backend disagreed or failed)"
+fi
+
+# Measurements for issue 13 (printed, not asserted): the select against the cross-entropy pass at a
+# segmentation-sized batch (2^21 rows) for the native CUDA and the Triton op, the Triton single-program /
+# grid select crossover (SINGLE_PROGRAM_MAX_ROWS), and the tiny-class case (1048576, 10), where one warp
+# (native) or one program (Triton) per row is launch-bound. EXTRA_S (above) is their share of the time.
+note "python -m benchmarks.select_timing (select vs CE at 2M rows; Triton select crossover)"
+if timeout 90 "$PY" -m benchmarks.select_timing 2>&1 | tee "$OUT_DIR/select_timing.log"; then
+    note "select timing done"
+else
+    fail "${PIPESTATUS[0]}" "benchmarks.select_timing (124 = timed out)"
+fi
+note "python -m benchmarks.run --device cuda --shapes 1048576x10 (tiny class count, many rows)"
+if timeout 75 "$PY" -m benchmarks.run --device cuda --shapes 1048576x10 --dtypes fp32 --keeps 0.5 \
+    --out "$OUT_DIR/tiny_classes" --max-minutes 0.5 --no-plot 2>&1 | tee "$OUT_DIR/tiny_classes.log"; then
+    note "tiny-class case done"
+else
+    fail "${PIPESTATUS[0]}" "benchmarks.run 1048576x10 (124 = timed out)"
 fi
 
 note "done, status $STATUS; results in $OUT_DIR"
