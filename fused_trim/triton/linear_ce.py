@@ -1,30 +1,34 @@
 """The LM head fused with trimming on the GPU: ``trimmed_linear_cross_entropy`` for CUDA tensors.
 
-Three ``torch.library`` ops (``triton_op``, so ``torch.compile(fullgraph=True)`` traces the launches):
+Python orchestration of ``torch.library`` ops (``triton_op``: ``torch.compile(fullgraph=True)``
+traces the launches):
 
 1. ``fused_trim::triton_linear_ce_rows``: :func:`linear_ce_forward_kernel` gives every row's loss,
-   target weight ``w_y``, row max ``m`` and ``log s`` (``s = sum_c exp(x_c - m)``). Each program owns
-   ``BLOCK_N`` rows and walks ``V`` in ``BLOCK_V`` tiles, each tile a ``tl.dot`` over ``D`` in
-   ``BLOCK_D`` steps with an online logsumexp across the tiles: the ``(N, V)`` logits never exist.
-   No atomics: each row's sums run in one fixed order (deterministic).
+   target weight ``w_y`` and stats (row max ``m``, ``log s``). Each program owns ``BLOCK_N`` rows and
+   walks ``V`` in tiles of ``BLOCK_V`` classes, each tile a ``tl.dot`` over ``D`` in ``BLOCK_D`` steps,
+   folded into an online logsumexp with the shared device functions of :mod:`._ce`: the ``(N, V)``
+   logits never exist, and each row's sums run in one fixed order (no atomics: deterministic).
 2. ``fused_trim::triton_linear_ce_trimmed``: the shared exact-k select on those losses (the
-   optional ``share`` hook of global trimming runs between 1 and 2), the reduction, and a registered
-   autograd formula whose backward is
+   ``share`` hook of global trimming runs between 1 and 2), the reduction, and a registered autograd
+   formula whose backward is
 3. ``fused_trim::triton_linear_ce_bwd``: the kept rows are gathered into dense chunks of
    ``chunk_size`` rows (a fixed number of rows in all, bounded on the host: no synchronisation),
-   their logits recomputed by cuBLAS (``torch.mm``) into an fp32 chunk, :func:`linear_ce_dlogits_kernel`
-   forms ``dlogits`` from the saved ``m`` and ``log s`` (relative to the row max, scaled per row), and
-   ``torch.mm`` forms ``d input`` rows, ``d W += dlogits^T input`` and ``d b``, accumulated in fp32 in
-   chunk order (bitwise repeatable), cast to the parameters' dtype at the end.
+   their logits recomputed by cuBLAS (``torch.mm``, fp32 output) into an fp32 chunk, the backward row
+   kernel of ``trimmed_cross_entropy`` (:func:`.ce_backward.ce_backward_kernel`) turns it into
+   ``dlogits`` in place (relative to the saved row max, scaled per row; rounded once to the input
+   dtype for bf16/fp16), and ``torch.mm`` forms ``d input`` rows, ``d W += dlogits^T x`` and
+   ``d b``, accumulated in fp32 in chunk order (bitwise repeatable), cast to the parameters' dtype
+   at the end.
 
-The backward uses cuBLAS rather than a fused Triton backward: the three GEMMs are the whole cost, the
-``d W`` one reduces over rows (a fused kernel would need atomics, losing determinism, or a second
-pass), and the elementwise ``dlogits`` step between them reads and writes one chunk, which costs
-little next to the GEMMs.
+Why cuBLAS and not a fused Triton backward: the three GEMMs are the whole cost and cuBLAS runs them
+at the hardware's peak; the ``d W`` GEMM reduces over rows, which a fused kernel would have to do
+with atomics (losing determinism) or a second pass; the elementwise step between them reads and
+writes one chunk, little next to the GEMMs.
 
 With a Python float ``keep_ratio == 1.0``, no ``share``, a scalar reduction and a gradient required,
-every valid row is kept and known in advance: ``fused_trim::triton_linear_ce_keep_all`` computes the
-losses and the unscaled gradient chunk by chunk in the forward (3 GEMMs, not 4) and the backward
+every valid row is kept and known before the forward: ``fused_trim::triton_linear_ce_keep_all``
+computes each chunk's logits once, runs the row kernels of ``trimmed_cross_entropy`` on them (losses,
+then the unscaled ``dlogits``) and accumulates the three gradients (3 GEMMs, not 4); its backward
 only scales them by ``grad_out / denom``.
 """
 
@@ -38,7 +42,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ._ce import grad_coefs, smoothing_eps
+from ._ce import log1p, smoothing_block, smoothing_eps, softmax_block, weighted_loss
+from .ce_backward import ce_backward_kernel
+from .ce_forward import ce_forward_kernel
 from .function import (
     GRID_BLOCK,
     REDUCTION_CODE,
@@ -52,56 +58,7 @@ from .grid_select import grid_select
 from .select import select_kernel
 
 # ------------------------------------------------------------------------------------------------
-# Device functions
-# ------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _online_tile(x, w, cols, tgt, m, s, smooth, w_seen, x_t, HAS_SMOOTHING: tl.constexpr):
-    """Fold a ``[R, BLOCK_V]`` tile of logits (``-inf`` on padding columns) into the per-row running
-    max ``m``, ``s = sum exp(x - m)``, ``smooth = sum_c w_c (m - x_c)`` (rescaled when ``m`` grows;
-    ``w``: the tile's class weights, 0 on padding) and the target logit ``x_t``; ``w_seen`` is the
-    weight of the columns seen so far. NaN logits propagate to ``s`` (and so to the loss)."""
-    m_new = tl.maximum(m, tl.max(x, 1))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all -inf prefix: no -inf - -inf
-    s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
-    x_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), 1)
-    if HAS_SMOOTHING:
-        grow = tl.where(m == float("-inf"), 0.0, m_new - m)
-        smooth = smooth + w_seen * grow
-        smooth += tl.sum(tl.where(w[None, :] != 0.0, w[None, :] * (m_new[:, None] - x), 0.0), 1)
-        w_seen += tl.sum(w, 0)
-    return m_new, s, smooth, w_seen, x_t
-
-
-@triton.jit
-def _row_loss(m, s, smooth, w_seen, x_t, w_t, eps, num_classes, HAS_SMOOTHING: tl.constexpr):
-    """``(loss, log s)``: ``w_t ((m - x_t) + log s)``, mixed with label smoothing's
-    ``eps / V (sum_c w_c (m - x_c) + W log s)``; every term relative to the row max."""
-    log_s = tl.log(s)
-    loss = w_t * ((m - x_t) + log_s)
-    if HAS_SMOOTHING:
-        loss = (1.0 - eps) * loss + (eps / num_classes) * (smooth + w_seen * log_s)
-    return loss, log_s
-
-
-@triton.jit
-def _tile_weights(weight_ptr, cols, col_in, acc_dtype: tl.constexpr, HAS_WEIGHT: tl.constexpr):
-    """The class weights of a tile's columns (1 without ``weight``), 0 on padding columns."""
-    if HAS_WEIGHT:
-        return tl.load(weight_ptr + cols, mask=col_in, other=0.0).to(acc_dtype)
-    return tl.where(col_in, 1.0, 0.0).to(acc_dtype)
-
-
-@triton.jit
-def _target_weight(weight_ptr, tgt, active, acc_dtype: tl.constexpr, HAS_WEIGHT: tl.constexpr):
-    if HAS_WEIGHT:
-        return tl.load(weight_ptr + tgt, mask=active, other=0.0).to(acc_dtype)
-    return tl.where(active, 1.0, 0.0).to(acc_dtype)
-
-
-# ------------------------------------------------------------------------------------------------
-# Kernels
+# Kernel
 # ------------------------------------------------------------------------------------------------
 
 
@@ -117,9 +74,9 @@ def linear_ce_forward_kernel(
     target_ptr,
     weight_ptr,
     loss_ptr,
+    stats_ptr,
+    stats_stride,
     wy_ptr,
-    m_ptr,
-    log_s_ptr,
     num_rows,
     num_classes,
     in_features,
@@ -129,14 +86,21 @@ def linear_ce_forward_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """``BLOCK_N`` rows per program: logits tile by tile (``[BLOCK_N, BLOCK_D] x [BLOCK_D, BLOCK_V]``
-    ``tl.dot`` steps, accumulated in fp32, fp64 for fp64; the bias added in that dtype) folded into an
-    online logsumexp. Writes ``loss``, ``w_y``, ``m`` and ``log s`` in the accumulation dtype (0 on
-    ignored rows). A target outside ``[0, V)`` that is not ``ignore_index`` gets a NaN loss.
+    """``BLOCK_N`` rows per program, ``V`` in tiles of ``BLOCK_V`` classes: each tile of logits is
+    ``[BLOCK_V, BLOCK_D] x [BLOCK_D, BLOCK_N]`` ``tl.dot`` steps over ``D`` (operands as stored, fp32
+    accumulation, fp64 for fp64; the bias added in that dtype), classes along axis 0 as the shared
+    :func:`._ce.softmax_block` folds them into the running max and ``s - 1``.
+
+    Writes ``loss``, ``w_y`` and, for the backward, the row max at ``stats[row]`` and ``log s`` at
+    ``stats[stats_stride + row]`` (all 0 on ignored rows), in the accumulation dtype. A target
+    outside ``[0, V)`` that is not ``ignore_index`` gets a NaN loss; NaN logits give a NaN loss.
+    ``DOT_IN_FP32`` converts the operands first (bf16 in the interpreter, whose ``tl.dot`` would
+    multiply bf16 bit patterns as integers; the products are exact in fp32 either way).
     """
     acc_dtype: tl.constexpr = loss_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -146,133 +110,53 @@ def linear_ce_forward_kernel(
     valid = row_in & (tgt != ignore_index)
     in_range = (tgt >= 0) & (tgt < num_classes)
     d_offs = tl.arange(0, BLOCK_D)
-    x_rows = x_ptr + rows[:, None] * stride_xn
+    x_cols = x_ptr + rows[None, :] * stride_xn  # [1, BLOCK_N]: the operand is x^T
 
     m = tl.full((BLOCK_N,), float("-inf"), acc_dtype)
-    s = tl.zeros((BLOCK_N,), acc_dtype)
-    smooth = tl.zeros((BLOCK_N,), acc_dtype)
+    sm1 = tl.full((BLOCK_N,), -1.0, acc_dtype)  # sum_c exp(x_c - m) - 1
+    d = tl.zeros((BLOCK_N,), acc_dtype)  # sum_c w_c (m - x_c), for label smoothing
+    sum_w = tl.zeros((BLOCK_N,), acc_dtype)
     x_t = tl.zeros((BLOCK_N,), acc_dtype)
-    w_seen = tl.zeros((), acc_dtype)
     for v0 in range(0, num_classes, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_in = cols < num_classes
-        w_cols = w_ptr + cols[None, :].to(tl.int64) * stride_wv
-        acc = tl.zeros((BLOCK_N, BLOCK_V), acc_dtype)
+        w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wv
+        acc = tl.zeros((BLOCK_V, BLOCK_N), acc_dtype)
         for d0 in range(0, in_features, BLOCK_D):
             ds = d0 + d_offs
             d_in = ds < in_features
-            xt = tl.load(x_rows + ds[None, :] * stride_xd, mask=row_in[:, None] & d_in[None, :], other=0.0)
-            wt = tl.load(w_cols + ds[:, None] * stride_wd, mask=d_in[:, None] & col_in[None, :], other=0.0)
-            acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+            wt = tl.load(w_rows + ds[None, :] * stride_wd, mask=col_in[:, None] & d_in[None, :], other=0.0)
+            xt = tl.load(x_cols + ds[:, None] * stride_xd, mask=d_in[:, None] & row_in[None, :], other=0.0)
+            if DOT_IN_FP32:
+                wt = wt.to(tl.float32)
+                xt = xt.to(tl.float32)
+            acc = tl.dot(wt, xt, acc, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(acc_dtype)[None, :]
-        x = tl.where(col_in[None, :], acc, float("-inf"))
-        w = _tile_weights(weight_ptr, cols, col_in, acc_dtype, HAS_WEIGHT and HAS_SMOOTHING)
-        m, s, smooth, w_seen, x_t = _online_tile(x, w, cols, tgt, m, s, smooth, w_seen, x_t, HAS_SMOOTHING)
+            acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(acc_dtype)[:, None]
+        x = tl.where(col_in[:, None], acc, float("-inf"))
+        m_new, sm1 = softmax_block(m, sm1, x)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=col_in, other=0.0).to(acc_dtype)
+            else:
+                w = tl.full((BLOCK_V,), 1.0, acc_dtype)
+            d, sum_w = smoothing_block(d, sum_w, m, m_new, x, w[:, None], col_in[:, None])
+        x_t += tl.sum(tl.where(cols[:, None] == tgt[None, :], x, 0.0), 0)
+        m = m_new
+    log_s = log1p(sm1)
 
-    w_t = _target_weight(weight_ptr, tgt, valid & in_range, acc_dtype, HAS_WEIGHT)
+    if HAS_WEIGHT:
+        w_t = tl.load(weight_ptr + tgt, mask=valid & in_range, other=0.0).to(acc_dtype)
+    else:
+        w_t = tl.full((BLOCK_N,), 1.0, acc_dtype)
     eps = smoothing_eps(label_smoothing_bits).to(acc_dtype)
-    loss, log_s = _row_loss(m, s, smooth, w_seen, x_t, w_t, eps, num_classes, HAS_SMOOTHING)
+    loss = weighted_loss(m, log_s, x_t, w_t, sum_w, d, eps, num_classes, HAS_SMOOTHING)
     loss = tl.where(in_range, loss, float("nan"))
     zero = tl.zeros((BLOCK_N,), acc_dtype)
     tl.store(loss_ptr + rows, tl.where(valid, loss, zero), mask=row_in)
     tl.store(wy_ptr + rows, tl.where(valid, w_t, zero), mask=row_in)
-    tl.store(m_ptr + rows, tl.where(valid, m, zero), mask=row_in)
-    tl.store(log_s_ptr + rows, tl.where(valid, log_s, zero), mask=row_in)
-
-
-@triton.jit
-def linear_ce_dlogits_kernel(
-    logits_ptr,
-    stride_logits,
-    dlogits_ptr,
-    stride_dlogits,
-    rows_ptr,
-    target_ptr,
-    weight_ptr,
-    weight_sum_ptr,
-    m_ptr,
-    log_s_ptr,
-    kept_ptr,
-    grad_out_ptr,
-    denom_ptr,
-    loss_ptr,
-    wy_ptr,
-    num_classes,
-    ignore_index,
-    label_smoothing_bits,
-    FROM_CHUNK: tl.constexpr,
-    PER_ROW_GRAD: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    """One program per row ``i`` of a chunk of logits (global row ``rows[i]``) writes
-    ``dlogits[i, :]`` (in place when ``dlogits`` is ``logits``):
-    ``g ((1 - eps) w_y (p_c - [c == y]) + eps / V (W p_c - w_c))``, ``p_c = exp((x_c - m) - log s)``.
-
-    ``FROM_CHUNK`` (the keep-all path): ``m`` and ``log s`` come from a first pass over the chunk
-    row, which also writes the row's ``loss`` and ``w_y``; ``g`` is 1 on valid rows. Otherwise
-    ``m``/``log s`` are the forward's and ``g`` is ``grad_out / denom`` (``grad_out[row]`` with
-    ``PER_ROW_GRAD``) on kept rows. Rows with ``g = 0`` (ignored, outside the kept set, padding)
-    write exact zeros without reading their logits. Formed in fp32 (fp64 for fp64) before the one
-    rounding to ``dlogits``' dtype.
-    """
-    acc_dtype: tl.constexpr = logits_ptr.dtype.element_ty
-    i = tl.program_id(0).to(tl.int64)
-    row = tl.load(rows_ptr + i).to(tl.int64)
-    in_row = logits_ptr + i * stride_logits
-    out_row = dlogits_ptr + i * stride_dlogits
-    tgt = tl.load(target_ptr + row).to(tl.int64)
-    in_range = (tgt >= 0) & (tgt < num_classes)
-    eps = smoothing_eps(label_smoothing_bits).to(acc_dtype)
-    if FROM_CHUNK:
-        active = tgt != ignore_index
-        w_t = _target_weight(weight_ptr, tgt, active & in_range, acc_dtype, HAS_WEIGHT)
-        tgt1 = tl.full((1,), 0, tl.int64) + tgt
-        m = tl.full((1,), float("-inf"), acc_dtype)
-        s = tl.zeros((1,), acc_dtype)
-        smooth = tl.zeros((1,), acc_dtype)
-        x_t = tl.zeros((1,), acc_dtype)
-        w_seen = tl.zeros((), acc_dtype)
-        for v0 in range(0, tl.where(active, num_classes, 0), BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            col_in = cols < num_classes
-            x = tl.load(in_row + cols[None, :], mask=col_in[None, :], other=float("-inf"))
-            w = _tile_weights(weight_ptr, cols, col_in, acc_dtype, HAS_WEIGHT and HAS_SMOOTHING)
-            m, s, smooth, w_seen, x_t = _online_tile(x, w, cols, tgt1, m, s, smooth, w_seen, x_t, HAS_SMOOTHING)
-        loss, log_s = _row_loss(m, s, smooth, w_seen, x_t, w_t, eps, num_classes, HAS_SMOOTHING)
-        loss = tl.sum(tl.where(in_range, loss, float("nan")), 0)
-        m = tl.sum(m, 0)
-        log_s = tl.sum(log_s, 0)
-        tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
-        tl.store(wy_ptr + row, w_t)
-        g = tl.where(active, 1.0, 0.0).to(acc_dtype)
-    else:
-        active = tl.load(kept_ptr + row) != 0
-        w_t = _target_weight(weight_ptr, tgt, active & in_range, acc_dtype, HAS_WEIGHT)
-        m = tl.load(m_ptr + row, mask=active, other=0.0)
-        log_s = tl.load(log_s_ptr + row, mask=active, other=0.0)
-        if PER_ROW_GRAD:
-            g = tl.load(grad_out_ptr + row).to(acc_dtype)
-        else:
-            g = tl.load(grad_out_ptr).to(acc_dtype) / tl.load(denom_ptr).to(acc_dtype)
-    true_coef, p_coef = grad_coefs(w_t, eps, weight_sum_ptr, num_classes, HAS_WEIGHT, HAS_SMOOTHING)
-
-    cols_read = tl.where(active, num_classes, 0)  # an inactive row reads nothing
-    for v0 in range(0, num_classes, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        x = tl.load(in_row + cols, mask=cols < cols_read, other=0.0)
-        p = tl.exp((x - m) - log_s)
-        grad = p_coef * p - tl.where(cols == tgt, true_coef, 0.0)
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols, mask=cols < cols_read, other=0.0).to(acc_dtype)
-                grad -= eps / num_classes * w
-            else:
-                grad -= eps / num_classes
-        grad = tl.where(active, g * grad, 0.0)
-        tl.store(out_row + cols, grad.to(dlogits_ptr.dtype.element_ty), mask=cols < num_classes)
+    tl.store(stats_ptr + rows, tl.where(valid, m, zero), mask=row_in)
+    tl.store(stats_ptr + stats_stride + rows, tl.where(valid, log_s, zero), mask=row_in)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -351,25 +235,63 @@ def _select(
     return out, kept, k, threshold, denom
 
 
-def _launch_dlogits(
-    logits: Tensor, dlogits: Tensor, rows: Tensor, target: Tensor, weight: Tensor | None, weight_sum: Tensor,
-    m: Tensor, log_s: Tensor, kept: Tensor, grad_out: Tensor, denom: Tensor, loss: Tensor, w_y: Tensor,
-    ignore_index: int, label_smoothing: float, from_chunk: bool,
+def _launch_ce_forward(
+    logits: Tensor, target: Tensor, weight: Tensor | None, loss: Tensor, stats: Tensor, w_y: Tensor,
+    ignore_index: int, label_smoothing: float,
 ) -> None:
+    """The row kernel of ``trimmed_cross_entropy`` on a chunk of fp32 logits (the keep-all path):
+    each row's loss, ``w_y`` and stats, written to views of the whole batch's buffers."""
     block_v, warps = row_config(logits.shape[1], logits.element_size())
-    wrap_triton(linear_ce_dlogits_kernel)[(rows.shape[0],)](
-        logits, logits.stride(0), dlogits, dlogits.stride(0), rows, target, weight if weight is not None else m,
-        weight_sum, m, log_s, kept, grad_out, denom, loss, w_y, logits.shape[1], ignore_index,
-        float64_bits(label_smoothing), FROM_CHUNK=from_chunk, PER_ROW_GRAD=grad_out.dim() == 1,
-        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_V=block_v, num_warps=warps,
+    wrap_triton(ce_forward_kernel)[(logits.shape[0],)](
+        logits, logits.stride(0), target, weight if weight is not None else loss, loss, stats, stats.stride(0), w_y,
+        logits.shape[1], ignore_index, float64_bits(label_smoothing),
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_C=block_v, num_warps=warps,
+    )  # fmt: skip
+
+
+def _launch_ce_backward(
+    logits: Tensor, dlogits: Tensor, target: Tensor, weight: Tensor | None, weight_sum: Tensor, stats: Tensor,
+    kept: Tensor, grad_out: Tensor, denom: Tensor, label_smoothing: float,
+) -> None:
+    """The backward row kernel of ``trimmed_cross_entropy`` on a chunk of fp32 logits: ``dlogits``
+    (in place when it is ``logits``), zero on rows not ``kept``; the per-row arguments are the
+    chunk's (gathered)."""
+    block_v, warps = row_config(logits.shape[1], logits.element_size())
+    wrap_triton(ce_backward_kernel)[(logits.shape[0],)](
+        logits, logits.stride(0), dlogits, dlogits.stride(0), target, weight if weight is not None else stats,
+        weight_sum, stats, stats.stride(0), kept, grad_out, denom, logits.shape[1], float64_bits(label_smoothing),
+        PER_ROW_GRAD=grad_out.dim() == 1, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0,
+        BLOCK_C=block_v, num_warps=warps,
     )  # fmt: skip
 
 
 def _chunk_logits(x: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, acc: torch.dtype) -> Tensor:
+    """``F.linear`` of a chunk of rows by cuBLAS, in the accumulation dtype."""
     logits = _mm(x, linear_weight.t(), acc)
     if linear_bias is not None:
         logits += linear_bias.to(acc)
     return logits
+
+
+class _GradAccumulator:
+    """``d input`` rows, ``d W += dlogits^T x`` and ``d b += column sums`` from one chunk at a time,
+    in the accumulation dtype and in chunk order (bitwise repeatable)."""
+
+    def __init__(self, input: Tensor, linear_weight: Tensor, has_bias: bool, d_input: Tensor) -> None:
+        self.acc = accumulation_dtype(input.dtype)
+        self.d_input = d_input
+        self.d_weight = torch.zeros(linear_weight.shape, dtype=self.acc, device=input.device)
+        self.d_bias = torch.zeros(linear_weight.shape[0] if has_bias else 0, dtype=self.acc, device=input.device)
+
+    def add(self, rows: Tensor | slice, x: Tensor, dlogits: Tensor, linear_weight: Tensor) -> None:
+        d_x = _mm(dlogits, linear_weight, self.acc).to(self.d_input.dtype)
+        if isinstance(rows, slice):
+            self.d_input[rows] = d_x
+        else:
+            self.d_input.index_copy_(0, rows, d_x)
+        self.d_weight += _mm(dlogits.t(), x, self.acc)
+        if self.d_bias.numel():
+            self.d_bias += dlogits.sum(0, dtype=self.acc)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -386,31 +308,33 @@ def linear_ce_rows(
     weight: Tensor | None,
     ignore_index: int,
     label_smoothing: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Every row's ``(loss, w_y, m, log_s)`` of ``F.linear(input, linear_weight, linear_bias)``
-    (accumulation dtype, ``(N,)``), without the logits."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every row's ``(loss, w_y, stats)`` of ``F.linear(input, linear_weight, linear_bias)`` without
+    the logits: ``(N,)``, ``(N,)`` and ``(2, N)`` (row max, ``log s``), in the accumulation dtype."""
     num_rows, in_features = input.shape
     num_classes = linear_weight.shape[0]
     acc = accumulation_dtype(input.dtype)
-    loss, w_y, m, log_s = (torch.empty(num_rows, dtype=acc, device=input.device) for _ in range(4))
+    loss = torch.empty(num_rows, dtype=acc, device=input.device)
+    w_y = torch.empty(num_rows, dtype=acc, device=input.device)
+    stats = torch.empty(2, num_rows, dtype=acc, device=input.device)
     bn, bv, bd, warps = forward_config(num_rows, num_classes, in_features, input.dtype)
     wrap_triton(linear_ce_forward_kernel)[(triton.cdiv(num_rows, bn),)](
         input, input.stride(0), input.stride(1), linear_weight, linear_weight.stride(0), linear_weight.stride(1),
         linear_bias if linear_bias is not None else loss, target.contiguous(),
-        weight.contiguous() if weight is not None else loss, loss, w_y, m, log_s, num_rows, num_classes,
+        weight.contiguous() if weight is not None else loss, loss, stats, num_rows, w_y, num_rows, num_classes,
         in_features, ignore_index, float64_bits(label_smoothing), HAS_BIAS=linear_bias is not None,
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0,
-        INPUT_PRECISION=input_precision(input.dtype), BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps,
+        INPUT_PRECISION=input_precision(input.dtype), DOT_IN_FP32=input.dtype == torch.bfloat16 and not input.is_cuda,
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps,
     )  # fmt: skip
-    return loss, w_y, m, log_s
+    return loss, w_y, stats
 
 
 @triton_op("fused_trim::triton_linear_ce_trimmed", mutates_args=())
 def linear_ce_trimmed(
     losses: Tensor,
     w_y: Tensor,
-    m: Tensor,
-    log_s: Tensor,
+    stats: Tensor,
     input: Tensor,
     linear_weight: Tensor,
     linear_bias: Tensor | None,
@@ -443,8 +367,7 @@ def linear_ce_bwd(
     linear_bias: Tensor | None,
     target: Tensor,
     weight: Tensor | None,
-    m: Tensor,
-    log_s: Tensor,
+    stats: Tensor,
     kept: Tensor,
     denom: Tensor,
     label_smoothing: float,
@@ -453,53 +376,49 @@ def linear_ce_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(d input, d linear_weight, d linear_bias)`` (the last empty without a bias).
 
-    The first ``max_kept`` rows of ``argsort(~kept, stable=True)`` (every kept row, in row order,
-    then padding rows that get a zero scale) are processed ``chunk_size`` at a time; ``d input`` is
-    exactly zero on every other row.
+    The first ``max_kept`` rows of ``argsort(~kept, stable=True)`` (every kept row in row order,
+    then rows outside the kept set, whose gradient is zero) are processed ``chunk_size`` at a time;
+    ``d input`` is exactly zero on every other row.
     """
-    num_rows, in_features = input.shape
     acc = accumulation_dtype(input.dtype)
-    dev = input.device
-    target = target.contiguous()
+    per_row = grad_out.dim() == 1
     grad_out = grad_out.contiguous()
     weight = weight.contiguous() if weight is not None else None
-    weight_sum = _weight_sum(weight, label_smoothing, acc, m)
+    weight_sum = _weight_sum(weight, label_smoothing, acc, stats)
     order = torch.argsort((~kept).to(torch.int8), stable=True)[:max_kept]
-    d_input = torch.zeros_like(input, memory_format=torch.contiguous_format)
-    d_weight = torch.zeros(linear_weight.shape, dtype=acc, device=dev)
-    d_bias = torch.zeros(linear_weight.shape[0] if linear_bias is not None else 0, dtype=acc, device=dev)
+    grads = _GradAccumulator(
+        input, linear_weight, linear_bias is not None, torch.zeros(input.shape, dtype=input.dtype, device=input.device)
+    )
     for start in range(0, max_kept, chunk_size):
         rows = order[start : start + chunk_size]
         x = input.index_select(0, rows)
         logits = _chunk_logits(x, linear_weight, linear_bias, acc)
         dlogits = logits if input.dtype == acc else torch.empty_like(logits, dtype=input.dtype)
-        _launch_dlogits(
-            logits, dlogits, rows, target, weight, weight_sum, m, log_s, kept, grad_out, denom, m, m, 0,
-            label_smoothing, from_chunk=False,
+        _launch_ce_backward(
+            logits, dlogits, target.index_select(0, rows), weight, weight_sum, stats.index_select(1, rows),
+            kept.index_select(0, rows), grad_out.index_select(0, rows) if per_row else grad_out, denom,
+            label_smoothing,
         )  # fmt: skip
-        d_input.index_copy_(0, rows, _mm(dlogits, linear_weight, acc).to(input.dtype))
-        d_weight += _mm(dlogits.t(), x, acc)
-        if linear_bias is not None:
-            d_bias += dlogits.sum(0, dtype=acc)
-    return d_input, d_weight.to(linear_weight.dtype), d_bias.to(input.dtype)
+        grads.add(rows, x, dlogits, linear_weight)
+    return grads.d_input, grads.d_weight.to(linear_weight.dtype), grads.d_bias.to(input.dtype)
 
 
 def _trimmed_setup_context(ctx, inputs, output) -> None:
-    _, _, m, log_s, input, linear_weight, linear_bias, target, weight = inputs[:9]
-    label_smoothing, _, max_kept, chunk_size = inputs[13:]
+    _, _, stats, input, linear_weight, linear_bias, target, weight = inputs[:8]
+    label_smoothing, _, max_kept, chunk_size = inputs[12:]
     _, kept, _, _, denom = output
-    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, m, log_s, kept, denom)
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, stats, kept, denom)
     ctx.label_smoothing, ctx.max_kept, ctx.chunk_size = label_smoothing, max_kept, chunk_size
 
 
 def _trimmed_backward(ctx, grad_out, *_unused):
-    input, linear_weight, linear_bias, target, weight, m, log_s, kept, denom = ctx.saved_tensors
+    input, linear_weight, linear_bias, target, weight, stats, kept, denom = ctx.saved_tensors
     d_input, d_weight, d_bias = linear_ce_bwd(
-        grad_out, input, linear_weight, linear_bias, target, weight, m, log_s, kept, denom, ctx.label_smoothing,
+        grad_out, input, linear_weight, linear_bias, target, weight, stats, kept, denom, ctx.label_smoothing,
         ctx.max_kept, ctx.chunk_size,
     )  # fmt: skip
     d_bias = d_bias if linear_bias is not None else None
-    return (None,) * 4 + (d_input, d_weight, d_bias) + (None,) * 10
+    return (None,) * 3 + (d_input, d_weight, d_bias) + (None,) * 10
 
 
 linear_ce_trimmed.register_autograd(_trimmed_backward, setup_context=_trimmed_setup_context)
@@ -519,40 +438,42 @@ def linear_ce_keep_all(
     chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Every valid row kept (``keep_ratio == 1``, ``reduction`` mean or sum): the losses and the
-    unscaled gradient in one pass of chunks, 3 GEMMs a chunk.
+    unscaled gradient in one pass over chunks of rows, 3 GEMMs a chunk (the row kernels of
+    ``trimmed_cross_entropy`` on each chunk's fp32 logits).
 
     Returns ``(out, losses, kept, k, threshold, denom, d_input, d_weight, d_bias)``, the gradients
-    in the accumulation dtype and unscaled (the backward multiplies by ``grad_out / denom``).
+    in the accumulation dtype and unscaled (the backward multiplies them by ``grad_out / denom``).
     """
-    num_rows, in_features = input.shape
+    num_rows = input.shape[0]
     acc = accumulation_dtype(input.dtype)
     dev = input.device
     target = target.contiguous()
     weight = weight.contiguous() if weight is not None else None
     losses = torch.empty(num_rows, dtype=acc, device=dev)
     w_y = torch.empty(num_rows, dtype=acc, device=dev)
+    stats = torch.empty(2, num_rows, dtype=acc, device=dev)
+    valid = target != ignore_index
+    one = torch.ones((), dtype=acc, device=dev)
     weight_sum = _weight_sum(weight, label_smoothing, acc, losses)
-    d_input = torch.empty((num_rows, in_features), dtype=acc, device=dev)
-    d_weight = torch.zeros(linear_weight.shape, dtype=acc, device=dev)
-    d_bias = torch.zeros(linear_weight.shape[0] if linear_bias is not None else 0, dtype=acc, device=dev)
+    grads = _GradAccumulator(
+        input, linear_weight, linear_bias is not None, torch.empty(input.shape, dtype=acc, device=dev)
+    )
     for start in range(0, num_rows, chunk_size):
-        stop = min(start + chunk_size, num_rows)
-        rows = torch.arange(start, stop, device=dev)
-        x = input[start:stop]
+        rows = slice(start, min(start + chunk_size, num_rows))
+        x = input[rows]
         logits = _chunk_logits(x, linear_weight, linear_bias, acc)
+        _launch_ce_forward(
+            logits, target[rows], weight, losses[rows], stats[:, rows], w_y[rows], ignore_index, label_smoothing
+        )
         dlogits = logits if input.dtype == acc else torch.empty_like(logits, dtype=input.dtype)
-        _launch_dlogits(
-            logits, dlogits, rows, target, weight, weight_sum, losses, losses, losses, losses, losses, losses, w_y,
-            ignore_index, label_smoothing, from_chunk=True,
-        )  # fmt: skip
-        d_input[start:stop] = _mm(dlogits, linear_weight, acc)
-        d_weight += _mm(dlogits.t(), x, acc)
-        if linear_bias is not None:
-            d_bias += dlogits.sum(0, dtype=acc)
+        _launch_ce_backward(
+            logits, dlogits, target[rows], weight, weight_sum, stats[:, rows], valid[rows], one, one, label_smoothing
+        )
+        grads.add(rows, x, dlogits, linear_weight)
     out, kept, k, threshold, denom = _select(
         losses, w_y, target, input.dtype, 1.0, None, hardest, ignore_index, reduction
     )
-    return out, losses, kept, k, threshold, denom, d_input, d_weight, d_bias
+    return out, losses, kept, k, threshold, denom, grads.d_input, grads.d_weight, grads.d_bias
 
 
 def _keep_all_setup_context(ctx, inputs, output) -> None:
@@ -616,7 +537,7 @@ def trimmed_linear_cross_entropy_2d(
         return out, losses.detach(), kept, k, threshold.detach()
 
     detached = [None if p is None else p.detach() for p in (input, linear_weight, linear_bias)]
-    losses, w_y, m, log_s = linear_ce_rows(*detached, target, weight, ignore_index, label_smoothing)
+    losses, w_y, stats = linear_ce_rows(*detached, target, weight, ignore_index, label_smoothing)
     if share is not None:
         ratio_t, keep_ratio = share(losses, target != ignore_index), 1.0
     if ratio_t is None:
@@ -624,7 +545,7 @@ def trimmed_linear_cross_entropy_2d(
     else:
         max_kept = num_rows
     out, kept, k, threshold, _ = linear_ce_trimmed(
-        losses, w_y, m, log_s, input, linear_weight, linear_bias, target, weight, keep_ratio, ratio_t,
+        losses, w_y, stats, input, linear_weight, linear_bias, target, weight, keep_ratio, ratio_t,
         keep == "hardest", ignore_index, label_smoothing, code, max_kept, chunk_size,
     )  # fmt: skip
     return out, losses, kept, k, threshold.detach()
