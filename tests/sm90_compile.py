@@ -20,6 +20,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 # fused_trim from another checkout would be compiled instead.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -30,6 +31,7 @@ from fused_trim.triton import (  # noqa: E402
     ce_forward,
     ce_forward_spatial,
     grid_select,
+    linear_ce,
     select,
 )
 
@@ -143,6 +145,35 @@ def _grid_cases(loss_dtype, out_dtype, hardest, reduction):
     ]  # fmt: skip
 
 
+def _linear_forward_case(dtype, has_bias, has_weight, has_smoothing, precision):
+    """The LM head's tiled forward at the blocks ``forward_config`` picks for ``dtype``."""
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    torch_dtype = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    block_n, block_v, block_d, warps = linear_ce.forward_config(1 << 14, 1 << 17, 4096, torch_dtype)
+    sig = {
+        "x_ptr": f"*{dtype}", "stride_xn": "i32", "stride_xd": "i32", "w_ptr": f"*{dtype}", "stride_wv": "i32",
+        "stride_wd": "i32", "bias_ptr": f"*{dtype}", "target_ptr": "*i64", "weight_ptr": f"*{acc}",
+        "loss_ptr": f"*{acc}", "stats_ptr": f"*{acc}", "stats_stride": "i32", "wy_ptr": f"*{acc}",
+        "num_rows": "i32", "num_classes": "i32", "in_features": "i32", "ignore_index": "i32",
+        "label_smoothing_bits": "i64", "HAS_BIAS": "constexpr", "HAS_WEIGHT": "constexpr",
+        "HAS_SMOOTHING": "constexpr", "INPUT_PRECISION": "constexpr", "DOT_IN_FP32": "constexpr",
+        "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_D": "constexpr",
+    }  # fmt: skip
+    const = {"HAS_BIAS": has_bias, "HAS_WEIGHT": has_weight, "HAS_SMOOTHING": has_smoothing,
+             "INPUT_PRECISION": precision, "DOT_IN_FP32": False, "BLOCK_N": block_n, "BLOCK_V": block_v,
+             "BLOCK_D": block_d}  # fmt: skip
+    name = (f"linear_ce_forward[{dtype},b={has_bias},w={has_weight},ls={has_smoothing},{precision},"
+            f"{block_n}x{block_v}x{block_d},warps={warps}]")  # fmt: skip
+    return name, linear_ce.linear_ce_forward_kernel, sig, const, warps
+
+
+def _chunk_backward_case(grad_dtype, per_row, has_weight, has_smoothing, block_c, warps):
+    """The row backward on the LM head's fp32 logits chunk, rounding ``dlogits`` to ``grad_dtype``."""
+    name, fn, sig, const, warps = _backward_case("fp32", per_row, has_weight, has_smoothing, block_c, warps)
+    sig = {**sig, "grad_ptr": f"*{grad_dtype}", "grad_out_ptr": "*fp32"}
+    return name.replace("[fp32,", f"[fp32->{grad_dtype},", 1), fn, sig, const, warps
+
+
 CASES = [
     _forward_case("fp32", False, False, 4096, 8),
     _forward_case("bf16", False, False, 8192, 8),
@@ -176,6 +207,15 @@ CASES = [
     _backward_spatial_case("fp64", False, False, False, 8, 256, 8),
     *_grid_cases("fp32", "bf16", True, 0),
     *_grid_cases("fp64", "fp64", False, 2),
+    # The LM head (linear_ce): the tiled forward per dtype, and the row backward on fp32 logits chunks.
+    _linear_forward_case("bf16", True, True, True, "ieee"),
+    _linear_forward_case("bf16", False, False, False, "ieee"),
+    _linear_forward_case("fp16", True, False, True, "ieee"),
+    _linear_forward_case("fp32", True, True, True, "ieee"),
+    _linear_forward_case("fp32", False, False, False, "tf32"),
+    _linear_forward_case("fp64", True, True, True, "ieee"),
+    _chunk_backward_case("bf16", False, True, True, 4096, 8),
+    _chunk_backward_case("fp16", True, False, False, 4096, 8),
 ]
 
 

@@ -45,4 +45,5 @@ def test_every_kernel_compiles_for_sm90_without_spills():
     assert all(r["spill_bytes"] == 0 for r in rows), report
     kernels = {r["name"].split("[")[0] for r in rows}
     assert kernels == {"ce_forward", "ce_forward_spatial", "select", "ce_backward", "ce_backward_spatial",
-                       "grid_histogram", "grid_pick", "grid_ties", "grid_scan", "grid_keep", "grid_finish"}
+                       "grid_histogram", "grid_pick", "grid_ties", "grid_scan", "grid_keep", "grid_finish",
+                       "linear_ce_forward"}
