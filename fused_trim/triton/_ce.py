@@ -58,6 +58,14 @@ def smoothing_block(d, sum_w, m, m_new, x, w, mask):
 
 
 @triton.jit
+def log_sum(m, sm1):
+    """``log s`` from :func:`softmax_block`'s running max ``m`` and ``sm1 = s - 1``: NaN when ``m``
+    is not finite (a NaN or +inf logit, or a row of only -inf), where torch's log-probabilities
+    are NaN, so that the loss and every gradient entry of that row are NaN too."""
+    return tl.where(tl.abs(m) < float("inf"), log1p(sm1), float("nan"))
+
+
+@triton.jit
 def log1p(x):
     """``log(1 + x)`` to a few ulp for ``x >= -1`` (``log(u) * x / (u - 1)`` with ``u = 1 + x``;
     ``tl.log`` compiles to libdevice's accurate ``logf``)."""
@@ -113,3 +121,21 @@ def grad_coefs(w_t, eps, weight_sum_ptr, num_classes, HAS_WEIGHT: tl.constexpr, 
     else:
         p_coef = true_coef
     return true_coef, p_coef
+
+
+@triton.jit
+def to_output(x, dtype: tl.constexpr):
+    """``x`` (fp32, or fp64 for fp64 outputs) in the output ``dtype``, rounded to nearest even.
+
+    Compiled, every downcast rounds to nearest even; Triton's interpreter truncates fp32 to bf16,
+    so bf16 is rounded here on the bits first (exact, then, in either), and the mode is explicit.
+    """
+    if dtype == tl.bfloat16:
+        b = x.to(tl.float32).to(tl.int32, bitcast=True)
+        b = (b + (0x7FFF + ((b >> 16) & 1))) & -65536
+        r = tl.where(x != x, x.to(tl.float32), b.to(tl.float32, bitcast=True))
+        return r.to(tl.bfloat16, fp_downcast_rounding="rtne")
+    elif dtype == tl.float16:
+        return x.to(tl.float32).to(tl.float16, fp_downcast_rounding="rtne")
+    else:
+        return x.to(dtype)

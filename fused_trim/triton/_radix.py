@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from ._ce import to_output
+
 
 @triton.jit
 def ordered_key(loss, valid, HARDEST: tl.constexpr, IS_FP64: tl.constexpr):
@@ -105,9 +107,9 @@ def store_results(
         result = sum_loss
         denom = tl.full((), 1.0, acc_dtype)
     if REDUCTION != 2:
-        tl.store(result_ptr, result.to(result_ptr.dtype.element_ty))
+        tl.store(result_ptr, to_output(result, result_ptr.dtype.element_ty))
     tl.store(denom_ptr, denom)
     tl.store(k_ptr, k)
     thr = key_to_float(kth, HARDEST, acc_dtype == tl.float64)
     thr = tl.where(k > 0, thr, float("nan"))
-    tl.store(threshold_ptr, thr.to(threshold_ptr.dtype.element_ty))
+    tl.store(threshold_ptr, to_output(thr, threshold_ptr.dtype.element_ty))

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from ._ce import expm1_neg, grad_coefs, smoothing_eps, target_grad
+from ._ce import expm1_neg, grad_coefs, smoothing_eps, target_grad, to_output
 
 
 @triton.jit
@@ -70,4 +70,4 @@ def ce_backward_kernel(
             else:
                 grad -= eps / num_classes
         grad = tl.where(kept, g * grad, 0.0)
-        tl.store(out_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_row + cols, to_output(grad, grad_ptr.dtype.element_ty), mask=mask)

@@ -4,7 +4,7 @@ max and log-sum for kept pixels only, the gradient written in the same layout.""
 import triton
 import triton.language as tl
 
-from ._ce import expm1_neg, grad_coefs, pixel_block, smoothing_eps, target_grad
+from ._ce import expm1_neg, grad_coefs, pixel_block, smoothing_eps, target_grad, to_output
 
 
 @triton.jit
@@ -83,6 +83,6 @@ def ce_backward_spatial_kernel(
         grad = tl.where(kept[None, :], g[None, :] * grad, 0.0)
         tl.store(
             out_ptr + cls64 * stride_grad_c + s[None, :],
-            grad.to(grad_ptr.dtype.element_ty),
+            to_output(grad, grad_ptr.dtype.element_ty),
             mask=cls_in[:, None] & in_image[None, :],
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._ce import log1p, smoothing_block, smoothing_eps, softmax_block, weighted_loss
+from ._ce import log_sum, smoothing_block, smoothing_eps, softmax_block, weighted_loss
 
 
 @triton.jit
@@ -56,7 +56,7 @@ def ce_forward_kernel(
                 w = tl.full((BLOCK_C,), 1.0, acc_dtype)
             d, sum_w = smoothing_block(d, sum_w, m, m_new, x, w, mask)
         m = m_new
-    log_s = log1p(sm1)
+    log_s = log_sum(m, sm1)
 
     safe_t = tl.where(valid, tgt, 0)
     x_t = tl.load(row_ptr + safe_t, mask=valid, other=0.0).to(acc_dtype)

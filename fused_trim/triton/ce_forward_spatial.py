@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._ce import log1p, pixel_block, smoothing_block, smoothing_eps, softmax_block, weighted_loss
+from ._ce import log_sum, pixel_block, smoothing_block, smoothing_eps, softmax_block, weighted_loss
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def ce_forward_spatial_kernel(
                 w = tl.full((BLOCK_C,), 1.0, acc_dtype)
             d, sum_w = smoothing_block(d, sum_w, m, m_new, x, w[:, None], tile)
         m = m_new
-    log_s = log1p(sm1)
+    log_s = log_sum(m, sm1)
 
     if HAS_WEIGHT:
         w_t = tl.load(weight_ptr + safe_t, mask=valid, other=0.0).to(acc_dtype)

@@ -19,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from ._ce import to_output
 from ._radix import compute_k, ordered_key, radix_step, sign_bit, store_results
 
 
@@ -168,7 +169,7 @@ def grid_keep_kernel(
     kept_loss = tl.where(kept, loss, 0.0)
     tl.store(kept_ptr + idx, kept, mask=in_range)
     if REDUCTION == 2:
-        tl.store(out_ptr + idx, kept_loss.to(out_ptr.dtype.element_ty), mask=in_range)
+        tl.store(out_ptr + idx, to_output(kept_loss, out_ptr.dtype.element_ty), mask=in_range)
     tl.store(partial_ptr + pid, tl.sum(kept_loss, 0))
     tl.store(partial_ptr + num_blocks + pid, tl.sum(tl.where(kept, wy, 0.0), 0))
 

@@ -3,6 +3,7 @@
 import triton
 import triton.language as tl
 
+from ._ce import to_output
 from ._radix import compute_k, ordered_key, radix_step, sign_bit, store_results
 
 
@@ -110,6 +111,6 @@ def select_kernel(
         sum_w += tl.sum(tl.where(kept, wy, 0.0), 0)
         tl.store(kept_ptr + idx, kept, mask=in_range)
         if REDUCTION == 2:
-            tl.store(out_ptr + idx, kept_loss.to(out_ptr.dtype.element_ty), mask=in_range)
+            tl.store(out_ptr + idx, to_output(kept_loss, out_ptr.dtype.element_ty), mask=in_range)
 
     store_results(sum_loss, sum_w, k, kth, result_ptr, denom_ptr, k_ptr, threshold_ptr, HARDEST, REDUCTION)
