@@ -44,10 +44,11 @@ def ce_backward_kernel(
     else:
         g = tl.load(grad_out_ptr).to(acc_dtype) / tl.load(denom_ptr).to(acc_dtype)
     tgt = tl.load(target_ptr + row, mask=kept, other=0).to(tl.int64)
+    reads_t = kept & (tgt >= 0) & (tgt < num_classes)  # (outside [0, C): NaN stats, NaN gradient)
     m = tl.load(stats_ptr + row, mask=kept, other=0.0)
     log_s = tl.load(stats_ptr + stats_stride + row, mask=kept, other=0.0)
     if HAS_WEIGHT:
-        w_t = tl.load(weight_ptr + tgt, mask=kept, other=0.0).to(acc_dtype)
+        w_t = tl.load(weight_ptr + tgt, mask=reads_t, other=0.0).to(acc_dtype)
     else:
         w_t = tl.full((), 1.0, acc_dtype)
     eps = smoothing_eps(label_smoothing_bits).to(acc_dtype)
@@ -55,7 +56,7 @@ def ce_backward_kernel(
 
     cols_read = tl.where(kept, num_classes, 0)  # a row outside K reads nothing
     in_row = logits_ptr + row * stride_row
-    pm1_t = expm1_neg(-((m - tl.load(in_row + tgt, mask=kept, other=0.0).to(acc_dtype)) + log_s))  # p_y - 1
+    pm1_t = expm1_neg(-((m - tl.load(in_row + tgt, mask=reads_t, other=0.0).to(acc_dtype)) + log_s))  # p_y - 1
     out_row = grad_ptr + row * stride_grad
     for start in range(0, num_classes, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)

@@ -50,10 +50,11 @@ def ce_backward_spatial_kernel(
         scale = tl.load(grad_out_ptr).to(acc_dtype) / tl.load(denom_ptr).to(acc_dtype)
         g = tl.full((BLOCK_S,), 0.0, acc_dtype) + scale
     tgt = tl.load(target_ptr + flat, mask=kept, other=0).to(tl.int64)
+    reads_t = kept & (tgt >= 0) & (tgt < num_classes)  # (outside [0, C): NaN stats, NaN gradient)
     m = tl.load(stats_ptr + flat, mask=kept, other=0.0)
     log_s = tl.load(stats_ptr + stats_stride + flat, mask=kept, other=0.0)
     if HAS_WEIGHT:
-        w_t = tl.load(weight_ptr + tgt, mask=kept, other=0.0).to(acc_dtype)
+        w_t = tl.load(weight_ptr + tgt, mask=reads_t, other=0.0).to(acc_dtype)
     else:
         w_t = tl.full((BLOCK_S,), 1.0, acc_dtype)
     eps = smoothing_eps(label_smoothing_bits).to(acc_dtype)
@@ -61,7 +62,7 @@ def ce_backward_spatial_kernel(
 
     in_ptr = logits_ptr + n * stride_n
     out_ptr = grad_ptr + n * stride_grad_n
-    x_t = tl.load(in_ptr + tgt * stride_c + s, mask=kept, other=0.0).to(acc_dtype)
+    x_t = tl.load(in_ptr + tgt * stride_c + s, mask=reads_t, other=0.0).to(acc_dtype)
     pm1_t = expm1_neg(-((m - x_t) + log_s))  # p_y - 1
     for start in range(0, num_classes, BLOCK_C):
         cls = start + tl.arange(0, BLOCK_C)

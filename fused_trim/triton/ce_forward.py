@@ -31,14 +31,17 @@ def ce_forward_kernel(
     backward the row max ``m`` at ``stats[row]`` and ``log s`` (``s = sum_c exp(x_c - m)``) at
     ``stats[stats_stride + row]`` (0 when ignored), in the accumulation dtype of ``loss_ptr`` (fp32,
     or fp64 for fp64 logits). The loss is formed relative to the row max (see
-    :func:`._ce.weighted_loss`). Ignored rows do not read their logits.
+    :func:`._ce.weighted_loss`). Ignored rows do not read their logits; a target outside ``[0, C)``
+    that is not ignored reads nothing either and gets a NaN loss and stats (a NaN gradient).
     """
     row = tl.program_id(0).to(tl.int64)
     acc_dtype = loss_ptr.dtype.element_ty
     row_ptr = logits_ptr + row * stride_row
     tgt = tl.load(target_ptr + row).to(tl.int64)
     valid = tgt != ignore_index
-    n_cols = tl.where(valid, num_classes, 0)
+    # A target outside [0, C) that is not ignore_index is never read through: its loss is NaN.
+    scored = valid & (tgt >= 0) & (tgt < num_classes)
+    n_cols = tl.where(scored, num_classes, 0)
 
     m = tl.full((), float("-inf"), acc_dtype)
     sm1 = tl.full((), -1.0, acc_dtype)  # sum_c exp(x_c - m) - 1
@@ -58,16 +61,17 @@ def ce_forward_kernel(
         m = m_new
     log_s = log_sum(m, sm1)
 
-    safe_t = tl.where(valid, tgt, 0)
-    x_t = tl.load(row_ptr + safe_t, mask=valid, other=0.0).to(acc_dtype)
+    safe_t = tl.where(scored, tgt, 0)
+    x_t = tl.load(row_ptr + safe_t, mask=scored, other=0.0).to(acc_dtype)
     if HAS_WEIGHT:
-        w_t = tl.load(weight_ptr + safe_t, mask=valid, other=0.0).to(acc_dtype)
+        w_t = tl.load(weight_ptr + safe_t, mask=scored, other=0.0).to(acc_dtype)
     else:
         w_t = tl.full((), 1.0, acc_dtype)
     eps = smoothing_eps(label_smoothing_bits).to(acc_dtype)
     loss = weighted_loss(m, log_s, x_t, w_t, sum_w, d, eps, num_classes, HAS_SMOOTHING)
     zero = tl.zeros((), acc_dtype)
-    tl.store(loss_ptr + row, tl.where(valid, loss, zero))
-    tl.store(stats_ptr + row, tl.where(valid, m, zero))
-    tl.store(stats_ptr + stats_stride + row, tl.where(valid, log_s, zero))
-    tl.store(wy_ptr + row, tl.where(valid, w_t, zero))
+    nan = tl.full((), float("nan"), acc_dtype)
+    tl.store(loss_ptr + row, tl.where(scored, loss, tl.where(valid, nan, zero)))
+    tl.store(stats_ptr + row, tl.where(scored, m, tl.where(valid, nan, zero)))
+    tl.store(stats_ptr + stats_stride + row, tl.where(scored, log_s, tl.where(valid, nan, zero)))
+    tl.store(wy_ptr + row, tl.where(scored, w_t, zero))

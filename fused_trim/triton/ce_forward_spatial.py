@@ -36,13 +36,15 @@ def ce_forward_spatial_kernel(
     tiles, one running max and sum per pixel. Writes ``loss``, ``wy`` (the target's class weight;
     0 when ignored) and the backward's ``stats`` (max, log-sum) at the sample index ``n * S + s``,
     exactly as :func:`ce_forward_kernel` does per row, in the accumulation dtype of ``loss_ptr``.
-    Ignored pixels do not read their logits.
+    Ignored pixels do not read their logits, nor do targets outside ``[0, C)`` (NaN loss and stats).
     """
     acc_dtype = loss_ptr.dtype.element_ty
     n, s, in_image, flat = pixel_block(num_pixels, BLOCK_S)
     tgt = tl.load(target_ptr + flat, mask=in_image, other=ignore_index).to(tl.int64)
     valid = in_image & (tgt != ignore_index)
-    safe_t = tl.where(valid, tgt, 0)
+    # A target outside [0, C) that is not ignore_index is never read through: its loss is NaN.
+    scored = valid & (tgt >= 0) & (tgt < num_classes)
+    safe_t = tl.where(scored, tgt, 0)
 
     image_ptr = logits_ptr + n * stride_n
     m = tl.full((BLOCK_S,), float("-inf"), acc_dtype)
@@ -53,7 +55,7 @@ def ce_forward_spatial_kernel(
     for start in range(0, num_classes, BLOCK_C):
         cls = start + tl.arange(0, BLOCK_C)
         cls_in = cls < num_classes
-        tile = cls_in[:, None] & valid[None, :]
+        tile = cls_in[:, None] & scored[None, :]
         ptrs = image_ptr + cls.to(tl.int64)[:, None] * stride_c + s[None, :]
         x = tl.load(ptrs, mask=tile, other=float("-inf")).to(acc_dtype)
         m_new, sm1 = softmax_block(m, sm1, x)
@@ -68,13 +70,14 @@ def ce_forward_spatial_kernel(
     log_s = log_sum(m, sm1)
 
     if HAS_WEIGHT:
-        w_t = tl.load(weight_ptr + safe_t, mask=valid, other=0.0).to(acc_dtype)
+        w_t = tl.load(weight_ptr + safe_t, mask=scored, other=0.0).to(acc_dtype)
     else:
         w_t = tl.full((BLOCK_S,), 1.0, acc_dtype)
     eps = smoothing_eps(label_smoothing_bits).to(acc_dtype)
     loss = weighted_loss(m, log_s, x_t, w_t, sum_w, d, eps, num_classes, HAS_SMOOTHING)
     zero = tl.zeros((BLOCK_S,), acc_dtype)
-    tl.store(loss_ptr + flat, tl.where(valid, loss, zero), mask=in_image)
-    tl.store(stats_ptr + flat, tl.where(valid, m, zero), mask=in_image)
-    tl.store(stats_ptr + stats_stride + flat, tl.where(valid, log_s, zero), mask=in_image)
-    tl.store(wy_ptr + flat, tl.where(valid, w_t, zero), mask=in_image)
+    unscored = tl.where(valid, float("nan"), zero)  # NaN for a target outside [0, C), else 0
+    tl.store(loss_ptr + flat, tl.where(scored, loss, unscored), mask=in_image)
+    tl.store(stats_ptr + flat, tl.where(scored, m, unscored), mask=in_image)
+    tl.store(stats_ptr + stats_stride + flat, tl.where(scored, log_s, unscored), mask=in_image)
+    tl.store(wy_ptr + flat, tl.where(scored, w_t, zero), mask=in_image)
