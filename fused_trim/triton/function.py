@@ -8,6 +8,7 @@ instead of breaking the graph.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import torch
@@ -23,6 +24,7 @@ from .grid_select import grid_select
 from .select import select_kernel
 
 REDUCTION_CODE = {"mean": 0, "sum": 1, "none": 2}
+DOUBLE_BACKWARD_MESSAGE = "double backward of trimmed_cross_entropy is not supported; use backend='reference'"
 
 # Up to this many rows one program selects (one launch; ~0.2 s interpreted at 65536 rows).
 # Beyond it (segmentation maps, large token batches) the select spreads over a grid of programs
@@ -66,9 +68,52 @@ def spatial_config(num_classes: int, num_pixels: int, element_size: int) -> tupl
     return block_c, block_s, num_warps
 
 
+def device_guard(tensor: Tensor) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(tensor.device)`` for a CUDA tensor (Triton launches on the current
+    device and its stream, not the tensors'); a no-op elsewhere (the CPU interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+
+
 def select_block(num_rows: int) -> int:
     """Rows per iteration of the single selection program."""
     return min(max(triton.next_power_of_2(num_rows), 128), 2048)
+
+
+def select_rows(
+    loss: Tensor,
+    w_y: Tensor,
+    target: Tensor,
+    out_dtype: torch.dtype,
+    keep_ratio: float,
+    keep_ratio_t: Tensor | None,
+    hardest: bool,
+    ignore_index: int,
+    reduction: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The exact-k select on per-row losses (one program, or the grid select past
+    ``SINGLE_PROGRAM_MAX_ROWS``): ``(out, kept, k, threshold, denom)``, ``out`` and ``threshold``
+    in ``out_dtype``. Shared by the cross-entropy and LM-head forwards."""
+    num_rows, dev = loss.shape[0], loss.device
+    ratio_on_device = keep_ratio_t is not None
+    kept = torch.empty(num_rows, dtype=torch.bool, device=dev)
+    out = torch.empty(num_rows if reduction == 2 else (), dtype=out_dtype, device=dev)
+    k = torch.empty((), dtype=torch.int64, device=dev)
+    threshold = torch.empty((), dtype=out_dtype, device=dev)
+    denom = torch.empty((), dtype=loss.dtype, device=dev)
+    ratio_bits = float64_bits(keep_ratio)
+    ratio_ptr = keep_ratio_t if ratio_on_device else loss
+    if num_rows <= SINGLE_PROGRAM_MAX_ROWS:
+        wrap_triton(select_kernel)[(1,)](
+            loss, w_y, target, kept, out, out, k, threshold, denom, num_rows, ignore_index, ratio_bits,
+            ratio_ptr, RATIO_FROM_PTR=ratio_on_device, KEEP_ALL=not ratio_on_device and keep_ratio == 1.0,
+            HARDEST=hardest, REDUCTION=reduction, BLOCK=select_block(num_rows), num_warps=4,
+        )  # fmt: skip
+    else:
+        grid_select(
+            loss, w_y, target, kept, out, k, threshold, denom, ignore_index, ratio_bits, ratio_ptr,
+            ratio_on_device, hardest, reduction, GRID_BLOCK,
+        )  # fmt: skip
+    return out, kept, k, threshold, denom
 
 
 @triton_op("fused_trim::triton_trimmed_ce_fwd", mutates_args=())
@@ -93,6 +138,24 @@ def trimmed_ce_fwd(
     ``log sum_c exp(x_c - max)``, so that the backward keeps the relative precision of a small loss)
     and ``denom`` (the divisor of the mean) are saved for the backward.
     """
+    with device_guard(input):
+        return _forward(
+            input, target, weight, keep_ratio, keep_ratio_t, hardest, ignore_index, label_smoothing, reduction
+        )
+
+
+def _forward(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    keep_ratio: float,
+    keep_ratio_t: Tensor | None,
+    hardest: bool,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The body of :func:`trimmed_ce_fwd`, on the input's device."""
     spatial = input.dim() == 3
     if input.stride(-1) != 1:
         input = input.contiguous()
@@ -124,25 +187,9 @@ def trimmed_ce_fwd(
             HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
 
-    ratio_on_device = keep_ratio_t is not None
-    kept = torch.empty(num_rows, dtype=torch.bool, device=dev)
-    out = torch.empty(num_rows if reduction == 2 else (), dtype=input.dtype, device=dev)
-    k = torch.empty((), dtype=torch.int64, device=dev)
-    threshold = torch.empty((), dtype=input.dtype, device=dev)
-    denom = torch.empty((), dtype=acc, device=dev)
-    ratio_bits = float64_bits(keep_ratio)
-    ratio_ptr = keep_ratio_t if ratio_on_device else loss
-    if num_rows <= SINGLE_PROGRAM_MAX_ROWS:
-        wrap_triton(select_kernel)[(1,)](
-            loss, w_y, target, kept, out, out, k, threshold, denom, num_rows, ignore_index, ratio_bits,
-            ratio_ptr, RATIO_FROM_PTR=ratio_on_device, KEEP_ALL=not ratio_on_device and keep_ratio == 1.0,
-            HARDEST=hardest, REDUCTION=reduction, BLOCK=select_block(num_rows), num_warps=4,
-        )  # fmt: skip
-    else:
-        grid_select(
-            loss, w_y, target, kept, out, k, threshold, denom, ignore_index, ratio_bits, ratio_ptr,
-            ratio_on_device, hardest, reduction, GRID_BLOCK,
-        )  # fmt: skip
+    out, kept, k, threshold, denom = select_rows(
+        loss, w_y, target, input.dtype, keep_ratio, keep_ratio_t, hardest, ignore_index, reduction
+    )
     return out, loss, kept, k, threshold, stats, denom
 
 
@@ -159,6 +206,21 @@ def trimmed_ce_bwd(
 ) -> Tensor:
     """Gradient of ``out`` with respect to ``input`` (``(M, C)`` or ``(N, C, S)``, the gradient
     in the same shape); exact zeros on samples outside the kept set."""
+    with device_guard(input):
+        return _backward_grad(grad_out, input, target, weight, stats, kept, denom, label_smoothing)
+
+
+def _backward_grad(
+    grad_out: Tensor,
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    stats: Tensor,
+    kept: Tensor,
+    denom: Tensor,
+    label_smoothing: float,
+) -> Tensor:
+    """The body of :func:`trimmed_ce_bwd`, on the input's device."""
     if input.stride(-1) != 1:
         input = input.contiguous()
     grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
@@ -202,4 +264,10 @@ def _backward(ctx, grad_out, *_unused):
     return grad, None, None, None, None, None, None, None, None
 
 
+def _double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+
+
 trimmed_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+# The gradient is not differentiable again here: say so clearly when a second backward reaches it.
+trimmed_ce_bwd.register_autograd(_double_backward)
