@@ -225,6 +225,13 @@ def test_low_precision_against_float64(backend, dtype, reduction):
     assert out.dtype == dtype and grad.dtype == dtype and info.losses.dtype == dtype
     assert torch.equal(info.kept, ref_info.kept)
     eps = torch.finfo(dtype).eps
+    if dtype == torch.float32 and backend.endswith("@cuda"):
+        # fp32 exp is not correctly rounded on a GPU: Triton's tl.exp is ex2.approx.f32 after a
+        # multiply by log2(e), i.e. CUDA's __expf, documented to at most 2 + floor(1.173 |x|) ulp
+        # (CUDA C Programming Guide, intrinsic functions). Over a row, s = sum_c exp(x_c - m) is
+        # then within (2 + 1.173 * sum_c p_c |x_c - m|) <= (2 + 1.173 log C) ulp, ~6 at C = 33:
+        # five times the interpreter's (numpy's correctly rounded exp) bounds below.
+        eps *= 5
     torch.testing.assert_close(out.double(), ref_out.to(dtype).double(), rtol=2 * eps, atol=2 * eps)
     # Each gradient entry within ~one rounding of the exact value, relative to the row's scale.
     row_scale = ref_grad.abs().amax(1, keepdim=True).clamp_min(1e-30)
