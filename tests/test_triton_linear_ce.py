@@ -256,7 +256,7 @@ def test_fake_shapes_of_the_ops(monkeypatch):
     interpreter) and ``torch.mm`` left to the fake kernels."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fused_trim.triton import linear_ce
+    from fused_trim.triton import function, linear_ce
 
     launched = []
 
@@ -268,6 +268,7 @@ def test_fake_shapes_of_the_ops(monkeypatch):
             return lambda *args, **kwargs: launched.append((self.kernel.fn.__name__, grid))
 
     monkeypatch.setattr(linear_ce, "wrap_triton", _NoLaunch)
+    monkeypatch.setattr(function, "wrap_triton", _NoLaunch)  # the shared select launcher
     with FakeTensorMode():
         x = torch.empty(100, 64, dtype=torch.float32)
         w = torch.empty(1000, 64, dtype=torch.float32)

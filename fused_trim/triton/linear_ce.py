@@ -45,17 +45,7 @@ from torch.library import triton_op, wrap_triton
 from ._ce import log1p, smoothing_block, smoothing_eps, softmax_block, weighted_loss
 from .ce_backward import ce_backward_kernel
 from .ce_forward import ce_forward_kernel
-from .function import (
-    GRID_BLOCK,
-    REDUCTION_CODE,
-    SINGLE_PROGRAM_MAX_ROWS,
-    accumulation_dtype,
-    float64_bits,
-    row_config,
-    select_block,
-)
-from .grid_select import grid_select
-from .select import select_kernel
+from .function import REDUCTION_CODE, accumulation_dtype, float64_bits, row_config, select_rows
 
 # ------------------------------------------------------------------------------------------------
 # Kernel
@@ -207,34 +197,6 @@ def _weight_sum(weight: Tensor | None, label_smoothing: float, acc: torch.dtype,
     return weight.sum(dtype=acc) if weight is not None and label_smoothing > 0.0 else like
 
 
-def _select(
-    losses: Tensor, w_y: Tensor, target: Tensor, dtype: torch.dtype, keep_ratio: float, ratio_t: Tensor | None,
-    hardest: bool, ignore_index: int, reduction: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The shared exact-k select on precomputed losses: ``(out, kept, k, threshold, denom)``."""
-    num_rows, dev = losses.shape[0], losses.device
-    kept = torch.empty(num_rows, dtype=torch.bool, device=dev)
-    out = torch.empty(num_rows if reduction == 2 else (), dtype=dtype, device=dev)
-    k = torch.empty((), dtype=torch.int64, device=dev)
-    threshold = torch.empty((), dtype=dtype, device=dev)
-    denom = torch.empty((), dtype=losses.dtype, device=dev)
-    ratio_on_device = ratio_t is not None
-    ratio_bits = float64_bits(keep_ratio)
-    ratio_ptr = ratio_t if ratio_on_device else losses
-    if num_rows <= SINGLE_PROGRAM_MAX_ROWS:
-        wrap_triton(select_kernel)[(1,)](
-            losses, w_y, target, kept, out, out, k, threshold, denom, num_rows, ignore_index, ratio_bits,
-            ratio_ptr, RATIO_FROM_PTR=ratio_on_device, KEEP_ALL=not ratio_on_device and keep_ratio == 1.0,
-            HARDEST=hardest, REDUCTION=reduction, BLOCK=select_block(num_rows), num_warps=4,
-        )  # fmt: skip
-    else:
-        grid_select(
-            losses, w_y, target, kept, out, k, threshold, denom, ignore_index, ratio_bits, ratio_ptr,
-            ratio_on_device, hardest, reduction, GRID_BLOCK,
-        )  # fmt: skip
-    return out, kept, k, threshold, denom
-
-
 def _launch_ce_forward(
     logits: Tensor, target: Tensor, weight: Tensor | None, loss: Tensor, stats: Tensor, w_y: Tensor,
     ignore_index: int, label_smoothing: float,
@@ -354,7 +316,7 @@ def linear_ce_trimmed(
     ``input``, ``linear_weight`` and ``linear_bias`` are read only by the backward, which
     recomputes at most ``max_kept`` rows, ``chunk_size`` at a time.
     """
-    return _select(
+    return select_rows(
         losses, w_y, target.contiguous(), input.dtype, keep_ratio, keep_ratio_t, hardest, ignore_index, reduction
     )
 
@@ -470,7 +432,7 @@ def linear_ce_keep_all(
             logits, dlogits, target[rows], weight, weight_sum, stats[:, rows], valid[rows], one, one, label_smoothing
         )
         grads.add(rows, x, dlogits, linear_weight)
-    out, kept, k, threshold, denom = _select(
+    out, kept, k, threshold, denom = select_rows(
         losses, w_y, target, input.dtype, 1.0, None, hardest, ignore_index, reduction
     )
     return out, losses, kept, k, threshold, denom, grads.d_input, grads.d_weight, grads.d_bias
