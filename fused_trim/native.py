@@ -34,7 +34,14 @@ from torch import Tensor
 from ._build import build, want_cuda
 from ._common import as_rows
 
-__all__ = ["build", "empty_cache", "is_available", "trimmed_cross_entropy_2d", "unavailable_reason"]
+__all__ = [
+    "build",
+    "empty_cache",
+    "is_available",
+    "trimmed_cross_entropy_2d",
+    "trimmed_linear_cross_entropy_2d",
+    "unavailable_reason",
+]
 
 _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
@@ -156,11 +163,126 @@ def _bwd_fake(grad_out, input, target, weight, lse, rowscale, ignore_index, labe
     return input.new_empty(input.shape)  # contiguous, as the CPU and CUDA ops return it
 
 
+# The LM head (csrc/linear_ce_cpu.cpp): the gradient mask bits of linear_ce_bwd / linear_ce_keep_all.
+_GRAD_INPUT, _GRAD_WEIGHT, _GRAD_BIAS = 1, 2, 4
+
+
+def _grad_mask(needs: tuple[bool, bool, bool], has_bias: bool) -> int:
+    """The gradient mask of ``needs`` = (input, linear_weight, linear_bias) wanted."""
+    return (
+        (_GRAD_INPUT if needs[0] else 0)
+        | (_GRAD_WEIGHT if needs[1] else 0)
+        | (_GRAD_BIAS if has_bias and needs[2] else 0)
+    )
+
+
+def _linear_rows_fake(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, chunk_size):
+    acc = _acc_dtype(input.dtype)
+    return input.new_empty((input.shape[0],), dtype=acc), input.new_empty((input.shape[0],), dtype=acc)
+
+
+def _linear_trimmed_fake(losses, lse, input, linear_weight, linear_bias, target, weight, keep_ratio, keep_ratio_t,
+                         easiest, ignore_index, label_smoothing, reduction, chunk_size):  # fmt: skip
+    n = input.shape[0]
+    return (
+        input.new_empty((n,) if reduction == 0 else ()),
+        input.new_empty((n,), dtype=torch.bool),
+        input.new_empty((), dtype=torch.int64),
+        input.new_empty(()),
+        input.new_empty((n,), dtype=_acc_dtype(input.dtype)),
+    )
+
+
+def _linear_bwd_fake(grad_out, input, linear_weight, linear_bias, target, weight, lse, kept, rowscale, ignore_index,
+                     label_smoothing, chunk_size, grad_mask):  # fmt: skip
+    has_bias = linear_bias is not None and grad_mask & _GRAD_BIAS
+    return (
+        input.new_empty(input.shape if grad_mask & _GRAD_INPUT else (0,)),
+        linear_weight.new_empty(linear_weight.shape if grad_mask & _GRAD_WEIGHT else (0,)),
+        linear_bias.new_empty(linear_bias.shape) if has_bias else input.new_empty((0,)),
+    )
+
+
+def _linear_keep_all_fake(input, linear_weight, linear_bias, target, weight, easiest, ignore_index, label_smoothing,
+                          reduction, chunk_size, grad_mask):  # fmt: skip
+    (n, d), v = input.shape, linear_weight.shape[0]
+    acc = _acc_dtype(input.dtype)
+    has_bias = linear_bias is not None and grad_mask & _GRAD_BIAS
+    return (
+        input.new_empty(()),
+        input.new_empty((n,), dtype=acc),
+        input.new_empty((n,), dtype=torch.bool),
+        input.new_empty((), dtype=torch.int64),
+        input.new_empty(()),
+        input.new_empty((), dtype=acc),
+        input.new_empty((n, d) if grad_mask & _GRAD_INPUT else (0,), dtype=acc),
+        input.new_empty((v, d) if grad_mask & _GRAD_WEIGHT else (0,), dtype=acc),
+        input.new_empty((v,) if has_bias else (0,), dtype=acc),
+    )
+
+
+def _linear_scale_fake(grad, factor, dtype):
+    return grad.new_empty(grad.shape, dtype=dtype)
+
+
+def _linear_trimmed_setup_context(ctx, inputs, output) -> None:
+    _, lse, input, linear_weight, linear_bias, target, weight = inputs[:7]
+    ignore_index, label_smoothing, _, chunk_size = inputs[10:]
+    _, kept, _, _, rowscale = output
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, kept, rowscale)
+    ctx.args = (ignore_index, label_smoothing, chunk_size)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _linear_trimmed_backward(ctx, grad_out, *_unused):
+    """The kept rows' gradient, recomputed from their logits (linear_ce_bwd)."""
+    input, linear_weight, linear_bias, target, weight, lse, kept, rowscale = ctx.saved_tensors
+    needs = ctx.needs_input_grad[2:5]
+    mask = _grad_mask(needs, linear_bias is not None)
+    d_input, d_weight, d_bias = torch.ops.fused_trim.linear_ce_bwd.default(
+        grad_out, input, linear_weight, linear_bias, target, weight, lse, kept, rowscale, *ctx.args, mask
+    )
+    grads = (d_input if mask & _GRAD_INPUT else None, d_weight if mask & _GRAD_WEIGHT else None,
+             d_bias if mask & _GRAD_BIAS else None)  # fmt: skip
+    return (None, None, *grads) + (None,) * 9
+
+
+def _linear_keep_all_setup_context(ctx, inputs, output) -> None:
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, None if inputs[2] is None else inputs[2].dtype)
+    ctx.mask = inputs[10]
+    ctx.save_for_backward(*output[5:])  # gscale and the unscaled gradients
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _linear_keep_all_backward(ctx, grad_out, *_unused):
+    """The forward's unscaled gradients times ``grad_out / denominator`` (``grad_out`` for "sum")."""
+    gscale, d_input, d_weight, d_bias = ctx.saved_tensors
+    factor = grad_out.to(gscale.dtype) * gscale
+    scale = torch.ops.fused_trim.linear_ce_scale.default
+    bits = (_GRAD_INPUT, _GRAD_WEIGHT, _GRAD_BIAS)
+    grads = [
+        scale(g, factor, dtype) if ctx.mask & bit else None
+        for g, dtype, bit in zip((d_input, d_weight, d_bias), ctx.dtypes, bits, strict=True)
+    ]
+    return (*grads,) + (None,) * 8
+
+
 def _register_python_parts() -> None:
     if _state.get("registered"):
         return
     torch.library.register_fake("fused_trim::trimmed_ce_fwd", _fwd_fake)
     torch.library.register_fake("fused_trim::trimmed_ce_bwd", _bwd_fake)
+    torch.library.register_fake("fused_trim::linear_ce_rows", _linear_rows_fake)
+    torch.library.register_fake("fused_trim::linear_ce_trimmed", _linear_trimmed_fake)
+    torch.library.register_fake("fused_trim::linear_ce_bwd", _linear_bwd_fake)
+    torch.library.register_fake("fused_trim::linear_ce_keep_all", _linear_keep_all_fake)
+    torch.library.register_fake("fused_trim::linear_ce_scale", _linear_scale_fake)
+    torch.library.register_autograd(
+        "fused_trim::linear_ce_trimmed", _linear_trimmed_backward, setup_context=_linear_trimmed_setup_context
+    )
+    torch.library.register_autograd(
+        "fused_trim::linear_ce_keep_all", _linear_keep_all_backward, setup_context=_linear_keep_all_setup_context
+    )
     _state["registered"] = True
 
 
@@ -210,4 +332,65 @@ def trimmed_cross_entropy_2d(
         _REDUCTION_CODES[reduction],
     )
     # losses and threshold are marked non-differentiable by the op's autograd (C++): no detach.
+    return out, losses, kept, k, threshold
+
+
+def trimmed_linear_cross_entropy_2d(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    keep_ratio: float | Tensor,
+    keep: str,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    chunk_size: int,
+    share=None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The LM-head contract on ``input (N, D)``, ``linear_weight (V, D)``, ``target (N,)``, on the CPU.
+
+    Returns ``(out, losses, kept, k, threshold)`` as
+    :func:`fused_trim.reference.trimmed_linear_cross_entropy_2d`. The forward (``linear_ce_rows``)
+    computes every row's loss ``chunk_size`` rows of logits at a time; ``share`` (global trimming)
+    maps ``(losses, valid)`` to the exact local count; the backward recomputes the kept rows only,
+    gathered ``chunk_size`` at a time. With a Python float ``keep_ratio`` of 1.0, no ``share``,
+    ``reduction`` mean or sum and a gradient wanted, every valid row is kept: ``linear_ce_keep_all``
+    forms the gradient during the forward (3 GEMMs a chunk, not 4) and the backward only scales it.
+    The CPU needs no bound on the kept count (the backward reads ``kept``).
+    """
+    if not input.is_cpu:
+        raise RuntimeError(
+            f"backend='native' cannot run trimmed_linear_cross_entropy on {input.device.type} tensors: its "
+            "native op has CPU kernels only (use backend='triton' or 'auto' on CUDA)"
+        )
+    if _state.get("error", "not loaded") is not None:
+        reason = unavailable_reason(input.device)
+        if reason is not None:
+            raise RuntimeError(f"backend='native' cannot run here: {reason}")
+    code = _REDUCTION_CODES[reduction]
+    params = (input, linear_weight, linear_bias)
+    needs = tuple(p is not None and p.requires_grad for p in params)
+    keep_all = share is None and not isinstance(keep_ratio, Tensor) and float(keep_ratio) == 1.0
+    if keep_all and reduction != "none" and torch.is_grad_enabled() and any(needs):
+        out, losses, kept, k, threshold, *_ = torch.ops.fused_trim.linear_ce_keep_all.default(
+            input, linear_weight, linear_bias, target, weight, keep == "easiest", int(ignore_index),
+            float(label_smoothing), code, int(chunk_size), _grad_mask(needs, linear_bias is not None),
+        )  # fmt: skip
+        return out, losses, kept, k, threshold
+    detached = [None if p is None else p.detach() for p in params]
+    losses, lse = torch.ops.fused_trim.linear_ce_rows.default(
+        *detached, target, weight, int(ignore_index), float(label_smoothing), int(chunk_size)
+    )
+    if share is not None:
+        ratio, ratio_t = 0.0, share(losses, target != ignore_index)
+    elif isinstance(keep_ratio, Tensor):
+        ratio, ratio_t = 0.0, keep_ratio
+    else:
+        ratio, ratio_t = float(keep_ratio), None
+    out, kept, k, threshold, _ = torch.ops.fused_trim.linear_ce_trimmed.default(
+        losses, lse, input, linear_weight, linear_bias, target, weight, ratio, ratio_t, keep == "easiest",
+        int(ignore_index), float(label_smoothing), code, int(chunk_size),
+    )  # fmt: skip
     return out, losses, kept, k, threshold

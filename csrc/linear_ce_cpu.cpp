@@ -1,0 +1,580 @@
+// The LM head fused with trimming on the CPU (trimmed_linear_cross_entropy, native backend):
+//   fused_trim::linear_ce_rows      every row's loss and logsumexp, chunk by chunk, never the (N, V) logits
+//   fused_trim::linear_ce_trimmed   the selection (cpu/select.h) and reduction on those losses
+//   fused_trim::linear_ce_bwd       the gradient of the kept rows only, gathered into dense chunks
+//   fused_trim::linear_ce_keep_all  every valid row kept (keep_ratio 1.0): losses, selection and the
+//                                   unscaled gradient in one pass (3 GEMMs a chunk, not 4)
+// Schemas and CPU kernels are here; the fake (meta) kernels and the autograd formulas are in
+// fused_trim/native.py.
+//
+// A chunk of rows is converted to the accumulation type (fp32; fp64 for fp64 input) in a reused
+// (chunk, D) buffer; its logits go to a reused (chunk, V) buffer, from which the shared row kernels
+// (cpu/ce_rows.h) take the losses and, in place, dlogits. BLAS does the FLOPs, but the GEMMs are
+// cut into tiles of kTileV classes, each one single-threaded BLAS call (the tiles go to threads
+// with at::parallel_for): every value is then computed the same way whatever the thread count,
+// where a multithreaded GEMM splits its inner dimension differently at different thread counts.
+// d input, whose inner dimension is V, is summed over a fixed number of class blocks, added in
+// block order; d linear_weight and d linear_bias are accumulated in the accumulation type, chunk
+// after chunk, each tile by one thread: the gradients are bitwise repeatable run to run and across
+// thread counts.
+//
+// bf16/fp16: linear_weight is converted to fp32 once per call (V * D * 4 bytes: 64 MiB at V = 32000,
+// D = 512, as much as a chunk of logits at the default chunk size; acceptable on the CPU, where
+// half-precision GEMMs are far slower than converting), the input chunk by chunk.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "cpu/ce_rows.h"
+#include "cpu/select.h"
+#include "cpu/tensors.h"
+#include "cpu/vec.h"
+#include "trimmed_ce_common.h"
+
+namespace fused_trim {
+namespace {
+
+using namespace fused_trim::cpu;
+
+// Classes per GEMM tile (a tile of logits, of d linear_weight, of d linear_bias).
+constexpr int64_t kTileV = 1024;
+// At most this many class blocks for d input = dlogits @ W (partial sums added in block order).
+constexpr int64_t kMaxSplit = 16;
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Rows per chunk: at most `chunk`, as few chunks as that allows, all of about one size (a last
+// chunk of a few rows would cost a whole pass over d linear_weight for almost no work).
+int64_t balanced_chunk(int64_t rows, int64_t chunk) {
+  if (rows <= 0) return 1;
+  const int64_t chunks = ceil_div(rows, std::max<int64_t>(chunk, 1));
+  return ceil_div(rows, chunks);
+}
+
+// A non-owning view of acc_t memory: no dispatcher, no autograd (safe on the worker threads).
+template <typename acc_t>
+at::Tensor blob(const acc_t* p, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  return at::from_blob(const_cast<acc_t*>(p), sizes, strides,
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+at::Tensor empty_cpu(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, std::nullopt);
+}
+
+// The head in the accumulation type: W (V, D) row-major, the bias, the class weight.
+template <typename acc_t>
+struct Head {
+  const acc_t* W;
+  const acc_t* bias;  // nullptr: none
+  int64_t V, D;
+  const acc_t* w;  // class weight, nullptr: none
+  acc_t w_total, ls;
+};
+
+// logits (rows, V) = xk (rows, D) @ W^T + bias.
+template <typename acc_t>
+void chunk_logits(const Head<acc_t>& h, const acc_t* xk, int64_t rows, acc_t* logits) {
+  const int64_t V = h.V, D = h.D;
+  at::parallel_for(0, ceil_div(V, kTileV), 1, [&](int64_t t0, int64_t t1) {
+    const at::Tensor a = blob(xk, {rows, D}, {D, 1});
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t v0 = t * kTileV, n = std::min(kTileV, V - v0);
+      at::Tensor out = blob(logits + v0, {rows, n}, {V, 1});
+      const at::Tensor wt = blob(h.W + v0 * D, {D, n}, {1, D});
+      if (h.bias != nullptr) {
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(logits + r * V + v0, h.bias + v0, n * sizeof(acc_t));
+        at::cpu::addmm_out(out, out, a, wt);
+      } else {
+        at::cpu::mm_out(out, a, wt);
+      }
+    }
+  });
+}
+
+// logits -> d(sum_r coef[r] * l_r)/d logits in place, row by row (the shared row_backward); a row
+// with y[r] < 0 (ignored) becomes exactly zero.
+template <typename acc_t>
+void chunk_dlogits(const Head<acc_t>& h, acc_t* logits, int64_t rows, const int64_t* y, const acc_t* lse,
+                   const acc_t* coef) {
+  const int64_t V = h.V;
+  const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(V, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      acc_t* row = logits + r * V;
+      if (y[r] < 0) {
+        std::fill(row, row + V, acc_t(0));
+        continue;
+      }
+      row_backward<acc_t, acc_t>(row, row, V, y[r], lse[r], coef[r], h.w, h.w_total, h.ls, /*stream=*/false,
+                                 nullptr, nullptr);
+    }
+  });
+}
+
+// Class blocks of d input: a function of the shapes only (never of the thread count), and the
+// partial sums (blocks x rows x D) no larger than the chunk of logits (rows x V).
+int64_t dinput_splits(int64_t V, int64_t D) {
+  return std::clamp<int64_t>(V / std::max<int64_t>(D, kTileV), 1, kMaxSplit);
+}
+
+// dx (rows, D) = dl (rows, V) @ W (V, D): per class block a partial product, then their sum in
+// block order. `partial` holds dinput_splits(V, D) * rows * D values.
+template <typename acc_t>
+void chunk_dinput(const Head<acc_t>& h, const acc_t* dl, int64_t rows, acc_t* dx, acc_t* partial) {
+  const int64_t V = h.V, D = h.D;
+  const int64_t S = dinput_splits(V, D);
+  if (S == 1) {
+    at::Tensor out = blob(dx, {rows, D}, {D, 1});
+    at::cpu::mm_out(out, blob(dl, {rows, V}, {V, 1}), blob(h.W, {V, D}, {D, 1}));
+    return;
+  }
+  const int64_t block = ceil_div(V, S);
+  const int64_t size = rows * D;
+  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t v0 = s * block, n = std::min(block, V - v0);
+      acc_t* p = partial + s * size;
+      if (n <= 0) {
+        std::fill(p, p + size, acc_t(0));
+        continue;
+      }
+      at::Tensor out = blob(p, {rows, D}, {D, 1});
+      at::cpu::mm_out(out, blob(dl + v0, {rows, n}, {V, 1}), blob(h.W + v0 * D, {n, D}, {D, 1}));
+    }
+  });
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t L = Vec::size();
+  at::parallel_for(0, ceil_div(size, L), 2048, [&](int64_t b0, int64_t b1) {
+    const int64_t e0 = b0 * L, e1 = std::min(size, b1 * L);
+    int64_t e = e0;
+    for (; e + L <= e1; e += L) {
+      Vec acc = Vec::loadu(partial + e);
+      for (int64_t s = 1; s < S; ++s) acc = acc + Vec::loadu(partial + s * size + e);
+      acc.store(dx + e);
+    }
+    for (; e < e1; ++e) {
+      acc_t acc = partial[e];
+      for (int64_t s = 1; s < S; ++s) acc += partial[s * size + e];
+      dx[e] = acc;
+    }
+  });
+}
+
+// dW (V, D) += dl^T @ xk and db (V,) += the column sums of dl (each in row order), tile by tile;
+// `first`: the first chunk, which writes dW and db instead of adding to them (no zero-fill).
+template <typename acc_t>
+void chunk_dweight(const Head<acc_t>& h, const acc_t* dl, int64_t rows, const acc_t* xk, acc_t* dW, acc_t* db,
+                   bool first) {
+  const int64_t V = h.V, D = h.D;
+  at::parallel_for(0, ceil_div(V, kTileV), 1, [&](int64_t t0, int64_t t1) {
+    const at::Tensor x = blob(xk, {rows, D}, {D, 1});
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t v0 = t * kTileV, n = std::min(kTileV, V - v0);
+      if (dW != nullptr) {
+        at::Tensor out = blob(dW + v0 * D, {n, D}, {D, 1});
+        const at::Tensor dlt = blob(dl + v0, {n, rows}, {1, V});
+        if (first) {
+          at::cpu::mm_out(out, dlt, x);
+        } else {
+          at::cpu::addmm_out(out, out, dlt, x);
+        }
+      }
+      if (db != nullptr) {
+        acc_t* o = db + v0;
+        if (first) std::fill(o, o + n, acc_t(0));
+        for (int64_t r = 0; r < rows; ++r) {
+          const acc_t* src = dl + r * V + v0;
+          for (int64_t j = 0; j < n; ++j) o[j] += src[j];
+        }
+      }
+    }
+  });
+}
+
+// A gradient buffer of `dtype` (`acc_st` values are accumulated in it directly): the cached
+// huge-page blocks of empty_large when it is what the caller gets (a fresh 64 MiB d linear_weight
+// costs more in page faults than a third of its GEMM), a plain allocation when it is scratch.
+at::Tensor grad_buffer(at::IntArrayRef sizes, at::ScalarType acc_st, at::ScalarType dtype) {
+  return dtype == acc_st ? empty_large(sizes, at::TensorOptions().dtype(acc_st))
+                         : at::detail::empty_cpu(sizes, acc_st, false, std::nullopt);
+}
+
+// `acc` (accumulation type) as the parameter's dtype, times `factor`: `acc` itself when there is
+// nothing to do, else a new (cached, see grad_buffer) tensor.
+at::Tensor finish_grad(const at::Tensor& acc, at::ScalarType dtype, double factor = 1.0) {
+  if (acc.scalar_type() == dtype && factor == 1.0) return acc;
+  at::Tensor out = empty_large(acc.sizes(), at::TensorOptions().dtype(dtype));
+  const int64_t n = acc.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "finish_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* src = acc.const_data_ptr<acc_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const acc_t f = static_cast<acc_t>(factor);
+    at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+      alignas(64) acc_t buf[kBlock];
+      for (int64_t j = b; j < e; j += kBlock) {
+        const int64_t m = std::min(kBlock, e - j);
+        for (int64_t q = 0; q < m; ++q) buf[q] = src[j + q] * f;
+        store_block<scalar_t, acc_t>(buf, m, dst + j);
+      }
+    });
+  });
+  return out;
+}
+
+// Rows `rows_idx[0:count]` (or first..first+count when rows_idx is nullptr) of x, converted to acc_t.
+template <typename scalar_t, typename acc_t>
+void gather_rows(const scalar_t* x, int64_t row_stride, int64_t D, const int64_t* rows_idx, int64_t first,
+                 int64_t count, acc_t* out) {
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t i = rows_idx != nullptr ? rows_idx[r] : first + r;
+    acc_t* dst = out + r * D;
+    const acc_t* p = load_block<scalar_t, acc_t>(x + i * row_stride, D, dst);
+    if (p != dst) std::memcpy(dst, p, D * sizeof(acc_t));
+  }
+}
+
+// The op's inputs in the accumulation type (linear_weight converted once when it is not already).
+struct Prepared {
+  at::Tensor input, W, bias, target, weight;
+  int64_t N, D, V;
+};
+
+Prepared prepare(const at::Tensor& input_, const at::Tensor& W_, const std::optional<at::Tensor>& b_,
+                 const at::Tensor& target_, const std::optional<at::Tensor>& weight_) {
+  TORCH_CHECK(input_.dim() == 2, "fused_trim: input must be (N, D), got ", input_.sizes());
+  TORCH_CHECK(W_.dim() == 2 && W_.size(1) == input_.size(1), "fused_trim: linear_weight must be (V, ",
+              input_.size(1), "), got ", W_.sizes());
+  TORCH_CHECK(target_.dim() == 1 && target_.size(0) == input_.size(0), "fused_trim: target must be (",
+              input_.size(0), ",), got ", target_.sizes());
+  TORCH_CHECK(W_.scalar_type() == input_.scalar_type(), "fused_trim: linear_weight dtype ", W_.scalar_type(),
+              " differs from input dtype ", input_.scalar_type());
+  Prepared p;
+  const auto acc_st = acc_type_of(input_.scalar_type());
+  p.input = unit_stride_last(input_);
+  p.W = as_contiguous(W_, acc_st);
+  p.N = input_.size(0);
+  p.D = input_.size(1);
+  p.V = W_.size(0);
+  if (b_.has_value() && b_->defined()) {
+    TORCH_CHECK(b_->dim() == 1 && b_->size(0) == p.V, "fused_trim: linear_bias must be (", p.V, ",), got ",
+                b_->sizes());
+    p.bias = as_contiguous(*b_, acc_st);
+  }
+  p.target = as_contiguous(target_, at::kLong);
+  if (weight_.has_value() && weight_->defined()) p.weight = as_contiguous(*weight_, acc_st);
+  return p;
+}
+
+template <typename acc_t>
+Head<acc_t> head_of(const Prepared& p, double label_smoothing) {
+  Head<acc_t> h;
+  h.W = p.W.const_data_ptr<acc_t>();
+  h.bias = p.bias.defined() ? p.bias.const_data_ptr<acc_t>() : nullptr;
+  h.V = p.V;
+  h.D = p.D;
+  h.w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
+  h.w_total = h.w == nullptr ? static_cast<acc_t>(p.V) : weight_total<acc_t>(h.w, p.V);
+  h.ls = static_cast<acc_t>(label_smoothing);
+  return h;
+}
+
+inline bool scored(int64_t y, int64_t V, int64_t ignore_index) { return y != ignore_index && y >= 0 && y < V; }
+
+[[noreturn]] void raise_bad_target(const int64_t* t, int64_t N, int64_t V, int64_t ignore_index) {
+  int64_t first = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    if (t[i] != ignore_index && (t[i] < 0 || t[i] >= V)) {
+      first = t[i];
+      break;
+    }
+  }
+  TORCH_CHECK_VALUE(false, "target holds ", first, ", outside [0, ", V, ") and not ignore_index=", ignore_index);
+}
+
+// Every row's loss and logsumexp, chunk after chunk; with `grads`, also the unscaled gradient of
+// sum_i l_i (every valid row kept): dx (N, D) (nullptr: not wanted), dW (V, D), db (V,) accumulated.
+template <typename scalar_t, typename acc_t>
+void forward_chunks(const Prepared& p, const Head<acc_t>& h, int64_t ignore_index, int64_t chunk, acc_t* loss,
+                    acc_t* lse, bool grads, acc_t* dx, acc_t* dW, acc_t* db) {
+  const int64_t N = p.N, D = p.D, V = p.V;
+  const int64_t c = balanced_chunk(N, chunk);
+  const auto acc_st = c10::CppTypeToScalarType<acc_t>::value;
+  at::Tensor xbuf = empty_cpu({c, D}, acc_st);
+  at::Tensor lbuf = empty_cpu({c, V}, acc_st);
+  at::Tensor partial = grads && dx != nullptr ? empty_cpu({dinput_splits(V, D) * c * D}, acc_st) : at::Tensor();
+  std::vector<int64_t> y(grads ? c : 0);
+  std::vector<acc_t> ones(grads ? c : 0, acc_t(1));
+  const scalar_t* x = p.input.const_data_ptr<scalar_t>();
+  const int64_t* t = p.target.const_data_ptr<int64_t>();
+  acc_t* xk = xbuf.mutable_data_ptr<acc_t>();
+  acc_t* L = lbuf.mutable_data_ptr<acc_t>();
+  std::atomic<bool> bad_target{false};
+  for (int64_t s = 0; s < N; s += c) {
+    const int64_t rows = std::min(c, N - s);
+    gather_rows<scalar_t, acc_t>(x, p.input.stride(0), D, nullptr, s, rows, xk);
+    chunk_logits<acc_t>(h, xk, rows, L);
+    rows_forward_parallel<acc_t, acc_t>(L, V, rows, V, t + s, ignore_index, h.w, h.w_total, h.ls, loss + s, lse + s,
+                                        bad_target);
+    if (!grads) continue;
+    for (int64_t r = 0; r < rows; ++r) y[r] = scored(t[s + r], V, ignore_index) ? t[s + r] : -1;
+    chunk_dlogits<acc_t>(h, L, rows, y.data(), lse + s, ones.data());
+    if (dx != nullptr) chunk_dinput<acc_t>(h, L, rows, dx + s * D, partial.mutable_data_ptr<acc_t>());
+    chunk_dweight<acc_t>(h, L, rows, xk, dW, db, /*first=*/s == 0);
+  }
+  if (bad_target.load()) raise_bad_target(t, N, V, ignore_index);  // (the public API validates first)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Ops
+// ------------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> linear_ce_rows_cpu(const at::Tensor& input_, const at::Tensor& W_,
+                                                      const std::optional<at::Tensor>& b_, const at::Tensor& target_,
+                                                      const std::optional<at::Tensor>& weight_, int64_t ignore_index,
+                                                      double label_smoothing, int64_t chunk_size) {
+  const Prepared p = prepare(input_, W_, b_, target_, weight_);
+  const auto acc_st = acc_type_of(p.input.scalar_type());
+  at::Tensor losses = empty_cpu({p.N}, acc_st);
+  at::Tensor lse = empty_cpu({p.N}, acc_st);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "linear_ce_rows_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_chunks<scalar_t, acc_t>(p, head_of<acc_t>(p, label_smoothing), ignore_index, chunk_size,
+                                    losses.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(), false, nullptr,
+                                    nullptr, nullptr);
+  });
+  return {losses, lse};
+}
+
+// (out, kept, k, threshold, rowscale) from the per-row losses; returns the denominator too.
+template <typename scalar_t, typename acc_t>
+double select_and_reduce(const acc_t* loss, const int64_t* t, const acc_t* w, int64_t N, int64_t ignore_index,
+                         bool easiest, double r, int64_t count, int64_t reduction, at::Tensor& out, at::Tensor& kept,
+                         at::Tensor& k_t, at::Tensor& threshold, at::Tensor& rowscale) {
+  const Selection sel = select_kept<acc_t>(loss, t, ignore_index, N, easiest, r, count);
+  const double denom = reduce_kept<scalar_t, acc_t>(loss, t, w, N, sel, reduction, out.mutable_data_ptr<scalar_t>(),
+                                                    kept.mutable_data_ptr<bool>(), rowscale.mutable_data_ptr<acc_t>());
+  *k_t.mutable_data_ptr<int64_t>() = sel.k;
+  *threshold.mutable_data_ptr<scalar_t>() = sel.thr_idx >= 0
+                                                ? static_cast<scalar_t>(loss[sel.thr_idx])
+                                                : static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+  return sel.k > 0 ? denom : 0.0;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce_trimmed_cpu(
+    const at::Tensor& losses_, const at::Tensor& lse, const at::Tensor& input, const at::Tensor& W,
+    const std::optional<at::Tensor>& b, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
+    double keep_ratio, const std::optional<at::Tensor>& keep_ratio_t, bool easiest, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, int64_t chunk_size) {
+  const int64_t N = losses_.size(0);
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "fused_trim: bad reduction code ", reduction);
+  const auto st = input.scalar_type();
+  const auto acc_st = acc_type_of(st);
+  const at::Tensor losses = as_contiguous(losses_, acc_st);
+  const at::Tensor target = as_contiguous(target_, at::kLong);
+  const at::Tensor weight =
+      weight_.has_value() && weight_->defined() ? as_contiguous(*weight_, acc_st) : at::Tensor();
+  // keep_ratio_t: a 0-dim float tensor (a ratio), or an integer one: an exact count.
+  const bool has_ratio_t = keep_ratio_t.has_value() && keep_ratio_t->defined();
+  const bool exact_count = has_ratio_t && !at::isFloatingType(keep_ratio_t->scalar_type());
+  const int64_t count = exact_count ? std::max<int64_t>(0, keep_ratio_t->item<int64_t>()) : -1;
+  const double r = has_ratio_t && !exact_count ? keep_ratio_t->item<double>() : keep_ratio;
+  at::Tensor out = reduction == kNone ? empty_cpu({N}, st) : empty_cpu({}, st);
+  at::Tensor kept = empty_cpu({N}, at::kBool);
+  at::Tensor k_t = empty_cpu({}, at::kLong);
+  at::Tensor threshold = empty_cpu({}, st);
+  at::Tensor rowscale = empty_cpu({N}, acc_st);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "linear_ce_trimmed_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    select_and_reduce<scalar_t, acc_t>(losses.const_data_ptr<acc_t>(), target.const_data_ptr<int64_t>(),
+                                       weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr, N, ignore_index,
+                                       easiest, r, count, reduction, out, kept, k_t, threshold, rowscale);
+  });
+  return {out, kept, k_t, threshold, rowscale};
+}
+
+// Gradient mask bits of linear_ce_bwd / linear_ce_keep_all.
+constexpr int64_t kGradInput = 1, kGradWeight = 2, kGradBias = 4;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input_, const at::Tensor& W_, const std::optional<at::Tensor>& b_,
+    const at::Tensor& target_, const std::optional<at::Tensor>& weight_, const at::Tensor& lse_,
+    const at::Tensor& kept_, const at::Tensor& rowscale_, int64_t ignore_index, double label_smoothing,
+    int64_t chunk_size, int64_t grad_mask) {
+  const Prepared p = prepare(input_, W_, b_, target_, weight_);
+  const int64_t N = p.N, D = p.D, V = p.V;
+  const auto st = p.input.scalar_type();
+  const auto acc_st = acc_type_of(st);
+  const bool need_input = grad_mask & kGradInput, need_weight = grad_mask & kGradWeight;
+  const bool need_bias = (grad_mask & kGradBias) && p.bias.defined();
+  const at::Tensor g = as_contiguous(grad_out, acc_st);
+  const bool per_row = g.dim() == 1;
+  const at::Tensor lse_c = as_contiguous(lse_, acc_st);
+  const at::Tensor rs_c = as_contiguous(rowscale_, acc_st);
+  const at::Tensor kept = as_contiguous(kept_, at::kBool);
+  at::Tensor grad_input = need_input ? empty_large({N, D}, at::TensorOptions().dtype(st)) : empty_cpu({0}, st);
+  if (need_input) zero_bytes(grad_input.mutable_data_ptr(), grad_input.nbytes(), /*stream=*/false);
+  at::Tensor dW = need_weight ? grad_buffer({V, D}, acc_st, W_.scalar_type()) : at::Tensor();
+  at::Tensor db = need_bias ? empty_cpu({V}, acc_st) : at::Tensor();
+
+  // The kept rows, in row order: the sums run in a fixed order.
+  std::vector<int64_t> idx;
+  const bool* kp = kept.const_data_ptr<bool>();
+  for (int64_t i = 0; i < N; ++i) {
+    if (kp[i]) idx.push_back(i);
+  }
+  const int64_t k = static_cast<int64_t>(idx.size());
+
+  if (k > 0 && (need_input || need_weight || need_bias)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "linear_ce_bwd_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const Head<acc_t> h = head_of<acc_t>(p, label_smoothing);
+      const int64_t c = balanced_chunk(k, chunk_size);
+      at::Tensor xbuf = empty_cpu({c, D}, acc_st);
+      at::Tensor lbuf = empty_cpu({c, V}, acc_st);
+      at::Tensor dxbuf = need_input ? empty_cpu({c, D}, acc_st) : at::Tensor();
+      at::Tensor partial = need_input ? empty_cpu({dinput_splits(V, D) * c * D}, acc_st) : at::Tensor();
+      std::vector<int64_t> y(c);
+      std::vector<acc_t> lse(c), coef(c);
+      const scalar_t* x = p.input.const_data_ptr<scalar_t>();
+      const int64_t* t = p.target.const_data_ptr<int64_t>();
+      const acc_t* lse_all = lse_c.const_data_ptr<acc_t>();
+      const acc_t* rs = rs_c.const_data_ptr<acc_t>();
+      const acc_t* gp = g.const_data_ptr<acc_t>();
+      acc_t* xk = xbuf.mutable_data_ptr<acc_t>();
+      acc_t* L = lbuf.mutable_data_ptr<acc_t>();
+      for (int64_t s = 0; s < k; s += c) {
+        const int64_t rows = std::min(c, k - s);
+        const int64_t* ri = idx.data() + s;
+        gather_rows<scalar_t, acc_t>(x, p.input.stride(0), D, ri, 0, rows, xk);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = ri[r];
+          y[r] = scored(t[i], V, ignore_index) ? t[i] : -1;
+          lse[r] = lse_all[i];
+          coef[r] = (per_row ? gp[i] : gp[0]) * rs[i];
+        }
+        chunk_logits<acc_t>(h, xk, rows, L);
+        chunk_dlogits<acc_t>(h, L, rows, y.data(), lse.data(), coef.data());
+        if (need_input) {
+          acc_t* dxk = dxbuf.mutable_data_ptr<acc_t>();
+          chunk_dinput<acc_t>(h, L, rows, dxk, partial.mutable_data_ptr<acc_t>());
+          scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
+          for (int64_t r = 0; r < rows; ++r) store_block<scalar_t, acc_t>(dxk + r * D, D, gi + ri[r] * D);
+        }
+        chunk_dweight<acc_t>(h, L, rows, xk, need_weight ? dW.mutable_data_ptr<acc_t>() : nullptr,
+                             need_bias ? db.mutable_data_ptr<acc_t>() : nullptr, /*first=*/s == 0);
+      }
+    });
+  }
+  if (k == 0) {  // nothing kept: zero gradients (no chunk wrote them)
+    if (need_weight) dW.zero_();
+    if (need_bias) db.zero_();
+  }
+  at::Tensor grad_weight = need_weight ? finish_grad(dW, W_.scalar_type()) : empty_cpu({0}, W_.scalar_type());
+  at::Tensor grad_bias = need_bias ? finish_grad(db, b_->scalar_type()) : empty_cpu({0}, st);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_ce_keep_all_cpu(const at::Tensor& input_, const at::Tensor& W_, const std::optional<at::Tensor>& b_,
+                       const at::Tensor& target_, const std::optional<at::Tensor>& weight_, bool easiest,
+                       int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t chunk_size,
+                       int64_t grad_mask) {
+  TORCH_CHECK(reduction == kMean || reduction == kSum, "fused_trim: linear_ce_keep_all takes mean or sum, got code ",
+              reduction);
+  const Prepared p = prepare(input_, W_, b_, target_, weight_);
+  const int64_t N = p.N, D = p.D, V = p.V;
+  const auto st = p.input.scalar_type();
+  const auto acc_st = acc_type_of(st);
+  const bool need_input = grad_mask & kGradInput;
+  const bool need_bias = (grad_mask & kGradBias) && p.bias.defined();
+  at::Tensor losses = empty_cpu({N}, acc_st);
+  at::Tensor lse = empty_cpu({N}, acc_st);
+  at::Tensor out = empty_cpu({}, st);
+  at::Tensor kept = empty_cpu({N}, at::kBool);
+  at::Tensor k_t = empty_cpu({}, at::kLong);
+  at::Tensor threshold = empty_cpu({}, st);
+  at::Tensor rowscale = empty_cpu({N}, acc_st);
+  at::Tensor gscale = empty_cpu({}, acc_st);
+  // The unscaled gradients, kept for the backward (which scales them with linear_ce_scale).
+  at::Tensor dx = need_input ? empty_large({N, D}, at::TensorOptions().dtype(acc_st)) : empty_cpu({0}, acc_st);
+  // d linear_weight is accumulated whether or not it is wanted (the GEMM of d input needs the
+  // same dlogits; d linear_weight alone is a third of the work).
+  const bool need_weight = grad_mask & kGradWeight;
+  at::Tensor dW = need_weight ? empty_large({V, D}, at::TensorOptions().dtype(acc_st)) : empty_cpu({0}, acc_st);
+  at::Tensor db = need_bias ? empty_cpu({V}, acc_st) : empty_cpu({0}, acc_st);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "linear_ce_keep_all_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Head<acc_t> h = head_of<acc_t>(p, label_smoothing);
+    forward_chunks<scalar_t, acc_t>(p, h, ignore_index, chunk_size, losses.mutable_data_ptr<acc_t>(),
+                                    lse.mutable_data_ptr<acc_t>(), true,
+                                    need_input ? dx.mutable_data_ptr<acc_t>() : nullptr,
+                                    need_weight ? dW.mutable_data_ptr<acc_t>() : nullptr,
+                                    need_bias ? db.mutable_data_ptr<acc_t>() : nullptr);
+    if (N == 0) {
+      if (need_weight) dW.zero_();
+      if (need_bias) db.zero_();
+    }
+    const double denom = select_and_reduce<scalar_t, acc_t>(
+        losses.const_data_ptr<acc_t>(), p.target.const_data_ptr<int64_t>(), h.w, N, ignore_index, easiest, 1.0, -1,
+        reduction, out, kept, k_t, threshold, rowscale);
+    // The backward's factor: grad_out / denominator ("mean") or grad_out ("sum"); 0 when nothing is
+    // kept (the gradient is then zero, as the unscaled one already is).
+    const bool none_kept = *k_t.const_data_ptr<int64_t>() == 0;
+    *gscale.mutable_data_ptr<acc_t>() =
+        none_kept ? acc_t(0) : (reduction == kMean ? static_cast<acc_t>(1.0 / denom) : acc_t(1));
+  });
+  return {out, losses, kept, k_t, threshold, gscale, dx, dW, db};
+}
+
+// The keep-all backward: `grad` (accumulation type) times the 0-dim `factor`, as `dtype`.
+at::Tensor linear_ce_scale_cpu(const at::Tensor& grad, const at::Tensor& factor, at::ScalarType dtype) {
+  return finish_grad(grad.contiguous(), dtype, factor.item<double>());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fused_trim, m) {
+  m.def(
+      "linear_ce_rows(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight, "
+      "int ignore_index, float label_smoothing, int chunk_size) -> (Tensor losses, Tensor lse)");
+  m.def(
+      "linear_ce_trimmed(Tensor losses, Tensor lse, Tensor input, Tensor linear_weight, Tensor? linear_bias, "
+      "Tensor target, Tensor? weight, float keep_ratio, Tensor? keep_ratio_t, bool easiest, int ignore_index, "
+      "float label_smoothing, int reduction, int chunk_size) "
+      "-> (Tensor out, Tensor kept, Tensor k, Tensor threshold, Tensor rowscale)");
+  m.def(
+      "linear_ce_bwd(Tensor grad_out, Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
+      "Tensor? weight, Tensor lse, Tensor kept, Tensor rowscale, int ignore_index, float label_smoothing, "
+      "int chunk_size, int grad_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "linear_ce_keep_all(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight, "
+      "bool easiest, int ignore_index, float label_smoothing, int reduction, int chunk_size, int grad_mask) "
+      "-> (Tensor out, Tensor losses, Tensor kept, Tensor k, Tensor threshold, Tensor gscale, Tensor grad_input, "
+      "Tensor grad_weight, Tensor grad_bias)");
+  m.def("linear_ce_scale(Tensor grad, Tensor factor, ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fused_trim, CPU, m) {
+  m.impl("linear_ce_rows", &linear_ce_rows_cpu);
+  m.impl("linear_ce_trimmed", &linear_ce_trimmed_cpu);
+  m.impl("linear_ce_bwd", &linear_ce_bwd_cpu);
+  m.impl("linear_ce_keep_all", &linear_ce_keep_all_cpu);
+  m.impl("linear_ce_scale", &linear_ce_scale_cpu);
+}
+
+}  // namespace fused_trim
