@@ -286,3 +286,31 @@ def test_fake_shapes_of_the_ops(monkeypatch):
     names = [name for name, _ in launched]
     assert names[0] == "linear_ce_forward_kernel" and launched[0][1] == (2,)  # 64-row blocks
     assert names.count("ce_backward_kernel") == 2 + 4  # ceil(50 / 32) chunks, then ceil(100 / 32)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+def test_double_backward_raises_clearly(ratio):
+    """A second backward (through the recomputing backward op, or through the keep-all path's
+    saved gradients, which would silently miss second-order terms) raises a named error."""
+    x, w, b, t = head(10, 4, 7, seed=10)
+    x.requires_grad_(True)
+    message = "double backward of trimmed_linear_cross_entropy is not supported; use backend='reference'"
+    out = trimmed_linear_cross_entropy(x, w, t, ratio, linear_bias=b, backend="triton")
+    with pytest.raises(RuntimeError, match=message.replace("(", r"\(")):
+        (grad,) = torch.autograd.grad(out, x, create_graph=True)
+        torch.autograd.grad(grad.pow(2).sum(), x)
+
+
+def test_device_guard_is_a_no_op_off_cuda(monkeypatch):
+    """On the CPU (the interpreter) no op enters torch.cuda.device (it would raise without a GPU)."""
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("torch.cuda.device entered for a CPU tensor")
+
+    monkeypatch.setattr(torch.cuda, "device", no_cuda)
+    x, w, b, t = head(10, 4, 7, seed=11)
+    for ratio in (0.5, 1.0):
+        xg = x.clone().requires_grad_(True)
+        out = trimmed_linear_cross_entropy(xg, w, t, ratio, linear_bias=b, backend="triton")
+        (grad,) = torch.autograd.grad(out, xg)
+        assert torch.isfinite(grad).all()

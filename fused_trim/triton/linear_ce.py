@@ -45,7 +45,7 @@ from torch.library import triton_op, wrap_triton
 from ._ce import log1p, smoothing_block, smoothing_eps, softmax_block, weighted_loss
 from .ce_backward import ce_backward_kernel
 from .ce_forward import ce_forward_kernel
-from .function import REDUCTION_CODE, accumulation_dtype, float64_bits, row_config, select_rows
+from .function import REDUCTION_CODE, accumulation_dtype, device_guard, float64_bits, row_config, select_rows
 
 # ------------------------------------------------------------------------------------------------
 # Kernel
@@ -273,23 +273,25 @@ def linear_ce_rows(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Every row's ``(loss, w_y, stats)`` of ``F.linear(input, linear_weight, linear_bias)`` without
     the logits: ``(N,)``, ``(N,)`` and ``(2, N)`` (row max, ``log s``), in the accumulation dtype."""
-    num_rows, in_features = input.shape
-    num_classes = linear_weight.shape[0]
-    acc = accumulation_dtype(input.dtype)
-    loss = torch.empty(num_rows, dtype=acc, device=input.device)
-    w_y = torch.empty(num_rows, dtype=acc, device=input.device)
-    stats = torch.empty(2, num_rows, dtype=acc, device=input.device)
-    bn, bv, bd, warps = forward_config(num_rows, num_classes, in_features, input.dtype)
-    wrap_triton(linear_ce_forward_kernel)[(triton.cdiv(num_rows, bn),)](
-        input, input.stride(0), input.stride(1), linear_weight, linear_weight.stride(0), linear_weight.stride(1),
-        linear_bias if linear_bias is not None else loss, target.contiguous(),
-        weight.contiguous() if weight is not None else loss, loss, stats, num_rows, w_y, num_rows, num_classes,
-        in_features, ignore_index, float64_bits(label_smoothing), HAS_BIAS=linear_bias is not None,
-        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0,
-        INPUT_PRECISION=input_precision(input.dtype), DOT_IN_FP32=input.dtype == torch.bfloat16 and not input.is_cuda,
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps,
-    )  # fmt: skip
-    return loss, w_y, stats
+    with device_guard(input):
+        num_rows, in_features = input.shape
+        num_classes = linear_weight.shape[0]
+        acc = accumulation_dtype(input.dtype)
+        loss = torch.empty(num_rows, dtype=acc, device=input.device)
+        w_y = torch.empty(num_rows, dtype=acc, device=input.device)
+        stats = torch.empty(2, num_rows, dtype=acc, device=input.device)
+        bn, bv, bd, warps = forward_config(num_rows, num_classes, in_features, input.dtype)
+        wrap_triton(linear_ce_forward_kernel)[(triton.cdiv(num_rows, bn),)](
+            input, input.stride(0), input.stride(1), linear_weight, linear_weight.stride(0), linear_weight.stride(1),
+            linear_bias if linear_bias is not None else loss, target.contiguous(),
+            weight.contiguous() if weight is not None else loss, loss, stats, num_rows, w_y, num_rows, num_classes,
+            in_features, ignore_index, float64_bits(label_smoothing), HAS_BIAS=linear_bias is not None,
+            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0,
+            INPUT_PRECISION=input_precision(input.dtype),
+            DOT_IN_FP32=input.dtype == torch.bfloat16 and not input.is_cuda,
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps,
+        )  # fmt: skip
+        return loss, w_y, stats
 
 
 @triton_op("fused_trim::triton_linear_ce_trimmed", mutates_args=())
@@ -316,9 +318,10 @@ def linear_ce_trimmed(
     ``input``, ``linear_weight`` and ``linear_bias`` are read only by the backward, which
     recomputes at most ``max_kept`` rows, ``chunk_size`` at a time.
     """
-    return select_rows(
-        losses, w_y, target.contiguous(), input.dtype, keep_ratio, keep_ratio_t, hardest, ignore_index, reduction
-    )
+    with device_guard(input):
+        return select_rows(
+            losses, w_y, target.contiguous(), input.dtype, keep_ratio, keep_ratio_t, hardest, ignore_index, reduction
+        )
 
 
 @triton_op("fused_trim::triton_linear_ce_bwd", mutates_args=())
@@ -342,27 +345,27 @@ def linear_ce_bwd(
     then rows outside the kept set, whose gradient is zero) are processed ``chunk_size`` at a time;
     ``d input`` is exactly zero on every other row.
     """
-    acc = accumulation_dtype(input.dtype)
-    per_row = grad_out.dim() == 1
-    grad_out = grad_out.contiguous()
-    weight = weight.contiguous() if weight is not None else None
-    weight_sum = _weight_sum(weight, label_smoothing, acc, stats)
-    order = torch.argsort((~kept).to(torch.int8), stable=True)[:max_kept]
-    grads = _GradAccumulator(
-        input, linear_weight, linear_bias is not None, torch.zeros(input.shape, dtype=input.dtype, device=input.device)
-    )
-    for start in range(0, max_kept, chunk_size):
-        rows = order[start : start + chunk_size]
-        x = input.index_select(0, rows)
-        logits = _chunk_logits(x, linear_weight, linear_bias, acc)
-        dlogits = logits if input.dtype == acc else torch.empty_like(logits, dtype=input.dtype)
-        _launch_ce_backward(
-            logits, dlogits, target.index_select(0, rows), weight, weight_sum, stats.index_select(1, rows),
-            kept.index_select(0, rows), grad_out.index_select(0, rows) if per_row else grad_out, denom,
-            label_smoothing,
-        )  # fmt: skip
-        grads.add(rows, x, dlogits, linear_weight)
-    return grads.d_input, grads.d_weight.to(linear_weight.dtype), grads.d_bias.to(input.dtype)
+    with device_guard(input):
+        acc = accumulation_dtype(input.dtype)
+        per_row = grad_out.dim() == 1
+        grad_out = grad_out.contiguous()
+        weight = weight.contiguous() if weight is not None else None
+        weight_sum = _weight_sum(weight, label_smoothing, acc, stats)
+        order = torch.argsort((~kept).to(torch.int8), stable=True)[:max_kept]
+        d_input = torch.zeros(input.shape, dtype=input.dtype, device=input.device)
+        grads = _GradAccumulator(input, linear_weight, linear_bias is not None, d_input)
+        for start in range(0, max_kept, chunk_size):
+            rows = order[start : start + chunk_size]
+            x = input.index_select(0, rows)
+            logits = _chunk_logits(x, linear_weight, linear_bias, acc)
+            dlogits = logits if input.dtype == acc else torch.empty_like(logits, dtype=input.dtype)
+            _launch_ce_backward(
+                logits, dlogits, target.index_select(0, rows), weight, weight_sum, stats.index_select(1, rows),
+                kept.index_select(0, rows), grad_out.index_select(0, rows) if per_row else grad_out, denom,
+                label_smoothing,
+            )  # fmt: skip
+            grads.add(rows, x, dlogits, linear_weight)
+        return grads.d_input, grads.d_weight.to(linear_weight.dtype), grads.d_bias.to(input.dtype)
 
 
 def _trimmed_setup_context(ctx, inputs, output) -> None:
@@ -383,7 +386,16 @@ def _trimmed_backward(ctx, grad_out, *_unused):
     return (None,) * 3 + (d_input, d_weight, d_bias) + (None,) * 10
 
 
+DOUBLE_BACKWARD_MESSAGE = "double backward of trimmed_linear_cross_entropy is not supported; use backend='reference'"
+
+
+def _double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+
+
 linear_ce_trimmed.register_autograd(_trimmed_backward, setup_context=_trimmed_setup_context)
+# The gradient is not differentiable again here: say so clearly when a second backward reaches it.
+linear_ce_bwd.register_autograd(_double_backward)
 
 
 @triton_op("fused_trim::triton_linear_ce_keep_all", mutates_args=())
@@ -406,36 +418,38 @@ def linear_ce_keep_all(
     Returns ``(out, losses, kept, k, threshold, denom, d_input, d_weight, d_bias)``, the gradients
     in the accumulation dtype and unscaled (the backward multiplies them by ``grad_out / denom``).
     """
-    num_rows = input.shape[0]
-    acc = accumulation_dtype(input.dtype)
-    dev = input.device
-    target = target.contiguous()
-    weight = weight.contiguous() if weight is not None else None
-    losses = torch.empty(num_rows, dtype=acc, device=dev)
-    w_y = torch.empty(num_rows, dtype=acc, device=dev)
-    stats = torch.empty(2, num_rows, dtype=acc, device=dev)
-    valid = target != ignore_index
-    one = torch.ones((), dtype=acc, device=dev)
-    weight_sum = _weight_sum(weight, label_smoothing, acc, losses)
-    grads = _GradAccumulator(
-        input, linear_weight, linear_bias is not None, torch.empty(input.shape, dtype=acc, device=dev)
-    )
-    for start in range(0, num_rows, chunk_size):
-        rows = slice(start, min(start + chunk_size, num_rows))
-        x = input[rows]
-        logits = _chunk_logits(x, linear_weight, linear_bias, acc)
-        _launch_ce_forward(
-            logits, target[rows], weight, losses[rows], stats[:, rows], w_y[rows], ignore_index, label_smoothing
+    with device_guard(input):
+        num_rows = input.shape[0]
+        acc = accumulation_dtype(input.dtype)
+        dev = input.device
+        target = target.contiguous()
+        weight = weight.contiguous() if weight is not None else None
+        losses = torch.empty(num_rows, dtype=acc, device=dev)
+        w_y = torch.empty(num_rows, dtype=acc, device=dev)
+        stats = torch.empty(2, num_rows, dtype=acc, device=dev)
+        valid = target != ignore_index
+        one = torch.ones((), dtype=acc, device=dev)
+        weight_sum = _weight_sum(weight, label_smoothing, acc, losses)
+        grads = _GradAccumulator(
+            input, linear_weight, linear_bias is not None, torch.empty(input.shape, dtype=acc, device=dev)
         )
-        dlogits = logits if input.dtype == acc else torch.empty_like(logits, dtype=input.dtype)
-        _launch_ce_backward(
-            logits, dlogits, target[rows], weight, weight_sum, stats[:, rows], valid[rows], one, one, label_smoothing
+        for start in range(0, num_rows, chunk_size):
+            rows = slice(start, min(start + chunk_size, num_rows))
+            x = input[rows]
+            logits = _chunk_logits(x, linear_weight, linear_bias, acc)
+            _launch_ce_forward(
+                logits, target[rows], weight, losses[rows], stats[:, rows], w_y[rows], ignore_index, label_smoothing
+            )
+            dlogits = logits if input.dtype == acc else torch.empty_like(logits, dtype=input.dtype)
+            _launch_ce_backward(
+                logits, dlogits, target[rows], weight, weight_sum, stats[:, rows], valid[rows], one, one,
+                label_smoothing,
+            )  # fmt: skip
+            grads.add(rows, x, dlogits, linear_weight)
+        out, kept, k, threshold, denom = select_rows(
+            losses, w_y, target, input.dtype, 1.0, None, hardest, ignore_index, reduction
         )
-        grads.add(rows, x, dlogits, linear_weight)
-    out, kept, k, threshold, denom = select_rows(
-        losses, w_y, target, input.dtype, 1.0, None, hardest, ignore_index, reduction
-    )
-    return out, losses, kept, k, threshold, denom, grads.d_input, grads.d_weight, grads.d_bias
+        return out, losses, kept, k, threshold, denom, grads.d_input, grads.d_weight, grads.d_bias
 
 
 def _keep_all_setup_context(ctx, inputs, output) -> None:
@@ -446,6 +460,8 @@ def _keep_all_setup_context(ctx, inputs, output) -> None:
 
 
 def _keep_all_backward(ctx, grad_out, *_unused):
+    if torch.is_grad_enabled():  # create_graph=True: the saved gradients are constants here
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
     denom, d_input, d_weight, d_bias = ctx.saved_tensors
     scale = grad_out.to(denom.dtype) / denom
     in_dtype, w_dtype = ctx.dtypes
