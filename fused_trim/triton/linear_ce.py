@@ -251,7 +251,10 @@ class _GradAccumulator:
             self.d_input[rows] = d_x
         else:
             self.d_input.index_copy_(0, rows, d_x)
-        self.d_weight += _mm(dlogits.t(), x, self.acc)
+        if dlogits.dtype == self.acc:
+            self.d_weight.addmm_(dlogits.t(), x)  # in place: no (V, D) temporary
+        else:
+            self.d_weight += _mm(dlogits.t(), x, self.acc)
         if self.d_bias.numel():
             self.d_bias += dlogits.sum(0, dtype=self.acc)
 
