@@ -56,6 +56,26 @@ constexpr int64_t kMaxSplit = 16;
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// MKL (torch's BLAS on x86) chooses its algorithm from its thread setting even where it then runs
+// on one thread (inside our parallel region): set to 2 threads, it splits the inner dimension of a
+// small GEMM such as a block of d input, and the bits change with the thread count. Each tile
+// therefore runs with MKL's thread-local setting at 1. (A weak symbol: other BLAS builds of torch
+// do not have it, and their GEMMs are single-threaded here anyway. mkl_service.h maps the C name
+// mkl_set_num_threads_local to this symbol; the lowercase export is the Fortran one, by pointer.)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+struct OneBlasThread {
+  int previous = 0;
+  OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+};
+
 // Rows per chunk: at most `chunk`, as few chunks as that allows, all of about one size (a last
 // chunk of a few rows would cost a whole pass over d linear_weight for almost no work).
 int64_t balanced_chunk(int64_t rows, int64_t chunk) {
@@ -90,6 +110,7 @@ template <typename acc_t>
 void chunk_logits(const Head<acc_t>& h, const acc_t* xk, int64_t rows, acc_t* logits) {
   const int64_t V = h.V, D = h.D;
   at::parallel_for(0, ceil_div(V, kTileV), 1, [&](int64_t t0, int64_t t1) {
+    const OneBlasThread one;
     const at::Tensor a = blob(xk, {rows, D}, {D, 1});
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t v0 = t * kTileV, n = std::min(kTileV, V - v0);
@@ -138,6 +159,7 @@ void chunk_dinput(const Head<acc_t>& h, const acc_t* dl, int64_t rows, acc_t* dx
   const int64_t V = h.V, D = h.D;
   const int64_t S = dinput_splits(V, D);
   if (S == 1) {
+    const OneBlasThread one;
     at::Tensor out = blob(dx, {rows, D}, {D, 1});
     at::cpu::mm_out(out, blob(dl, {rows, V}, {V, 1}), blob(h.W, {V, D}, {D, 1}));
     return;
@@ -145,6 +167,7 @@ void chunk_dinput(const Head<acc_t>& h, const acc_t* dl, int64_t rows, acc_t* dx
   const int64_t block = ceil_div(V, S);
   const int64_t size = rows * D;
   at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+    const OneBlasThread one;
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t v0 = s * block, n = std::min(block, V - v0);
       acc_t* p = partial + s * size;
@@ -181,6 +204,7 @@ void chunk_dweight(const Head<acc_t>& h, const acc_t* dl, int64_t rows, const ac
                    bool first) {
   const int64_t V = h.V, D = h.D;
   at::parallel_for(0, ceil_div(V, kTileV), 1, [&](int64_t t0, int64_t t1) {
+    const OneBlasThread one;
     const at::Tensor x = blob(xk, {rows, D}, {D, 1});
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t v0 = t * kTileV, n = std::min(kTileV, V - v0);

@@ -1,0 +1,148 @@
+"""The native CPU LM head (``csrc/linear_ce_cpu.cpp``) beyond what tests/test_linear_ce.py checks on
+every backend: shapes that cut the GEMMs into several class tiles and d input into several class
+blocks, bitwise repeatability across thread counts, fp16, partial gradients, the keep-all path under
+``retain_graph`` and ``torch.compile``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fused_trim import native, trimmed_linear_cross_entropy
+
+from .test_linear_ce import assert_same, make_head, run_fused, run_unfused
+
+pytestmark = pytest.mark.skipif(not native.is_available(torch.device("cpu")), reason="native op not built")
+
+# V = 5000 classes: 5 GEMM tiles of 1024 classes, d input summed over 4 class blocks (D = 3),
+# so every tile/block boundary and the block-order sum are exercised.
+TILED = (37, 3, 5000)
+
+
+@pytest.mark.parametrize("chunk", [1, 10, 37, 64])
+@pytest.mark.parametrize("ratio", [0.3, 1.0])
+@pytest.mark.parametrize(
+    "opts",
+    [dict(), dict(ignore_frac=0.3, weight=True, label_smoothing=0.1), dict(bias=False, reduction="none")],
+    ids=["plain", "weight-smoothing-ignore", "nobias-none"],
+)
+def test_tiled_shapes_match_unfused_float64(chunk, ratio, opts):
+    opts = dict(opts)
+    x, w, b, t = make_head(*TILED, seed=3, ignore_frac=opts.pop("ignore_frac", 0.0), bias=opts.pop("bias", True))
+    if opts.pop("weight", False):
+        opts["weight"] = torch.rand(TILED[2], generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.1
+    for keep in ("hardest", "easiest"):
+        fused = run_fused("native", x, w, b, t, ratio, keep=keep, chunk_size=chunk, **opts)
+        assert_same(fused, run_unfused(x, w, b, t, ratio, keep=keep, **opts))
+
+
+@pytest.mark.parametrize("n, d, v", [(1, 1, 1), (1, 64, 7), (37, 1, 2049), (5, 64, 1)])
+def test_odd_shapes_every_path(n, d, v):
+    """Single rows, single features, a single class, a class count one past two tiles."""
+    x, w, b, t = make_head(n, d, v, seed=n + d + v)
+    for ratio in (0.5, 1.0):
+        for reduction in ("mean", "sum", "none"):
+            fused = run_fused("native", x, w, b, t, ratio, reduction=reduction, chunk_size=4)
+            assert_same(fused, run_unfused(x, w, b, t, ratio, reduction=reduction))
+
+
+@pytest.mark.parametrize("ratio", [0.4, 1.0])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bitwise_repeatable_across_thread_counts(ratio, reduction):
+    """The GEMMs run as fixed tiles (one single-threaded BLAS call each) and d input adds a fixed
+    number of class blocks in order: the same bits with 1, 2 or 3 threads and on every run."""
+    x, w, b, t = make_head(53, 24, 4100, dtype=torch.float32, seed=9, ignore_frac=0.1)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3, 2):
+            torch.set_num_threads(threads)
+            results.append(run_fused("native", x, w, b, t, ratio, reduction=reduction, chunk_size=16,
+                                     label_smoothing=0.05))  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    first_out, first_info, first_grads = results[0]
+    for out, info, grads in results[1:]:
+        assert torch.equal(out, first_out)
+        assert torch.equal(info.losses, first_info.losses) and torch.equal(info.kept, first_info.kept)
+        for g, h in zip(grads, first_grads, strict=True):
+            assert torch.equal(g, h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+def test_half_inputs_no_worse_than_unfused(dtype, ratio):
+    """fp16/bf16 head (converted to fp32 a chunk at a time, never a half-precision GEMM): the error
+    against float64 from the same rounded inputs is at most that of F.linear -> trimmed_cross_entropy
+    in that dtype, for the value and every gradient."""
+    x, w, b, t = make_head(40, 32, 1500, seed=5, scale=4.0, ignore_frac=0.1)
+    x, w, b = (p.to(dtype).double() for p in (x, w, b))  # exactly representable
+    fused = run_fused("native", x.to(dtype), w.to(dtype), b.to(dtype), t, ratio, chunk_size=16)
+    unfused = run_unfused(x.to(dtype), w.to(dtype), b.to(dtype), t, ratio)
+    exact = run_unfused(x, w, b, t, ratio)
+    assert fused[0].dtype == dtype and all(g.dtype == dtype for g in fused[2])
+    assert torch.equal(fused[1].kept, exact[1].kept)
+    for ours, theirs, truth in zip([fused[0], *fused[2]], [unfused[0], *unfused[2]], [exact[0], *exact[2]],
+                                   strict=True):  # fmt: skip
+        err = (ours.double() - truth).abs().max()
+        base = (theirs.double() - truth).abs().max()
+        assert err <= base * 1.25 + 1e-3 * truth.abs().max(), f"fused error {err} vs unfused {base}"
+    dx = fused[2][0]
+    assert torch.all(dx[~fused[1].kept] == 0)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+@pytest.mark.parametrize("wanted", ["input", "weight", "bias", "weight+bias"])
+def test_partial_gradients(ratio, wanted):
+    """Only some of input / linear_weight / linear_bias require grad (a frozen head, frozen hidden
+    states): those gradients equal the unfused ones and the others stay None."""
+    x, w, b, t = make_head(21, 5, 300, seed=2, ignore_frac=0.2)
+    leaves = {name: p.clone().requires_grad_(name in wanted) for name, p in zip(("input", "weight", "bias"),
+                                                                                (x, w, b), strict=True)}  # fmt: skip
+    out = trimmed_linear_cross_entropy(leaves["input"], leaves["weight"], t, ratio, linear_bias=leaves["bias"],
+                                       backend="native", chunk_size=6)  # fmt: skip
+    out.backward()
+    ref_leaves = {name: p.clone().requires_grad_(True) for name, p in zip(("input", "weight", "bias"), (x, w, b),
+                                                                          strict=True)}  # fmt: skip
+    ref = trimmed_linear_cross_entropy(ref_leaves["input"], ref_leaves["weight"], t, ratio,
+                                       linear_bias=ref_leaves["bias"], backend="reference", chunk_size=6)  # fmt: skip
+    ref.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+    for name in ("input", "weight", "bias"):
+        if name in wanted:
+            torch.testing.assert_close(leaves[name].grad, ref_leaves[name].grad, rtol=1e-9, atol=1e-11)
+        else:
+            assert leaves[name].grad is None
+
+
+def test_keep_all_backward_twice_with_retain_graph():
+    """The keep-all path keeps its unscaled gradient: a second backward gives the same result."""
+    x, w, b, t = make_head(30, 6, 200, seed=8)
+    x, w, b = (p.clone().requires_grad_(True) for p in (x, w, b))
+    out = trimmed_linear_cross_entropy(x, w, t, 1.0, linear_bias=b, backend="native", chunk_size=7)
+    first = torch.autograd.grad(out, (x, w, b), torch.tensor(0.5, dtype=out.dtype), retain_graph=True)
+    second = torch.autograd.grad(out, (x, w, b), torch.tensor(0.5, dtype=out.dtype))
+    for g, h in zip(first, second, strict=True):
+        assert torch.equal(g, h)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 1.0])
+def test_compile_fullgraph_matches_eager(ratio):
+    """torch.compile(fullgraph=True) traces both paths (rows/trimmed/bwd ops and the keep-all op)."""
+    x, w, b, t = make_head(19, 8, 50, dtype=torch.float32, seed=4, ignore_frac=0.2)
+
+    def step(x, w, b):
+        return trimmed_linear_cross_entropy(x, w, t, ratio, linear_bias=b, backend="native", chunk_size=5,
+                                            label_smoothing=0.1)  # fmt: skip
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, step):
+        leaves = [p.clone().requires_grad_(True) for p in (x, w, b)]
+        out = fn(*leaves)
+        out.backward()
+        results.append((out.detach(), [p.grad for p in leaves]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for g, h in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(g, h)
