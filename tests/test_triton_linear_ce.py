@@ -279,9 +279,9 @@ def test_fake_shapes_of_the_ops(monkeypatch):
             loss, w_y, stats, x, w, None, t, None, 0.5, None, True, -100, 0.0, 0, 50, 32
         )
         assert out.shape == k.shape == thr.shape == denom.shape == () and kept.shape == (100,)
-        dx, dw, db = linear_ce.linear_ce_bwd(out, x, w, None, t, None, stats, kept, denom, 0.0, 50, 32)
+        dx, dw, db = linear_ce.linear_ce_bwd(out, x, w, None, t, None, stats, kept, denom, 0.0, 50, 32, True, True)
         assert dx.shape == x.shape and dw.shape == w.shape and db.shape == (0,)
-        outs = linear_ce.linear_ce_keep_all(x, w, None, t, None, True, -100, 0.0, 1, 32)
+        outs = linear_ce.linear_ce_keep_all(x, w, None, t, None, True, -100, 0.0, 1, 32, True, True)
         assert outs[6].shape == x.shape and outs[7].shape == w.shape
     names = [name for name, _ in launched]
     assert names[0] == "linear_ce_forward_kernel" and launched[0][1] == (2,)  # 64-row blocks
@@ -314,3 +314,31 @@ def test_device_guard_is_a_no_op_off_cuda(monkeypatch):
         out = trimmed_linear_cross_entropy(xg, w, t, ratio, linear_bias=b, backend="triton")
         (grad,) = torch.autograd.grad(out, xg)
         assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+@pytest.mark.parametrize("frozen", ["linear_weight", "input"])
+def test_a_frozen_operand_costs_no_gemm(monkeypatch, ratio, frozen):
+    """A head whose weight needs no gradient (or hidden states that need none) skips that GEMM: two
+    ``torch.mm`` a chunk instead of three on the recomputing backward (and the keep-all forward),
+    and the gradient that is needed still matches float64."""
+    from fused_trim.triton import linear_ce
+
+    calls = []
+    real_mm, real_addmm_ = linear_ce._mm, torch.Tensor.addmm_
+    monkeypatch.setattr(linear_ce, "_mm", lambda a, b, acc: calls.append(a.shape) or real_mm(a, b, acc))
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda c, a, b: calls.append(a.shape) or real_addmm_(c, a, b))
+    x, w, b, t = head(24, 5, 13, seed=12, ignore_frac=0.2)
+    xg, wg = x.clone(), w.clone()
+    (xg if frozen == "linear_weight" else wg).requires_grad_(True)
+    out = trimmed_linear_cross_entropy(xg, wg, t, ratio, linear_bias=b, backend="triton", chunk_size=8)
+    leaf = xg if frozen == "linear_weight" else wg
+    (grad,) = torch.autograd.grad(out, leaf)
+    chunks = 3 if ratio == 1.0 else 2  # keep-all: 24 rows; recompute: k <= round(0.5 * 24) = 12 rows
+    assert len(calls) == 2 * chunks
+    xr, wr = x.clone(), w.clone()
+    ref_leaf = xr if frozen == "linear_weight" else wr
+    ref_leaf.requires_grad_(True)
+    ref = trimmed_cross_entropy(F.linear(xr, wr, b), t, ratio, backend="reference")
+    (ref_grad,) = torch.autograd.grad(ref, ref_leaf)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)

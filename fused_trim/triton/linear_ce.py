@@ -237,25 +237,31 @@ def _chunk_logits(x: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, 
 
 class _GradAccumulator:
     """``d input`` rows, ``d W += dlogits^T x`` and ``d b += column sums`` from one chunk at a time,
-    in the accumulation dtype and in chunk order (bitwise repeatable)."""
+    in the accumulation dtype and in chunk order (bitwise repeatable). A gradient not needed stays
+    an empty tensor and costs no GEMM."""
 
-    def __init__(self, input: Tensor, linear_weight: Tensor, has_bias: bool, d_input: Tensor) -> None:
+    def __init__(
+        self, input: Tensor, linear_weight: Tensor, has_bias: bool, d_input: Tensor | None, need_weight: bool
+    ) -> None:
         self.acc = accumulation_dtype(input.dtype)
-        self.d_input = d_input
-        self.d_weight = torch.zeros(linear_weight.shape, dtype=self.acc, device=input.device)
-        self.d_bias = torch.zeros(linear_weight.shape[0] if has_bias else 0, dtype=self.acc, device=input.device)
+        dev = input.device
+        self.need_input, self.need_weight, self.has_bias = d_input is not None, need_weight, has_bias
+        self.d_input = d_input if d_input is not None else torch.empty(0, dtype=input.dtype, device=dev)
+        self.d_weight = torch.zeros(linear_weight.shape if need_weight else 0, dtype=self.acc, device=dev)
+        self.d_bias = torch.zeros(linear_weight.shape[0] if has_bias else 0, dtype=self.acc, device=dev)
 
     def add(self, rows: Tensor | slice, x: Tensor, dlogits: Tensor, linear_weight: Tensor) -> None:
-        d_x = _mm(dlogits, linear_weight, self.acc).to(self.d_input.dtype)
-        if isinstance(rows, slice):
-            self.d_input[rows] = d_x
-        else:
-            self.d_input.index_copy_(0, rows, d_x)
-        if dlogits.dtype == self.acc:
+        if self.need_input:
+            d_x = _mm(dlogits, linear_weight, self.acc).to(self.d_input.dtype)
+            if isinstance(rows, slice):
+                self.d_input[rows] = d_x
+            else:
+                self.d_input.index_copy_(0, rows, d_x)
+        if self.need_weight and dlogits.dtype == self.acc:
             self.d_weight.addmm_(dlogits.t(), x)  # in place: no (V, D) temporary
-        else:
+        elif self.need_weight:
             self.d_weight += _mm(dlogits.t(), x, self.acc)
-        if self.d_bias.numel():
+        if self.has_bias:
             self.d_bias += dlogits.sum(0, dtype=self.acc)
 
 
@@ -341,8 +347,10 @@ def linear_ce_bwd(
     label_smoothing: float,
     max_kept: int,
     chunk_size: int,
+    need_input: bool,
+    need_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(d input, d linear_weight, d linear_bias)`` (the last empty without a bias).
+    """``(d input, d linear_weight, d linear_bias)``, each empty when not needed (no bias).
 
     The first ``max_kept`` rows of ``argsort(~kept, stable=True)`` (every kept row in row order,
     then rows outside the kept set, whose gradient is zero) are processed ``chunk_size`` at a time;
@@ -355,8 +363,8 @@ def linear_ce_bwd(
         weight = weight.contiguous() if weight is not None else None
         weight_sum = _weight_sum(weight, label_smoothing, acc, stats)
         order = torch.argsort((~kept).to(torch.int8), stable=True)[:max_kept]
-        d_input = torch.zeros(input.shape, dtype=input.dtype, device=input.device)
-        grads = _GradAccumulator(input, linear_weight, linear_bias is not None, d_input)
+        d_input = torch.zeros(input.shape, dtype=input.dtype, device=input.device) if need_input else None
+        grads = _GradAccumulator(input, linear_weight, linear_bias is not None, d_input, need_weight)
         for start in range(0, max_kept, chunk_size):
             rows = order[start : start + chunk_size]
             x = input.index_select(0, rows)
@@ -381,12 +389,13 @@ def _trimmed_setup_context(ctx, inputs, output) -> None:
 
 def _trimmed_backward(ctx, grad_out, *_unused):
     input, linear_weight, linear_bias, target, weight, stats, kept, denom = ctx.saved_tensors
+    need_input, need_weight = ctx.needs_input_grad[3:5]
     d_input, d_weight, d_bias = linear_ce_bwd(
         grad_out, input, linear_weight, linear_bias, target, weight, stats, kept, denom, ctx.label_smoothing,
-        ctx.max_kept, ctx.chunk_size,
+        ctx.max_kept, ctx.chunk_size, need_input, need_weight,
     )  # fmt: skip
-    d_bias = d_bias if linear_bias is not None else None
-    return (None,) * 3 + (d_input, d_weight, d_bias) + (None,) * 10
+    grads = (d_input if need_input else None, d_weight if need_weight else None)
+    return (None,) * 3 + (*grads, d_bias if linear_bias is not None else None) + (None,) * 10
 
 
 DOUBLE_BACKWARD_MESSAGE = "double backward of trimmed_linear_cross_entropy is not supported; use backend='reference'"
@@ -413,6 +422,8 @@ def linear_ce_keep_all(
     label_smoothing: float,
     reduction: int,
     chunk_size: int,
+    need_input: bool,
+    need_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Every valid row kept (``keep_ratio == 1``, ``reduction`` mean or sum): the losses and the
     unscaled gradient in one pass over chunks of rows, 3 GEMMs a chunk (the row kernels of
@@ -433,9 +444,8 @@ def linear_ce_keep_all(
         valid = target != ignore_index
         one = torch.ones((), dtype=acc, device=dev)
         weight_sum = _weight_sum(weight, label_smoothing, acc, losses)
-        grads = _GradAccumulator(
-            input, linear_weight, linear_bias is not None, torch.empty(input.shape, dtype=acc, device=dev)
-        )
+        d_input = torch.empty(input.shape, dtype=acc, device=dev) if need_input else None
+        grads = _GradAccumulator(input, linear_weight, linear_bias is not None, d_input, need_weight)
         for start in range(0, num_rows, chunk_size):
             rows = slice(start, min(start + chunk_size, num_rows))
             x = input[rows]
@@ -457,6 +467,7 @@ def linear_ce_keep_all(
 
 def _keep_all_setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = inputs[2] is not None
+    ctx.need = inputs[-2:]
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
     *_, denom, d_input, d_weight, d_bias = output
     ctx.save_for_backward(denom, d_input, d_weight, d_bias)
@@ -468,8 +479,11 @@ def _keep_all_backward(ctx, grad_out, *_unused):
     denom, d_input, d_weight, d_bias = ctx.saved_tensors
     scale = grad_out.to(denom.dtype) / denom
     in_dtype, w_dtype = ctx.dtypes
+    need_input, need_weight = ctx.need
+    d_input = (d_input * scale).to(in_dtype) if need_input else None
+    d_weight = (d_weight * scale).to(w_dtype) if need_weight else None
     d_bias = (d_bias * scale).to(w_dtype) if ctx.has_bias else None
-    return (d_input * scale).to(in_dtype), (d_weight * scale).to(w_dtype), d_bias, *(None,) * 7
+    return d_input, d_weight, d_bias, *(None,) * 9
 
 
 linear_ce_keep_all.register_autograd(_keep_all_backward, setup_context=_keep_all_setup_context)
@@ -513,8 +527,8 @@ def trimmed_linear_cross_entropy_2d(
     if needs_grad and share is None and ratio_t is None and keep_ratio == 1.0 and reduction != "none":
         out, losses, kept, k, threshold, *_ = linear_ce_keep_all(
             input, linear_weight, linear_bias, target, weight, keep == "hardest", ignore_index, label_smoothing, code,
-            chunk_size,
-        )
+            chunk_size, input.requires_grad, linear_weight.requires_grad,
+        )  # fmt: skip
         return out, losses.detach(), kept, k, threshold.detach()
 
     detached = [None if p is None else p.detach() for p in (input, linear_weight, linear_bias)]
