@@ -9,17 +9,9 @@ import pytest
 import torch
 
 from .helpers import BACKENDS, CPU_BACKENDS, run
+from .test_triton_grid_select import grid_select  # noqa: F401 (the fixture forcing the grid select)
 
 pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton's interpreter is not runnable here")
-
-
-@pytest.fixture
-def grid_select(monkeypatch):
-    """Force the multi-program select onto small problems."""
-    from fused_trim.triton import function
-
-    monkeypatch.setattr(function, "SINGLE_PROGRAM_MAX_ROWS", 0)
-    monkeypatch.setattr(function, "GRID_BLOCK", 64)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -41,8 +33,9 @@ def test_narrow_integer_targets_match_int64(backend, dtype, ignore_index):
         torch.testing.assert_close(grad, ref[2], rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("grid_select")
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
-def test_narrow_integer_targets_grid_select(grid_select, dtype):
+def test_narrow_integer_targets_grid_select(dtype):
     """The same through the multi-program select (blocks of 64 rows: 200 rows leave 56 padding lanes)."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(200, 7, generator=gen, dtype=torch.float64)
@@ -73,8 +66,9 @@ def test_signed_zeros_are_one_key(dtype, keep):
     assert losses.tolist() == [0.0, 0.0] and torch.signbit(losses).tolist() == [True, False]
 
 
+@pytest.mark.usefixtures("grid_select")
 @pytest.mark.parametrize("keep", ["hardest", "easiest"])
-def test_signed_zeros_grid_select(grid_select, keep):
+def test_signed_zeros_grid_select(keep):
     """Signed zeros interleaved over several blocks: the grid select keeps the lowest indices."""
     x = torch.tensor([[1000.0, 0.0], [0.0, 1000.0]], dtype=torch.float64).repeat(100, 1)
     t = torch.tensor([0, 1]).repeat(100)
