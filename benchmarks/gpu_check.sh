@@ -73,7 +73,7 @@ else
 fi
 
 # Benchmarks: what is left less the measurements after it (EXTRA_S), less a minute for the last case and the plot.
-EXTRA_S=165
+EXTRA_S=265   # 165 s for issue 13's measurements, 100 s for the LM head
 BENCH_S=$(( $(left) - EXTRA_S ))
 START_WITHIN_S=$(( BENCH_S - 75 ))
 if [ "$START_WITHIN_S" -lt 60 ]; then START_WITHIN_S=60; fi
@@ -102,6 +102,19 @@ if timeout 75 "$PY" -m benchmarks.run --device cuda --shapes 1048576x10 --dtypes
     note "tiny-class case done"
 else
     fail "${PIPESTATUS[0]}" "benchmarks.run 1048576x10 (124 = timed out)"
+fi
+
+# The LM head (issue 9): (16384, 4096, 128256) bf16 at keep 0.2, 0.5, 1.0 against F.linear+F.cross_entropy,
+# torch's chunked F.linear_cross_entropy, F.linear+trimmed_cross_entropy, and Liger's and Cut Cross-Entropy's
+# fused linear cross-entropy when they install (PyPI; tolerated offline).
+note "pip install liger-kernel cut-cross-entropy (for the LM-head rows; optional)"
+timeout 60 "$PY" -m pip install -q liger-kernel cut-cross-entropy || note "not installed: those rows are skipped"
+note "python -m benchmarks.run --lm-head --device cuda"
+if timeout 95 "$PY" -m benchmarks.run --lm-head --device cuda --repeats 3 --out "$OUT_DIR/lm_head" \
+    2>&1 | tee "$OUT_DIR/lm_head.log"; then
+    note "LM-head benchmark done"
+else
+    fail "${PIPESTATUS[0]}" "benchmarks.run --lm-head (124 = timed out)"
 fi
 
 note "done, status $STATUS; results in $OUT_DIR"
