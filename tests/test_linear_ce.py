@@ -199,7 +199,9 @@ def test_small_losses_at_large_logits_keep_their_precision(backend):
     exact = F.cross_entropy(x.double(), t, reduction="none")  # 4.54e-5, 5.02e-5, 3.06e-7
     expect = F.cross_entropy(x, t, reduction="none")  # fp32: log(1 + 3.06e-7) is 2.98e-7 in fp32
     out, info, _ = run_fused(backend, x, w, None, t, 0.67, keep="easiest", reduction="none")
-    torch.testing.assert_close(info.losses, expect, rtol=1e-4, atol=0)
+    # No worse than F.cross_entropy's own fp32 (a log1p of s - 1, as the Triton kernels form it, is exact).
+    err, torch_err = ((v.double() - exact).abs() / exact for v in (info.losses, expect))
+    assert torch.all(err <= torch_err + 1e-4), f"relative errors {err.tolist()}, F.cross_entropy's {torch_err.tolist()}"
     torch.testing.assert_close(info.losses[:2].double(), exact[:2], rtol=1e-3, atol=0)  # lse - x_t: 34%
     assert info.kept.tolist() == [True, False, True]
 
