@@ -438,27 +438,31 @@ def linear_ce_keep_all(
         dev = input.device
         target = target.contiguous()
         weight = weight.contiguous() if weight is not None else None
-        losses = torch.empty(num_rows, dtype=acc, device=dev)
-        w_y = torch.empty(num_rows, dtype=acc, device=dev)
-        stats = torch.empty(2, num_rows, dtype=acc, device=dev)
         valid = target != ignore_index
         one = torch.ones((), dtype=acc, device=dev)
-        weight_sum = _weight_sum(weight, label_smoothing, acc, losses)
+        weight_sum = _weight_sum(weight, label_smoothing, acc, one)
+        losses, w_y = [], []
         d_input = torch.empty(input.shape, dtype=acc, device=dev) if need_input else None
         grads = _GradAccumulator(input, linear_weight, linear_bias is not None, d_input, need_weight)
         for start in range(0, num_rows, chunk_size):
             rows = slice(start, min(start + chunk_size, num_rows))
             x = input[rows]
             logits = _chunk_logits(x, linear_weight, linear_bias, acc)
-            _launch_ce_forward(
-                logits, target[rows], weight, losses[rows], stats[:, rows], w_y[rows], ignore_index, label_smoothing
-            )
+            # Chunk-sized outputs (not views of whole-batch buffers: no kernel writes through a view).
+            loss_c = torch.empty(x.shape[0], dtype=acc, device=dev)
+            w_y_c = torch.empty(x.shape[0], dtype=acc, device=dev)
+            stats_c = torch.empty(2, x.shape[0], dtype=acc, device=dev)
+            _launch_ce_forward(logits, target[rows], weight, loss_c, stats_c, w_y_c, ignore_index, label_smoothing)
             dlogits = logits if input.dtype == acc else torch.empty_like(logits, dtype=input.dtype)
             _launch_ce_backward(
-                logits, dlogits, target[rows], weight, weight_sum, stats[:, rows], valid[rows], one, one,
-                label_smoothing,
-            )  # fmt: skip
+                logits, dlogits, target[rows], weight, weight_sum, stats_c, valid[rows], one, one, label_smoothing
+            )
             grads.add(rows, x, dlogits, linear_weight)
+            losses.append(loss_c)
+            w_y.append(w_y_c)
+        empty = torch.empty(0, dtype=acc, device=dev)
+        losses = torch.cat(losses) if losses else empty
+        w_y = torch.cat(w_y) if w_y else empty
         out, kept, k, threshold, denom = select_rows(
             losses, w_y, target, input.dtype, 1.0, None, hardest, ignore_index, reduction
         )
