@@ -8,15 +8,17 @@
 // fused_trim/native.py.
 //
 // A chunk of rows is converted to the accumulation type (fp32; fp64 for fp64 input) in a reused
-// (chunk, D) buffer; its logits go to a reused (chunk, V) buffer, from which the shared row kernels
-// (cpu/ce_rows.h) take the losses and, in place, dlogits. BLAS does the FLOPs, but the GEMMs are
-// cut into tiles of kTileV classes, each one single-threaded BLAS call (the tiles go to threads
-// with at::parallel_for): every value is then computed the same way whatever the thread count,
-// where a multithreaded GEMM splits its inner dimension differently at different thread counts.
-// d input, whose inner dimension is V, is summed over a fixed number of class blocks, added in
-// block order; d linear_weight and d linear_bias are accumulated in the accumulation type, chunk
-// after chunk, each tile by one thread: the gradients are bitwise repeatable run to run and across
-// thread counts.
+// (chunk, D) buffer. Forward: its logits go to a reused (chunk, V) buffer, from which the shared
+// row kernels (cpu/ce_rows.h) take the losses. Backward (and the keep-all forward): a tile of
+// kTileV classes at a time, its logits (recomputed into a small per-thread buffer), dlogits formed
+// in place with row_backward's pieces, then its share of d input and its rows of d linear_weight and
+// d linear_bias, while the tile is still in cache. BLAS does the FLOPs, each tile's GEMMs one
+// single-threaded BLAS call (the tiles go to threads with at::parallel_for): every value is then
+// computed the same way whatever the thread count, where a multithreaded GEMM splits its inner
+// dimension differently at different thread counts. d input, whose inner dimension is V, is summed
+// over a fixed number of class blocks, added in block order; d linear_weight and d linear_bias are
+// accumulated in the accumulation type, chunk after chunk, each tile by one thread: the gradients
+// are bitwise repeatable run to run and across thread counts.
 //
 // bf16/fp16: linear_weight is converted to fp32 once per call (V * D * 4 bytes: 64 MiB at V = 32000,
 // D = 512, as much as a chunk of logits at the default chunk size; acceptable on the CPU, where
@@ -51,7 +53,7 @@ using namespace fused_trim::cpu;
 
 // Classes per GEMM tile (a tile of logits, of d linear_weight, of d linear_bias).
 constexpr int64_t kTileV = 1024;
-// At most this many class blocks for d input = dlogits @ W (partial sums added in block order).
+// At most this many class blocks in a chunk's backward (see class_blocks).
 constexpr int64_t kMaxSplit = 16;
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -126,65 +128,111 @@ void chunk_logits(const Head<acc_t>& h, const acc_t* xk, int64_t rows, acc_t* lo
   });
 }
 
-// logits -> d(sum_r coef[r] * l_r)/d logits in place, row by row (the shared row_backward); a row
-// with y[r] < 0 (ignored) becomes exactly zero.
-template <typename acc_t>
-void chunk_dlogits(const Head<acc_t>& h, acc_t* logits, int64_t rows, const int64_t* y, const acc_t* lse,
-                   const acc_t* coef) {
-  const int64_t V = h.V;
-  const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(V, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      acc_t* row = logits + r * V;
-      if (y[r] < 0) {
-        std::fill(row, row + V, acc_t(0));
-        continue;
-      }
-      row_backward<acc_t, acc_t>(row, row, V, y[r], lse[r], coef[r], h.w, h.w_total, h.ls, /*stream=*/false,
-                                 nullptr, nullptr);
-    }
-  });
+// Class blocks of a chunk's backward: its parallel work units (one thread each, a run of whole
+// tiles) and the pieces of d input (partial sums, added in block order). A function of the shapes
+// only, and the partial sums (blocks x rows x D) no larger than a chunk of logits (rows x V).
+int64_t class_blocks(int64_t V, int64_t D) {
+  return std::clamp<int64_t>(std::min(ceil_div(V, kTileV), V / std::max<int64_t>(D, 1)), 1, kMaxSplit);
 }
 
-// Class blocks of d input: a function of the shapes only (never of the thread count), and the
-// partial sums (blocks x rows x D) no larger than the chunk of logits (rows x V).
-int64_t dinput_splits(int64_t V, int64_t D) {
-  return std::clamp<int64_t>(V / std::max<int64_t>(D, kTileV), 1, kMaxSplit);
-}
-
-// dx (rows, D) = dl (rows, V) @ W (V, D): per class block a partial product, then their sum in
-// block order. `partial` holds dinput_splits(V, D) * rows * D values.
+// Per kept row of a chunk: the target (-1: a row whose gradient is zero), logsumexp, the upstream
+// coefficient (grad_out x the row's scale) and row_backward's coefficients.
 template <typename acc_t>
-void chunk_dinput(const Head<acc_t>& h, const acc_t* dl, int64_t rows, acc_t* dx, acc_t* partial) {
-  const int64_t V = h.V, D = h.D;
-  const int64_t S = dinput_splits(V, D);
-  if (S == 1) {
-    const OneBlasThread one;
-    at::Tensor out = blob(dx, {rows, D}, {D, 1});
-    at::cpu::mm_out(out, blob(dl, {rows, V}, {V, 1}), blob(h.W, {V, D}, {D, 1}));
-    return;
+struct ChunkRows {
+  std::vector<int64_t> y;
+  std::vector<acc_t> lse, coef, w_y;
+  std::vector<RowGrad<acc_t>> g;
+  explicit ChunkRows(int64_t c) : y(c), lse(c), coef(c), w_y(c), g(c) {}
+  void set(const Head<acc_t>& h, int64_t r, int64_t target, acc_t row_lse, acc_t row_coef) {
+    y[r] = target;
+    lse[r] = row_lse;
+    coef[r] = row_coef;
+    w_y[r] = h.w == nullptr || target < 0 ? acc_t(1) : h.w[target];
+    g[r] = row_grad_coefs<acc_t>(row_coef, w_y[r], h.w_total, h.ls, h.V);
   }
-  const int64_t block = ceil_div(V, S);
-  const int64_t size = rows * D;
-  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+};
+
+// The backward of one chunk of rows (xk: rows x D), a tile of kTileV classes at a time, so that a
+// tile's dlogits stay in cache from their forming to the two GEMMs that read them:
+//   dlogits = d(sum_r coef[r] l_r)/d logits (row_backward's pieces, cpu/ce_rows.h),
+//   dx (rows, D) = dlogits @ W (nullptr: not wanted), dW (V, D) += dlogits^T @ xk, db += column sums.
+// `logits` (rows x V, row stride V) holds the chunk's logits, turned into dlogits in place; nullptr:
+// each tile's logits are computed into `scratch` (rows x kTileV per thread of the pool). `partial`:
+// class_blocks(V, D) * rows * D values when dx is wanted. `first`: dW and db are written, not added to.
+template <typename acc_t>
+void chunk_backward(const Head<acc_t>& h, const acc_t* xk, int64_t rows, const ChunkRows<acc_t>& cr,
+                    acc_t* logits, acc_t* scratch, acc_t* dx, acc_t* partial, acc_t* dW, acc_t* db, bool first) {
+  const int64_t V = h.V, D = h.D;
+  const int64_t S = class_blocks(V, D), tiles = ceil_div(V, kTileV);
+  constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  at::parallel_for(0, S, 1, [&](int64_t b0, int64_t b1) {
     const OneBlasThread one;
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t v0 = s * block, n = std::min(block, V - v0);
-      acc_t* p = partial + s * size;
-      if (n <= 0) {
-        std::fill(p, p + size, acc_t(0));
-        continue;
+    const at::Tensor x = blob(xk, {rows, D}, {D, 1});
+    acc_t* own = scratch == nullptr ? nullptr : scratch + at::get_thread_num() * rows * kTileV;
+    for (int64_t b = b0; b < b1; ++b) {
+      acc_t* P = S == 1 ? dx : (dx == nullptr ? nullptr : partial + b * rows * D);
+      for (int64_t t = b * tiles / S; t < (b + 1) * tiles / S; ++t) {
+        const int64_t v0 = t * kTileV, n = std::min(kTileV, V - v0);
+        const at::Tensor wt = blob(h.W + v0 * D, {n, D}, {D, 1});
+        acc_t* L = logits != nullptr ? logits + v0 : own;
+        const int64_t ld = logits != nullptr ? V : n;
+        if (logits == nullptr) {  // this tile's logits
+          at::Tensor out = blob(L, {rows, n}, {ld, 1});
+          if (h.bias != nullptr) {
+            for (int64_t r = 0; r < rows; ++r) std::memcpy(L + r * ld, h.bias + v0, n * sizeof(acc_t));
+            at::cpu::addmm_out(out, out, x, wt.t());
+          } else {
+            at::cpu::mm_out(out, x, wt.t());
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {  // dlogits in place
+          acc_t* row = L + r * ld;
+          const int64_t y = cr.y[r];
+          if (y < 0 || cr.lse[r] != cr.lse[r]) {  // zero row; NaN log-probabilities: NaN, as torch
+            std::fill(row, row + n, y < 0 ? acc_t(0) : nan);
+            continue;
+          }
+          const bool has_y = y >= v0 && y < v0 + n;
+          const acc_t x_y = has_y ? row[y - v0] : acc_t(0);  // read before the pass overwrites it
+          row_grad_block<acc_t>(row, row, n, cr.lse[r], cr.g[r], h.w == nullptr ? nullptr : h.w + v0, false);
+          if (has_y) row[y - v0] = row_grad_true_class<acc_t>(x_y, cr.lse[r], cr.g[r], cr.coef[r], cr.w_y[r], h.ls);
+        }
+        const at::Tensor dl = blob(L, {rows, n}, {ld, 1});
+        if (dW != nullptr) {
+          at::Tensor out = blob(dW + v0 * D, {n, D}, {D, 1});
+          if (first) {
+            at::cpu::mm_out(out, dl.t(), x);
+          } else {
+            at::cpu::addmm_out(out, out, dl.t(), x);
+          }
+        }
+        if (db != nullptr) {
+          acc_t* o = db + v0;
+          if (first) std::fill(o, o + n, acc_t(0));
+          for (int64_t r = 0; r < rows; ++r) {
+            const acc_t* src = L + r * ld;
+            for (int64_t j = 0; j < n; ++j) o[j] += src[j];
+          }
+        }
+        if (P != nullptr) {
+          at::Tensor out = blob(P, {rows, D}, {D, 1});
+          if (t == b * tiles / S) {
+            at::cpu::mm_out(out, dl, wt);
+          } else {
+            at::cpu::addmm_out(out, out, dl, wt);
+          }
+        }
       }
-      at::Tensor out = blob(p, {rows, D}, {D, 1});
-      at::cpu::mm_out(out, blob(dl + v0, {rows, n}, {V, 1}), blob(h.W + v0 * D, {n, D}, {D, 1}));
     }
   });
+  if (dx == nullptr || S == 1) return;
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t L = Vec::size();
-  at::parallel_for(0, ceil_div(size, L), 2048, [&](int64_t b0, int64_t b1) {
-    const int64_t e0 = b0 * L, e1 = std::min(size, b1 * L);
-    int64_t e = e0;
-    for (; e + L <= e1; e += L) {
+  constexpr int64_t Lv = Vec::size();
+  const int64_t size = rows * D;
+  at::parallel_for(0, ceil_div(size, Lv), 2048, [&](int64_t e0v, int64_t e1v) {
+    const int64_t e1 = std::min(size, e1v * Lv);
+    int64_t e = e0v * Lv;
+    for (; e + Lv <= e1; e += Lv) {
       Vec acc = Vec::loadu(partial + e);
       for (int64_t s = 1; s < S; ++s) acc = acc + Vec::loadu(partial + s * size + e);
       acc.store(dx + e);
@@ -193,38 +241,6 @@ void chunk_dinput(const Head<acc_t>& h, const acc_t* dl, int64_t rows, acc_t* dx
       acc_t acc = partial[e];
       for (int64_t s = 1; s < S; ++s) acc += partial[s * size + e];
       dx[e] = acc;
-    }
-  });
-}
-
-// dW (V, D) += dl^T @ xk and db (V,) += the column sums of dl (each in row order), tile by tile;
-// `first`: the first chunk, which writes dW and db instead of adding to them (no zero-fill).
-template <typename acc_t>
-void chunk_dweight(const Head<acc_t>& h, const acc_t* dl, int64_t rows, const acc_t* xk, acc_t* dW, acc_t* db,
-                   bool first) {
-  const int64_t V = h.V, D = h.D;
-  at::parallel_for(0, ceil_div(V, kTileV), 1, [&](int64_t t0, int64_t t1) {
-    const OneBlasThread one;
-    const at::Tensor x = blob(xk, {rows, D}, {D, 1});
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t v0 = t * kTileV, n = std::min(kTileV, V - v0);
-      if (dW != nullptr) {
-        at::Tensor out = blob(dW + v0 * D, {n, D}, {D, 1});
-        const at::Tensor dlt = blob(dl + v0, {n, rows}, {1, V});
-        if (first) {
-          at::cpu::mm_out(out, dlt, x);
-        } else {
-          at::cpu::addmm_out(out, out, dlt, x);
-        }
-      }
-      if (db != nullptr) {
-        acc_t* o = db + v0;
-        if (first) std::fill(o, o + n, acc_t(0));
-        for (int64_t r = 0; r < rows; ++r) {
-          const acc_t* src = dl + r * V + v0;
-          for (int64_t j = 0; j < n; ++j) o[j] += src[j];
-        }
-      }
     }
   });
 }
@@ -340,9 +356,8 @@ void forward_chunks(const Prepared& p, const Head<acc_t>& h, int64_t ignore_inde
   const auto acc_st = c10::CppTypeToScalarType<acc_t>::value;
   at::Tensor xbuf = empty_cpu({c, D}, acc_st);
   at::Tensor lbuf = empty_cpu({c, V}, acc_st);
-  at::Tensor partial = grads && dx != nullptr ? empty_cpu({dinput_splits(V, D) * c * D}, acc_st) : at::Tensor();
-  std::vector<int64_t> y(grads ? c : 0);
-  std::vector<acc_t> ones(grads ? c : 0, acc_t(1));
+  at::Tensor partial = grads && dx != nullptr ? empty_cpu({class_blocks(V, D) * c * D}, acc_st) : at::Tensor();
+  ChunkRows<acc_t> cr(grads ? c : 0);
   const scalar_t* x = p.input.const_data_ptr<scalar_t>();
   const int64_t* t = p.target.const_data_ptr<int64_t>();
   acc_t* xk = xbuf.mutable_data_ptr<acc_t>();
@@ -355,10 +370,11 @@ void forward_chunks(const Prepared& p, const Head<acc_t>& h, int64_t ignore_inde
     rows_forward_parallel<acc_t, acc_t>(L, V, rows, V, t + s, ignore_index, h.w, h.w_total, h.ls, loss + s, lse + s,
                                         bad_target);
     if (!grads) continue;
-    for (int64_t r = 0; r < rows; ++r) y[r] = scored(t[s + r], V, ignore_index) ? t[s + r] : -1;
-    chunk_dlogits<acc_t>(h, L, rows, y.data(), lse + s, ones.data());
-    if (dx != nullptr) chunk_dinput<acc_t>(h, L, rows, dx + s * D, partial.mutable_data_ptr<acc_t>());
-    chunk_dweight<acc_t>(h, L, rows, xk, dW, db, /*first=*/s == 0);
+    for (int64_t r = 0; r < rows; ++r) {
+      cr.set(h, r, scored(t[s + r], V, ignore_index) ? t[s + r] : -1, lse[s + r], acc_t(1));
+    }
+    chunk_backward<acc_t>(h, xk, rows, cr, L, nullptr, dx == nullptr ? nullptr : dx + s * D,
+                          partial.defined() ? partial.mutable_data_ptr<acc_t>() : nullptr, dW, db, /*first=*/s == 0);
   }
   if (bad_target.load()) raise_bad_target(t, N, V, ignore_index);  // (the public API validates first)
 }
@@ -469,38 +485,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_bwd_cpu(
       const Head<acc_t> h = head_of<acc_t>(p, label_smoothing);
       const int64_t c = balanced_chunk(k, chunk_size);
       at::Tensor xbuf = empty_cpu({c, D}, acc_st);
-      at::Tensor lbuf = empty_cpu({c, V}, acc_st);
+      // No chunk of logits: each thread computes a tile of them at a time.
+      at::Tensor scratch = empty_cpu({at::get_num_threads() * c * kTileV}, acc_st);
       at::Tensor dxbuf = need_input ? empty_cpu({c, D}, acc_st) : at::Tensor();
-      at::Tensor partial = need_input ? empty_cpu({dinput_splits(V, D) * c * D}, acc_st) : at::Tensor();
-      std::vector<int64_t> y(c);
-      std::vector<acc_t> lse(c), coef(c);
+      at::Tensor partial = need_input ? empty_cpu({class_blocks(V, D) * c * D}, acc_st) : at::Tensor();
+      ChunkRows<acc_t> cr(c);
       const scalar_t* x = p.input.const_data_ptr<scalar_t>();
       const int64_t* t = p.target.const_data_ptr<int64_t>();
       const acc_t* lse_all = lse_c.const_data_ptr<acc_t>();
       const acc_t* rs = rs_c.const_data_ptr<acc_t>();
       const acc_t* gp = g.const_data_ptr<acc_t>();
       acc_t* xk = xbuf.mutable_data_ptr<acc_t>();
-      acc_t* L = lbuf.mutable_data_ptr<acc_t>();
       for (int64_t s = 0; s < k; s += c) {
         const int64_t rows = std::min(c, k - s);
         const int64_t* ri = idx.data() + s;
         gather_rows<scalar_t, acc_t>(x, p.input.stride(0), D, ri, 0, rows, xk);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = ri[r];
-          y[r] = scored(t[i], V, ignore_index) ? t[i] : -1;
-          lse[r] = lse_all[i];
-          coef[r] = (per_row ? gp[i] : gp[0]) * rs[i];
+          cr.set(h, r, scored(t[i], V, ignore_index) ? t[i] : -1, lse_all[i], (per_row ? gp[i] : gp[0]) * rs[i]);
         }
-        chunk_logits<acc_t>(h, xk, rows, L);
-        chunk_dlogits<acc_t>(h, L, rows, y.data(), lse.data(), coef.data());
+        acc_t* dxk = need_input ? dxbuf.mutable_data_ptr<acc_t>() : nullptr;
+        chunk_backward<acc_t>(h, xk, rows, cr, nullptr, scratch.mutable_data_ptr<acc_t>(), dxk,
+                              need_input ? partial.mutable_data_ptr<acc_t>() : nullptr,
+                              need_weight ? dW.mutable_data_ptr<acc_t>() : nullptr,
+                              need_bias ? db.mutable_data_ptr<acc_t>() : nullptr, /*first=*/s == 0);
         if (need_input) {
-          acc_t* dxk = dxbuf.mutable_data_ptr<acc_t>();
-          chunk_dinput<acc_t>(h, L, rows, dxk, partial.mutable_data_ptr<acc_t>());
           scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
           for (int64_t r = 0; r < rows; ++r) store_block<scalar_t, acc_t>(dxk + r * D, D, gi + ri[r] * D);
         }
-        chunk_dweight<acc_t>(h, L, rows, xk, need_weight ? dW.mutable_data_ptr<acc_t>() : nullptr,
-                             need_bias ? db.mutable_data_ptr<acc_t>() : nullptr, /*first=*/s == 0);
       }
     });
   }

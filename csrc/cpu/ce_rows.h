@@ -21,6 +21,8 @@
 //       when scalar_t is acc_t). stream: non-temporal stores (needs a stream_fence() afterwards).
 //   weight_total(w, C), scored_target(y, C, ignore_index, bad_target), finish_sample(...): the
 //       pieces every forward path (rows here, pixels in ce_spatial.h) ends with.
+//   row_grad_coefs / row_grad_block / row_grad_true_class: row_backward's pieces, for a kernel that
+//       forms a row's gradient a block of classes at a time (the LM head's tiles, linear_ce_cpu.cpp).
 #pragma once
 
 #include <algorithm>
@@ -255,55 +257,73 @@ void rows_forward_parallel(const scalar_t* x, int64_t row_stride, int64_t M, int
   }
 }
 
-// d(coef * l)/dx of one kept row into grow (may be xrow itself):
-// d l / d x_c = (1-ls) w_y (p_c - [c==y]) + ls/C (W p_c - w_c), i.e. a p_c - b w_c with
-// a = coef ((1-ls) w_y + ls W / C), b = coef ls / C, and the true-class term patched afterwards.
+// The gradient of coef * l for one kept row: d l / d x_c = (1-ls) w_y (p_c - [c==y]) + ls/C (W p_c - w_c),
+// i.e. a p_c - b w_c with a = coef ((1-ls) w_y + ls W / C), b = coef ls / C, and the true class's
+// extra term (row_grad_true_class) patched afterwards.
+template <typename acc_t>
+struct RowGrad {
+  acc_t a, b;
+};
+
+template <typename acc_t>
+inline RowGrad<acc_t> row_grad_coefs(acc_t coef, acc_t w_y, acc_t w_total, acc_t ls, int64_t C) {
+  return {coef * ((acc_t(1) - ls) * w_y + ls * w_total / static_cast<acc_t>(C)), coef * ls / static_cast<acc_t>(C)};
+}
+
+// o[j] = a exp(p[j] - lse) - b w[j] for j < n (w == nullptr: w = 1; o may be p); nt: non-temporal
+// stores (o aligned to kVecBytes; needs a stream_fence() afterwards).
+template <typename acc_t>
+inline void row_grad_block(const acc_t* p, acc_t* o, int64_t n, acc_t lse, RowGrad<acc_t> g, const acc_t* w,
+                           bool nt) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec va(g.a), vb(g.b), vl(lse);
+  int64_t j = 0;
+  if (nt && g.b == acc_t(0)) {
+    for (; j + V <= n; j += V) store_stream<acc_t>(o + j, vexp(Vec::loadu(p + j) - vl) * va);
+    if (j < n) (vexp(Vec::loadu(p + j, n - j) - vl) * va).store(o + j, n - j);
+  } else if (g.b == acc_t(0)) {
+    for (; j + V <= n; j += V) (vexp(Vec::loadu(p + j) - vl) * va).store(o + j);
+    if (j < n) (vexp(Vec::loadu(p + j, n - j) - vl) * va).store(o + j, n - j);
+  } else if (w == nullptr) {
+    for (; j + V <= n; j += V) (vexp(Vec::loadu(p + j) - vl) * va - vb).store(o + j);
+    if (j < n) (vexp(Vec::loadu(p + j, n - j) - vl) * va - vb).store(o + j, n - j);
+  } else {
+    for (; j + V <= n; j += V) (vexp(Vec::loadu(p + j) - vl) * va - vb * Vec::loadu(w + j)).store(o + j);
+    if (j < n) (vexp(Vec::loadu(p + j, n - j) - vl) * va - vb * Vec::loadu(w + j, n - j)).store(o + j, n - j);
+  }
+}
+
+// The true class's gradient, formed in the accumulation type before any rounding.
+template <typename acc_t>
+inline acc_t row_grad_true_class(acc_t x_y, acc_t lse, RowGrad<acc_t> g, acc_t coef, acc_t w_y, acc_t ls) {
+  const acc_t p_y = std::exp(x_y - lse);
+  return g.a * p_y - g.b * w_y - coef * (acc_t(1) - ls) * w_y;
+}
+
+// d(coef * l)/dx of one kept row into grow (may be xrow itself), block by block.
 template <typename scalar_t, typename acc_t>
 __attribute__((flatten)) inline void row_backward(const scalar_t* xrow, scalar_t* grow, int64_t C, int64_t y,
                                                   acc_t lse, acc_t coef, const acc_t* w, acc_t w_total, acc_t ls,
                                                   bool stream, acc_t* inbuf, acc_t* outbuf) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
   if (lse != lse) {  // a kept row with NaN log-probabilities: NaN gradient, as torch
     std::fill(grow, grow + C, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
     return;
   }
   const acc_t x_y = static_cast<acc_t>(xrow[y]);  // read before an in-place pass overwrites it
   const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
-  const acc_t a = coef * ((acc_t(1) - ls) * w_y + ls * w_total / static_cast<acc_t>(C));
-  const acc_t bconst = coef * ls / static_cast<acc_t>(C);
-  const Vec va(a), vb(bconst), vl(lse);
+  const RowGrad<acc_t> g = row_grad_coefs<acc_t>(coef, w_y, w_total, ls, C);
   for (int64_t b = 0; b < C; b += kBlock) {
     const int64_t n = std::min(kBlock, C - b);
     const acc_t* p = load_block<scalar_t, acc_t>(xrow + b, n, inbuf);
     acc_t* o = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(grow + b) : outbuf;
-    int64_t j = 0;
     const bool nt =
         std::is_same_v<scalar_t, acc_t> && stream && reinterpret_cast<uintptr_t>(o) % kVecBytes<acc_t> == 0;
-    if (nt && bconst == acc_t(0)) {
-      for (; j + V <= n; j += V) store_stream<acc_t>(o + j, vexp(Vec::loadu(p + j) - vl) * va);
-      if (j < n) (vexp(Vec::loadu(p + j, n - j) - vl) * va).store(o + j, n - j);
-    } else if (bconst == acc_t(0)) {
-      for (; j + V <= n; j += V) (vexp(Vec::loadu(p + j) - vl) * va).store(o + j);
-      if (j < n) (vexp(Vec::loadu(p + j, n - j) - vl) * va).store(o + j, n - j);
-    } else if (w == nullptr) {
-      for (; j + V <= n; j += V) (vexp(Vec::loadu(p + j) - vl) * va - vb).store(o + j);
-      if (j < n) (vexp(Vec::loadu(p + j, n - j) - vl) * va - vb).store(o + j, n - j);
-    } else {
-      const acc_t* wb = w + b;
-      for (; j + V <= n; j += V) {
-        (vexp(Vec::loadu(p + j) - vl) * va - vb * Vec::loadu(wb + j)).store(o + j);
-      }
-      if (j < n) {
-        (vexp(Vec::loadu(p + j, n - j) - vl) * va - vb * Vec::loadu(wb + j, n - j)).store(o + j, n - j);
-      }
-    }
+    row_grad_block<acc_t>(p, o, n, lse, g, w == nullptr ? nullptr : w + b, nt);
     if constexpr (!std::is_same_v<scalar_t, acc_t>) store_block<scalar_t, acc_t>(o, n, grow + b);
   }
   if (stream) stream_fence();  // the streamed row is in place before grow[y] is patched
-  // The true-class term, formed in the accumulation type before rounding.
-  const acc_t p_y = std::exp(x_y - lse);
-  grow[y] = static_cast<scalar_t>(a * p_y - bconst * w_y - coef * (acc_t(1) - ls) * w_y);
+  grow[y] = static_cast<scalar_t>(row_grad_true_class<acc_t>(x_y, lse, g, coef, w_y, ls));
 }
 
 }  // namespace fused_trim::cpu
