@@ -6,8 +6,9 @@
 // Forward: one pass over each row's logits (cpu/ce_rows.h: rows split over threads with
 // at::parallel_for; a row is read block by block, each block once from memory and re-read from
 // L1), giving the per-row loss and logsumexp in float32 (float64 for float64 input). Then the
-// exact-k selection (cpu/select.h), the kept mask, the reduced loss, the threshold and a per-row
-// backward scale (0 outside the kept set).
+// exact-k selection (cpu/select.h; on loss - score_offset when an offset is given, which it
+// reads in the selection's pass over the keys), the kept mask, the reduced loss, the threshold (the k-th
+// loss or score) and a per-row backward scale (0 outside the kept set).
 // Backward: kept rows recompute softmax from the saved logsumexp; the other rows are
 // zero-filled without reading their logits. The gradient has the input's shape, contiguous.
 //
@@ -54,7 +55,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
                    const std::optional<at::Tensor>& weight_, double keep_ratio,
                    const std::optional<at::Tensor>& keep_ratio_t, bool easiest,
-                   int64_t ignore_index, double label_smoothing, int64_t reduction) {
+                   int64_t ignore_index, double label_smoothing, int64_t reduction,
+                   const std::optional<at::Tensor>& score_offset_) {
   // (M, C) rows, or the spatial layout (N, C, S): M = N * S samples in n * S + s order.
   const bool spatial = input_.dim() == 3;
   TORCH_CHECK(input_.dim() == 2 || spatial, "fused_trim: input must be (M, C) or (N, C, S), got ",
@@ -76,6 +78,11 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
   const bool exact_count = has_ratio_t && !at::isFloatingType(keep_ratio_t->scalar_type());
   const int64_t count = exact_count ? std::max<int64_t>(0, keep_ratio_t->item<int64_t>()) : -1;
   const double r = has_ratio_t && !exact_count ? keep_ratio_t->item<double>() : keep_ratio;
+  // score_offset: rank loss - offset (in the accumulation type) instead of the loss.
+  const at::Tensor score_offset =
+      score_offset_.has_value() && score_offset_->defined() ? as_contiguous(*score_offset_, acc_st) : at::Tensor();
+  TORCH_CHECK(!score_offset.defined() || score_offset.numel() == M, "fused_trim: score_offset must have ", M,
+              " values, got ", score_offset.numel());
 
   // The CPU allocator directly (at::detail::empty_cpu), not at::empty through the dispatcher:
   // seven outputs, and at (256, 100) each dispatcher round trip costs about as much as a row.
@@ -111,12 +118,13 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
     }
     if (bad_target.load()) raise_bad_target(t, M, C, ignore_index);  // (the public API validates first)
 
-    const Selection sel = select_kept<acc_t>(loss_acc, t, ignore_index, M, easiest, r, count);
+    const acc_t* offset = score_offset.defined() ? score_offset.const_data_ptr<acc_t>() : nullptr;
+    const Selection sel = select_kept<acc_t>(loss_acc, t, ignore_index, M, easiest, r, count, offset);
     reduce_kept<scalar_t, acc_t>(loss_acc, t, w, M, sel, reduction, out.mutable_data_ptr<scalar_t>(),
                                  kept.mutable_data_ptr<bool>(), rowscale.mutable_data_ptr<acc_t>());
     *k_t.mutable_data_ptr<int64_t>() = sel.k;
     *threshold.mutable_data_ptr<scalar_t>() =
-        sel.thr_idx >= 0 ? static_cast<scalar_t>(loss_acc[sel.thr_idx])
+        sel.thr_idx >= 0 ? static_cast<scalar_t>(score_of(loss_acc, offset, sel.thr_idx))
                          : static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
   });
   return {out, losses, kept, k_t, threshold, lse_t, rowscale};

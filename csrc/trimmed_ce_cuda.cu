@@ -9,7 +9,8 @@
 //   2. select_kernel: one block counts n, derives k, finds the k-th key by a radix select over
 //      8-bit digits of the monotone integer keys (trimmed_ce_common.h), keeps `key > T` plus the
 //      first ties in index order (a block-wide running count), and writes the kept mask, k, the
-//      threshold, the reduced loss and the per-row backward scale.
+//      threshold, the reduced loss and the per-row backward scale. With a score_offset the keys
+//      are those of loss - offset (accumulation type), read where the loss is read.
 // Backward: kept rows recompute softmax from the saved logsumexp (true-class term in the
 // accumulation type before rounding); the other rows are written with zeros, never read.
 #include <ATen/ATen.h>
@@ -177,6 +178,13 @@ __device__ int block_exclusive_scan(int v, int* scratch, int& total) {
   return warp_offset + incl - v;
 }
 
+// The ranked value of row i: its loss, or loss - offset (score_offset).
+template <typename acc_t>
+__device__ __forceinline__ acc_t score_at(const acc_t* __restrict__ loss_acc, const acc_t* __restrict__ offset,
+                                          int64_t i) {
+  return offset == nullptr ? loss_acc[i] : loss_acc[i] - offset[i];
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kSelectThreads)
     select_kernel(const acc_t* __restrict__ loss_acc, const int64_t* __restrict__ target, int64_t M,
@@ -185,7 +193,7 @@ __global__ void __launch_bounds__(kSelectThreads)
                   long long host_count, bool easiest, int64_t reduction,
                   bool* __restrict__ kept, int64_t* __restrict__ k_out,
                   scalar_t* __restrict__ threshold, scalar_t* __restrict__ out,
-                  acc_t* __restrict__ rowscale) {
+                  acc_t* __restrict__ rowscale, const acc_t* __restrict__ offset) {
   using key_t = typename KeyOf<acc_t>::type;
   constexpr int kBits = sizeof(key_t) * 8;
   // 64-bit counts: a digit's bin may hold more than 2^32 - 1 rows.
@@ -223,7 +231,7 @@ __global__ void __launch_bounds__(kSelectThreads)
         const int64_t i = base + tid;
         int bin = -1;
         if (i < M && target[i] != ignore_index) {
-          const key_t key = KeyOf<acc_t>::get(loss_acc[i], easiest);
+          const key_t key = KeyOf<acc_t>::get(score_at(loss_acc, offset, i), easiest);
           if ((key & mask) == prefix) bin = static_cast<int>((key >> shift) & 0xFF);
         }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
@@ -265,7 +273,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     const int64_t i = base + tid;
     bool is_kept = false, is_tie = false;
     if (i < M && k > 0 && target[i] != ignore_index) {
-      const key_t key = KeyOf<acc_t>::get(loss_acc[i], easiest);
+      const key_t key = KeyOf<acc_t>::get(score_at(loss_acc, offset, i), easiest);
       is_kept = key > T;
       is_tie = key == T;
     }
@@ -297,7 +305,8 @@ __global__ void __launch_bounds__(kSelectThreads)
   if (tid == 0) {
     *k_out = k;
     const long long ti = s_thr_idx;
-    *threshold = ti >= 0 ? static_cast<scalar_t>(loss_acc[ti]) : static_cast<scalar_t>(quiet_nan<acc_t>());
+    *threshold =
+        ti >= 0 ? static_cast<scalar_t>(score_at(loss_acc, offset, ti)) : static_cast<scalar_t>(quiet_nan<acc_t>());
     if (reduction == kSum) *out = static_cast<scalar_t>(sum_loss);
     if (reduction == kMean) *out = static_cast<scalar_t>(sum_loss / sum_w);
   }
@@ -362,7 +371,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
                     const std::optional<at::Tensor>& weight_, double keep_ratio,
                     const std::optional<at::Tensor>& keep_ratio_t, bool easiest,
-                    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+                    int64_t ignore_index, double label_smoothing, int64_t reduction,
+                    const std::optional<at::Tensor>& score_offset_) {
   TORCH_CHECK(input_.dim() == 2, "fused_trim: input must be (M, C), got ", input_.sizes());
   TORCH_CHECK(target_.dim() == 1 && target_.size(0) == input_.size(0),
               "fused_trim: target must be (M,), got ", target_.sizes());
@@ -390,6 +400,12 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
   const at::Tensor count_t = exact_count && !ratio_on_host
                                  ? keep_ratio_t->to(input.device(), at::kLong).contiguous()
                                  : at::Tensor();
+  // score_offset in the accumulation type on the device (a conversion kernel only for another dtype).
+  const at::Tensor score_offset = score_offset_.has_value() && score_offset_->defined()
+                                      ? score_offset_->to(input.device(), acc_st).contiguous()
+                                      : at::Tensor();
+  TORCH_CHECK(!score_offset.defined() || score_offset.numel() == M, "fused_trim: score_offset must have ", M,
+              " values, got ", score_offset.numel());
   auto acc_opts = input.options().dtype(acc_st);
   at::Tensor kept = at::empty({M}, input.options().dtype(at::kBool));
   at::Tensor k_t = at::empty({}, input.options().dtype(at::kLong));
@@ -425,7 +441,8 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
         count_t.defined() ? count_t.const_data_ptr<int64_t>() : nullptr, host_count, easiest,
         reduction, kept.mutable_data_ptr<bool>(), k_t.mutable_data_ptr<int64_t>(),
         threshold.mutable_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-        rowscale.mutable_data_ptr<acc_t>());
+        rowscale.mutable_data_ptr<acc_t>(),
+        score_offset.defined() ? score_offset.const_data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, loss_acc, kept, k_t, threshold, lse, rowscale};

@@ -22,9 +22,13 @@ class TrimInfo(NamedTuple):
         k: 0-dim int64 tensor, the number of kept samples.
         threshold: 0-dim tensor, the loss of the k-th sample in ranking order (the smallest kept
             loss for ``keep="hardest"``, the largest for ``"easiest"``); NaN when ``k == 0``.
+            With a ``score_offset``, the k-th *score* ``l_i - score_offset_i`` instead.
         global_loss: with a ``process_group``, the global loss for logging (the global mean or
             sum; the global sum for ``reduction="none"``); ``None`` otherwise. ``k`` and
             ``threshold`` are then global too, ``losses`` and ``kept`` this rank's.
+        scores: with a ``score_offset``, the ranked scores ``l_i - score_offset_i`` (detached,
+            the target's shape, in the accumulation dtype: fp32, fp64 for fp64 input; ignored
+            samples hold ``-score_offset_i`` and are never kept); ``None`` otherwise.
     """
 
     losses: Tensor
@@ -32,6 +36,7 @@ class TrimInfo(NamedTuple):
     k: Tensor
     threshold: Tensor
     global_loss: Tensor | None = None
+    scores: Tensor | None = None
 
 
 def check_ratio(name: str, value: object) -> float:
@@ -97,6 +102,15 @@ def compute_k(n: Tensor, keep_ratio: float | Tensor) -> Tensor:
     k = torch.floor(r * nf + 0.5).clamp(min=1.0)
     k = torch.minimum(k, nf)
     return k.to(torch.int64)
+
+
+def ranking_scores(losses: Tensor, score_offset: Tensor | None) -> Tensor:
+    """The values the selection ranks: ``losses - score_offset`` in ``losses``' dtype (the
+    accumulation dtype; the offset is first converted to it), or ``losses`` without an offset.
+    Every backend's kernel forms the same difference, so this is bitwise what it ranked."""
+    if score_offset is None:
+        return losses
+    return losses - score_offset.to(device=losses.device, dtype=losses.dtype)
 
 
 def as_rows(input: Tensor) -> Tensor:

@@ -21,7 +21,9 @@ The value a rank returns is therefore not the global loss; ``return_info=True`` 
 Costs: the losses are computed twice (once detached to rank them, once with the fused op), so a
 step reads the logits twice in the forward. Ranking uses the per-sample losses in the
 accumulation dtype (fp32; fp64 for fp64 input), as one process does: bf16 and fp16 inputs keep the
-same set as a single process would, not one decided by ties after rounding.
+same set as a single process would, not one decided by ties after rounding. With a
+``score_offset`` the ranks rank the scores ``l_i - score_offset_i`` (formed in that dtype, as one
+process forms them) and each rank passes its offset on to the local op.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._common import compute_k
+from ._common import compute_k, ranking_scores
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
@@ -54,19 +56,26 @@ def _key_to_float(key: Tensor, keep: str) -> Tensor:
 
 
 def global_share(
-    losses: Tensor, valid: Tensor, keep_ratio: float | Tensor, keep: str, group
+    losses: Tensor,
+    valid: Tensor,
+    keep_ratio: float | Tensor,
+    keep: str,
+    group,
+    score_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """This rank's exact number of kept samples under a global selection.
 
-    Returns ``(k_local, k_global, threshold)`` as 0-dim device tensors, without host
-    synchronisation (the collectives run on the losses' device).
+    ``losses`` are this rank's per-sample losses in the accumulation dtype; with ``score_offset``
+    (this rank's, the losses' shape) the ranking is on ``losses - score_offset`` in that dtype.
+    Returns ``(k_local, k_global, threshold)`` as 0-dim device tensors (``threshold``: the global
+    k-th loss, or score), without host synchronisation (the collectives run on the losses' device).
     """
     dev = losses.device
     n = valid.sum().to(torch.int64)
     dist.all_reduce(n, group=group)
     k = compute_k(n, keep_ratio)
 
-    keys = ordered_keys(losses, keep)
+    keys = ordered_keys(ranking_scores(losses, score_offset), keep)
     u = keys ^ _INT64_MIN  # unsigned order in the bits
     digits = torch.arange(256, device=dev)
     prefix = torch.zeros((), dtype=torch.int64, device=dev)
@@ -108,9 +117,11 @@ def trimmed_cross_entropy_global(
     label_smoothing: float,
     reduction: str,
     group,
+    score_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Global trimming on the normalised ``(M, C)`` problem with one backend's 2-D entry point.
 
+    ``score_offset`` (``(M,)`` or ``None``): rank ``l_i - score_offset_i`` (see :func:`global_share`).
     Returns ``(out, losses, kept, k_global, threshold, global_loss)``.
     """
     valid = target != ignore_index
@@ -118,10 +129,11 @@ def trimmed_cross_entropy_global(
         _, losses, _, _, _ = backend_fn(
             input.detach(), target, 1.0, keep, weight, ignore_index, label_smoothing, "none"
         )
-    k_local, k_global, threshold = global_share(losses, valid, keep_ratio, keep, group)
+    k_local, k_global, threshold = global_share(losses, valid, keep_ratio, keep, group, score_offset)
     local_reduction = "none" if reduction == "none" else "sum"
+    extra = {} if score_offset is None else {"score_offset": score_offset}
     out, _, kept, _, _ = backend_fn(
-        input, target, k_local, keep, weight, ignore_index, label_smoothing, local_reduction
+        input, target, k_local, keep, weight, ignore_index, label_smoothing, local_reduction, **extra
     )
     out, global_loss = _scale_for_averaging(out, kept, target, weight, reduction, input.dtype, group)
     return out, losses, kept, k_global, threshold.to(input.dtype), global_loss

@@ -29,6 +29,7 @@ from ._common import (
     check_ratio,
     check_weight,
     default_chunk_size,
+    ranking_scores,
 )
 
 if TYPE_CHECKING:
@@ -119,6 +120,25 @@ def _check_weight(weight: Tensor | None, num_classes: int, input: Tensor) -> Non
         )
 
 
+def _check_score_offset(score_offset: object, target: Tensor, input: Tensor) -> Tensor | None:
+    """``None``, or the offset as a detached flat ``(M,)`` tensor: a floating-point tensor of the
+    target's shape on the input's device, else an error naming ``score_offset`` and what it got."""
+    if score_offset is None:
+        return None
+    if not isinstance(score_offset, Tensor):
+        raise TypeError(f"score_offset must be a tensor or None, got {type(score_offset).__name__}")
+    if not score_offset.is_floating_point():
+        raise TypeError(f"score_offset must be a floating-point tensor, got dtype {score_offset.dtype}")
+    if tuple(score_offset.shape) != tuple(target.shape):
+        raise ValueError(
+            f"score_offset shape {tuple(score_offset.shape)} does not match target shape {tuple(target.shape)}: "
+            "one value per sample"
+        )
+    if score_offset.device != input.device:
+        raise ValueError(f"score_offset is on {score_offset.device} but input is on {input.device}")
+    return score_offset.detach().reshape(-1)  # a constant for autograd
+
+
 def _check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
     if target.numel() == 0:
         return
@@ -194,6 +214,7 @@ def trimmed_cross_entropy(
     backend: str = "auto",
     return_info: bool = False,
     process_group: ProcessGroup | None = None,
+    score_offset: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, TrimInfo]:
     r"""Cross-entropy over only the hardest (or easiest) samples of a mini-batch.
 
@@ -227,6 +248,14 @@ def trimmed_cross_entropy(
             is chosen over the global batch of all its ranks, and each rank's loss is scaled so
             that DDP's gradient averaging gives the gradient of the global trimmed loss (see
             :mod:`fused_trim.distributed`); ``info.global_loss`` is the value to log.
+        score_offset: a floating-point tensor of the target's shape on the input's device, or
+            ``None``. Samples are then ranked by the score :math:`s_i = l_i - o_i`, formed in the
+            accumulation dtype (fp32; fp64 for fp64 input; the offset is converted to it), with
+            the same rules (ties to the lower index, NaN scores first); the reduction and the
+            gradient are still those of the plain :math:`l_i` over :math:`K`. A constant for
+            autograd: an offset that requires grad is used detached. ``info.threshold`` is then
+            the k-th score and ``info.scores`` holds every score. With a frozen reference model's
+            per-token losses as the offset this is Rho-1's excess-loss token selection.
 
     Returns:
         The loss, in ``input``'s dtype; with ``return_info=True`` the pair ``(loss, info)``.
@@ -244,6 +273,7 @@ def trimmed_cross_entropy(
     _check_scalar_options(ignore_index, label_smoothing)
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     _check_weight(weight, num_classes, input)
+    offset = _check_score_offset(score_offset, target, input)
     name = _resolve_backend(backend, input.device)
     if not (name == "native" and input.device.type == "cpu"):
         # The native CPU op checks the class range in its own pass over the targets, before any
@@ -266,21 +296,23 @@ def trimmed_cross_entropy(
     if t1d.shape[0] == 0:
         name = "reference"  # an empty batch launches no kernel (a rank may still join collectives)
     args = (keep_ratio, keep, weight, ignore_index, float(label_smoothing), reduction)
+    extra = {} if offset is None else {"score_offset": offset}  # (backends default to None)
     global_loss = None
     if process_group is None:
-        out, losses, kept, k, threshold = _backend_fn(name)(x2d, t1d, *args)
+        out, losses, kept, k, threshold = _backend_fn(name)(x2d, t1d, *args, **extra)
     else:
         from .distributed import trimmed_cross_entropy_global
 
         out, losses, kept, k, threshold, global_loss = trimmed_cross_entropy_global(
-            _backend_fn(name), x2d, t1d, *args, group=process_group
+            _backend_fn(name), x2d, t1d, *args, group=process_group, **extra
         )
     if reduction == "none":
         out = out.reshape(target.shape)
     if not return_info:
         return out
+    scores = None if offset is None else ranking_scores(losses, offset).reshape(target.shape)
     losses = losses.to(input.dtype).reshape(target.shape)  # (the backends rank them in fp32 / fp64)
-    info = TrimInfo(losses, kept.reshape(target.shape), k, threshold, global_loss)
+    info = TrimInfo(losses, kept.reshape(target.shape), k, threshold, global_loss, scores)
     return out, info
 
 

@@ -143,7 +143,7 @@ def _num_rows(input):
 
 
 def _fwd_fake(input, target, weight, keep_ratio, keep_ratio_t, easiest, ignore_index, label_smoothing,
-              reduction):
+              reduction, score_offset=None):
     m = _num_rows(input)
     acc = _acc_dtype(input.dtype)
     out = input.new_empty((m,) if reduction == 0 else ())
@@ -300,11 +300,13 @@ def trimmed_cross_entropy_2d(
     ignore_index: int,
     label_smoothing: float,
     reduction: str,
+    score_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The native op on the normalised ``(M, C)`` or ``(N, C, S)`` problem (see :mod:`fused_trim.reference`).
 
     Returns ``(out, losses, kept, k, threshold)``, ``losses`` in the accumulation dtype (see
     :func:`fused_trim.reference.trimmed_cross_entropy_2d`); only ``out`` carries gradient.
+    ``score_offset`` (``(M,)`` or ``None``): the op ranks ``losses - score_offset``.
     """
     if _state.get("error", "not loaded") is not None or not input.is_cpu:
         reason = unavailable_reason(input.device)
@@ -330,6 +332,7 @@ def trimmed_cross_entropy_2d(
         int(ignore_index),
         float(label_smoothing),
         _REDUCTION_CODES[reduction],
+        score_offset,
     )
     # losses and threshold are marked non-differentiable by the op's autograd (C++): no detach.
     return out, losses, kept, k, threshold

@@ -166,7 +166,10 @@ class TrimmedCrossEntropyLoss(nn.Module):
         self._last, self._last_compiled = r, False
         return r
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, score_offset: Tensor | None = None) -> Tensor:
+        """The trimmed loss of ``input`` and ``target``; ``score_offset`` (the target's shape, or
+        ``None``) ranks ``l_i - score_offset_i`` instead of ``l_i`` for this call (see
+        :func:`~fused_trim.trimmed_cross_entropy`)."""
         r = self._ratio_for(input.device)
         loss, info = trimmed_cross_entropy(
             input,
@@ -180,6 +183,7 @@ class TrimmedCrossEntropyLoss(nn.Module):
             backend=self.backend,
             return_info=True,
             process_group=self.process_group,
+            score_offset=score_offset,
         )
         self.info = info
         return loss

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ._common import as_rows, compute_k
+from ._common import as_rows, compute_k, ranking_scores
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,24 +61,28 @@ def trimmed_cross_entropy_2d(
     ignore_index: int,
     label_smoothing: float,
     reduction: str,
+    score_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The whole contract on ``input (M, C)`` or ``(N, C, S)``, ``target (M,)``.
 
     Returns ``(out, losses, kept, k, threshold)``; ``out`` is 0-dim for ``"mean"``/``"sum"`` and
     ``(M,)`` for ``"none"``. Only ``out`` carries gradient, and only through the kept rows.
-    ``losses`` are the values the selection ranked, in the accumulation dtype (fp32; fp64 for fp64
-    input), as every backend returns them; the rest is in the input dtype.
+    ``losses`` are the per-sample losses in the accumulation dtype (fp32; fp64 for fp64 input), as
+    every backend returns them; the rest is in the input dtype. ``score_offset`` (``(M,)``, or
+    ``None``): rank ``losses - score_offset`` (:func:`fused_trim._common.ranking_scores`) instead
+    of the losses; ``threshold`` is then the k-th score.
     """
     input = as_rows(input)
     valid = target != ignore_index
     with torch.no_grad():
         losses, _ = per_sample_loss(input, target, weight, ignore_index, label_smoothing)
+    scores = ranking_scores(losses, score_offset)
     k = compute_k(valid.sum(), keep_ratio)
-    idx = select(losses, valid, int(k), keep)
+    idx = select(scores, valid, int(k), keep)
     kept = torch.zeros_like(valid)
     kept[idx] = True
     nan = torch.full((), float("nan"), dtype=losses.dtype, device=losses.device)
-    threshold = losses[idx[-1]] if idx.numel() else nan
+    threshold = scores[idx[-1]] if idx.numel() else nan
 
     # Recompute the kept rows with autograd: the gradient is exactly zero everywhere else.
     kept_loss, kept_w = per_sample_loss(input[idx], target[idx], weight, ignore_index, label_smoothing)

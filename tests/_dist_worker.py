@@ -215,8 +215,49 @@ def lm_head_ddp(rank: int, backends: list[str]) -> list[str]:
     return lines
 
 
+def score_offset_ddp(rank: int, backends: list[str]) -> list[str]:
+    """Two ranks with a ``score_offset`` (few distinct values: ties across the ranks, one NaN):
+    the kept set, threshold score, loss and gradients of one process on the whole batch."""
+    torch.manual_seed(2)
+    base = torch.nn.Linear(6, 5).double()
+    lines = []
+    for backend in backends:
+        for name, rows, split, ignore_rank1 in scenarios():
+            for reduction, keep, ratio in (("mean", "hardest", 0.4), ("sum", "easiest", 0.6)):
+                feats, target = _batch(rows, rows, all_tied=name == "all-tied")
+                if ignore_rank1:
+                    target[split:] = -100
+                gen = torch.Generator().manual_seed(rows + split)
+                offset = torch.tensor([0.0, 0.5, -0.5, 1.0], dtype=torch.float64)[torch.randint(0, 4, (rows,),
+                                                                                                generator=gen)]
+                offset[1] = float("nan")  # a NaN score: first under "hardest", last under "easiest"
+                kw = dict(keep=keep, reduction=reduction, backend=backend, return_info=True)
+                single = copy.deepcopy(base)
+                ref_loss, ref_info = trimmed_cross_entropy(single(feats), target, ratio, score_offset=offset, **kw)
+                ref_loss.backward()
+
+                model = DistributedDataParallel(copy.deepcopy(base))
+                part = slice(0, split) if rank == 0 else slice(split, rows)
+                loss, info = trimmed_cross_entropy(
+                    model(feats[part]), target[part], ratio, score_offset=offset[part],
+                    process_group=dist.group.WORLD, **kw,
+                )  # fmt: skip
+                loss.backward()
+                case = f"offset/{backend}/{name}/{reduction}/{keep}"
+                for p_ddp, p_ref in zip(model.module.parameters(), single.parameters(), strict=True):
+                    torch.testing.assert_close(p_ddp.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=case)
+                torch.testing.assert_close(info.global_loss, ref_loss.detach(), rtol=1e-9, atol=1e-12, msg=case)
+                assert torch.equal(info.kept, ref_info.kept[part]), case
+                assert int(info.k) == int(ref_info.k), case
+                torch.testing.assert_close(info.threshold, ref_info.threshold, equal_nan=True, msg=case)
+                torch.testing.assert_close(info.scores, ref_info.scores[part], equal_nan=True, msg=case)
+                lines.append(case)
+    return lines
+
+
 _JOBS = {
     "ddp": ddp_matches_single_process,
+    "score-offset": score_offset_ddp,
     "one": world_of_one,
     "near-ties": near_ties_in_low_precision,
     "lm-head": lm_head_ddp,

@@ -58,6 +58,11 @@ def test_lm_head_ddp_gradients_equal_single_process_global_trim(tmp_path):
     assert len(cases) == len(backends) * len(_dist_worker.scenarios()) * 4
 
 
+def test_score_offset_ddp_equals_single_process_global_trim(tmp_path):
+    cases = _spawn(tmp_path, "score-offset", 2, CPU_BACKENDS)
+    assert len(cases) == len(CPU_BACKENDS) * len(_dist_worker.scenarios()) * 2
+
+
 def test_global_share_matches_sorted_order_on_one_rank(tmp_path):
     assert len(_spawn(tmp_path, "one", 1)) == 4
 

@@ -1,13 +1,15 @@
 // The exact-k selection over per-sample losses and the reduction over the kept set (CPU).
 //
 // API (namespace fused_trim::cpu; acc_t float or double):
-//   Selection select_kept<acc_t>(loss, t, ignore_index, M, easiest, keep_ratio, count)
+//   Selection select_kept<acc_t>(loss, t, ignore_index, M, easiest, keep_ratio, count, offset = nullptr)
 //       The kept set of the contract: valid samples are those with t[i] != ignore_index (n of
 //       them); k = compute_k(n, keep_ratio), or min(n, count) when count >= 0 (an exact count);
 //       the k valid samples with the largest ranking keys (KeyOf<acc_t>: "hardest" keeps the
 //       largest losses, NaN first; "easiest" the smallest; -0.0 == +0.0), ties to the lower
-//       index. Returns n, k, the kept indices (in no particular order) and the index of the k-th
-//       ranked sample (the threshold; -1 when k = 0).
+//       index. With offset (M values in acc_t, or nullptr) the keys rank the scores
+//       score_of(loss, offset, i) = loss[i] - offset[i] instead of the losses. Returns n, k, the
+//       kept indices (in no particular order) and the index of the k-th ranked sample (the
+//       threshold: its score is score_of(loss, offset, thr_idx); -1 when k = 0).
 //   double reduce_kept<scalar_t, acc_t>(loss, t, w, M, sel, reduction, out, kept, rowscale)
 //       Writes kept[M] (bool), rowscale[M] (the gradient scale: 1/denominator for "mean", 1 for
 //       "sum"/"none", 0 outside the kept set) and out: the scalar result for mean/sum (mean =
@@ -29,6 +31,12 @@ namespace fused_trim::cpu {
 // narrower; below it, one nth_element over all the candidates is faster).
 constexpr int64_t kRadixSelectMin = int64_t(1) << 15;
 
+// The ranked value of sample i: its loss, or loss - offset (score_offset) in acc_t.
+template <typename acc_t>
+inline acc_t score_of(const acc_t* loss_acc, const acc_t* offset, int64_t i) {
+  return offset == nullptr ? loss_acc[i] : loss_acc[i] - offset[i];
+}
+
 struct Selection {
   int64_t n = 0;       // valid samples
   int64_t k = 0;       // kept samples
@@ -38,7 +46,7 @@ struct Selection {
 
 template <typename acc_t>
 Selection select_kept(const acc_t* loss_acc, const int64_t* t, int64_t ignore_index, int64_t M, bool easiest,
-                      double keep_ratio, int64_t count) {
+                      double keep_ratio, int64_t count, const acc_t* offset = nullptr) {
   using key_t = typename KeyOf<acc_t>::type;
   const bool exact_count = count >= 0;
   Selection sel;
@@ -66,7 +74,7 @@ Selection select_kept(const acc_t* loss_acc, const int64_t* t, int64_t ignore_in
       std::vector<uint32_t> hist(size_t(1) << 16, 0);
       int64_t n = 0;
       for (int64_t i = 0; i < M; ++i) {
-        const uint32_t key = KeyOf<acc_t>::get(loss_acc[i], easiest);
+        const uint32_t key = KeyOf<acc_t>::get(score_of(loss_acc, offset, i), easiest);
         const uint32_t valid = t[i] != ignore_index;
         keys[i] = key;
         hist[key >> 16] += valid;
@@ -104,7 +112,7 @@ Selection select_kept(const acc_t* loss_acc, const int64_t* t, int64_t ignore_in
       cands.reserve(M);
       for (int64_t i = 0; i < M; ++i) {
         if (t[i] != ignore_index) {
-          cands.push_back((uint64_t(KeyOf<acc_t>::get(loss_acc[i], easiest)) << 32) |
+          cands.push_back((uint64_t(KeyOf<acc_t>::get(score_of(loss_acc, offset, i), easiest)) << 32) |
                           (uint64_t(0xFFFFFFFFu) - uint64_t(i)));
         }
       }
@@ -120,7 +128,7 @@ Selection select_kept(const acc_t* loss_acc, const int64_t* t, int64_t ignore_in
     std::vector<Cand> cands;
     cands.reserve(M);
     for (int64_t i = 0; i < M; ++i) {
-      if (t[i] != ignore_index) cands.push_back({KeyOf<acc_t>::get(loss_acc[i], easiest), i});
+      if (t[i] != ignore_index) cands.push_back({KeyOf<acc_t>::get(score_of(loss_acc, offset, i), easiest), i});
     }
     select(cands, [](const Cand& a, const Cand& b) { return a.key > b.key || (a.key == b.key && a.idx < b.idx); },
            [](const Cand& c) { return c.idx; });

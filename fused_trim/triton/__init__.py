@@ -31,6 +31,7 @@ def trimmed_cross_entropy_2d(
     ignore_index: int,
     label_smoothing: float,
     reduction: str,
+    score_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The contract on ``input (M, C)`` or ``(N, C, S)`` (read in place), ``target (M,)``.
 
@@ -38,10 +39,11 @@ def trimmed_cross_entropy_2d(
     :func:`fused_trim.reference.trimmed_cross_entropy_2d`).
 
     ``keep_ratio`` may also be a 0-dim int64 tensor: an exact count (see :mod:`fused_trim.distributed`).
+    ``score_offset`` (``(M,)`` or ``None``): rank ``losses - score_offset``.
     """
     keep_ratio, ratio_t = device_ratio(keep_ratio, input.device)
     out, losses, kept, k, threshold, _, _ = trimmed_ce_fwd(
         input, target, weight, float(keep_ratio), ratio_t, keep == "hardest", ignore_index, label_smoothing,
-        REDUCTION_CODE[reduction],
+        REDUCTION_CODE[reduction], score_offset,
     )
     return out, losses.detach(), kept, k, threshold.detach()

@@ -31,6 +31,17 @@ def ordered_key(loss, valid, HARDEST: tl.constexpr, IS_FP64: tl.constexpr):
 
 
 @triton.jit
+def ranked_value(loss, offset_ptr, idx, valid, HAS_OFFSET: tl.constexpr):
+    """What the selection ranks: ``loss``, or with a score offset ``loss - offset[idx]``, the offset
+    (any float dtype) converted to the loss's (accumulation) dtype first. Read where the loss is."""
+    if HAS_OFFSET:
+        offset = tl.load(offset_ptr + idx, mask=valid, other=0.0).to(loss.dtype)
+        return loss - offset
+    else:
+        return loss
+
+
+@triton.jit
 def sign_bit(IS_FP64: tl.constexpr):
     """The key's sign bit: ``key ^ sign_bit`` orders the keys as unsigned bit patterns."""
     if IS_FP64:
@@ -81,7 +92,7 @@ def radix_step(hist, krem, prefix, prefix_mask, shift, key_dtype: tl.constexpr):
 
 @triton.jit
 def key_to_float(kth, HARDEST: tl.constexpr, IS_FP64: tl.constexpr):
-    """The loss whose key is ``kth`` (the key map is an involution)."""
+    """The loss (or score) whose key is ``kth`` (the key map is an involution)."""
     if not HARDEST:
         kth = -1 - kth
     if IS_FP64:
@@ -98,7 +109,8 @@ def store_results(
     REDUCTION: tl.constexpr,
 ):
     """Write the reduced loss (mean: 0, sum: 1; none: 2 writes none), the backward's divisor
-    ``denom`` (the kept weight for the mean, else 1), ``k`` and the threshold loss (NaN if k == 0)."""
+    ``denom`` (the kept weight for the mean, else 1), ``k`` and the threshold: the k-th ranked
+    loss, or score with an offset (NaN if k == 0)."""
     acc_dtype: tl.constexpr = denom_ptr.dtype.element_ty
     if REDUCTION == 0:
         result = sum_loss / sum_w

@@ -89,11 +89,19 @@ def select_rows(
     hardest: bool,
     ignore_index: int,
     reduction: int,
+    score_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The exact-k select on per-row losses (one program, or the grid select past
     ``SINGLE_PROGRAM_MAX_ROWS``): ``(out, kept, k, threshold, denom)``, ``out`` and ``threshold``
-    in ``out_dtype``. Shared by the cross-entropy and LM-head forwards."""
+    in ``out_dtype``. Shared by the cross-entropy and LM-head forwards.
+
+    ``score_offset`` (``(num_rows,)``, any float dtype, on the losses' device, or ``None``): rank
+    ``loss - score_offset`` (formed in the losses' dtype) instead; ``threshold`` is then the k-th
+    score; ``out`` and ``denom`` are still of the plain losses."""
     num_rows, dev = loss.shape[0], loss.device
+    has_offset = score_offset is not None
+    if has_offset:
+        score_offset = score_offset.contiguous()
     ratio_on_device = keep_ratio_t is not None
     kept = torch.empty(num_rows, dtype=torch.bool, device=dev)
     out = torch.empty(num_rows if reduction == 2 else (), dtype=out_dtype, device=dev)
@@ -106,12 +114,13 @@ def select_rows(
         wrap_triton(select_kernel)[(1,)](
             loss, w_y, target, kept, out, out, k, threshold, denom, num_rows, ignore_index, ratio_bits,
             ratio_ptr, RATIO_FROM_PTR=ratio_on_device, KEEP_ALL=not ratio_on_device and keep_ratio == 1.0,
-            HARDEST=hardest, REDUCTION=reduction, BLOCK=select_block(num_rows), num_warps=4,
+            HARDEST=hardest, REDUCTION=reduction, BLOCK=select_block(num_rows), HAS_OFFSET=has_offset,
+            offset_ptr=score_offset, num_warps=4,
         )  # fmt: skip
     else:
         grid_select(
             loss, w_y, target, kept, out, k, threshold, denom, ignore_index, ratio_bits, ratio_ptr,
-            ratio_on_device, hardest, reduction, GRID_BLOCK,
+            ratio_on_device, hardest, reduction, GRID_BLOCK, offset=score_offset,
         )  # fmt: skip
     return out, kept, k, threshold, denom
 
@@ -127,6 +136,7 @@ def trimmed_ce_fwd(
     ignore_index: int,
     label_smoothing: float,
     reduction: int,
+    score_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward on ``input (M, C)`` or ``(N, C, S)``: ``(out, losses, kept, k, threshold, stats, denom)``.
 
@@ -136,12 +146,14 @@ def trimmed_ce_fwd(
     ``keep_ratio_t``, when given, replaces ``keep_ratio``: a 0-dim float tensor (a ratio) or int64
     tensor (an exact count), read on the device. ``stats`` (``(2, M)``: each sample's max logit and
     ``log sum_c exp(x_c - max)``, so that the backward keeps the relative precision of a small loss)
-    and ``denom`` (the divisor of the mean) are saved for the backward.
+    and ``denom`` (the divisor of the mean) are saved for the backward. ``score_offset`` (flat
+    ``(M,)`` or ``None``): rank ``losses - score_offset`` (see :func:`select_rows`).
     """
     with device_guard(input):
         return _forward(
-            input, target, weight, keep_ratio, keep_ratio_t, hardest, ignore_index, label_smoothing, reduction
-        )
+            input, target, weight, keep_ratio, keep_ratio_t, hardest, ignore_index, label_smoothing, reduction,
+            score_offset,
+        )  # fmt: skip
 
 
 def _forward(
@@ -154,6 +166,7 @@ def _forward(
     ignore_index: int,
     label_smoothing: float,
     reduction: int,
+    score_offset: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The body of :func:`trimmed_ce_fwd`, on the input's device."""
     spatial = input.dim() == 3
@@ -188,8 +201,9 @@ def _forward(
         )  # fmt: skip
 
     out, kept, k, threshold, denom = select_rows(
-        loss, w_y, target, input.dtype, keep_ratio, keep_ratio_t, hardest, ignore_index, reduction
-    )
+        loss, w_y, target, input.dtype, keep_ratio, keep_ratio_t, hardest, ignore_index, reduction,
+        score_offset=score_offset,
+    )  # fmt: skip
     return out, loss, kept, k, threshold, stats, denom
 
 
@@ -252,7 +266,7 @@ def _backward_grad(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input, target, weight, _, _, _, _, label_smoothing, _ = inputs
+    input, target, weight, _, _, _, _, label_smoothing, _, _ = inputs
     _, _, kept, _, _, stats, denom = output
     ctx.save_for_backward(input, target, weight, stats, kept, denom)
     ctx.label_smoothing = label_smoothing
@@ -261,7 +275,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out, *_unused):
     input, target, weight, stats, kept, denom = ctx.saved_tensors
     grad = trimmed_ce_bwd(grad_out, input, target, weight, stats, kept, denom, ctx.label_smoothing)
-    return grad, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 def _double_backward(ctx, *grads):

@@ -20,20 +20,25 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from ._ce import to_output
-from ._radix import compute_k, ordered_key, radix_step, sign_bit, store_results
+from ._radix import compute_k, ordered_key, radix_step, ranked_value, sign_bit, store_results
 
 
 @triton.jit
-def _block_keys(loss_ptr, target_ptr, num_rows, ignore_index, HARDEST: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's rows ``[pid * BLOCK, (pid + 1) * BLOCK)``: ``(idx, in_range, valid, loss, key)``.
-    Padding lanes are never valid (``other=ignore_index`` would wrap for a narrow target dtype)."""
+def _block_keys(
+    loss_ptr, target_ptr, num_rows, ignore_index, HARDEST: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_OFFSET: tl.constexpr, offset_ptr,
+):
+    """This program's rows ``[pid * BLOCK, (pid + 1) * BLOCK)``: ``(idx, in_range, valid, loss, key)``,
+    the key of ``loss - offset`` with ``HAS_OFFSET`` (a score offset). Padding lanes are never valid
+    (``other=ignore_index`` would wrap for a narrow target dtype)."""
     IS_FP64: tl.constexpr = loss_ptr.dtype.element_ty == tl.float64
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = idx < num_rows
     tgt = tl.load(target_ptr + idx, mask=in_range, other=0)
     valid = in_range & (tgt != ignore_index)
     loss = tl.load(loss_ptr + idx, mask=valid, other=0.0)
-    return idx, in_range, valid, loss, ordered_key(loss, valid, HARDEST, IS_FP64)
+    score = ranked_value(loss, offset_ptr, idx, valid, HAS_OFFSET)
+    return idx, in_range, valid, loss, ordered_key(score, valid, HARDEST, IS_FP64)
 
 
 @triton.jit
@@ -54,13 +59,17 @@ def grid_histogram_kernel(
     SHIFT: tl.constexpr,
     HARDEST: tl.constexpr,
     BLOCK: tl.constexpr,
+    HAS_OFFSET: tl.constexpr = False,
+    offset_ptr=None,
 ):
     """Step 1 (per digit): the histogram of digit ``(u >> SHIFT) & 255`` over the block's valid rows
     whose key matches the prefix found so far (``state[0]``, under mask ``state[1]``), added to the
     global int64 ``hist``."""
     IS_FP64: tl.constexpr = loss_ptr.dtype.element_ty == tl.float64
     key_dtype: tl.constexpr = tl.int64 if IS_FP64 else tl.int32
-    _, _, valid, _, key = _block_keys(loss_ptr, target_ptr, num_rows, ignore_index, HARDEST, BLOCK)
+    _, _, valid, _, key = _block_keys(
+        loss_ptr, target_ptr, num_rows, ignore_index, HARDEST, BLOCK, HAS_OFFSET, offset_ptr
+    )
     u = key ^ sign_bit(IS_FP64)
     prefix = tl.load(state_ptr).to(key_dtype)
     prefix_mask = tl.load(state_ptr + 1).to(key_dtype)
@@ -116,10 +125,14 @@ def grid_ties_kernel(
     ignore_index,
     HARDEST: tl.constexpr,
     BLOCK: tl.constexpr,
+    HAS_OFFSET: tl.constexpr = False,
+    offset_ptr=None,
 ):
     """Step 3: ``ties[pid]`` = the number of valid rows of block ``pid`` whose key is the k-th key."""
     IS_FP64: tl.constexpr = loss_ptr.dtype.element_ty == tl.float64
-    _, _, valid, _, key = _block_keys(loss_ptr, target_ptr, num_rows, ignore_index, HARDEST, BLOCK)
+    _, _, valid, _, key = _block_keys(
+        loss_ptr, target_ptr, num_rows, ignore_index, HARDEST, BLOCK, HAS_OFFSET, offset_ptr
+    )
     tie = valid & (key == _kth_key(state_ptr, IS_FP64))
     tl.store(ties_ptr + tl.program_id(0), tl.sum(tie.to(tl.int64), 0))
 
@@ -152,13 +165,17 @@ def grid_keep_kernel(
     HARDEST: tl.constexpr,
     REDUCTION: tl.constexpr,
     BLOCK: tl.constexpr,
+    HAS_OFFSET: tl.constexpr = False,
+    offset_ptr=None,
 ):
     """Step 5: keeps ``key > T`` and the ties at ``T`` whose global tie rank is below ``krem``;
     writes ``kept``, ``out`` (for "none"), and the block's kept loss and weight sums to
     ``partial[pid]`` and ``partial[num_blocks + pid]``."""
     IS_FP64: tl.constexpr = loss_ptr.dtype.element_ty == tl.float64
     pid = tl.program_id(0)
-    idx, in_range, valid, loss, key = _block_keys(loss_ptr, target_ptr, num_rows, ignore_index, HARDEST, BLOCK)
+    idx, in_range, valid, loss, key = _block_keys(
+        loss_ptr, target_ptr, num_rows, ignore_index, HARDEST, BLOCK, HAS_OFFSET, offset_ptr
+    )
     kth = _kth_key(state_ptr, IS_FP64)
     krem = tl.load(state_ptr + 2)
     tie = valid & (key == kth)
@@ -221,9 +238,12 @@ def grid_select(
     hardest: bool,
     reduction: int,
     block: int,
+    offset: Tensor | None = None,
 ) -> None:
     """Launch the six steps over ``loss`` (rows in blocks of ``block``); writes what
-    :func:`.select.select_kernel` writes."""
+    :func:`.select.select_kernel` writes. ``offset`` (``(M,)``, any float dtype, or ``None``): rank
+    ``loss - offset``."""
+    has_offset = offset is not None
     num_rows = loss.shape[0]
     is_fp64 = loss.dtype == torch.float64
     nbits = 64 if is_fp64 else 32
@@ -234,7 +254,7 @@ def grid_select(
         shift = nbits - 8 * (digit + 1)
         wrap_triton(grid_histogram_kernel)[(blocks,)](
             loss, target, state, hist, num_rows, ignore_index, SHIFT=shift, HARDEST=hardest, BLOCK=block,
-            num_warps=8,
+            HAS_OFFSET=has_offset, offset_ptr=offset, num_warps=8,
         )  # fmt: skip
         wrap_triton(grid_pick_kernel)[(1,)](
             state, hist, ratio_bits, ratio_ptr, SHIFT=shift, FIRST=digit == 0, IS_FP64=is_fp64,
@@ -242,13 +262,14 @@ def grid_select(
         )  # fmt: skip
     ties = torch.empty(blocks, dtype=torch.int64, device=loss.device)
     wrap_triton(grid_ties_kernel)[(blocks,)](
-        loss, target, state, ties, num_rows, ignore_index, HARDEST=hardest, BLOCK=block, num_warps=8
-    )
+        loss, target, state, ties, num_rows, ignore_index, HARDEST=hardest, BLOCK=block, HAS_OFFSET=has_offset,
+        offset_ptr=offset, num_warps=8,
+    )  # fmt: skip
     wrap_triton(grid_scan_kernel)[(1,)](ties, blocks, BLOCK=1024, num_warps=4)
     partial = torch.empty(2 * blocks, dtype=loss.dtype, device=loss.device)
     wrap_triton(grid_keep_kernel)[(blocks,)](
         loss, w_y, target, state, ties, kept, out, partial, num_rows, blocks, ignore_index,
-        HARDEST=hardest, REDUCTION=reduction, BLOCK=block, num_warps=8,
+        HARDEST=hardest, REDUCTION=reduction, BLOCK=block, HAS_OFFSET=has_offset, offset_ptr=offset, num_warps=8,
     )  # fmt: skip
     wrap_triton(grid_finish_kernel)[(1,)](
         partial, state, out, k, threshold, denom, blocks, HARDEST=hardest, REDUCTION=reduction, BLOCK=1024,

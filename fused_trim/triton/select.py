@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from ._ce import to_output
-from ._radix import compute_k, ordered_key, radix_step, sign_bit, store_results
+from ._radix import compute_k, ordered_key, radix_step, ranked_value, sign_bit, store_results
 
 
 @triton.jit
@@ -27,6 +27,8 @@ def select_kernel(
     HARDEST: tl.constexpr,
     REDUCTION: tl.constexpr,
     BLOCK: tl.constexpr,
+    HAS_OFFSET: tl.constexpr = False,
+    offset_ptr=None,
 ):
     """One program over all rows.
 
@@ -36,6 +38,8 @@ def select_kernel(
     ``key == T`` in index order, and writes: ``kept``, ``out`` (per-row loss on K, 0 elsewhere;
     only for ``REDUCTION == 2``, "none"), ``result`` (the mean (0) or sum (1)), ``k``, the
     threshold loss and ``denom`` (the divisor of the mean; 1 otherwise) for the backward.
+    ``HAS_OFFSET``: the keys rank ``loss - offset`` (a score offset, read with each loss; the
+    threshold is then the k-th score); the sums are still of the plain losses.
     Padding lanes are never valid: ``other=ignore_index`` would wrap for a narrow target dtype.
     """
     IS_FP64: tl.constexpr = loss_ptr.dtype.element_ty == tl.float64
@@ -63,7 +67,7 @@ def select_kernel(
             tgt = tl.load(target_ptr + idx, mask=in_range, other=0)
             valid = in_range & (tgt != ignore_index)
             loss = tl.load(loss_ptr + idx, mask=valid, other=0.0)
-            key = ordered_key(loss, valid, HARDEST, IS_FP64)
+            key = ordered_key(ranked_value(loss, offset_ptr, idx, valid, HAS_OFFSET), valid, HARDEST, IS_FP64)
             kth = tl.minimum(kth, tl.min(tl.where(valid, key, max_key), 0))
     else:
         sign = sign_bit(IS_FP64)
@@ -79,7 +83,7 @@ def select_kernel(
                 tgt = tl.load(target_ptr + idx, mask=in_range, other=0)
                 valid = in_range & (tgt != ignore_index)
                 loss = tl.load(loss_ptr + idx, mask=valid, other=0.0)
-                u = ordered_key(loss, valid, HARDEST, IS_FP64) ^ sign
+                u = ordered_key(ranked_value(loss, offset_ptr, idx, valid, HAS_OFFSET), valid, HARDEST, IS_FP64) ^ sign
                 match = valid & ((u & prefix_mask) == prefix)
                 digit = ((u >> shift) & 255).to(tl.int32)
                 hist += tl.histogram(digit, 256, mask=match)
@@ -96,7 +100,7 @@ def select_kernel(
         tgt = tl.load(target_ptr + idx, mask=in_range, other=0)
         valid = in_range & (tgt != ignore_index)
         loss = tl.load(loss_ptr + idx, mask=valid, other=0.0)
-        key = ordered_key(loss, valid, HARDEST, IS_FP64)
+        key = ordered_key(ranked_value(loss, offset_ptr, idx, valid, HAS_OFFSET), valid, HARDEST, IS_FP64)
         tie = valid & (key == kth)
         tie_i = tie.to(tl.int64)
         tie_rank = ties_before + tl.cumsum(tie_i, 0) - tie_i
