@@ -289,3 +289,31 @@ def test_random_batches_with_ties(rows, classes, ratio, keep, reduction, seed):
     offset = values[torch.randint(0, len(values), (rows,), generator=gen)]
     for backend in BACKENDS:
         check(backend, x, t, offset, ratio, keep=keep, reduction=reduction)
+
+
+COMPILE_BACKENDS = [b for b in BACKENDS if b.startswith("native")] + [b for b in BACKENDS if b == "triton@cuda"]
+
+
+@pytest.mark.skipif(not COMPILE_BACKENDS, reason="no compiled backend here (native not built, no CUDA)")
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_torch_compile_fullgraph_with_an_offset(backend):
+    """The offset reaches the compiled op (its fake implementation takes it): no graph break."""
+    name, dev = split(backend)
+    torch.manual_seed(0)
+    body = torch.nn.Linear(12, 10).to(dev)
+    x, t = torch.randn(48, 12, device=dev), torch.randint(0, 10, (48,), device=dev)
+    offset = torch.randn(48, device=dev)
+
+    def step(fn):
+        body.zero_grad(set_to_none=True)
+        loss = fn(x, t, offset)
+        loss.backward()
+        return loss.detach(), body.weight.grad.clone()
+
+    def loss_fn(x, t, offset):
+        return trimmed_cross_entropy(body(x), t, 0.4, keep="easiest", backend=name, score_offset=offset)
+
+    torch._dynamo.reset()
+    got = step(torch.compile(loss_fn, fullgraph=True, backend="aot_eager"))
+    want = step(loss_fn)
+    torch.testing.assert_close(got, want)
