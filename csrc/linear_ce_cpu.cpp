@@ -346,6 +346,92 @@ inline bool scored(int64_t y, int64_t V, int64_t ignore_index) { return y != ign
   TORCH_CHECK_VALUE(false, "target holds ", first, ", outside [0, ", V, ") and not ignore_index=", ignore_index);
 }
 
+// Every row's loss and logsumexp, tile-major: each tile of kTileV classes (one thread) meets every
+// row, `chunk` rows per GEMM, and leaves each row its statistics over the tile (max m_t, sum of
+// exp(x - m_t), for label smoothing sum_c w_c (x_c - m_t), the target's logit where the tile holds
+// it); the rows then merge their tiles' statistics in tile order (an online logsumexp) and end in
+// the shared finish_sample. A head tile is read from memory once, not once per chunk of rows, and
+// no (chunk, V) logits exist: a (chunk, kTileV) tile per thread. `x`: (N, D) in acc_t, contiguous.
+template <typename acc_t>
+void rows_forward_tiled(const Prepared& p, const Head<acc_t>& h, const acc_t* x, int64_t ignore_index, int64_t chunk,
+                        acc_t* loss, acc_t* lse) {
+  const int64_t N = p.N, D = p.D, V = p.V;
+  const int64_t T = ceil_div(V, kTileV);
+  const int64_t c = balanced_chunk(N, chunk);
+  const auto acc_st = c10::CppTypeToScalarType<acc_t>::value;
+  const bool smooth = h.ls > 0;
+  at::Tensor stats = empty_cpu({(smooth ? 3 : 2) * T * N}, acc_st);
+  at::Tensor x_y_t = empty_cpu({N}, acc_st);
+  at::Tensor scratch = empty_cpu({at::get_num_threads() * c * kTileV}, acc_st);
+  acc_t* Mt = stats.mutable_data_ptr<acc_t>();
+  acc_t* St = Mt + T * N;
+  acc_t* SXt = smooth ? St + T * N : nullptr;
+  acc_t* XY = x_y_t.mutable_data_ptr<acc_t>();
+  const int64_t* t = p.target.const_data_ptr<int64_t>();
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    const OneBlasThread one;
+    acc_t* L = scratch.mutable_data_ptr<acc_t>() + at::get_thread_num() * c * kTileV;
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t v0 = tile * kTileV, n = std::min(kTileV, V - v0);
+      const at::Tensor wt = blob(h.W + v0 * D, {D, n}, {1, D});
+      for (int64_t s = 0; s < N; s += c) {
+        const int64_t rows = std::min(c, N - s);
+        at::Tensor out = blob(L, {rows, n}, {n, 1});
+        const at::Tensor xs = blob(x + s * D, {rows, D}, {D, 1});
+        if (h.bias != nullptr) {
+          for (int64_t r = 0; r < rows; ++r) std::memcpy(L + r * n, h.bias + v0, n * sizeof(acc_t));
+          at::cpu::addmm_out(out, out, xs, wt);
+        } else {
+          at::cpu::mm_out(out, xs, wt);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = s + r;
+          const acc_t* row = L + r * n;
+          const acc_t m = block_max<acc_t>(row, n);
+          Mt[tile * N + i] = m;
+          St[tile * N + i] = m != ninf ? block_sumexp<acc_t>(row, n, m) : acc_t(0);
+          if (smooth) {
+            SXt[tile * N + i] =
+                block_sum_shifted<acc_t>(row, h.w == nullptr ? nullptr : h.w + v0, n, std::isfinite(m) ? m : acc_t(0));
+          }
+          const int64_t y = t[i];
+          if (y >= v0 && y < v0 + n) XY[i] = row[y - v0];
+        }
+      }
+    }
+  });
+  std::vector<acc_t> wsum(smooth ? T : 0);  // the class weight of each tile
+  for (int64_t tile = 0; tile < static_cast<int64_t>(wsum.size()); ++tile) {
+    const int64_t v0 = tile * kTileV, n = std::min(kTileV, V - v0);
+    wsum[tile] = h.w == nullptr ? static_cast<acc_t>(n) : weight_total<acc_t>(h.w + v0, n);
+  }
+  std::atomic<bool> bad_target{false};
+  at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t y = t[i];
+      if (!scored_target(y, V, ignore_index, bad_target)) {
+        loss[i] = lse[i] = 0;
+        continue;
+      }
+      acc_t m = Mt[i];
+      for (int64_t tile = 1; tile < T; ++tile) m = nan_max<acc_t>(m, Mt[tile * N + i]);
+      acc_t sum = 0, sx = 0;
+      const acc_t ref = std::isfinite(m) ? m : acc_t(0);
+      for (int64_t tile = 0; tile < T; ++tile) {
+        const acc_t mt = Mt[tile * N + i];
+        if (mt != ninf) sum += St[tile * N + i] * std::exp(mt - m);
+        if (smooth) sx += SXt[tile * N + i] + ((std::isfinite(mt) ? mt : acc_t(0)) - ref) * wsum[tile];
+      }
+      const auto res = finish_sample<acc_t>(m, std::log(sum), XY[i], h.w == nullptr ? acc_t(1) : h.w[y], ref, sx,
+                                            h.ls, h.w_total, V);
+      loss[i] = res.loss;
+      lse[i] = res.lse;
+    }
+  });
+  if (bad_target.load()) raise_bad_target(t, N, V, ignore_index);  // (the public API validates first)
+}
+
 // Every row's loss and logsumexp, chunk after chunk; with `grads`, also the unscaled gradient of
 // sum_i l_i (every valid row kept): dx (N, D) (nullptr: not wanted), dW (V, D), db (V,) accumulated.
 template <typename scalar_t, typename acc_t>
@@ -393,9 +479,9 @@ std::tuple<at::Tensor, at::Tensor> linear_ce_rows_cpu(const at::Tensor& input_, 
   at::Tensor lse = empty_cpu({p.N}, acc_st);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "linear_ce_rows_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_chunks<scalar_t, acc_t>(p, head_of<acc_t>(p, label_smoothing), ignore_index, chunk_size,
-                                    losses.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(), false, nullptr,
-                                    nullptr, nullptr);
+    const at::Tensor x = as_contiguous(p.input, acc_st);  // (the input itself when it is fp32 rows)
+    rows_forward_tiled<acc_t>(p, head_of<acc_t>(p, label_smoothing), x.const_data_ptr<acc_t>(), ignore_index,
+                              chunk_size, losses.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
   });
   return {losses, lse};
 }
