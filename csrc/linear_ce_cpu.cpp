@@ -7,12 +7,14 @@
 // Schemas and CPU kernels are here; the fake (meta) kernels and the autograd formulas are in
 // fused_trim/native.py.
 //
-// A chunk of rows is converted to the accumulation type (fp32; fp64 for fp64 input) in a reused
-// (chunk, D) buffer. Forward: its logits go to a reused (chunk, V) buffer, from which the shared
-// row kernels (cpu/ce_rows.h) take the losses. Backward (and the keep-all forward): a tile of
-// kTileV classes at a time, its logits (recomputed into a small per-thread buffer), dlogits formed
-// in place with row_backward's pieces, then its share of d input and its rows of d linear_weight and
-// d linear_bias, while the tile is still in cache. BLAS does the FLOPs, each tile's GEMMs one
+// Forward (linear_ce_rows): tile-major, each tile of kTileV classes meets every row once (a (rows,
+// kTileV) tile of logits per thread), and the rows merge their tiles' statistics into the loss with
+// the shared finish_sample (cpu/ce_rows.h). Backward: the kept rows, gathered and converted to the
+// accumulation type (fp32; fp64 for fp64 input), a chunk at a time; per tile, its logits
+// (recomputed into the per-thread tile), dlogits formed in place with row_backward's pieces, then
+// its share of d input and its rows of d linear_weight and d linear_bias, while the tile is still in
+// cache. Keep-all: a (chunk, V) buffer of logits per chunk of rows, the losses from the shared
+// rows_forward_parallel, then the same tile loop in place (the logits are not computed twice). BLAS does the FLOPs, each tile's GEMMs one
 // single-threaded BLAS call (the tiles go to threads with at::parallel_for): every value is then
 // computed the same way whatever the thread count, where a multithreaded GEMM splits its inner
 // dimension differently at different thread counts. d input, whose inner dimension is V, is summed
@@ -84,6 +86,15 @@ int64_t balanced_chunk(int64_t rows, int64_t chunk) {
   if (rows <= 0) return 1;
   const int64_t chunks = ceil_div(rows, std::max<int64_t>(chunk, 1));
   return ceil_div(rows, chunks);
+}
+
+// Rows per GEMM where no (rows, V) logits are held (the tile-major forward, the backward): chunk
+// times the largest whole factor that keeps a (rows, kTileV) tile for each of 4 threads plus
+// `per_row` other values per row within about chunk x V values. Larger GEMMs run closer to BLAS's
+// peak and pass over d linear_weight fewer times. A function of the shapes only (never of the
+// thread count), so that the sums keep their order.
+int64_t gemm_rows(int64_t chunk, int64_t V, int64_t per_row) {
+  return chunk * std::max<int64_t>(1, V / (4 * kTileV + per_row));
 }
 
 // A non-owning view of acc_t memory: no dispatcher, no autograd (safe on the worker threads).
@@ -357,7 +368,7 @@ void rows_forward_tiled(const Prepared& p, const Head<acc_t>& h, const acc_t* x,
                         acc_t* loss, acc_t* lse) {
   const int64_t N = p.N, D = p.D, V = p.V;
   const int64_t T = ceil_div(V, kTileV);
-  const int64_t c = balanced_chunk(N, chunk);
+  const int64_t c = balanced_chunk(N, gemm_rows(chunk, V, 0));
   const auto acc_st = c10::CppTypeToScalarType<acc_t>::value;
   const bool smooth = h.ls > 0;
   at::Tensor stats = empty_cpu({(smooth ? 3 : 2) * T * N}, acc_st);
@@ -569,7 +580,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_bwd_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "linear_ce_bwd_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const Head<acc_t> h = head_of<acc_t>(p, label_smoothing);
-      const int64_t c = balanced_chunk(k, chunk_size);
+      const int64_t c = balanced_chunk(k, gemm_rows(chunk_size, V, (class_blocks(V, D) + 1) * D));
       at::Tensor xbuf = empty_cpu({c, D}, acc_st);
       // No chunk of logits: each thread computes a tile of them at a time.
       at::Tensor scratch = empty_cpu({at::get_num_threads() * c * kTileV}, acc_st);
