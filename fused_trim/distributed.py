@@ -153,6 +153,7 @@ def trimmed_linear_cross_entropy_global(
     reduction: str,
     chunk_size: int,
     group,
+    score_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Global trimming of the LM head with one backend's 2-D entry point.
 
@@ -163,13 +164,14 @@ def trimmed_linear_cross_entropy_global(
     found: dict[str, Tensor] = {}
 
     def share(losses: Tensor, valid: Tensor) -> Tensor:
-        k_local, found["k"], found["threshold"] = global_share(losses, valid, keep_ratio, keep, group)
+        k_local, found["k"], found["threshold"] = global_share(losses, valid, keep_ratio, keep, group, score_offset)
         return k_local
 
     local_reduction = "none" if reduction == "none" else "sum"
+    extra = {} if score_offset is None else {"score_offset": score_offset}
     out, losses, kept, _, _ = backend_fn(
         input, linear_weight, linear_bias, target, keep_ratio, keep, weight, ignore_index, label_smoothing,
-        local_reduction, chunk_size, share=share,
+        local_reduction, chunk_size, share=share, **extra,
     )  # fmt: skip
     out, global_loss = _scale_for_averaging(out, kept, target, weight, reduction, input.dtype, group)
     return out, losses, kept, found["k"], found["threshold"].to(input.dtype), global_loss

@@ -384,6 +384,7 @@ def trimmed_linear_cross_entropy(
     return_info: bool = False,
     process_group: ProcessGroup | None = None,
     chunk_size: int | None = None,
+    score_offset: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, TrimInfo]:
     r"""The LM head fused with trimming: ``trimmed_cross_entropy(F.linear(input, linear_weight,
     linear_bias), target, keep_ratio, ...)`` without ever holding the ``(N, V)`` logits.
@@ -403,8 +404,10 @@ def trimmed_linear_cross_entropy(
         target: class indices of shape ``*`` (``input.shape[:-1]``).
         keep_ratio: fraction of the valid rows to keep, as in :func:`trimmed_cross_entropy`.
         linear_bias: the head's bias ``(V,)`` or ``None``.
-        keep, weight, ignore_index, label_smoothing, reduction, return_info, process_group: as in
-            :func:`trimmed_cross_entropy`; ``weight`` is the per-*class* weight ``(V,)``.
+        keep, weight, ignore_index, label_smoothing, reduction, return_info, process_group,
+            score_offset: as in :func:`trimmed_cross_entropy`; ``weight`` is the per-*class* weight
+            ``(V,)``; ``score_offset`` has the target's shape (one value per token: rank by
+            ``l_i - score_offset_i``, e.g. Rho-1's excess loss over a reference model).
         backend: ``"auto"`` (Triton for CUDA tensors, the native op on the CPU), ``"triton"``,
             ``"native"`` or ``"reference"``.
         chunk_size: rows of logits held at a time (forward and backward). ``None`` picks
@@ -428,6 +431,7 @@ def trimmed_linear_cross_entropy(
     _check_scalar_options(ignore_index, label_smoothing)
     num_classes, in_features = linear_weight.shape
     _check_weight(weight, num_classes, input)
+    offset = _check_score_offset(score_offset, target, input)
     name = _resolve_backend(backend, input.device)
     _check_target_range(target, num_classes, ignore_index)
 
@@ -439,19 +443,21 @@ def trimmed_linear_cross_entropy(
         name = "reference"
     fn = _linear_backend_fn(name)
     args = (keep_ratio, keep, weight, ignore_index, float(label_smoothing), reduction, chunk_size)
+    extra = {} if offset is None else {"score_offset": offset}
     global_loss = None
     if process_group is None:
-        out, losses, kept, k, threshold = fn(x2d, linear_weight, linear_bias, t1d, *args)
+        out, losses, kept, k, threshold = fn(x2d, linear_weight, linear_bias, t1d, *args, **extra)
     else:
         from .distributed import trimmed_linear_cross_entropy_global
 
         out, losses, kept, k, threshold, global_loss = trimmed_linear_cross_entropy_global(
-            fn, x2d, linear_weight, linear_bias, t1d, *args, group=process_group
+            fn, x2d, linear_weight, linear_bias, t1d, *args, group=process_group, **extra
         )
     if reduction == "none":
         out = out.reshape(target.shape)
     if not return_info:
         return out
+    scores = None if offset is None else ranking_scores(losses, offset).reshape(target.shape)
     losses = losses.to(input.dtype).reshape(target.shape)
-    info = TrimInfo(losses, kept.reshape(target.shape), k, threshold, global_loss)
+    info = TrimInfo(losses, kept.reshape(target.shape), k, threshold, global_loss, scores)
     return out, info

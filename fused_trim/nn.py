@@ -248,9 +248,11 @@ class TrimmedLinearCrossEntropyLoss(TrimmedCrossEntropyLoss):
         target: Tensor,
         linear_weight: Tensor | None = None,
         linear_bias: Tensor | None = None,
+        score_offset: Tensor | None = None,
     ) -> Tensor:
         """Loss of hidden states ``input (*, D)`` against ``target (*)``; a ``linear_weight`` or
-        ``linear_bias`` given here replaces the one given at construction."""
+        ``linear_bias`` given here replaces the one given at construction; ``score_offset`` (the
+        target's shape) ranks ``l_i - score_offset_i`` for this call."""
         weight = self.linear_weight if linear_weight is None else linear_weight
         bias = self.linear_bias if linear_bias is None else linear_bias
         if weight is None:
@@ -271,6 +273,7 @@ class TrimmedLinearCrossEntropyLoss(TrimmedCrossEntropyLoss):
             return_info=True,
             process_group=self.process_group,
             chunk_size=self.chunk_size,
+            score_offset=score_offset,
         )
         self.info = info
         return loss

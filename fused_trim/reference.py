@@ -154,6 +154,7 @@ def trimmed_linear_cross_entropy_2d(
     reduction: str,
     chunk_size: int,
     share=None,
+    score_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The LM-head contract on ``input (N, D)``, ``linear_weight (V, D)``, ``target (N,)``.
 
@@ -161,7 +162,8 @@ def trimmed_linear_cross_entropy_2d(
     on those losses, and recomputes only the kept rows' logits with autograd, again in chunks and
     under activation checkpointing, so neither pass holds more than ``chunk_size x V`` logits.
     ``share``, when given, maps ``(losses, valid)`` to the exact number of rows to keep (a 0-dim
-    int64 tensor; global trimming). Returns ``(out, losses, kept, k, threshold)`` as
+    int64 tensor; global trimming). ``score_offset`` (``(N,)`` or ``None``): rank
+    ``losses - score_offset``. Returns ``(out, losses, kept, k, threshold)`` as
     :func:`trimmed_cross_entropy_2d` does.
     """
     valid = target != ignore_index
@@ -169,11 +171,12 @@ def trimmed_linear_cross_entropy_2d(
         input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, chunk_size
     )
     k = compute_k(valid.sum(), keep_ratio if share is None else share(losses, valid))
-    idx = select(losses, valid, int(k), keep)
+    scores = ranking_scores(losses, score_offset)
+    idx = select(scores, valid, int(k), keep)
     kept = torch.zeros_like(valid)
     kept[idx] = True
     nan = torch.full((), float("nan"), dtype=losses.dtype, device=losses.device)
-    threshold = losses[idx[-1]] if idx.numel() else nan
+    threshold = scores[idx[-1]] if idx.numel() else nan
 
     def kept_rows(x: Tensor, t: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
         return per_sample_loss(_linear_logits(x, w, b), t, weight, ignore_index, label_smoothing)

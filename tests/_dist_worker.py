@@ -195,13 +195,17 @@ def lm_head_ddp(rank: int, backends: list[str]) -> list[str]:
                     if ignore_rank1:
                         target[split:] = -100
                     kw = dict(keep=keep, reduction=reduction, backend=backend)
+                    # The easiest-kept cases also rank by a score (selective language modelling).
+                    offset = torch.randn(rows, generator=torch.Generator().manual_seed(rows)).double()
+                    offset = offset if keep == "easiest" else None
                     single = copy.deepcopy(base)
-                    ref_loss, ref_info = single(feats, target, ratio, **kw)
+                    ref_loss, ref_info = single(feats, target, ratio, score_offset=offset, **kw)
                     ref_loss.backward()
 
                     model = DistributedDataParallel(copy.deepcopy(base))
                     part = slice(0, split) if rank == 0 else slice(split, rows)
-                    loss, info = model(feats[part], target[part], ratio, process_group=dist.group.WORLD, **kw)
+                    loss, info = model(feats[part], target[part], ratio, process_group=dist.group.WORLD,
+                                       score_offset=None if offset is None else offset[part], **kw)
                     loss.backward()
                     case = f"lm/{backend}/{name}/{reduction}/{keep}"
                     for p_ddp, p_ref in zip(model.module.parameters(), single.parameters(), strict=True):

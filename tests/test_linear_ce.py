@@ -56,8 +56,9 @@ def run_fused(backend, x, w, b, t, keep_ratio=1.0, grad_seed=0, **kw):
     """Forward with ``return_info`` and backward under a random upstream gradient; CPU results."""
     name, dev = split(backend)
     x, w, b = _leaves(x, w, b, device=dev)
-    if "weight" in kw and kw["weight"] is not None:
-        kw["weight"] = kw["weight"].to(dev)
+    for key in ("weight", "score_offset"):
+        if kw.get(key) is not None:
+            kw[key] = kw[key].to(dev)
     out, info = trimmed_linear_cross_entropy(
         x, w, t.to(dev), keep_ratio, linear_bias=b, backend=name, return_info=True, **kw
     )
@@ -392,3 +393,50 @@ def test_module_holds_the_head_by_reference_and_validates():
         fused_trim.TrimmedLinearCrossEntropyLoss(model.lm_head.weight, chunk_size=0)
     with pytest.raises(ValueError, match="backend must be one of"):
         fused_trim.TrimmedLinearCrossEntropyLoss(model.lm_head.weight, backend="cuda")
+
+
+def _offset_cases(t, seed):
+    gen = torch.Generator().manual_seed(seed)
+    offset = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+    offset[..., 1] = float("nan")  # a NaN score ranks first
+    offset[..., 2] = float("inf")  # -inf score: last for "hardest", first for "easiest"
+    offset[..., 3:6] = offset[..., 6]  # ties in the offset
+    return offset
+
+
+@pytest.mark.parametrize("backend", LM_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_score_offset_matches_unfused(backend, reduction):
+    """Ranking by ``l_i - score_offset_i`` (selective language modelling): the kept set, the value
+    (of the plain losses), the threshold (the k-th score), ``info.scores`` and the gradients are those
+    of ``trimmed_cross_entropy(F.linear(...), score_offset=...)``."""
+    x, w, b, t = make_head(8, 5, 23, seed=4, ignore_frac=0.15, lead=(3,))
+    x[1, 3:5] = x[0, 0]  # identical rows: ties unless the offset separates them
+    t[1, 3:5] = t[0, 0]
+    offset = _offset_cases(t, 9)
+    for keep, ratio in (("hardest", 0.4), ("easiest", 0.6)):
+        kw = dict(keep=keep, reduction=reduction, label_smoothing=0.1, score_offset=offset)
+        fused = run_fused(backend, x, w, b, t, ratio, chunk_size=5, **kw)
+        unfused = run_unfused(x, w, b, t, ratio, **{**kw, "score_offset": offset.reshape(-1)})
+        assert_same(fused, unfused)
+        expect_scores = unfused[1].scores.reshape(t.shape)
+        torch.testing.assert_close(fused[1].scores.double(), expect_scores.double(), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", LM_BACKENDS)
+def test_zero_score_offset_is_no_offset_bitwise(backend):
+    x, w, b, t = make_head(30, 6, 40, dtype=torch.float32, seed=8, ignore_frac=0.1)
+    plain = run_fused(backend, x, w, b, t, 0.5)
+    zero = run_fused(backend, x, w, b, t, 0.5, score_offset=torch.zeros(t.shape))
+    assert torch.equal(plain[0], zero[0]) and torch.equal(plain[1].kept, zero[1].kept)
+    for g, h in zip(plain[2], zero[2], strict=True):
+        assert torch.equal(g, h)
+    assert plain[1].scores is None and torch.equal(zero[1].scores, zero[1].losses.float())
+
+
+def test_score_offset_bad_input_names_it():
+    x, w, b, t = make_head(6, 3, 5)
+    with pytest.raises(ValueError, match="score_offset shape"):
+        trimmed_linear_cross_entropy(x, w, t, 0.5, score_offset=torch.zeros(5))
+    with pytest.raises(TypeError, match="score_offset must be a floating-point"):
+        trimmed_linear_cross_entropy(x, w, t, 0.5, score_offset=torch.zeros(6, dtype=torch.int64))

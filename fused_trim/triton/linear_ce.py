@@ -321,16 +321,19 @@ def linear_ce_trimmed(
     reduction: int,
     max_kept: int,
     chunk_size: int,
+    score_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Selection and reduction on the rows op's losses: ``(out, kept, k, threshold, denom)``.
 
     ``input``, ``linear_weight`` and ``linear_bias`` are read only by the backward, which
-    recomputes at most ``max_kept`` rows, ``chunk_size`` at a time.
+    recomputes at most ``max_kept`` rows, ``chunk_size`` at a time. ``score_offset``: rank
+    ``losses - score_offset`` (the select reads it in its one pass).
     """
     with device_guard(input):
         return select_rows(
-            losses, w_y, target.contiguous(), input.dtype, keep_ratio, keep_ratio_t, hardest, ignore_index, reduction
-        )
+            losses, w_y, target.contiguous(), input.dtype, keep_ratio, keep_ratio_t, hardest, ignore_index, reduction,
+            score_offset=score_offset,
+        )  # fmt: skip
 
 
 @triton_op("fused_trim::triton_linear_ce_bwd", mutates_args=())
@@ -381,7 +384,7 @@ def linear_ce_bwd(
 
 def _trimmed_setup_context(ctx, inputs, output) -> None:
     _, _, stats, input, linear_weight, linear_bias, target, weight = inputs[:8]
-    label_smoothing, _, max_kept, chunk_size = inputs[12:]
+    label_smoothing, _, max_kept, chunk_size = inputs[12:16]
     _, kept, _, _, denom = output
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, stats, kept, denom)
     ctx.label_smoothing, ctx.max_kept, ctx.chunk_size = label_smoothing, max_kept, chunk_size
@@ -395,7 +398,7 @@ def _trimmed_backward(ctx, grad_out, *_unused):
         ctx.max_kept, ctx.chunk_size, need_input, need_weight,
     )  # fmt: skip
     grads = (d_input if need_input else None, d_weight if need_weight else None)
-    return (None,) * 3 + (*grads, d_bias if linear_bias is not None else None) + (None,) * 10
+    return (None,) * 3 + (*grads, d_bias if linear_bias is not None else None) + (None,) * 11
 
 
 DOUBLE_BACKWARD_MESSAGE = "double backward of trimmed_linear_cross_entropy is not supported; use backend='reference'"
@@ -511,6 +514,7 @@ def trimmed_linear_cross_entropy_2d(
     reduction: str,
     chunk_size: int,
     share=None,
+    score_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The LM-head contract on ``input (N, D)``, ``linear_weight (V, D)``, ``target (N,)``.
 
@@ -528,7 +532,8 @@ def trimmed_linear_cross_entropy_2d(
     needs_grad = torch.is_grad_enabled() and any(
         p is not None and p.requires_grad for p in (input, linear_weight, linear_bias)
     )
-    if needs_grad and share is None and ratio_t is None and keep_ratio == 1.0 and reduction != "none":
+    keep_all = share is None and ratio_t is None and keep_ratio == 1.0 and score_offset is None
+    if needs_grad and keep_all and reduction != "none":
         out, losses, kept, k, threshold, *_ = linear_ce_keep_all(
             input, linear_weight, linear_bias, target, weight, keep == "hardest", ignore_index, label_smoothing, code,
             chunk_size, input.requires_grad, linear_weight.requires_grad,
@@ -545,6 +550,6 @@ def trimmed_linear_cross_entropy_2d(
         max_kept = num_rows
     out, kept, k, threshold, _ = linear_ce_trimmed(
         losses, w_y, stats, input, linear_weight, linear_bias, target, weight, keep_ratio, ratio_t,
-        keep == "hardest", ignore_index, label_smoothing, code, max_kept, chunk_size,
+        keep == "hardest", ignore_index, label_smoothing, code, max_kept, chunk_size, score_offset,
     )  # fmt: skip
     return out, losses, kept, k, threshold.detach()
