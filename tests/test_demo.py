@@ -264,3 +264,14 @@ def test_flag_errors_name_the_flag(tmp_path, capsys, flags, message):
 def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
     run_demo(_tiny(tmp_path, dataset="digits", model="linear", train_size=200, progress=True), stream=io.StringIO())
     assert "\r" not in capsys.readouterr().err
+
+
+def test_native_op_is_loaded_before_training_starts(tmp_path, monkeypatch):
+    # Resolving the backend is what compiles the native op on first use: it must happen before the
+    # first epoch is timed (and before the progress bar starts), not after training.
+    events = []
+    resolve, train = demo._resolve_backend, demo.train_run
+    monkeypatch.setattr(demo, "_resolve_backend", lambda *a: events.append("resolve") or resolve(*a))
+    monkeypatch.setattr(demo, "train_run", lambda *a, **k: events.append("train") or train(*a, **k))
+    run_demo(_tiny(tmp_path, dataset="digits", model="linear", train_size=200), stream=io.StringIO())
+    assert events == ["resolve", "train", "train"]
