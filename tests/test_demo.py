@@ -251,6 +251,7 @@ def test_out_must_be_empty_unless_overwrite(tmp_path):
         (["--compare", "linear,fancy"], "--compare: schedules are a comma-separated list"),
         (["--lr-schedule", "exp"], "--lr-schedule: invalid choice"),
         (["--schedule", "warmup", "--warmup", "3", "--epochs", "3"], "--warmup must be in"),
+        (["--compare", "linear,step", "--keep-start", "0.5", "--keep-end", "0.8"], "--keep-end <= --keep-start"),
     ],
 )
 def test_flag_errors_name_the_flag(tmp_path, capsys, flags, message):
