@@ -166,6 +166,16 @@ def _bwd_fake(grad_out, input, target, weight, lse, rowscale, ignore_index, labe
 # The LM head (csrc/linear_ce_cpu.cpp): the gradient mask bits of linear_ce_bwd / linear_ce_keep_all.
 _GRAD_INPUT, _GRAD_WEIGHT, _GRAD_BIAS = 1, 2, 4
 
+# Whether keep_ratio == 1.0 forms the gradient in the forward (linear_ce_keep_all: 3 GEMMs) rather
+# than recomputing every row in the backward (1 + 3 GEMMs). Measured on the 2-core machine of issue
+# 9 ((N, D, V) = (2048, 512, 32000), fp32, 2 threads, medians of 5, forward + backward): keep-all
+# 0.92 s, recompute 0.82 s at the default chunk (136 rows), 0.85 s and 0.75 s at 272 rows. The
+# keep-all forward must hold a (chunk, V) buffer of every row's logits until the row's logsumexp is
+# known, so it streams the head and its gradient from memory once per chunk, while the recomputing
+# ops work tile-major (the forward) and on GEMMs of several chunks of rows (the backward). So the
+# CPU recomputes at every ratio; the keep-all op stays, tested, for hosts where GEMMs dominate.
+_KEEP_ALL_IN_FORWARD = False
+
 
 def _grad_mask(needs: tuple[bool, bool, bool], has_bias: bool) -> int:
     """The gradient mask of ``needs`` = (input, linear_weight, linear_bias) wanted."""
@@ -358,10 +368,10 @@ def trimmed_linear_cross_entropy_2d(
     :func:`fused_trim.reference.trimmed_linear_cross_entropy_2d`. The forward (``linear_ce_rows``)
     computes every row's loss ``chunk_size`` rows of logits at a time; ``share`` (global trimming)
     maps ``(losses, valid)`` to the exact local count; the backward recomputes the kept rows only,
-    gathered ``chunk_size`` at a time. With a Python float ``keep_ratio`` of 1.0, no ``share``,
-    ``reduction`` mean or sum and a gradient wanted, every valid row is kept: ``linear_ce_keep_all``
-    forms the gradient during the forward (3 GEMMs a chunk, not 4) and the backward only scales it.
-    The CPU needs no bound on the kept count (the backward reads ``kept``).
+    gathered into GEMMs of a few chunks of rows (within about ``chunk_size x V`` values). At every
+    ratio, 1.0 included, the backward recomputes: on the CPU that measured faster than forming the
+    gradient in the forward (``linear_ce_keep_all``, used when ``_KEEP_ALL_IN_FORWARD``; see there
+    for the figures). The CPU needs no bound on the kept count (the backward reads ``kept``).
     """
     if not input.is_cpu:
         raise RuntimeError(
@@ -376,7 +386,7 @@ def trimmed_linear_cross_entropy_2d(
     params = (input, linear_weight, linear_bias)
     needs = tuple(p is not None and p.requires_grad for p in params)
     keep_all = share is None and not isinstance(keep_ratio, Tensor) and float(keep_ratio) == 1.0
-    if keep_all and reduction != "none" and torch.is_grad_enabled() and any(needs):
+    if _KEEP_ALL_IN_FORWARD and keep_all and reduction != "none" and torch.is_grad_enabled() and any(needs):
         out, losses, kept, k, threshold, *_ = torch.ops.fused_trim.linear_ce_keep_all.default(
             input, linear_weight, linear_bias, target, weight, keep == "easiest", int(ignore_index),
             float(label_smoothing), code, int(chunk_size), _grad_mask(needs, linear_bias is not None),

@@ -1,7 +1,8 @@
 """The native CPU LM head (``csrc/linear_ce_cpu.cpp``) beyond what tests/test_linear_ce.py checks on
 every backend: shapes that cut the GEMMs into several class tiles and d input into several class
-blocks, bitwise repeatability across thread counts, fp16, partial gradients, the keep-all path under
-``retain_graph`` and ``torch.compile``."""
+blocks, bitwise repeatability across thread counts, fp16, partial gradients, ``retain_graph`` and
+``torch.compile``. Cases with ``keep_ratio=1.0`` run both ways of forming the gradient: recomputed in
+the backward (the CPU's choice) and in the forward (``linear_ce_keep_all``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ pytestmark = pytest.mark.skipif(not native.is_available(torch.device("cpu")), re
 TILED = (37, 3, 5000)
 
 
+@pytest.fixture(params=[False, True], ids=["recompute", "keep-all"])
+def keep_all(request, monkeypatch):
+    """Whether keep_ratio=1.0 forms the gradient in the forward (native._KEEP_ALL_IN_FORWARD)."""
+    monkeypatch.setattr(native, "_KEEP_ALL_IN_FORWARD", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("chunk", [1, 10, 37, 64])
 @pytest.mark.parametrize("ratio", [0.3, 1.0])
 @pytest.mark.parametrize(
@@ -26,7 +34,7 @@ TILED = (37, 3, 5000)
     [dict(), dict(ignore_frac=0.3, weight=True, label_smoothing=0.1), dict(bias=False, reduction="none")],
     ids=["plain", "weight-smoothing-ignore", "nobias-none"],
 )
-def test_tiled_shapes_match_unfused_float64(chunk, ratio, opts):
+def test_tiled_shapes_match_unfused_float64(chunk, ratio, opts, keep_all):
     opts = dict(opts)
     x, w, b, t = make_head(*TILED, seed=3, ignore_frac=opts.pop("ignore_frac", 0.0), bias=opts.pop("bias", True))
     if opts.pop("weight", False):
@@ -37,7 +45,7 @@ def test_tiled_shapes_match_unfused_float64(chunk, ratio, opts):
 
 
 @pytest.mark.parametrize("n, d, v", [(1, 1, 1), (1, 64, 7), (37, 1, 2049), (5, 64, 1)])
-def test_odd_shapes_every_path(n, d, v):
+def test_odd_shapes_every_path(n, d, v, keep_all):
     """Single rows, single features, a single class, a class count one past two tiles."""
     x, w, b, t = make_head(n, d, v, seed=n + d + v)
     for ratio in (0.5, 1.0):
@@ -48,7 +56,7 @@ def test_odd_shapes_every_path(n, d, v):
 
 @pytest.mark.parametrize("ratio", [0.4, 1.0])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_bitwise_repeatable_across_thread_counts(ratio, reduction):
+def test_bitwise_repeatable_across_thread_counts(ratio, reduction, keep_all):
     """The GEMMs run as fixed tiles (one single-threaded BLAS call each) and d input adds a fixed
     number of class blocks in order: the same bits with 1, 2 or 3 threads and on every run."""
     x, w, b, t = make_head(53, 24, 4100, dtype=torch.float32, seed=9, ignore_frac=0.1)
@@ -71,7 +79,7 @@ def test_bitwise_repeatable_across_thread_counts(ratio, reduction):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("ratio", [0.5, 1.0])
-def test_half_inputs_no_worse_than_unfused(dtype, ratio):
+def test_half_inputs_no_worse_than_unfused(dtype, ratio, keep_all):
     """fp16/bf16 head (converted to fp32 a chunk at a time, never a half-precision GEMM): the error
     against float64 from the same rounded inputs is at most that of F.linear -> trimmed_cross_entropy
     in that dtype, for the value and every gradient."""
@@ -93,7 +101,7 @@ def test_half_inputs_no_worse_than_unfused(dtype, ratio):
 
 @pytest.mark.parametrize("ratio", [0.5, 1.0])
 @pytest.mark.parametrize("wanted", ["input", "weight", "bias", "weight+bias"])
-def test_partial_gradients(ratio, wanted):
+def test_partial_gradients(ratio, wanted, keep_all):
     """Only some of input / linear_weight / linear_bias require grad (a frozen head, frozen hidden
     states): those gradients equal the unfused ones and the others stay None."""
     x, w, b, t = make_head(21, 5, 300, seed=2, ignore_frac=0.2)
@@ -115,8 +123,8 @@ def test_partial_gradients(ratio, wanted):
             assert leaves[name].grad is None
 
 
-def test_keep_all_backward_twice_with_retain_graph():
-    """The keep-all path keeps its unscaled gradient: a second backward gives the same result."""
+def test_backward_twice_with_retain_graph(keep_all):
+    """A second backward gives the same result (the keep-all path keeps its unscaled gradient)."""
     x, w, b, t = make_head(30, 6, 200, seed=8)
     x, w, b = (p.clone().requires_grad_(True) for p in (x, w, b))
     out = trimmed_linear_cross_entropy(x, w, t, 1.0, linear_bias=b, backend="native", chunk_size=7)
@@ -127,7 +135,7 @@ def test_keep_all_backward_twice_with_retain_graph():
 
 
 @pytest.mark.parametrize("ratio", [0.3, 1.0])
-def test_compile_fullgraph_matches_eager(ratio):
+def test_compile_fullgraph_matches_eager(ratio, keep_all):
     """torch.compile(fullgraph=True) traces both paths (rows/trimmed/bwd ops and the keep-all op)."""
     x, w, b, t = make_head(19, 8, 50, dtype=torch.float32, seed=4, ignore_frac=0.2)
 
