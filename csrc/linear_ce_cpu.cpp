@@ -1,6 +1,7 @@
 // The LM head fused with trimming on the CPU (trimmed_linear_cross_entropy, native backend):
 //   fused_trim::linear_ce_rows      every row's loss and logsumexp, chunk by chunk, never the (N, V) logits
-//   fused_trim::linear_ce_trimmed   the selection (cpu/select.h) and reduction on those losses
+//   fused_trim::linear_ce_trimmed   the selection (cpu/select.h; on loss - score_offset when given)
+//                                   and the reduction on those losses
 //   fused_trim::linear_ce_bwd       the gradient of the kept rows only, gathered into dense chunks
 //   fused_trim::linear_ce_keep_all  every valid row kept (keep_ratio 1.0): losses, selection and the
 //                                   unscaled gradient in one pass (3 GEMMs a chunk, not 4)
@@ -497,17 +498,18 @@ std::tuple<at::Tensor, at::Tensor> linear_ce_rows_cpu(const at::Tensor& input_, 
   return {losses, lse};
 }
 
-// (out, kept, k, threshold, rowscale) from the per-row losses; returns the denominator too.
+// (out, kept, k, threshold, rowscale) from the per-row losses, ranked by loss - offset when an
+// offset (score_offset, acc_t) is given; returns the denominator too.
 template <typename scalar_t, typename acc_t>
 double select_and_reduce(const acc_t* loss, const int64_t* t, const acc_t* w, int64_t N, int64_t ignore_index,
                          bool easiest, double r, int64_t count, int64_t reduction, at::Tensor& out, at::Tensor& kept,
-                         at::Tensor& k_t, at::Tensor& threshold, at::Tensor& rowscale) {
-  const Selection sel = select_kept<acc_t>(loss, t, ignore_index, N, easiest, r, count);
+                         at::Tensor& k_t, at::Tensor& threshold, at::Tensor& rowscale, const acc_t* offset = nullptr) {
+  const Selection sel = select_kept<acc_t>(loss, t, ignore_index, N, easiest, r, count, offset);
   const double denom = reduce_kept<scalar_t, acc_t>(loss, t, w, N, sel, reduction, out.mutable_data_ptr<scalar_t>(),
                                                     kept.mutable_data_ptr<bool>(), rowscale.mutable_data_ptr<acc_t>());
   *k_t.mutable_data_ptr<int64_t>() = sel.k;
   *threshold.mutable_data_ptr<scalar_t>() = sel.thr_idx >= 0
-                                                ? static_cast<scalar_t>(loss[sel.thr_idx])
+                                                ? static_cast<scalar_t>(score_of(loss, offset, sel.thr_idx))
                                                 : static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
   return sel.k > 0 ? denom : 0.0;
 }
@@ -516,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     const at::Tensor& losses_, const at::Tensor& lse, const at::Tensor& input, const at::Tensor& W,
     const std::optional<at::Tensor>& b, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
     double keep_ratio, const std::optional<at::Tensor>& keep_ratio_t, bool easiest, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, int64_t chunk_size) {
+    double label_smoothing, int64_t reduction, int64_t chunk_size, const std::optional<at::Tensor>& score_offset_) {
   const int64_t N = losses_.size(0);
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "fused_trim: bad reduction code ", reduction);
   const auto st = input.scalar_type();
@@ -525,6 +527,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
   const at::Tensor target = as_contiguous(target_, at::kLong);
   const at::Tensor weight =
       weight_.has_value() && weight_->defined() ? as_contiguous(*weight_, acc_st) : at::Tensor();
+  const at::Tensor score_offset = score_offset_.has_value() && score_offset_->defined()
+                                      ? as_contiguous(*score_offset_, acc_st)
+                                      : at::Tensor();
+  TORCH_CHECK(!score_offset.defined() || score_offset.numel() == N, "fused_trim: score_offset must have ", N,
+              " values, got ", score_offset.numel());
   // keep_ratio_t: a 0-dim float tensor (a ratio), or an integer one: an exact count.
   const bool has_ratio_t = keep_ratio_t.has_value() && keep_ratio_t->defined();
   const bool exact_count = has_ratio_t && !at::isFloatingType(keep_ratio_t->scalar_type());
@@ -539,7 +546,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     using acc_t = at::opmath_type<scalar_t>;
     select_and_reduce<scalar_t, acc_t>(losses.const_data_ptr<acc_t>(), target.const_data_ptr<int64_t>(),
                                        weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr, N, ignore_index,
-                                       easiest, r, count, reduction, out, kept, k_t, threshold, rowscale);
+                                       easiest, r, count, reduction, out, kept, k_t, threshold, rowscale,
+                                       score_offset.defined() ? score_offset.const_data_ptr<acc_t>() : nullptr);
   });
   return {out, kept, k_t, threshold, rowscale};
 }
@@ -688,7 +696,7 @@ TORCH_LIBRARY_FRAGMENT(fused_trim, m) {
   m.def(
       "linear_ce_trimmed(Tensor losses, Tensor lse, Tensor input, Tensor linear_weight, Tensor? linear_bias, "
       "Tensor target, Tensor? weight, float keep_ratio, Tensor? keep_ratio_t, bool easiest, int ignore_index, "
-      "float label_smoothing, int reduction, int chunk_size) "
+      "float label_smoothing, int reduction, int chunk_size, Tensor? score_offset=None) "
       "-> (Tensor out, Tensor kept, Tensor k, Tensor threshold, Tensor rowscale)");
   m.def(
       "linear_ce_bwd(Tensor grad_out, Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "

@@ -192,7 +192,7 @@ def _linear_rows_fake(input, linear_weight, linear_bias, target, weight, ignore_
 
 
 def _linear_trimmed_fake(losses, lse, input, linear_weight, linear_bias, target, weight, keep_ratio, keep_ratio_t,
-                         easiest, ignore_index, label_smoothing, reduction, chunk_size):  # fmt: skip
+                         easiest, ignore_index, label_smoothing, reduction, chunk_size, score_offset=None):  # fmt: skip
     n = input.shape[0]
     return (
         input.new_empty((n,) if reduction == 0 else ()),
@@ -237,7 +237,7 @@ def _linear_scale_fake(grad, factor, dtype):
 
 def _linear_trimmed_setup_context(ctx, inputs, output) -> None:
     _, lse, input, linear_weight, linear_bias, target, weight = inputs[:7]
-    ignore_index, label_smoothing, _, chunk_size = inputs[10:]
+    ignore_index, label_smoothing, _, chunk_size = inputs[10:14]
     _, kept, _, _, rowscale = output
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, kept, rowscale)
     ctx.args = (ignore_index, label_smoothing, chunk_size)
@@ -254,7 +254,7 @@ def _linear_trimmed_backward(ctx, grad_out, *_unused):
     )
     grads = (d_input if mask & _GRAD_INPUT else None, d_weight if mask & _GRAD_WEIGHT else None,
              d_bias if mask & _GRAD_BIAS else None)  # fmt: skip
-    return (None, None, *grads) + (None,) * 9
+    return (None, None, *grads) + (None,) * 10
 
 
 def _linear_keep_all_setup_context(ctx, inputs, output) -> None:
@@ -361,6 +361,7 @@ def trimmed_linear_cross_entropy_2d(
     reduction: str,
     chunk_size: int,
     share=None,
+    score_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The LM-head contract on ``input (N, D)``, ``linear_weight (V, D)``, ``target (N,)``, on the CPU.
 
@@ -372,6 +373,7 @@ def trimmed_linear_cross_entropy_2d(
     ratio, 1.0 included, the backward recomputes: on the CPU that measured faster than forming the
     gradient in the forward (``linear_ce_keep_all``, used when ``_KEEP_ALL_IN_FORWARD``; see there
     for the figures). The CPU needs no bound on the kept count (the backward reads ``kept``).
+    ``score_offset`` (``(N,)`` or ``None``): the selection ranks ``losses - score_offset``.
     """
     if not input.is_cpu:
         raise RuntimeError(
@@ -385,7 +387,7 @@ def trimmed_linear_cross_entropy_2d(
     code = _REDUCTION_CODES[reduction]
     params = (input, linear_weight, linear_bias)
     needs = tuple(p is not None and p.requires_grad for p in params)
-    keep_all = share is None and not isinstance(keep_ratio, Tensor) and float(keep_ratio) == 1.0
+    keep_all = share is None and score_offset is None and not isinstance(keep_ratio, Tensor) and keep_ratio == 1.0
     if _KEEP_ALL_IN_FORWARD and keep_all and reduction != "none" and torch.is_grad_enabled() and any(needs):
         out, losses, kept, k, threshold, *_ = torch.ops.fused_trim.linear_ce_keep_all.default(
             input, linear_weight, linear_bias, target, weight, keep == "easiest", int(ignore_index),
@@ -404,6 +406,6 @@ def trimmed_linear_cross_entropy_2d(
         ratio, ratio_t = float(keep_ratio), None
     out, kept, k, threshold, _ = torch.ops.fused_trim.linear_ce_trimmed.default(
         losses, lse, input, linear_weight, linear_bias, target, weight, ratio, ratio_t, keep == "easiest",
-        int(ignore_index), float(label_smoothing), code, int(chunk_size),
+        int(ignore_index), float(label_smoothing), code, int(chunk_size), score_offset,
     )  # fmt: skip
     return out, losses, kept, k, threshold
