@@ -63,6 +63,16 @@ def run(rank: int, job: str, world: int, init_file: str, out_file: str, *args) -
         os._exit(code)
 
 
+def _check_against_one_process(case, model, single, info, ref_loss, ref_info, part) -> None:
+    """A rank's DDP gradients, global loss, kept share, k and threshold equal one process's."""
+    for p_ddp, p_ref in zip(model.parameters(), single.parameters(), strict=True):
+        torch.testing.assert_close(p_ddp.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=case)
+    torch.testing.assert_close(info.global_loss, ref_loss.detach(), rtol=1e-9, atol=1e-12, msg=case)
+    assert torch.equal(info.kept, ref_info.kept[part]), case
+    assert int(info.k) == int(ref_info.k), case
+    torch.testing.assert_close(info.threshold, ref_info.threshold, equal_nan=True, msg=case)
+
+
 def ddp_matches_single_process(rank: int, backends: list[str]) -> list[str]:
     """Two ranks under DDP: each scenario's gradients, loss and kept set equal one process's."""
     torch.manual_seed(0)
@@ -91,13 +101,7 @@ def ddp_matches_single_process(rank: int, backends: list[str]) -> list[str]:
                     )
                     loss.backward()
                     case = f"{backend}/{name}/{reduction}/{keep}"
-                    for p_ddp, p_ref in zip(model.module.parameters(), single.parameters(), strict=True):
-                        torch.testing.assert_close(p_ddp.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=case)
-                    torch.testing.assert_close(info.global_loss, ref_loss.detach(), rtol=1e-9, atol=1e-12,
-                                               msg=case)
-                    assert torch.equal(info.kept, ref_info.kept[part]), case
-                    assert int(info.k) == int(ref_info.k), case
-                    torch.testing.assert_close(info.threshold, ref_info.threshold, equal_nan=True, msg=case)
+                    _check_against_one_process(case, model.module, single, info, ref_loss, ref_info, part)
                     lines.append(case)
     return lines
 
@@ -208,13 +212,7 @@ def lm_head_ddp(rank: int, backends: list[str]) -> list[str]:
                                        score_offset=None if offset is None else offset[part], **kw)
                     loss.backward()
                     case = f"lm/{backend}/{name}/{reduction}/{keep}"
-                    for p_ddp, p_ref in zip(model.module.parameters(), single.parameters(), strict=True):
-                        torch.testing.assert_close(p_ddp.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=case)
-                    torch.testing.assert_close(info.global_loss, ref_loss.detach(), rtol=1e-9, atol=1e-12,
-                                               msg=case)
-                    assert torch.equal(info.kept, ref_info.kept[part]), case
-                    assert int(info.k) == int(ref_info.k), case
-                    torch.testing.assert_close(info.threshold, ref_info.threshold, equal_nan=True, msg=case)
+                    _check_against_one_process(case, model.module, single, info, ref_loss, ref_info, part)
                     lines.append(case)
     return lines
 
@@ -248,12 +246,7 @@ def score_offset_ddp(rank: int, backends: list[str]) -> list[str]:
                 )  # fmt: skip
                 loss.backward()
                 case = f"offset/{backend}/{name}/{reduction}/{keep}"
-                for p_ddp, p_ref in zip(model.module.parameters(), single.parameters(), strict=True):
-                    torch.testing.assert_close(p_ddp.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=case)
-                torch.testing.assert_close(info.global_loss, ref_loss.detach(), rtol=1e-9, atol=1e-12, msg=case)
-                assert torch.equal(info.kept, ref_info.kept[part]), case
-                assert int(info.k) == int(ref_info.k), case
-                torch.testing.assert_close(info.threshold, ref_info.threshold, equal_nan=True, msg=case)
+                _check_against_one_process(case, model.module, single, info, ref_loss, ref_info, part)
                 torch.testing.assert_close(info.scores, ref_info.scores[part], equal_nan=True, msg=case)
                 lines.append(case)
     return lines
