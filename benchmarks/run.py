@@ -264,7 +264,8 @@ def write_plot(path: Path, rows: list[dict]) -> str | None:
     axes[0].axhline(1.0, color="black", lw=0.8)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("fwd+bwd speed-up over eager reference (×)")
-    axes[0].legend(fontsize=8, ncol=min(4, len(backends)))
+    # Outside the axes (a legend inside hid the bars of the first cases, issue 11.13).
+    axes[0].legend(fontsize=8, ncol=min(6, len(backends)), loc="lower center", bbox_to_anchor=(0.5, 1.02))
     axes[1].set_yscale("log")
     axes[1].set_ylabel("peak memory beyond inputs (MiB)")
     axes[1].set_xticks(range(len(cases)))
@@ -272,7 +273,7 @@ def write_plot(path: Path, rows: list[dict]) -> str | None:
     device = ok[0]["device"]
     fig.suptitle(f"fused_trim benchmark ({device}); higher is faster, lower uses less memory")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return None
 
