@@ -14,8 +14,10 @@
 // accumulation type (fp32; fp64 for fp64 input), a chunk at a time; per tile, its logits
 // (recomputed into the per-thread tile), dlogits formed in place with row_backward's pieces, then
 // its share of d input and its rows of d linear_weight and d linear_bias, while the tile is still in
-// cache. Keep-all: a (chunk, V) buffer of logits per chunk of rows, the losses from the shared
-// rows_forward_parallel, then the same tile loop in place (the logits are not computed twice). BLAS does the FLOPs, each tile's GEMMs one
+// cache. Keep-all: a (chunk, V) buffer of logits per chunk of rows, held tile-major (each tile a dense
+// (rows, kTileV) block, so that its three GEMMs read and write one dense block), each tile's
+// statistics taken right after its GEMM and merged as in the forward, then the same tile loop in
+// place (the logits are not computed twice). BLAS does the FLOPs, each tile's GEMMs one
 // single-threaded BLAS call (the tiles go to threads with at::parallel_for): every value is then
 // computed the same way whatever the thread count, where a multithreaded GEMM splits its inner
 // dimension differently at different thread counts. d input, whose inner dimension is V, is summed
@@ -119,23 +121,85 @@ struct Head {
   acc_t w_total, ls;
 };
 
-// logits (rows, V) = xk (rows, D) @ W^T + bias.
+// One tile's logits: out (rows, n, row stride ld) = x (rows, D) @ W[v0:v0+n]^T + bias[v0:v0+n], one
+// BLAS call (the caller holds OneBlasThread).
 template <typename acc_t>
-void chunk_logits(const Head<acc_t>& h, const acc_t* xk, int64_t rows, acc_t* logits) {
-  const int64_t V = h.V, D = h.D;
-  at::parallel_for(0, ceil_div(V, kTileV), 1, [&](int64_t t0, int64_t t1) {
-    const OneBlasThread one;
-    const at::Tensor a = blob(xk, {rows, D}, {D, 1});
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t v0 = t * kTileV, n = std::min(kTileV, V - v0);
-      at::Tensor out = blob(logits + v0, {rows, n}, {V, 1});
-      const at::Tensor wt = blob(h.W + v0 * D, {D, n}, {1, D});
-      if (h.bias != nullptr) {
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(logits + r * V + v0, h.bias + v0, n * sizeof(acc_t));
-        at::cpu::addmm_out(out, out, a, wt);
-      } else {
-        at::cpu::mm_out(out, a, wt);
+void tile_logits(const Head<acc_t>& h, const at::Tensor& x, int64_t rows, int64_t v0, int64_t n, acc_t* L,
+                 int64_t ld) {
+  const int64_t D = h.D;
+  at::Tensor out = blob(L, {rows, n}, {ld, 1});
+  const at::Tensor wt = blob(h.W + v0 * D, {D, n}, {1, D});
+  if (h.bias != nullptr) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(L + r * ld, h.bias + v0, n * sizeof(acc_t));
+    at::cpu::addmm_out(out, out, x, wt);
+  } else {
+    at::cpu::mm_out(out, x, wt);
+  }
+}
+
+// Per-tile statistics of rows, at [tile * ld + i] for row i: the max m_t over the tile's classes,
+// sum exp(x - m_t), for label smoothing (SX != nullptr) sum_c w_c (x_c - m_t), and XY[i] the
+// target's logit, from the tile that holds the target.
+template <typename acc_t>
+struct TileStats {
+  acc_t *M, *S, *SX, *XY;
+  int64_t ld;
+};
+
+// The statistics of tile `tile` (classes v0..v0+n) for rows i0..i0+rows, logits L (rows x n, contiguous).
+template <typename acc_t>
+void tile_stats(const Head<acc_t>& h, const acc_t* L, int64_t rows, int64_t n, int64_t tile, int64_t v0, int64_t i0,
+                const int64_t* t, const TileStats<acc_t>& st) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    const acc_t* row = L + r * n;
+    const acc_t m = block_max<acc_t>(row, n);
+    st.M[tile * st.ld + i] = m;
+    st.S[tile * st.ld + i] = m != ninf ? block_sumexp<acc_t>(row, n, m) : acc_t(0);
+    if (st.SX != nullptr) {
+      st.SX[tile * st.ld + i] =
+          block_sum_shifted<acc_t>(row, h.w == nullptr ? nullptr : h.w + v0, n, std::isfinite(m) ? m : acc_t(0));
+    }
+    const int64_t y = t[i];
+    if (y >= v0 && y < v0 + n) st.XY[i] = row[y - v0];
+  }
+}
+
+// Rows [0, rows)'s loss and logsumexp from their T tiles' statistics, merged in tile order (an
+// online logsumexp), ending in the shared finish_sample; 0 for rows not scored (a target outside
+// [0, V) that is not ignore_index sets bad_target).
+template <typename acc_t>
+void merge_tile_stats(const Head<acc_t>& h, const TileStats<acc_t>& st, int64_t T, int64_t rows, const int64_t* t,
+                      int64_t ignore_index, acc_t* loss, acc_t* lse, std::atomic<bool>& bad_target) {
+  const int64_t V = h.V, ld = st.ld;
+  const bool smooth = st.SX != nullptr;
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  std::vector<acc_t> wsum(smooth ? T : 0);  // the class weight of each tile
+  for (int64_t tile = 0; tile < static_cast<int64_t>(wsum.size()); ++tile) {
+    const int64_t v0 = tile * kTileV, n = std::min(kTileV, V - v0);
+    wsum[tile] = h.w == nullptr ? static_cast<acc_t>(n) : weight_total<acc_t>(h.w + v0, n);
+  }
+  at::parallel_for(0, rows, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t y = t[i];
+      if (!scored_target(y, V, ignore_index, bad_target)) {
+        loss[i] = lse[i] = 0;
+        continue;
       }
+      acc_t m = st.M[i];
+      for (int64_t tile = 1; tile < T; ++tile) m = nan_max<acc_t>(m, st.M[tile * ld + i]);
+      acc_t sum = 0, sx = 0;
+      const acc_t ref = std::isfinite(m) ? m : acc_t(0);
+      for (int64_t tile = 0; tile < T; ++tile) {
+        const acc_t mt = st.M[tile * ld + i];
+        if (mt != ninf) sum += st.S[tile * ld + i] * std::exp(mt - m);
+        if (smooth) sx += st.SX[tile * ld + i] + ((std::isfinite(mt) ? mt : acc_t(0)) - ref) * wsum[tile];
+      }
+      const auto res = finish_sample<acc_t>(m, std::log(sum), st.XY[i], h.w == nullptr ? acc_t(1) : h.w[y], ref, sx,
+                                            h.ls, h.w_total, V);
+      loss[i] = res.loss;
+      lse[i] = res.lse;
     }
   });
 }
@@ -168,7 +232,8 @@ struct ChunkRows {
 // tile's dlogits stay in cache from their forming to the two GEMMs that read them:
 //   dlogits = d(sum_r coef[r] l_r)/d logits (row_backward's pieces, cpu/ce_rows.h),
 //   dx (rows, D) = dlogits @ W (nullptr: not wanted), dW (V, D) += dlogits^T @ xk, db += column sums.
-// `logits` (rows x V, row stride V) holds the chunk's logits, turned into dlogits in place; nullptr:
+// `logits` holds the chunk's logits tile-major (the tile of classes v0..v0+n a dense rows x n block at
+// logits + v0 * rows), turned into dlogits in place; nullptr:
 // each tile's logits are computed into `scratch` (rows x kTileV per thread of the pool). `partial`:
 // class_blocks(V, D) * rows * D values when dx is wanted. `first`: dW and db are written, not added to.
 template <typename acc_t>
@@ -186,17 +251,9 @@ void chunk_backward(const Head<acc_t>& h, const acc_t* xk, int64_t rows, const C
       for (int64_t t = b * tiles / S; t < (b + 1) * tiles / S; ++t) {
         const int64_t v0 = t * kTileV, n = std::min(kTileV, V - v0);
         const at::Tensor wt = blob(h.W + v0 * D, {n, D}, {D, 1});
-        acc_t* L = logits != nullptr ? logits + v0 : own;
-        const int64_t ld = logits != nullptr ? V : n;
-        if (logits == nullptr) {  // this tile's logits
-          at::Tensor out = blob(L, {rows, n}, {ld, 1});
-          if (h.bias != nullptr) {
-            for (int64_t r = 0; r < rows; ++r) std::memcpy(L + r * ld, h.bias + v0, n * sizeof(acc_t));
-            at::cpu::addmm_out(out, out, x, wt.t());
-          } else {
-            at::cpu::mm_out(out, x, wt.t());
-          }
-        }
+        acc_t* L = logits != nullptr ? logits + v0 * rows : own;
+        const int64_t ld = n;
+        if (logits == nullptr) tile_logits<acc_t>(h, x, rows, v0, n, L, ld);  // this tile's logits
         for (int64_t r = 0; r < rows; ++r) {  // dlogits in place
           acc_t* row = L + r * ld;
           const int64_t y = cr.y[r];
@@ -372,90 +429,50 @@ void rows_forward_tiled(const Prepared& p, const Head<acc_t>& h, const acc_t* x,
   const int64_t c = balanced_chunk(N, gemm_rows(chunk, V, 0));
   const auto acc_st = c10::CppTypeToScalarType<acc_t>::value;
   const bool smooth = h.ls > 0;
-  at::Tensor stats = empty_cpu({(smooth ? 3 : 2) * T * N}, acc_st);
-  at::Tensor x_y_t = empty_cpu({N}, acc_st);
+  at::Tensor stats = empty_cpu({(smooth ? 3 : 2) * T * N + N}, acc_st);
+  acc_t* base = stats.mutable_data_ptr<acc_t>();
+  const TileStats<acc_t> st{base, base + T * N, smooth ? base + 2 * T * N : nullptr, base + (smooth ? 3 : 2) * T * N,
+                            N};
   at::Tensor scratch = empty_cpu({at::get_num_threads() * c * kTileV}, acc_st);
-  acc_t* Mt = stats.mutable_data_ptr<acc_t>();
-  acc_t* St = Mt + T * N;
-  acc_t* SXt = smooth ? St + T * N : nullptr;
-  acc_t* XY = x_y_t.mutable_data_ptr<acc_t>();
   const int64_t* t = p.target.const_data_ptr<int64_t>();
-  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     const OneBlasThread one;
     acc_t* L = scratch.mutable_data_ptr<acc_t>() + at::get_thread_num() * c * kTileV;
     for (int64_t tile = t0; tile < t1; ++tile) {
       const int64_t v0 = tile * kTileV, n = std::min(kTileV, V - v0);
-      const at::Tensor wt = blob(h.W + v0 * D, {D, n}, {1, D});
       for (int64_t s = 0; s < N; s += c) {
         const int64_t rows = std::min(c, N - s);
-        at::Tensor out = blob(L, {rows, n}, {n, 1});
-        const at::Tensor xs = blob(x + s * D, {rows, D}, {D, 1});
-        if (h.bias != nullptr) {
-          for (int64_t r = 0; r < rows; ++r) std::memcpy(L + r * n, h.bias + v0, n * sizeof(acc_t));
-          at::cpu::addmm_out(out, out, xs, wt);
-        } else {
-          at::cpu::mm_out(out, xs, wt);
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t i = s + r;
-          const acc_t* row = L + r * n;
-          const acc_t m = block_max<acc_t>(row, n);
-          Mt[tile * N + i] = m;
-          St[tile * N + i] = m != ninf ? block_sumexp<acc_t>(row, n, m) : acc_t(0);
-          if (smooth) {
-            SXt[tile * N + i] =
-                block_sum_shifted<acc_t>(row, h.w == nullptr ? nullptr : h.w + v0, n, std::isfinite(m) ? m : acc_t(0));
-          }
-          const int64_t y = t[i];
-          if (y >= v0 && y < v0 + n) XY[i] = row[y - v0];
-        }
+        tile_logits<acc_t>(h, blob(x + s * D, {rows, D}, {D, 1}), rows, v0, n, L, n);
+        tile_stats<acc_t>(h, L, rows, n, tile, v0, s, t, st);
       }
     }
   });
-  std::vector<acc_t> wsum(smooth ? T : 0);  // the class weight of each tile
-  for (int64_t tile = 0; tile < static_cast<int64_t>(wsum.size()); ++tile) {
-    const int64_t v0 = tile * kTileV, n = std::min(kTileV, V - v0);
-    wsum[tile] = h.w == nullptr ? static_cast<acc_t>(n) : weight_total<acc_t>(h.w + v0, n);
-  }
   std::atomic<bool> bad_target{false};
-  at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t y = t[i];
-      if (!scored_target(y, V, ignore_index, bad_target)) {
-        loss[i] = lse[i] = 0;
-        continue;
-      }
-      acc_t m = Mt[i];
-      for (int64_t tile = 1; tile < T; ++tile) m = nan_max<acc_t>(m, Mt[tile * N + i]);
-      acc_t sum = 0, sx = 0;
-      const acc_t ref = std::isfinite(m) ? m : acc_t(0);
-      for (int64_t tile = 0; tile < T; ++tile) {
-        const acc_t mt = Mt[tile * N + i];
-        if (mt != ninf) sum += St[tile * N + i] * std::exp(mt - m);
-        if (smooth) sx += SXt[tile * N + i] + ((std::isfinite(mt) ? mt : acc_t(0)) - ref) * wsum[tile];
-      }
-      const auto res = finish_sample<acc_t>(m, std::log(sum), XY[i], h.w == nullptr ? acc_t(1) : h.w[y], ref, sx,
-                                            h.ls, h.w_total, V);
-      loss[i] = res.loss;
-      lse[i] = res.lse;
-    }
-  });
+  merge_tile_stats<acc_t>(h, st, T, N, t, ignore_index, loss, lse, bad_target);
   if (bad_target.load()) raise_bad_target(t, N, V, ignore_index);  // (the public API validates first)
 }
 
-// Every row's loss and logsumexp, chunk after chunk; with `grads`, also the unscaled gradient of
-// sum_i l_i (every valid row kept): dx (N, D) (nullptr: not wanted), dW (V, D), db (V,) accumulated.
+// Keep-all (every valid row kept): every row's loss and logsumexp and the unscaled gradient of
+// sum_i l_i, chunk after chunk: dx (N, D) (nullptr: not wanted), dW (V, D), db (V,) accumulated.
+// A chunk's logits are held tile-major, tile t's (rows, n) block contiguous at logits + v0 * rows
+// (each tile's GEMMs then read and write one dense block), its statistics taken right after its
+// GEMM, while it is in cache; the backward then turns the tiles into dlogits in place.
 template <typename scalar_t, typename acc_t>
-void forward_chunks(const Prepared& p, const Head<acc_t>& h, int64_t ignore_index, int64_t chunk, acc_t* loss,
-                    acc_t* lse, bool grads, acc_t* dx, acc_t* dW, acc_t* db) {
+void keep_all_chunks(const Prepared& p, const Head<acc_t>& h, int64_t ignore_index, int64_t chunk, acc_t* loss,
+                     acc_t* lse, acc_t* dx, acc_t* dW, acc_t* db) {
   const int64_t N = p.N, D = p.D, V = p.V;
+  const int64_t T = ceil_div(V, kTileV);
   const int64_t c = balanced_chunk(N, chunk);
   const auto acc_st = c10::CppTypeToScalarType<acc_t>::value;
+  const bool smooth = h.ls > 0;
   at::Tensor xbuf = empty_cpu({c, D}, acc_st);
   at::Tensor lbuf = empty_cpu({c, V}, acc_st);
-  at::Tensor partial = grads && dx != nullptr ? empty_cpu({class_blocks(V, D) * c * D}, acc_st) : at::Tensor();
-  ChunkRows<acc_t> cr(grads ? c : 0);
+  at::Tensor stats = empty_cpu({(smooth ? 3 : 2) * T * c + c}, acc_st);
+  acc_t* base = stats.mutable_data_ptr<acc_t>();
+  const TileStats<acc_t> st{base, base + T * c, smooth ? base + 2 * T * c : nullptr, base + (smooth ? 3 : 2) * T * c,
+                            c};
+  at::Tensor partial = dx != nullptr ? empty_cpu({class_blocks(V, D) * c * D}, acc_st) : at::Tensor();
+  ChunkRows<acc_t> cr(c);
   const scalar_t* x = p.input.const_data_ptr<scalar_t>();
   const int64_t* t = p.target.const_data_ptr<int64_t>();
   acc_t* xk = xbuf.mutable_data_ptr<acc_t>();
@@ -464,10 +481,16 @@ void forward_chunks(const Prepared& p, const Head<acc_t>& h, int64_t ignore_inde
   for (int64_t s = 0; s < N; s += c) {
     const int64_t rows = std::min(c, N - s);
     gather_rows<scalar_t, acc_t>(x, p.input.stride(0), D, nullptr, s, rows, xk);
-    chunk_logits<acc_t>(h, xk, rows, L);
-    rows_forward_parallel<acc_t, acc_t>(L, V, rows, V, t + s, ignore_index, h.w, h.w_total, h.ls, loss + s, lse + s,
-                                        bad_target);
-    if (!grads) continue;
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      const OneBlasThread one;
+      const at::Tensor xs = blob(xk, {rows, D}, {D, 1});
+      for (int64_t tile = t0; tile < t1; ++tile) {
+        const int64_t v0 = tile * kTileV, n = std::min(kTileV, V - v0);
+        tile_logits<acc_t>(h, xs, rows, v0, n, L + v0 * rows, n);
+        tile_stats<acc_t>(h, L + v0 * rows, rows, n, tile, v0, 0, t + s, st);
+      }
+    });
+    merge_tile_stats<acc_t>(h, st, T, rows, t + s, ignore_index, loss + s, lse + s, bad_target);
     for (int64_t r = 0; r < rows; ++r) {
       cr.set(h, r, scored(t[s + r], V, ignore_index) ? t[s + r] : -1, lse[s + r], acc_t(1));
     }
@@ -661,11 +684,10 @@ linear_ce_keep_all_cpu(const at::Tensor& input_, const at::Tensor& W_, const std
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "linear_ce_keep_all_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Head<acc_t> h = head_of<acc_t>(p, label_smoothing);
-    forward_chunks<scalar_t, acc_t>(p, h, ignore_index, chunk_size, losses.mutable_data_ptr<acc_t>(),
-                                    lse.mutable_data_ptr<acc_t>(), true,
-                                    need_input ? dx.mutable_data_ptr<acc_t>() : nullptr,
-                                    need_weight ? dW.mutable_data_ptr<acc_t>() : nullptr,
-                                    need_bias ? db.mutable_data_ptr<acc_t>() : nullptr);
+    keep_all_chunks<scalar_t, acc_t>(p, h, ignore_index, chunk_size, losses.mutable_data_ptr<acc_t>(),
+                                     lse.mutable_data_ptr<acc_t>(), need_input ? dx.mutable_data_ptr<acc_t>() : nullptr,
+                                     need_weight ? dW.mutable_data_ptr<acc_t>() : nullptr,
+                                     need_bias ? db.mutable_data_ptr<acc_t>() : nullptr);
     if (N == 0) {
       if (need_weight) dW.zero_();
       if (need_bias) db.zero_();

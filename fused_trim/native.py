@@ -121,7 +121,7 @@ def is_available(device: torch.device) -> bool:
 
 
 def empty_cache() -> None:
-    """Release the CPU gradient blocks the native op keeps for reuse (at most two; see
+    """Release the CPU gradient blocks the native op keeps for reuse (at most four; see
     ``csrc/trimmed_ce_cpu.cpp``). ``FUSED_TRIM_NO_GRAD_CACHE=1`` disables the cache."""
     if _load() is None:
         torch.ops.fused_trim.empty_cache()
