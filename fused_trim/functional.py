@@ -392,11 +392,16 @@ def trimmed_linear_cross_entropy(
     The forward computes every row's loss (logits in chunks of ``chunk_size`` rows on the CPU, in
     tiles with an online logsumexp over ``V`` on the GPU), the kept set is chosen on those losses
     exactly as :func:`trimmed_cross_entropy` chooses it, and the backward recomputes the logits of
-    the kept rows only: about ``2 N D V + 6 k D V`` FLOPs per step instead of ``6 N D V``. With a
-    Python float ``keep_ratio`` of 1.0 and ``reduction`` ``"mean"``/``"sum"`` every valid row is
-    kept, so the gradient is formed during the forward instead (3 matmuls, not 4). The gradients of
-    ``input``, ``linear_weight`` and ``linear_bias`` are accumulated in fp32 in a fixed order:
-    bitwise repeatable. Rows outside the kept set get an exactly zero ``input`` gradient.
+    the kept rows only: about ``2 N D V + 6 k D V`` FLOPs per step instead of ``6 N D V``
+    (``1 + 3 k / N`` forward-sized matmuls against 3: cheaper below a keep ratio of about 0.67).
+    With a Python float ``keep_ratio`` of 1.0 and ``reduction`` ``"mean"``/``"sum"`` (no
+    ``score_offset`` or ``process_group``, a gradient required) every valid row is kept and known
+    before the forward, so the native and Triton backends form the gradient during the forward
+    instead (3 matmuls, not 4; the reference recomputes at every ratio). Below 1.0 the kept set is
+    known only after the forward and the backward recomputes (up to 4 matmuls near 1.0). The
+    gradients of ``input``, ``linear_weight`` and ``linear_bias`` are accumulated in fp32 in a
+    fixed order: bitwise repeatable. Rows outside the kept set get an exactly zero ``input``
+    gradient.
 
     Args:
         input: hidden states ``(*, D)``; ``(N, D)`` for ``N`` tokens.

@@ -168,13 +168,12 @@ _GRAD_INPUT, _GRAD_WEIGHT, _GRAD_BIAS = 1, 2, 4
 
 # Whether keep_ratio == 1.0 forms the gradient in the forward (linear_ce_keep_all: 3 GEMMs) rather
 # than recomputing every row in the backward (1 + 3 GEMMs). Measured on the 2-core machine of issue
-# 9 ((N, D, V) = (2048, 512, 32000), fp32, 2 threads, medians of 5, forward + backward): keep-all
-# 0.92 s, recompute 0.82 s at the default chunk (136 rows), 0.85 s and 0.75 s at 272 rows. The
-# keep-all forward must hold a (chunk, V) buffer of every row's logits until the row's logsumexp is
-# known, so it streams the head and its gradient from memory once per chunk, while the recomputing
-# ops work tile-major (the forward) and on GEMMs of several chunks of rows (the backward). So the
-# CPU recomputes at every ratio; the keep-all op stays, tested, for hosts where GEMMs dominate.
-_KEEP_ALL_IN_FORWARD = False
+# 9 ((N, D, V) = (2048, 512, 32000), fp32, 2 threads, default chunk of 128 rows, forward + backward,
+# medians of 7 round-robin repeats, in units of one torch.mm of the forward's size timed just
+# before): keep-all 2.86, recompute 3.08 (the 3-matmul floor is 3; F.linear + F.cross_entropy 3.55).
+# The keep-all op holds a chunk's logits tile-major, so each tile's three GEMMs run on one dense
+# block. False is kept for the tests, which run both paths.
+_KEEP_ALL_IN_FORWARD = True
 
 
 def _grad_mask(needs: tuple[bool, bool, bool], has_bias: bool) -> int:
@@ -369,10 +368,14 @@ def trimmed_linear_cross_entropy_2d(
     :func:`fused_trim.reference.trimmed_linear_cross_entropy_2d`. The forward (``linear_ce_rows``)
     computes every row's loss ``chunk_size`` rows of logits at a time; ``share`` (global trimming)
     maps ``(losses, valid)`` to the exact local count; the backward recomputes the kept rows only,
-    gathered into GEMMs of a few chunks of rows (within about ``chunk_size x V`` values). At every
-    ratio, 1.0 included, the backward recomputes: on the CPU that measured faster than forming the
-    gradient in the forward (``linear_ce_keep_all``, used when ``_KEEP_ALL_IN_FORWARD``; see there
-    for the figures). The CPU needs no bound on the kept count (the backward reads ``kept``).
+    gathered into GEMMs of a few chunks of rows (within about ``chunk_size x V`` values): ``1 + 3 k / N``
+    forward-sized GEMMs, cheaper than 3 below a keep ratio of about 0.67, and the only choice below
+    1.0 (the kept set is known after the forward). At a Python float ``keep_ratio`` of 1.0 with
+    ``reduction`` ``"mean"``/``"sum"``, no ``share``/``score_offset`` and a gradient required,
+    ``linear_ce_keep_all`` instead forms the unscaled gradient during the forward, ``chunk_size``
+    rows of logits at a time (3 GEMMs), and the backward scales it by the upstream scalar (and
+    ``1 / denominator`` for "mean"). The CPU needs no bound on the kept count (the backward reads
+    ``kept``).
     ``score_offset`` (``(N,)`` or ``None``): the selection ranks ``losses - score_offset``.
     """
     if not input.is_cpu:

@@ -2,7 +2,7 @@
 every backend: shapes that cut the GEMMs into several class tiles and d input into several class
 blocks, bitwise repeatability across thread counts, fp16, partial gradients, ``retain_graph`` and
 ``torch.compile``. Cases with ``keep_ratio=1.0`` run both ways of forming the gradient: recomputed in
-the backward (the CPU's choice) and in the forward (``linear_ce_keep_all``)."""
+the backward and in the forward (``linear_ce_keep_all``, the default there)."""
 
 from __future__ import annotations
 
@@ -154,3 +154,53 @@ def test_compile_fullgraph_matches_eager(ratio, keep_all):
     torch.testing.assert_close(results[0][0], results[1][0])
     for g, h in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(g, h)
+
+
+def _ops_run(ratio, reduction, grad=True):
+    """The fused_trim ops that one forward + backward runs by default (no monkeypatching)."""
+    x, w, b, t = make_head(24, 5, 300, dtype=torch.float32, seed=9, ignore_frac=0.2)
+    x, w = (p.clone().requires_grad_(grad) for p in (x, w))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = trimmed_linear_cross_entropy(x, w, t, ratio, linear_bias=b, backend="native", chunk_size=7,
+                                           reduction=reduction)  # fmt: skip
+        if grad:
+            out.sum().backward()
+    return {e.key for e in prof.key_averages() if e.key.startswith("fused_trim::")}
+
+
+@pytest.mark.parametrize(
+    "ratio, reduction, grad, keep_all_op",
+    [
+        (1.0, "mean", True, True),
+        (1.0, "sum", True, True),
+        (1.0, "none", True, False),
+        (0.9, "mean", True, False),
+        (1.0, "mean", False, False),
+    ],
+    ids=["1.0-mean", "1.0-sum", "1.0-none", "0.9", "1.0-no-grad"],
+)
+def test_default_path(ratio, reduction, grad, keep_all_op):
+    """By default a Python float keep_ratio of 1.0 with mean/sum and a gradient forms the gradient in
+    the forward (linear_ce_keep_all, no recomputing backward); everything else runs the rows op and
+    recomputes the kept rows in the backward (as the docstrings say)."""
+    ops = _ops_run(ratio, reduction, grad)
+    if keep_all_op:
+        assert "fused_trim::linear_ce_keep_all" in ops and "fused_trim::linear_ce_bwd" not in ops, ops
+    else:
+        assert "fused_trim::linear_ce_keep_all" not in ops and "fused_trim::linear_ce_rows" in ops, ops
+        assert ("fused_trim::linear_ce_bwd" in ops) == grad, ops
+
+
+def test_keep_all_peak_memory_does_not_grow_with_logits():
+    """The keep-all path at keep_ratio=1.0 holds chunk_size x V logits, never (N, V): its peak grows
+    from V = 2000 to V = 8000 (N = 4096, D = 32) by far less than the 94 MiB the logits would add."""
+    from benchmarks.lm_head import peak_bytes
+
+    peaks = []
+    for v in (2000, 8000):
+        x, w, _, t = make_head(4096, 32, v, dtype=torch.float32, bias=False)
+        x, w = (p.clone().requires_grad_(True) for p in (x, w))
+        step = lambda x=x, w=w, t=t: trimmed_linear_cross_entropy(x, w, t, 1.0, backend="native",  # noqa: E731
+                                                                  chunk_size=64).backward()  # fmt: skip
+        peaks.append(peak_bytes(step, "cpu"))
+    assert peaks[1] - peaks[0] < 4096 * 6000 * 4 / 8, f"peak grew by {(peaks[1] - peaks[0]) / 2**20:.1f} MiB"
