@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fused_trim
-from benchmarks.lm_head import peak_bytes  # the profiler's allocator events: C++ buffers too
+from benchmarks.lm_head import allocator_peak_bytes
 from fused_trim import trimmed_cross_entropy, trimmed_linear_cross_entropy
 
 from .helpers import BACKENDS, split
@@ -320,11 +320,10 @@ def test_peak_memory_does_not_grow_with_logits(backend):
     for v in (2000, 8000):
         x, w, _, t = make_head(4096, 32, v, dtype=torch.float32, bias=False)
         x, w = _leaves(x, w, device=torch.device("cpu"))
-        peaks.append(peak_bytes(
-            lambda x=x, w=w, t=t: trimmed_linear_cross_entropy(x, w, t, 0.5, backend=name, chunk_size=64).backward(),
-            "cpu",
+        peaks.append(allocator_peak_bytes(
+            lambda x=x, w=w, t=t: trimmed_linear_cross_entropy(x, w, t, 0.5, backend=name, chunk_size=64).backward()
         ))  # fmt: skip
-        unfused.append(peak_bytes(lambda x=x, w=w, t=t: F.cross_entropy(F.linear(x, w), t).backward(), "cpu"))
+        unfused.append(allocator_peak_bytes(lambda x=x, w=w, t=t: F.cross_entropy(F.linear(x, w), t).backward()))
     logits_growth = 4096 * 6000 * 4
     assert unfused[1] - unfused[0] > logits_growth  # the measurement sees the logits where they exist
     assert peaks[1] - peaks[0] < logits_growth / 8, f"peak grew by {(peaks[1] - peaks[0]) / 2**20:.1f} MiB"
