@@ -16,7 +16,9 @@ matmuls alone). Rows:
 - ``torch_chunked``: torch 2.13's ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``
   (chunked, no trimming);
 - ``linear+trimmed``: ``F.linear`` then ``trimmed_cross_entropy`` (trimming, logits materialised);
-- ``fused/<backend>``: ``trimmed_linear_cross_entropy(backend=<backend>)``;
+- ``fused/<backend>``: ``trimmed_linear_cross_entropy(backend=<backend>)``; ``fused/<backend>+offset``
+  the same ranked by ``l_i - score_offset_i`` (a random offset: the cost of selective language
+  modelling's ranking, for the default kernel backend);
 - CUDA, when installed: ``liger`` (Liger-Kernel's fused linear cross-entropy, no trimming) and
   ``cce`` (Cut Cross-Entropy's ``linear_cross_entropy``, no trimming).
 
@@ -107,8 +109,10 @@ def make_step(name: str, case: LMCase, x, w, t) -> Callable[[], torch.Tensor] | 
     if name == "linear+trimmed":
         return lambda: trimmed_cross_entropy(F.linear(x, w), t, r)
     if name.startswith("fused/"):
-        backend = name.split("/", 1)[1]
-        return lambda: trimmed_linear_cross_entropy(x, w, t, r, backend=backend)
+        backend, _, with_offset = name.split("/", 1)[1].partition("+")
+        # "+offset": ranked by l_i - score_offset_i (selective language modelling), to show its cost.
+        offset = torch.randn(t.shape, generator=torch.Generator().manual_seed(1)).to(x.device) if with_offset else None
+        return lambda: trimmed_linear_cross_entropy(x, w, t, r, backend=backend, score_offset=offset)
     if name == "liger":
         mod = _optional("liger_kernel.transformers")
         if mod is None or x.device.type != "cuda":
@@ -197,6 +201,7 @@ def run_lm_case(case: LMCase, device: str, rows: list[str], repeats: int, budget
 
         try:
             seconds = median_time(step, device, repeats, budget_s)
+            x.grad = w.grad = None  # the step's own gradients count in its peak
             peak, _ = C.peak_memory(step, device)
         except Exception as exc:  # noqa: BLE001 - a row that fails is reported, not fatal
             row["status"] = f"error: {type(exc).__name__}: {exc}"[:200]
@@ -245,6 +250,8 @@ def markdown(rows: list[dict]) -> str:
 def run(device: str, cases: list[LMCase], repeats: int, budget_s: float, backends: list[str] | None) -> list[dict]:
     """Every row at every case; prints each case's table as it finishes."""
     fused = [f"fused/{b}" for b in fused_backends(device) if backends is None or b in backends]
+    if len(fused) > 1:
+        fused.append(f"{fused[-1]}+offset")
     rows_names = ["linear+cross_entropy", "torch_chunked", "linear+trimmed", *fused]
     if device == "cuda":
         rows_names += ["liger", "cce"]
