@@ -401,7 +401,10 @@ def trimmed_linear_cross_entropy(
     known only after the forward and the backward recomputes (up to 4 matmuls near 1.0). The
     gradients of ``input``, ``linear_weight`` and ``linear_bias`` are accumulated in fp32 in a
     fixed order: bitwise repeatable. Rows outside the kept set get an exactly zero ``input``
-    gradient.
+    gradient. On CUDA nothing synchronises with the host: with a Python float ratio ``r`` the
+    backward processes ``min(N, max(1, floor(r N + 0.5)))`` gathered rows (a bound on ``k`` known on
+    the host; rows beyond ``k`` contribute zero), with a tensor ratio all ``N`` rows. The CPU
+    backends gather exactly the kept rows.
 
     Args:
         input: hidden states ``(*, D)``; ``(N, D)`` for ``N`` tokens.
