@@ -69,4 +69,5 @@ def test_lm_head_runner_tiny_case(tmp_path):
     for r in rows:
         assert r["status"] == "ok", r
         assert r["fwdbwd_ms"] > 0 and r["mm_ms"] > 0 and r["peak_MiB"] >= 0 and r["floor_frac"] > 0
+        assert r["plain_mm_ms"] > 0 and r["plain_floor_frac"] > 0
     assert "| case | row |" in (out / "lm_head.md").read_text()
