@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fused_trim import native, trimmed_cross_entropy
+from fused_trim._common import host_k
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -86,7 +87,7 @@ class Case:
     def k(self) -> int:
         """Kept samples, as the contract computes it (no ignored targets here)."""
         n = self.num_samples
-        return min(n, max(1, math.floor(self.keep_ratio * n + 0.5)))
+        return host_k(n, self.keep_ratio)
 
     @property
     def element_size(self) -> int:

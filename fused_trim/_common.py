@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -82,6 +83,33 @@ def check_weight(weight: object, num_classes: int | None = None) -> None:
         raise ValueError(f"weight must be a 1-D tensor{length}, got {shape}")
     if not weight.is_floating_point():
         raise TypeError(f"weight must be floating point, got dtype {weight.dtype}")
+
+
+def host_k(n: int, keep_ratio: float) -> int:
+    """:func:`compute_k` for a host count and ratio: ``min(n, max(1, floor(keep_ratio * n + 0.5)))``
+    (``0`` when ``n = 0``). With ``n`` the number of rows it bounds ``k`` without reading a tensor."""
+    return min(n, max(1, math.floor(keep_ratio * n + 0.5))) if n > 0 else 0
+
+
+def forms_gradient_in_forward(
+    keep_ratio: float | Tensor, reduction: str, params: tuple[Tensor | None, ...], share, score_offset
+) -> bool:
+    """Whether an LM-head backend may form the gradient during the forward (3 matmuls, not 4).
+
+    Only when every valid row is known to be kept before the forward (a Python float ratio of 1.0,
+    no global ``share``, no ``score_offset`` whose threshold would be a score), the reduction is a
+    scalar (its upstream gradient one number to scale by in the backward), and a gradient of one
+    of ``params`` is wanted.
+    """
+    return (
+        not isinstance(keep_ratio, Tensor)
+        and keep_ratio == 1.0
+        and share is None
+        and score_offset is None
+        and reduction != "none"
+        and torch.is_grad_enabled()
+        and any(p is not None and p.requires_grad for p in params)
+    )
 
 
 def compute_k(n: Tensor, keep_ratio: float | Tensor) -> Tensor:

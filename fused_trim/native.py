@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ._build import build, want_cuda
-from ._common import as_rows
+from ._common import as_rows, forms_gradient_in_forward
 
 __all__ = [
     "build",
@@ -300,6 +300,14 @@ def _register_python_parts() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _op_ratio(keep_ratio: float | Tensor) -> tuple[float, Tensor | None]:
+    """The ops' ``(keep_ratio, keep_ratio_t)`` pair: a tensor (a ratio, or an exact int64 count) is
+    passed as ``keep_ratio_t`` and read by the op, a float as ``keep_ratio``."""
+    if isinstance(keep_ratio, Tensor):
+        return 0.0, keep_ratio
+    return float(keep_ratio), None
+
+
 def trimmed_cross_entropy_2d(
     input: Tensor,
     target: Tensor,
@@ -327,10 +335,7 @@ def trimmed_cross_entropy_2d(
         if input.stride(-1) != 1:
             input = input.contiguous()
     # (The CPU op takes (M, C) or (N, C, S) with any strides itself.)
-    if isinstance(keep_ratio, Tensor):
-        ratio, ratio_t = 0.0, keep_ratio
-    else:
-        ratio, ratio_t = float(keep_ratio), None
+    ratio, ratio_t = _op_ratio(keep_ratio)
     out, losses, kept, k, threshold, _lse, _scale = torch.ops.fused_trim.trimmed_ce_fwd.default(
         input,
         target,
@@ -390,8 +395,7 @@ def trimmed_linear_cross_entropy_2d(
     code = _REDUCTION_CODES[reduction]
     params = (input, linear_weight, linear_bias)
     needs = tuple(p is not None and p.requires_grad for p in params)
-    keep_all = share is None and score_offset is None and not isinstance(keep_ratio, Tensor) and keep_ratio == 1.0
-    if _KEEP_ALL_IN_FORWARD and keep_all and reduction != "none" and torch.is_grad_enabled() and any(needs):
+    if _KEEP_ALL_IN_FORWARD and forms_gradient_in_forward(keep_ratio, reduction, params, share, score_offset):
         out, losses, kept, k, threshold, *_ = torch.ops.fused_trim.linear_ce_keep_all.default(
             input, linear_weight, linear_bias, target, weight, keep == "easiest", int(ignore_index),
             float(label_smoothing), code, int(chunk_size), _grad_mask(needs, linear_bias is not None),
@@ -401,12 +405,7 @@ def trimmed_linear_cross_entropy_2d(
     losses, lse = torch.ops.fused_trim.linear_ce_rows.default(
         *detached, target, weight, int(ignore_index), float(label_smoothing), int(chunk_size)
     )
-    if share is not None:
-        ratio, ratio_t = 0.0, share(losses, target != ignore_index)
-    elif isinstance(keep_ratio, Tensor):
-        ratio, ratio_t = 0.0, keep_ratio
-    else:
-        ratio, ratio_t = float(keep_ratio), None
+    ratio, ratio_t = _op_ratio(keep_ratio if share is None else share(losses, target != ignore_index))
     out, kept, k, threshold, _ = torch.ops.fused_trim.linear_ce_trimmed.default(
         losses, lse, input, linear_weight, linear_bias, target, weight, ratio, ratio_t, keep == "easiest",
         int(ignore_index), float(label_smoothing), code, int(chunk_size), score_offset,

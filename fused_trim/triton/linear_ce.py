@@ -34,14 +34,13 @@ only scales them by ``grad_out / denom``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .._common import forms_gradient_in_forward, host_k
 from ._ce import log1p, smoothing_block, smoothing_eps, softmax_block, weighted_loss
 from .ce_backward import ce_backward_kernel
 from .ce_forward import ce_forward_kernel
@@ -529,23 +528,21 @@ def trimmed_linear_cross_entropy_2d(
     keep_ratio, ratio_t = device_ratio(keep_ratio, input.device)
     code = REDUCTION_CODE[reduction]
     num_rows = input.shape[0]
-    needs_grad = torch.is_grad_enabled() and any(
-        p is not None and p.requires_grad for p in (input, linear_weight, linear_bias)
-    )
-    keep_all = share is None and ratio_t is None and keep_ratio == 1.0 and score_offset is None
-    if needs_grad and keep_all and reduction != "none":
+    params = (input, linear_weight, linear_bias)
+    ratio = keep_ratio if ratio_t is None else ratio_t  # (a CPU ratio tensor is a host float by now)
+    if forms_gradient_in_forward(ratio, reduction, params, share, score_offset):
         out, losses, kept, k, threshold, *_ = linear_ce_keep_all(
             input, linear_weight, linear_bias, target, weight, keep == "hardest", ignore_index, label_smoothing, code,
             chunk_size, input.requires_grad, linear_weight.requires_grad,
         )  # fmt: skip
         return out, losses.detach(), kept, k, threshold.detach()
 
-    detached = [None if p is None else p.detach() for p in (input, linear_weight, linear_bias)]
+    detached = [None if p is None else p.detach() for p in params]
     losses, w_y, stats = linear_ce_rows(*detached, target, weight, ignore_index, label_smoothing)
     if share is not None:
         ratio_t, keep_ratio = share(losses, target != ignore_index), 1.0
     if ratio_t is None:
-        max_kept = min(num_rows, max(1, math.floor(keep_ratio * num_rows + 0.5)))
+        max_kept = host_k(num_rows, keep_ratio)
     else:
         max_kept = num_rows
     out, kept, k, threshold, _ = linear_ce_trimmed(
