@@ -306,14 +306,29 @@ def trimmed_cross_entropy(
         out, losses, kept, k, threshold, global_loss = trimmed_cross_entropy_global(
             _backend_fn(name), x2d, t1d, *args, group=process_group, **extra
         )
-    if reduction == "none":
+    return _result(out, losses, kept, k, threshold, global_loss, offset, target, input.dtype, return_info)
+
+
+def _result(
+    out: Tensor,
+    losses: Tensor,
+    kept: Tensor,
+    k: Tensor,
+    threshold: Tensor,
+    global_loss: Tensor | None,
+    offset: Tensor | None,
+    target: Tensor,
+    dtype: torch.dtype,
+    return_info: bool,
+) -> Tensor | tuple[Tensor, TrimInfo]:
+    """A backend's flat results in the target's shape: the loss, and with ``return_info`` its info."""
+    if out.dim() == 1:  # reduction="none"
         out = out.reshape(target.shape)
     if not return_info:
         return out
     scores = None if offset is None else ranking_scores(losses, offset).reshape(target.shape)
-    losses = losses.to(input.dtype).reshape(target.shape)  # (the backends rank them in fp32 / fp64)
-    info = TrimInfo(losses, kept.reshape(target.shape), k, threshold, global_loss, scores)
-    return out, info
+    losses = losses.to(dtype).reshape(target.shape)  # (the backends rank them in fp32 / fp64)
+    return out, TrimInfo(losses, kept.reshape(target.shape), k, threshold, global_loss, scores)
 
 
 def _check_linear_shapes(
@@ -461,11 +476,4 @@ def trimmed_linear_cross_entropy(
         out, losses, kept, k, threshold, global_loss = trimmed_linear_cross_entropy_global(
             fn, x2d, linear_weight, linear_bias, t1d, *args, group=process_group, **extra
         )
-    if reduction == "none":
-        out = out.reshape(target.shape)
-    if not return_info:
-        return out
-    scores = None if offset is None else ranking_scores(losses, offset).reshape(target.shape)
-    losses = losses.to(input.dtype).reshape(target.shape)
-    info = TrimInfo(losses, kept.reshape(target.shape), k, threshold, global_loss, scores)
-    return out, info
+    return _result(out, losses, kept, k, threshold, global_loss, offset, target, input.dtype, return_info)
