@@ -111,7 +111,7 @@ def select_vs_ce(rows: int, classes: int, device: torch.device, repeats: int) ->
 
 
 def triton_crossover(sizes: list[int], classes: int, device: torch.device, repeats: int) -> None:
-    from fused_trim.triton import function as tf
+    from fused_trim.triton import launch as tf
 
     print(f"\n== Triton select: single program vs grid, forward of (M, {classes}) fp32, keep 0.3, {device}")
     print(f"   (SINGLE_PROGRAM_MAX_ROWS is {tf.SINGLE_PROGRAM_MAX_ROWS})")

@@ -1,7 +1,9 @@
-"""Pieces shared by the dispatch layer and every backend: names, ``k`` and the info record."""
+"""Pieces shared by the dispatch layer and every backend: names, codes, the options record, ``k``
+and the info record."""
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import NamedTuple
 
@@ -11,6 +13,64 @@ from torch import Tensor
 KEEP_CHOICES = ("hardest", "easiest")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "native", "reference")
+
+
+class Reduction(enum.IntEnum):
+    """The reduction as every backend's kernels take it. ``enum Reduction`` in
+    ``csrc/trimmed_ce_common.h`` and the ``REDUCTION_*`` constexprs of ``triton/_radix.py`` mirror
+    these values."""
+
+    NONE = 0
+    MEAN = 1
+    SUM = 2
+
+
+class Keep(enum.IntEnum):
+    """The keep direction; ``bool(keep)`` is the ``easiest`` flag of the C++ ops and the
+    ``EASIEST`` constexpr of the Triton kernels."""
+
+    HARDEST = 0
+    EASIEST = 1
+
+
+class TrimOptions(NamedTuple):
+    """Every option of a trimmed loss, validated once by :mod:`fused_trim.functional` and handed
+    as one record to each backend entry point and to :mod:`fused_trim.distributed`, which derives
+    its variants with ``opts._replace(...)``.
+
+    ``keep_ratio`` is a Python float in ``(0, 1]`` or a 0-dim tensor: floating (a ratio) or, inside
+    the library, int64 (an exact count, a rank's share of a global selection). ``score_offset`` is
+    flat ``(M,)`` and detached. ``chunk_size`` (rows of logits at a time) is the LM head's and
+    always set there. The fields after it belong to keep rules and loss options not implemented
+    yet; their defaults mean "off" and no public function sets them.
+    """
+
+    keep_ratio: float | Tensor = 1.0
+    keep: Keep = Keep.HARDEST
+    weight: Tensor | None = None
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    reduction: Reduction = Reduction.MEAN
+    score_offset: Tensor | None = None
+    chunk_size: int | None = None
+    keep_count: int | Tensor | None = None
+    keep_threshold: float | None = None
+    min_kept: int = 0
+    group_ids: Tensor | None = None
+    group_reduction: str = "mean"
+    logit_softcap: float | None = None
+    z_loss: float = 0.0
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of every sum, max and exp: fp64 for fp64 input, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def double_backward_message(op: str) -> str:
+    """The error every backend raises when a second backward reaches ``op``'s gradient (the C++
+    ops carry the same text for ``trimmed_cross_entropy``)."""
+    return f"double backward of {op} is not supported; use backend='reference'"
 
 
 class TrimInfo(NamedTuple):
@@ -91,9 +151,7 @@ def host_k(n: int, keep_ratio: float) -> int:
     return min(n, max(1, math.floor(keep_ratio * n + 0.5))) if n > 0 else 0
 
 
-def forms_gradient_in_forward(
-    keep_ratio: float | Tensor, reduction: str, params: tuple[Tensor | None, ...], share, score_offset
-) -> bool:
+def forms_gradient_in_forward(opts: TrimOptions, params: tuple[Tensor | None, ...], share) -> bool:
     """Whether an LM-head backend may form the gradient during the forward (3 matmuls, not 4).
 
     Only when every valid row is known to be kept before the forward (a Python float ratio of 1.0,
@@ -102,11 +160,11 @@ def forms_gradient_in_forward(
     of ``params`` is wanted.
     """
     return (
-        not isinstance(keep_ratio, Tensor)
-        and keep_ratio == 1.0
+        not isinstance(opts.keep_ratio, Tensor)
+        and opts.keep_ratio == 1.0
         and share is None
-        and score_offset is None
-        and reduction != "none"
+        and opts.score_offset is None
+        and opts.reduction != Reduction.NONE
         and torch.is_grad_enabled()
         and any(p is not None and p.requires_grad for p in params)
     )

@@ -34,23 +34,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._common import compute_k, ranking_scores
+from ._common import Keep, Reduction, TrimOptions, acc_dtype, compute_k, ranking_scores
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
 
-def ordered_keys(losses: Tensor, keep: str) -> Tensor:
+def ordered_keys(losses: Tensor, keep: Keep) -> Tensor:
     """int64 keys whose order is the ranking order (larger key ranks first): float64 bits mapped
     to a monotone integer, NaN to the largest key, the order reversed for ``keep="easiest"``."""
     bits = losses.to(torch.float64).view(torch.int64)
     key = bits ^ ((bits >> 63) & _INT64_MAX)
     key = torch.where(torch.isnan(losses), torch.full_like(key, _INT64_MAX), key)
-    return -1 - key if keep == "easiest" else key
+    return -1 - key if keep == Keep.EASIEST else key
 
 
-def _key_to_float(key: Tensor, keep: str) -> Tensor:
-    if keep == "easiest":
+def _key_to_float(key: Tensor, keep: Keep) -> Tensor:
+    if keep == Keep.EASIEST:
         key = -1 - key
     return (key ^ ((key >> 63) & _INT64_MAX)).view(torch.float64)
 
@@ -59,7 +59,7 @@ def global_share(
     losses: Tensor,
     valid: Tensor,
     keep_ratio: float | Tensor,
-    keep: str,
+    keep: Keep,
     group,
     score_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -107,35 +107,22 @@ def global_share(
 
 
 def trimmed_cross_entropy_global(
-    backend_fn: Callable,
-    input: Tensor,
-    target: Tensor,
-    keep_ratio: float | Tensor,
-    keep: str,
-    weight: Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: str,
-    group,
-    score_offset: Tensor | None = None,
+    backend_fn: Callable, input: Tensor, target: Tensor, opts: TrimOptions, group
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Global trimming on the normalised ``(M, C)`` problem with one backend's 2-D entry point.
 
-    ``score_offset`` (``(M,)`` or ``None``): rank ``l_i - score_offset_i`` (see :func:`global_share`).
+    With ``opts.score_offset`` the ranks rank ``l_i - score_offset_i`` (see :func:`global_share`).
     Returns ``(out, losses, kept, k_global, threshold, global_loss)``.
     """
-    valid = target != ignore_index
+    valid = target != opts.ignore_index
     with torch.no_grad():
-        _, losses, _, _, _ = backend_fn(
-            input.detach(), target, 1.0, keep, weight, ignore_index, label_smoothing, "none"
-        )
-    k_local, k_global, threshold = global_share(losses, valid, keep_ratio, keep, group, score_offset)
-    local_reduction = "none" if reduction == "none" else "sum"
-    extra = {} if score_offset is None else {"score_offset": score_offset}
-    out, _, kept, _, _ = backend_fn(
-        input, target, k_local, keep, weight, ignore_index, label_smoothing, local_reduction, **extra
+        every_row = opts._replace(keep_ratio=1.0, reduction=Reduction.NONE, score_offset=None)
+        _, losses, _, _, _ = backend_fn(input.detach(), target, every_row)
+    k_local, k_global, threshold = global_share(
+        losses, valid, opts.keep_ratio, opts.keep, group, opts.score_offset
     )
-    out, global_loss = _scale_for_averaging(out, kept, target, weight, reduction, input.dtype, group)
+    out, _, kept, _, _ = backend_fn(input, target, _local_options(opts, k_local))
+    out, global_loss = _scale_for_averaging(out, kept, target, opts, input.dtype, group)
     return out, losses, kept, k_global, threshold.to(input.dtype), global_loss
 
 
@@ -145,15 +132,8 @@ def trimmed_linear_cross_entropy_global(
     linear_weight: Tensor,
     linear_bias: Tensor | None,
     target: Tensor,
-    keep_ratio: float | Tensor,
-    keep: str,
-    weight: Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: str,
-    chunk_size: int,
+    opts: TrimOptions,
     group,
-    score_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Global trimming of the LM head with one backend's 2-D entry point.
 
@@ -164,26 +144,32 @@ def trimmed_linear_cross_entropy_global(
     found: dict[str, Tensor] = {}
 
     def share(losses: Tensor, valid: Tensor) -> Tensor:
-        k_local, found["k"], found["threshold"] = global_share(losses, valid, keep_ratio, keep, group, score_offset)
+        k_local, found["k"], found["threshold"] = global_share(
+            losses, valid, opts.keep_ratio, opts.keep, group, opts.score_offset
+        )
         return k_local
 
-    local_reduction = "none" if reduction == "none" else "sum"
-    extra = {} if score_offset is None else {"score_offset": score_offset}
-    out, losses, kept, _, _ = backend_fn(
-        input, linear_weight, linear_bias, target, keep_ratio, keep, weight, ignore_index, label_smoothing,
-        local_reduction, chunk_size, share=share, **extra,
-    )  # fmt: skip
-    out, global_loss = _scale_for_averaging(out, kept, target, weight, reduction, input.dtype, group)
+    local = _local_options(opts, opts.keep_ratio)
+    out, losses, kept, _, _ = backend_fn(input, linear_weight, linear_bias, target, local, share=share)
+    out, global_loss = _scale_for_averaging(out, kept, target, opts, input.dtype, group)
     return out, losses, kept, found["k"], found["threshold"].to(input.dtype), global_loss
 
 
+def _local_options(opts: TrimOptions, keep_ratio: float | Tensor) -> TrimOptions:
+    """The local op's options: this rank's exact count (or the ``share`` hook's), and the kept
+    losses summed (or per sample) for :func:`_scale_for_averaging` to scale."""
+    local_reduction = Reduction.NONE if opts.reduction == Reduction.NONE else Reduction.SUM
+    return opts._replace(keep_ratio=keep_ratio, reduction=local_reduction)
+
+
 def _scale_for_averaging(
-    out: Tensor, kept: Tensor, target: Tensor, weight: Tensor | None, reduction: str, dtype: torch.dtype, group
+    out: Tensor, kept: Tensor, target: Tensor, opts: TrimOptions, dtype: torch.dtype, group
 ) -> tuple[Tensor, Tensor]:
     """This rank's local kept sum (or per-sample losses) scaled for DDP's gradient averaging, and
     the global loss to log (see the module docstring)."""
     world = dist.get_world_size(group)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
+    weight, reduction = opts.weight, opts.reduction
     if weight is None:
         w_y = kept.to(acc)
     else:
@@ -191,10 +177,10 @@ def _scale_for_averaging(
     local_sum = out.detach().to(acc).sum()
     totals = torch.stack([local_sum, w_y.sum()])
     dist.all_reduce(totals, group=group)
-    if reduction == "mean":
+    if reduction == Reduction.MEAN:
         global_loss = totals[0] / totals[1]
         out = out * (world / totals[1]).to(out.dtype)
-    elif reduction == "sum":
+    elif reduction == Reduction.SUM:
         global_loss = totals[0]
         out = out * world
     else:

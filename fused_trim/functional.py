@@ -3,8 +3,10 @@
 Every backend receives the same normalised problem: an ``(M, C)`` input whose rows are the samples
 in the target's flat order, or for inputs with spatial dimensions the ``(N, C, S)`` view with
 ``M = N * S`` samples in ``n * S + s`` order (the class dimension strided); an ``(M,)`` integer
-target; and validated options (a CPU ``keep_ratio`` tensor arrives as a Python float outside
-``torch.compile``).
+target; and one :class:`~fused_trim._common.TrimOptions` record of validated options (a CPU
+``keep_ratio`` tensor arrives as a Python float outside ``torch.compile``). Every backend entry
+point is ``trimmed_cross_entropy_2d(input, target, opts)`` or
+``trimmed_linear_cross_entropy_2d(input, linear_weight, linear_bias, target, opts, share=None)``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from ._common import (
     BACKENDS,
     KEEP_CHOICES,
     REDUCTIONS,
+    Keep,
+    Reduction,
     TrimInfo,
+    TrimOptions,
     check_choice,
     check_chunk_size,
     check_ignore_index,
@@ -191,6 +196,29 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _options(
+    keep_ratio: float | Tensor,
+    keep: str,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    score_offset: Tensor | None,
+    chunk_size: int | None = None,
+) -> TrimOptions:
+    """The one options record every backend receives, from validated public arguments."""
+    return TrimOptions(
+        keep_ratio=keep_ratio,
+        keep=Keep[keep.upper()],
+        weight=weight,
+        ignore_index=ignore_index,
+        label_smoothing=float(label_smoothing),
+        reduction=Reduction[reduction.upper()],
+        score_offset=score_offset,
+        chunk_size=chunk_size,
+    )
+
+
 def _backend_fn(name: str):
     if name == "triton":
         from .triton import trimmed_cross_entropy_2d
@@ -295,16 +323,15 @@ def trimmed_cross_entropy(
     t1d = target.reshape(-1)
     if t1d.shape[0] == 0:
         name = "reference"  # an empty batch launches no kernel (a rank may still join collectives)
-    args = (keep_ratio, keep, weight, ignore_index, float(label_smoothing), reduction)
-    extra = {} if offset is None else {"score_offset": offset}  # (backends default to None)
+    opts = _options(keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset)
     global_loss = None
     if process_group is None:
-        out, losses, kept, k, threshold = _backend_fn(name)(x2d, t1d, *args, **extra)
+        out, losses, kept, k, threshold = _backend_fn(name)(x2d, t1d, opts)
     else:
         from .distributed import trimmed_cross_entropy_global
 
         out, losses, kept, k, threshold, global_loss = trimmed_cross_entropy_global(
-            _backend_fn(name), x2d, t1d, *args, group=process_group, **extra
+            _backend_fn(name), x2d, t1d, opts, process_group
         )
     return _result(out, losses, kept, k, threshold, global_loss, offset, target, input.dtype, return_info)
 
@@ -465,15 +492,14 @@ def trimmed_linear_cross_entropy(
     if t1d.shape[0] == 0:
         name = "reference"
     fn = _linear_backend_fn(name)
-    args = (keep_ratio, keep, weight, ignore_index, float(label_smoothing), reduction, chunk_size)
-    extra = {} if offset is None else {"score_offset": offset}
+    opts = _options(keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, chunk_size)
     global_loss = None
     if process_group is None:
-        out, losses, kept, k, threshold = fn(x2d, linear_weight, linear_bias, t1d, *args, **extra)
+        out, losses, kept, k, threshold = fn(x2d, linear_weight, linear_bias, t1d, opts)
     else:
         from .distributed import trimmed_linear_cross_entropy_global
 
         out, losses, kept, k, threshold, global_loss = trimmed_linear_cross_entropy_global(
-            fn, x2d, linear_weight, linear_bias, t1d, *args, group=process_group, **extra
+            fn, x2d, linear_weight, linear_bias, t1d, opts, process_group
         )
     return _result(out, losses, kept, k, threshold, global_loss, offset, target, input.dtype, return_info)

@@ -27,12 +27,13 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ._build import build, want_cuda
-from ._common import as_rows, forms_gradient_in_forward
+from ._common import Reduction, TrimOptions, acc_dtype, as_rows, forms_gradient_in_forward
 
 __all__ = [
     "build",
@@ -42,8 +43,6 @@ __all__ = [
     "trimmed_linear_cross_entropy_2d",
     "unavailable_reason",
 ]
-
-_REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "error": str | None, "cuda": bool, "path": str
@@ -132,10 +131,6 @@ def empty_cache() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _num_rows(input):
     """Samples of the op's input: ``M`` of ``(M, C)``, ``N * S`` of ``(N, C, S)``."""
     torch._check(input.dim() in (2, 3), lambda: f"fused_trim: input must be (M, C) or (N, C, S), got {input.shape}")
@@ -145,8 +140,8 @@ def _num_rows(input):
 def _fwd_fake(input, target, weight, keep_ratio, keep_ratio_t, easiest, ignore_index, label_smoothing,
               reduction, score_offset=None):
     m = _num_rows(input)
-    acc = _acc_dtype(input.dtype)
-    out = input.new_empty((m,) if reduction == 0 else ())
+    acc = acc_dtype(input.dtype)
+    out = input.new_empty((m,) if reduction == Reduction.NONE else ())
     return (
         out,
         input.new_empty((m,), dtype=acc),
@@ -166,16 +161,6 @@ def _bwd_fake(grad_out, input, target, weight, lse, rowscale, ignore_index, labe
 # The LM head (csrc/linear_ce_cpu.cpp): the gradient mask bits of linear_ce_bwd / linear_ce_keep_all.
 _GRAD_INPUT, _GRAD_WEIGHT, _GRAD_BIAS = 1, 2, 4
 
-# Whether keep_ratio == 1.0 forms the gradient in the forward (linear_ce_keep_all: 3 GEMMs) rather
-# than recomputing every row in the backward (1 + 3 GEMMs). Measured on the 2-core machine of issue
-# 9 ((N, D, V) = (2048, 512, 32000), fp32, 2 threads, default chunk of 128 rows, forward + backward,
-# medians of 7 round-robin repeats, in units of one torch.mm of the forward's size timed just
-# before): keep-all 2.86, recompute 3.08 (the 3-matmul floor is 3; F.linear + F.cross_entropy 3.55).
-# The keep-all op holds a chunk's logits tile-major, so each tile's three GEMMs run on one dense
-# block. False is kept for the tests, which run both paths.
-_KEEP_ALL_IN_FORWARD = True
-
-
 def _grad_mask(needs: tuple[bool, bool, bool], has_bias: bool) -> int:
     """The gradient mask of ``needs`` = (input, linear_weight, linear_bias) wanted."""
     return (
@@ -186,7 +171,7 @@ def _grad_mask(needs: tuple[bool, bool, bool], has_bias: bool) -> int:
 
 
 def _linear_rows_fake(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, chunk_size):
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     return input.new_empty((input.shape[0],), dtype=acc), input.new_empty((input.shape[0],), dtype=acc)
 
 
@@ -194,11 +179,11 @@ def _linear_trimmed_fake(losses, lse, input, linear_weight, linear_bias, target,
                          easiest, ignore_index, label_smoothing, reduction, chunk_size, score_offset=None):  # fmt: skip
     n = input.shape[0]
     return (
-        input.new_empty((n,) if reduction == 0 else ()),
+        input.new_empty((n,) if reduction == Reduction.NONE else ()),
         input.new_empty((n,), dtype=torch.bool),
         input.new_empty((), dtype=torch.int64),
         input.new_empty(()),
-        input.new_empty((n,), dtype=_acc_dtype(input.dtype)),
+        input.new_empty((n,), dtype=acc_dtype(input.dtype)),
     )
 
 
@@ -215,7 +200,7 @@ def _linear_bwd_fake(grad_out, input, linear_weight, linear_bias, target, weight
 def _linear_keep_all_fake(input, linear_weight, linear_bias, target, weight, easiest, ignore_index, label_smoothing,
                           reduction, chunk_size, grad_mask):  # fmt: skip
     (n, d), v = input.shape, linear_weight.shape[0]
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     has_bias = linear_bias is not None and grad_mask & _GRAD_BIAS
     return (
         input.new_empty(()),
@@ -308,45 +293,38 @@ def _op_ratio(keep_ratio: float | Tensor) -> tuple[float, Tensor | None]:
     return float(keep_ratio), None
 
 
-def trimmed_cross_entropy_2d(
-    input: Tensor,
-    target: Tensor,
-    keep_ratio: float | Tensor,
-    keep: str,
-    weight: Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: str,
-    score_offset: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The native op on the normalised ``(M, C)`` or ``(N, C, S)`` problem (see :mod:`fused_trim.reference`).
-
-    Returns ``(out, losses, kept, k, threshold)``, ``losses`` in the accumulation dtype (see
-    :func:`fused_trim.reference.trimmed_cross_entropy_2d`); only ``out`` carries gradient.
-    ``score_offset`` (``(M,)`` or ``None``): the op ranks ``losses - score_offset``.
-    """
+def _check_loaded(input: Tensor) -> None:
+    """Raise, saying why, unless the op can run on ``input``'s device."""
     if _state.get("error", "not loaded") is not None or not input.is_cpu:
         reason = unavailable_reason(input.device)
         if reason is not None:
             raise RuntimeError(f"backend='native' cannot run here: {reason}")
+
+
+def trimmed_cross_entropy_2d(
+    input: Tensor, target: Tensor, opts: TrimOptions
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The contract of :func:`fused_trim.reference.trimmed_cross_entropy_2d`; differences: the
+    CPU op reads ``(N, C, S)`` in place, the CUDA op first copies it to ``(M, C)`` rows."""
+    _check_loaded(input)
     if not input.is_cpu:
         # The CUDA op reads (M, C) rows with unit class stride: spatial inputs cost one copy.
         input = as_rows(input)
         if input.stride(-1) != 1:
             input = input.contiguous()
     # (The CPU op takes (M, C) or (N, C, S) with any strides itself.)
-    ratio, ratio_t = _op_ratio(keep_ratio)
+    ratio, ratio_t = _op_ratio(opts.keep_ratio)
     out, losses, kept, k, threshold, _lse, _scale = torch.ops.fused_trim.trimmed_ce_fwd.default(
         input,
         target,
-        weight,
+        opts.weight,
         ratio,
         ratio_t,
-        keep == "easiest",
-        int(ignore_index),
-        float(label_smoothing),
-        _REDUCTION_CODES[reduction],
-        score_offset,
+        bool(opts.keep),
+        int(opts.ignore_index),
+        float(opts.label_smoothing),
+        int(opts.reduction),
+        opts.score_offset,
     )
     # losses and threshold are marked non-differentiable by the op's autograd (C++): no detach.
     return out, losses, kept, k, threshold
@@ -357,57 +335,44 @@ def trimmed_linear_cross_entropy_2d(
     linear_weight: Tensor,
     linear_bias: Tensor | None,
     target: Tensor,
-    keep_ratio: float | Tensor,
-    keep: str,
-    weight: Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: str,
-    chunk_size: int,
-    share=None,
-    score_offset: Tensor | None = None,
+    opts: TrimOptions,
+    share: Callable[[Tensor, Tensor], Tensor] | None = None,
+    gradient_in_forward: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The LM-head contract on ``input (N, D)``, ``linear_weight (V, D)``, ``target (N,)``, on the CPU.
+    """The contract of :func:`fused_trim.reference.trimmed_linear_cross_entropy_2d`; differences:
 
-    Returns ``(out, losses, kept, k, threshold)`` as
-    :func:`fused_trim.reference.trimmed_linear_cross_entropy_2d`. The forward (``linear_ce_rows``)
-    computes every row's loss ``chunk_size`` rows of logits at a time; ``share`` (global trimming)
-    maps ``(losses, valid)`` to the exact local count; the backward recomputes the kept rows only,
-    gathered into GEMMs of a few chunks of rows (within about ``chunk_size x V`` values): ``1 + 3 k / N``
-    forward-sized GEMMs, cheaper than 3 below a keep ratio of about 0.67, and the only choice below
-    1.0 (the kept set is known after the forward). At a Python float ``keep_ratio`` of 1.0 with
-    ``reduction`` ``"mean"``/``"sum"``, no ``share``/``score_offset`` and a gradient required,
-    ``linear_ce_keep_all`` instead forms the unscaled gradient during the forward, ``chunk_size``
-    rows of logits at a time (3 GEMMs), and the backward scales it by the upstream scalar (and
-    ``1 / denominator`` for "mean"). The CPU needs no bound on the kept count (the backward reads
-    ``kept``).
-    ``score_offset`` (``(N,)`` or ``None``): the selection ranks ``losses - score_offset``.
+    CPU tensors only. The forward (``linear_ce_rows``) computes every row's loss ``chunk_size``
+    rows of logits at a time; the backward recomputes the kept rows only, gathered into GEMMs of a
+    few chunks of rows (within about ``chunk_size x V`` values): ``1 + 3 k / N`` forward-sized
+    GEMMs. Where :func:`fused_trim._common.forms_gradient_in_forward` allows it and
+    ``gradient_in_forward`` is true, ``linear_ce_keep_all`` instead forms the unscaled gradient
+    during the forward (3 GEMMs; each chunk's logits held tile-major, so a tile's three GEMMs run
+    on one dense block) and the backward only scales it by the upstream scalar (and
+    ``1 / denominator`` for "mean"). ``gradient_in_forward=False`` always recomputes.
     """
     if not input.is_cpu:
         raise RuntimeError(
             f"backend='native' cannot run trimmed_linear_cross_entropy on {input.device.type} tensors: its "
             "native op has CPU kernels only (use backend='triton' or 'auto' on CUDA)"
         )
-    if _state.get("error", "not loaded") is not None:
-        reason = unavailable_reason(input.device)
-        if reason is not None:
-            raise RuntimeError(f"backend='native' cannot run here: {reason}")
-    code = _REDUCTION_CODES[reduction]
+    _check_loaded(input)
+    code = int(opts.reduction)
+    ce_args = (opts.weight, int(opts.ignore_index), float(opts.label_smoothing))
+    chunk_size = int(opts.chunk_size)
     params = (input, linear_weight, linear_bias)
     needs = tuple(p is not None and p.requires_grad for p in params)
-    if _KEEP_ALL_IN_FORWARD and forms_gradient_in_forward(keep_ratio, reduction, params, share, score_offset):
+    if gradient_in_forward and forms_gradient_in_forward(opts, params, share):
         out, losses, kept, k, threshold, *_ = torch.ops.fused_trim.linear_ce_keep_all.default(
-            input, linear_weight, linear_bias, target, weight, keep == "easiest", int(ignore_index),
-            float(label_smoothing), code, int(chunk_size), _grad_mask(needs, linear_bias is not None),
+            input, linear_weight, linear_bias, target, opts.weight, bool(opts.keep), *ce_args[1:], code, chunk_size,
+            _grad_mask(needs, linear_bias is not None),
         )  # fmt: skip
         return out, losses, kept, k, threshold
     detached = [None if p is None else p.detach() for p in params]
-    losses, lse = torch.ops.fused_trim.linear_ce_rows.default(
-        *detached, target, weight, int(ignore_index), float(label_smoothing), int(chunk_size)
-    )
-    ratio, ratio_t = _op_ratio(keep_ratio if share is None else share(losses, target != ignore_index))
+    losses, lse = torch.ops.fused_trim.linear_ce_rows.default(*detached, target, *ce_args, chunk_size)
+    keep_ratio = opts.keep_ratio if share is None else share(losses, target != opts.ignore_index)
+    ratio, ratio_t = _op_ratio(keep_ratio)
     out, kept, k, threshold, _ = torch.ops.fused_trim.linear_ce_trimmed.default(
-        losses, lse, input, linear_weight, linear_bias, target, weight, ratio, ratio_t, keep == "easiest",
-        int(ignore_index), float(label_smoothing), code, int(chunk_size), score_offset,
+        losses, lse, input, linear_weight, linear_bias, target, opts.weight, ratio, ratio_t, bool(opts.keep),
+        *ce_args[1:], code, chunk_size, opts.score_offset,
     )  # fmt: skip
     return out, losses, kept, k, threshold

@@ -7,16 +7,14 @@ dimensions, ``(N, C, S)`` with ``M = N * S``; ``target (M,)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ._common import as_rows, compute_k, ranking_scores
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._common import Keep, Reduction, TrimOptions, acc_dtype, as_rows, compute_k, ranking_scores
 
 
 def per_sample_loss(
@@ -27,7 +25,7 @@ def per_sample_loss(
     Computed in float32 (float64 for float64 input). Returns ``(loss, w_y)``: the loss and the
     class weight of each row's target (1 without ``weight``), both 0 on ignored rows.
     """
-    x = input.to(_compute_dtype(input.dtype))
+    x = input.to(acc_dtype(input.dtype))
     num_classes = x.shape[1]
     valid = target != ignore_index
     safe_t = torch.where(valid, target, torch.zeros_like(target)).long()
@@ -43,63 +41,64 @@ def per_sample_loss(
     return torch.where(valid, loss, zero), torch.where(valid, w_y, zero)
 
 
-def select(losses: Tensor, valid: Tensor, k: int, keep: str) -> Tensor:
+def select(losses: Tensor, valid: Tensor, k: int, keep: Keep) -> Tensor:
     """Flat indices of the kept set: the ``k`` largest (``"hardest"``) or smallest (``"easiest"``)
     valid losses, ties to the lower index, NaN ranked above +inf (``torch.sort``'s order).
     The indices come in ranking order."""
     candidates = valid.nonzero()[:, 0]
-    order = torch.sort(losses[candidates], descending=keep == "hardest", stable=True).indices
+    order = torch.sort(losses[candidates], descending=keep == Keep.HARDEST, stable=True).indices
     return candidates[order[:k]]
 
 
+def _kept_set(
+    scores: Tensor, valid: Tensor, k: Tensor, keep: Keep
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(idx, kept, threshold)`` of the selection: the kept indices in ranking order, the kept
+    mask and the k-th score (NaN when ``k == 0``), in the scores' dtype."""
+    idx = select(scores, valid, int(k), keep)
+    kept = torch.zeros_like(valid)
+    kept[idx] = True
+    nan = torch.full((), float("nan"), dtype=scores.dtype, device=scores.device)
+    return idx, kept, scores[idx[-1]] if idx.numel() else nan
+
+
+def _reduce(kept_loss: Tensor, kept_w: Tensor, idx: Tensor, num_rows: int, reduction: Reduction) -> Tensor:
+    """The kept rows' losses reduced: their sum, their weighted mean, or ``(num_rows,)`` with the
+    losses at ``idx`` and 0 elsewhere."""
+    if reduction == Reduction.NONE:
+        out = torch.zeros(num_rows, dtype=kept_loss.dtype, device=kept_loss.device)
+        return out.index_put((idx,), kept_loss)
+    if reduction == Reduction.SUM:
+        return kept_loss.sum()
+    return kept_loss.sum() / kept_w.sum()
+
+
 def trimmed_cross_entropy_2d(
-    input: Tensor,
-    target: Tensor,
-    keep_ratio: float | Tensor,
-    keep: str,
-    weight: Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: str,
-    score_offset: Tensor | None = None,
+    input: Tensor, target: Tensor, opts: TrimOptions
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The whole contract on ``input (M, C)`` or ``(N, C, S)``, ``target (M,)``.
+    """The whole contract on ``input (M, C)`` or ``(N, C, S)``, ``target (M,)`` and ``opts``.
 
     Returns ``(out, losses, kept, k, threshold)``; ``out`` is 0-dim for ``"mean"``/``"sum"`` and
     ``(M,)`` for ``"none"``. Only ``out`` carries gradient, and only through the kept rows.
     ``losses`` are the per-sample losses in the accumulation dtype (fp32; fp64 for fp64 input), as
-    every backend returns them; the rest is in the input dtype. ``score_offset`` (``(M,)``, or
-    ``None``): rank ``losses - score_offset`` (:func:`fused_trim._common.ranking_scores`) instead
-    of the losses; ``threshold`` is then the k-th score.
+    every backend returns them; the rest is in the input dtype. With ``opts.score_offset`` the
+    selection ranks ``losses - score_offset`` (:func:`fused_trim._common.ranking_scores`) instead
+    of the losses, and ``threshold`` is the k-th score. Every other backend's entry point has this
+    contract.
     """
     input = as_rows(input)
-    valid = target != ignore_index
+    ce_opts = (opts.weight, opts.ignore_index, opts.label_smoothing)
+    valid = target != opts.ignore_index
     with torch.no_grad():
-        losses, _ = per_sample_loss(input, target, weight, ignore_index, label_smoothing)
-    scores = ranking_scores(losses, score_offset)
-    k = compute_k(valid.sum(), keep_ratio)
-    idx = select(scores, valid, int(k), keep)
-    kept = torch.zeros_like(valid)
-    kept[idx] = True
-    nan = torch.full((), float("nan"), dtype=losses.dtype, device=losses.device)
-    threshold = scores[idx[-1]] if idx.numel() else nan
+        losses, _ = per_sample_loss(input, target, *ce_opts)
+    scores = ranking_scores(losses, opts.score_offset)
+    k = compute_k(valid.sum(), opts.keep_ratio)
+    idx, kept, threshold = _kept_set(scores, valid, k, opts.keep)
 
     # Recompute the kept rows with autograd: the gradient is exactly zero everywhere else.
-    kept_loss, kept_w = per_sample_loss(input[idx], target[idx], weight, ignore_index, label_smoothing)
-    if reduction == "none":
-        out = torch.zeros(target.shape, dtype=kept_loss.dtype, device=input.device)
-        out = out.index_put((idx,), kept_loss)
-    elif reduction == "sum":
-        out = kept_loss.sum()
-    else:
-        out = kept_loss.sum() / kept_w.sum()
-    return (
-        out.to(input.dtype),
-        losses,
-        kept,
-        k,
-        threshold.to(input.dtype),
-    )
+    kept_loss, kept_w = per_sample_loss(input[idx], target[idx], *ce_opts)
+    out = _reduce(kept_loss, kept_w, idx, target.shape[0], opts.reduction)
+    return out.to(input.dtype), losses, kept, k, threshold.to(input.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,7 +108,7 @@ def trimmed_cross_entropy_2d(
 
 def _linear_logits(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> Tensor:
     """``F.linear`` in the accumulation dtype (fp32 for bf16/fp16 inputs: the logits are never rounded)."""
-    acc = _compute_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     bias = None if linear_bias is None else linear_bias.to(acc)
     return F.linear(input.to(acc), linear_weight.to(acc), bias)
 
@@ -135,7 +134,7 @@ def linear_ce_rows(
             losses.append(loss)
             wys.append(w_y)
     if not losses:
-        acc = _compute_dtype(input.dtype)
+        acc = acc_dtype(input.dtype)
         empty = input.new_empty((0,), dtype=acc)
         return empty, empty
     return torch.cat(losses), torch.cat(wys)
@@ -146,40 +145,29 @@ def trimmed_linear_cross_entropy_2d(
     linear_weight: Tensor,
     linear_bias: Tensor | None,
     target: Tensor,
-    keep_ratio: float | Tensor,
-    keep: str,
-    weight: Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: str,
-    chunk_size: int,
-    share=None,
-    score_offset: Tensor | None = None,
+    opts: TrimOptions,
+    share: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The LM-head contract on ``input (N, D)``, ``linear_weight (V, D)``, ``target (N,)``.
+    """The LM-head contract on ``input (N, D)``, ``linear_weight (V, D)``, ``target (N,)`` and ``opts``.
 
-    The forward computes every row's loss in chunks of ``chunk_size`` rows, selects the kept set
-    on those losses, and recomputes only the kept rows' logits with autograd, again in chunks and
-    under activation checkpointing, so neither pass holds more than ``chunk_size x V`` logits.
+    The forward computes every row's loss in chunks of ``opts.chunk_size`` rows, selects the kept
+    set on those losses, and recomputes only the kept rows' logits with autograd, again in chunks
+    and under activation checkpointing, so neither pass holds more than ``chunk_size x V`` logits.
     ``share``, when given, maps ``(losses, valid)`` to the exact number of rows to keep (a 0-dim
-    int64 tensor; global trimming). ``score_offset`` (``(N,)`` or ``None``): rank
-    ``losses - score_offset``. Returns ``(out, losses, kept, k, threshold)`` as
-    :func:`trimmed_cross_entropy_2d` does.
+    int64 tensor; global trimming). Returns ``(out, losses, kept, k, threshold)`` as
+    :func:`trimmed_cross_entropy_2d` does. Every other backend's LM-head entry point has this
+    contract.
     """
-    valid = target != ignore_index
-    losses, _ = linear_ce_rows(
-        input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, chunk_size
-    )
-    k = compute_k(valid.sum(), keep_ratio if share is None else share(losses, valid))
-    scores = ranking_scores(losses, score_offset)
-    idx = select(scores, valid, int(k), keep)
-    kept = torch.zeros_like(valid)
-    kept[idx] = True
-    nan = torch.full((), float("nan"), dtype=losses.dtype, device=losses.device)
-    threshold = scores[idx[-1]] if idx.numel() else nan
+    ce_opts = (opts.weight, opts.ignore_index, opts.label_smoothing)
+    chunk_size = opts.chunk_size
+    valid = target != opts.ignore_index
+    losses, _ = linear_ce_rows(input, linear_weight, linear_bias, target, *ce_opts, chunk_size)
+    k = compute_k(valid.sum(), opts.keep_ratio if share is None else share(losses, valid))
+    scores = ranking_scores(losses, opts.score_offset)
+    idx, kept, threshold = _kept_set(scores, valid, k, opts.keep)
 
     def kept_rows(x: Tensor, t: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
-        return per_sample_loss(_linear_logits(x, w, b), t, weight, ignore_index, label_smoothing)
+        return per_sample_loss(_linear_logits(x, w, b), t, *ce_opts)
 
     idx = idx.sort().values  # row order: the sums run in a fixed order
     parts, wys = [], []
@@ -190,12 +178,5 @@ def trimmed_linear_cross_entropy_2d(
         )
         parts.append(loss)
         wys.append(w_y)
-    acc = losses.dtype
-    kept_loss, kept_w = torch.cat(parts), torch.cat(wys)
-    if reduction == "none":
-        out = torch.zeros(target.shape, dtype=acc, device=input.device).index_put((idx,), kept_loss)
-    elif reduction == "sum":
-        out = kept_loss.sum()
-    else:
-        out = kept_loss.sum() / kept_w.sum()
+    out = _reduce(torch.cat(parts), torch.cat(wys), idx, target.shape[0], opts.reduction)
     return out.to(input.dtype), losses, kept, k, threshold.to(input.dtype)

@@ -56,18 +56,18 @@ def _offset_sig(offset):
     return {"HAS_OFFSET": "constexpr", "offset_ptr": f"*{offset or 'fp32'}"}, {"HAS_OFFSET": offset is not None}
 
 
-def _select_case(loss_dtype, out_dtype, keep_all, hardest, reduction, from_ptr, offset=None):
+def _select_case(loss_dtype, out_dtype, keep_all, easiest, reduction, from_ptr, offset=None):
     off_sig, off_const = _offset_sig(offset)
     sig = {
         "loss_ptr": f"*{loss_dtype}", "wy_ptr": f"*{loss_dtype}", "target_ptr": "*i64", "kept_ptr": "*i1",
         "out_ptr": f"*{out_dtype}", "result_ptr": f"*{out_dtype}", "k_ptr": "*i64",
         "threshold_ptr": f"*{out_dtype}", "denom_ptr": f"*{loss_dtype}", "num_rows": "i32",
         "ignore_index": "i32", "keep_ratio_bits": "i64", "ratio_ptr": "*fp32", "RATIO_FROM_PTR": "constexpr",
-        "KEEP_ALL": "constexpr", "HARDEST": "constexpr", "REDUCTION": "constexpr", "BLOCK": "constexpr", **off_sig,
+        "KEEP_ALL": "constexpr", "EASIEST": "constexpr", "REDUCTION": "constexpr", "BLOCK": "constexpr", **off_sig,
     }  # fmt: skip
-    const = {"RATIO_FROM_PTR": from_ptr, "KEEP_ALL": keep_all, "HARDEST": hardest, "REDUCTION": reduction,
+    const = {"RATIO_FROM_PTR": from_ptr, "KEEP_ALL": keep_all, "EASIEST": easiest, "REDUCTION": reduction,
              "BLOCK": 2048, **off_const}  # fmt: skip
-    name = f"select[{loss_dtype}->{out_dtype},all={keep_all},hardest={hardest},red={reduction},ptr={from_ptr}"
+    name = f"select[{loss_dtype}->{out_dtype},all={keep_all},easiest={easiest},red={reduction},ptr={from_ptr}"
     name += f",offset={offset}]" if offset else "]"
     return name, select.select_kernel, sig, const, 4
 
@@ -120,37 +120,37 @@ def _backward_spatial_case(dtype, per_sample, has_weight, has_smoothing, block_c
     return name, ce_backward_spatial.ce_backward_spatial_kernel, sig, const, warps
 
 
-def _grid_cases(loss_dtype, out_dtype, hardest, reduction, offset=None):
+def _grid_cases(loss_dtype, out_dtype, easiest, reduction, offset=None):
     """The multi-program select's six kernels for one configuration."""
     rows = {"num_rows": "i32", "ignore_index": "i32"}
     off_sig, off_const = _offset_sig(offset)
     tag = f",offset={offset}" if offset else ""
     return [
-        (f"grid_histogram[{loss_dtype},hardest={hardest}{tag}]", grid_select.grid_histogram_kernel,
+        (f"grid_histogram[{loss_dtype},easiest={easiest}{tag}]", grid_select.grid_histogram_kernel,
          {"loss_ptr": f"*{loss_dtype}", "target_ptr": "*i64", "state_ptr": "*i64", "hist_ptr": "*i64", **rows,
-          "SHIFT": "constexpr", "HARDEST": "constexpr", "BLOCK": "constexpr", **off_sig},
-         {"SHIFT": 24, "HARDEST": hardest, "BLOCK": 2048, **off_const}, 8),
+          "SHIFT": "constexpr", "EASIEST": "constexpr", "BLOCK": "constexpr", **off_sig},
+         {"SHIFT": 24, "EASIEST": easiest, "BLOCK": 2048, **off_const}, 8),
         (f"grid_pick[{loss_dtype}]", grid_select.grid_pick_kernel,
          {"state_ptr": "*i64", "hist_ptr": "*i64", "keep_ratio_bits": "i64", "ratio_ptr": "*fp32",
           "SHIFT": "constexpr", "FIRST": "constexpr", "IS_FP64": "constexpr", "RATIO_FROM_PTR": "constexpr"},
          {"SHIFT": 24, "FIRST": True, "IS_FP64": loss_dtype == "fp64", "RATIO_FROM_PTR": False}, 4),
         (f"grid_ties[{loss_dtype}{tag}]", grid_select.grid_ties_kernel,
          {"loss_ptr": f"*{loss_dtype}", "target_ptr": "*i64", "state_ptr": "*i64", "ties_ptr": "*i64", **rows,
-          "HARDEST": "constexpr", "BLOCK": "constexpr", **off_sig},
-         {"HARDEST": hardest, "BLOCK": 2048, **off_const}, 8),
+          "EASIEST": "constexpr", "BLOCK": "constexpr", **off_sig},
+         {"EASIEST": easiest, "BLOCK": 2048, **off_const}, 8),
         ("grid_scan", grid_select.grid_scan_kernel,
          {"ties_ptr": "*i64", "num_blocks": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}, 4),
         (f"grid_keep[{loss_dtype}->{out_dtype},red={reduction}{tag}]", grid_select.grid_keep_kernel,
          {"loss_ptr": f"*{loss_dtype}", "wy_ptr": f"*{loss_dtype}", "target_ptr": "*i64", "state_ptr": "*i64",
           "ties_before_ptr": "*i64", "kept_ptr": "*i1", "out_ptr": f"*{out_dtype}", "partial_ptr": f"*{loss_dtype}",
-          "num_rows": "i32", "num_blocks": "i32", "ignore_index": "i32", "HARDEST": "constexpr",
+          "num_rows": "i32", "num_blocks": "i32", "ignore_index": "i32", "EASIEST": "constexpr",
           "REDUCTION": "constexpr", "BLOCK": "constexpr", **off_sig},
-         {"HARDEST": hardest, "REDUCTION": reduction, "BLOCK": 2048, **off_const}, 8),
+         {"EASIEST": easiest, "REDUCTION": reduction, "BLOCK": 2048, **off_const}, 8),
         (f"grid_finish[{loss_dtype}->{out_dtype},red={reduction}]", grid_select.grid_finish_kernel,
          {"partial_ptr": f"*{loss_dtype}", "state_ptr": "*i64", "result_ptr": f"*{out_dtype}", "k_ptr": "*i64",
           "threshold_ptr": f"*{out_dtype}", "denom_ptr": f"*{loss_dtype}", "num_blocks": "i32",
-          "HARDEST": "constexpr", "REDUCTION": "constexpr", "BLOCK": "constexpr"},
-         {"HARDEST": hardest, "REDUCTION": reduction, "BLOCK": 1024}, 4),
+          "EASIEST": "constexpr", "REDUCTION": "constexpr", "BLOCK": "constexpr"},
+         {"EASIEST": easiest, "REDUCTION": reduction, "BLOCK": 1024}, 4),
     ]  # fmt: skip
 
 
@@ -189,13 +189,13 @@ CASES = [
     _forward_case("fp16", True, True, 8192, 8),
     _forward_case("fp32", True, True, 16, 1),
     _forward_case("fp64", True, True, 2048, 4),
-    _select_case("fp32", "fp32", False, True, 0, False),
-    _select_case("fp32", "bf16", False, False, 2, True),
-    _select_case("fp32", "fp16", True, True, 1, False),
-    _select_case("fp64", "fp64", False, True, 0, False),
+    _select_case("fp32", "fp32", False, False, 1, False),
+    _select_case("fp32", "bf16", False, True, 0, True),
+    _select_case("fp32", "fp16", True, False, 2, False),
+    _select_case("fp64", "fp64", False, False, 1, False),
     # With a score offset (ranking loss - offset; a bf16 offset converted on load, an fp32 one on fp64 losses).
-    _select_case("fp32", "bf16", False, True, 0, False, offset="bf16"),
-    _select_case("fp64", "fp64", True, False, 2, True, offset="fp32"),
+    _select_case("fp32", "bf16", False, False, 1, False, offset="bf16"),
+    _select_case("fp64", "fp64", True, True, 0, True, offset="fp32"),
     _backward_case("fp32", False, False, False, 4096, 8),
     _backward_case("bf16", True, False, False, 8192, 8),
     _backward_case("fp16", False, True, True, 8192, 8),
@@ -217,9 +217,9 @@ CASES = [
     _backward_spatial_case("bf16", False, False, False, 8, 16, 1),
     _backward_spatial_case("fp64", True, True, True, 16, 128, 8),
     _backward_spatial_case("fp64", False, False, False, 8, 256, 8),
-    *_grid_cases("fp32", "bf16", True, 0),
-    *_grid_cases("fp64", "fp64", False, 2),
-    *[case for case in _grid_cases("fp32", "fp32", False, 1, offset="fp16") if "offset" in case[0]],
+    *_grid_cases("fp32", "bf16", False, 1),
+    *_grid_cases("fp64", "fp64", True, 0),
+    *[case for case in _grid_cases("fp32", "fp32", True, 2, offset="fp16") if "offset" in case[0]],
     # The LM head (linear_ce): the tiled forward per dtype, and the row backward on fp32 logits chunks.
     _linear_forward_case("bf16", True, True, True, "ieee"),
     _linear_forward_case("bf16", False, False, False, "ieee"),

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from fused_trim import native, trimmed_cross_entropy
 from fused_trim import reference as ref
+from fused_trim._common import Keep, Reduction, TrimOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -89,8 +90,8 @@ def test_opcheck(reduction, dtype, layout):
 def test_keep_ratio_tensor_goes_to_the_op():
     x = torch.randn(50, 7)
     t = torch.randint(0, 7, (50,))
-    a = native.trimmed_cross_entropy_2d(x, t, torch.tensor(0.3), "hardest", None, -100, 0.0, "mean")
-    b = native.trimmed_cross_entropy_2d(x, t, 0.3, "hardest", None, -100, 0.0, "mean")
+    a = native.trimmed_cross_entropy_2d(x, t, TrimOptions(torch.tensor(0.3)))
+    b = native.trimmed_cross_entropy_2d(x, t, TrimOptions(0.3))
     for u, v in zip(a, b, strict=True):
         torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True)
 
@@ -103,7 +104,7 @@ class _Net(torch.nn.Module):
     def forward(self, x, t, keep_ratio):
         logits = self.body(x)
         out, _losses, kept, k, _thr = native.trimmed_cross_entropy_2d(
-            logits, t, keep_ratio, "hardest", None, -100, 0.05, "mean"
+            logits, t, TrimOptions(keep_ratio, label_smoothing=0.05)
         )
         return out, kept, k
 
@@ -332,8 +333,9 @@ def test_histogram_select_many_rows(keep, ratio, dtype):
     r = torch.tensor(12345) if ratio == "count" else ratio
     for layout in ("rows", "spatial"):
         xl = x if layout == "rows" else x.view(2, m // 2, 5).transpose(1, 2)
-        got = native.trimmed_cross_entropy_2d(xl, t, r, keep, None, -100, 0.0, "sum")
-        want = ref.trimmed_cross_entropy_2d(x, t, r, keep, None, -100, 0.0, "sum")
+        opts = TrimOptions(r, Keep[keep.upper()], reduction=Reduction.SUM)
+        got = native.trimmed_cross_entropy_2d(xl, t, opts)
+        want = ref.trimmed_cross_entropy_2d(x, t, opts)
         assert torch.equal(got[2], want[2]), layout
         assert int(got[3]) == int(want[3])
         torch.testing.assert_close(got[4], want[4], equal_nan=True)
@@ -359,7 +361,7 @@ def test_auto_uses_native_on_cpu():
     a = trimmed_cross_entropy(x, t, 0.5)
     b = trimmed_cross_entropy(x, t, 0.5, backend="native")
     assert torch.equal(a, b)
-    want, *_ = ref.trimmed_cross_entropy_2d(x, t, 0.5, "hardest", None, -100, 0.0, "mean")
+    want, *_ = ref.trimmed_cross_entropy_2d(x, t, TrimOptions(0.5))
     torch.testing.assert_close(a, want)
 
 
@@ -509,11 +511,11 @@ def test_cuda_cpu_keep_ratio_tensor_does_not_synchronise(ratio):
     x = torch.randn(300, 10, generator=gen).cuda().requires_grad_()
     t = torch.randint(0, 10, (300,), generator=gen).cuda()
     r_cpu = torch.tensor(ratio)
-    want = native.trimmed_cross_entropy_2d(x, t, r_cpu.cuda(), "hardest", None, -100, 0.0, "mean")
+    want = native.trimmed_cross_entropy_2d(x, t, TrimOptions(r_cpu.cuda()))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        got = native.trimmed_cross_entropy_2d(x, t, r_cpu, "hardest", None, -100, 0.0, "mean")
+        got = native.trimmed_cross_entropy_2d(x, t, TrimOptions(r_cpu))
         (g,) = torch.autograd.grad(got[0], x)
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -6,6 +6,8 @@ the backward and in the forward (``linear_ce_keep_all``, the default there)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -22,8 +24,11 @@ TILED = (37, 3, 5000)
 
 @pytest.fixture(params=[False, True], ids=["recompute", "keep-all"])
 def keep_all(request, monkeypatch):
-    """Whether keep_ratio=1.0 forms the gradient in the forward (native._KEEP_ALL_IN_FORWARD)."""
-    monkeypatch.setattr(native, "_KEEP_ALL_IN_FORWARD", request.param)
+    """Whether keep_ratio=1.0 may form the gradient in the forward: the dispatch calls the entry
+    point bound to ``gradient_in_forward=False`` for the recomputing path."""
+    if not request.param:
+        entry = functools.partial(native.trimmed_linear_cross_entropy_2d, gradient_in_forward=False)
+        monkeypatch.setattr(native, "trimmed_linear_cross_entropy_2d", entry)
     return request.param
 
 

@@ -102,7 +102,7 @@ def test_cosine_formula_and_ends(epochs, start, end, data):
 
 
 def test_cosine_first_epoch_is_exactly_start():
-    """The formula gives 0.9000000000000001 at epoch 0 for these end points (issue 11, point 6)."""
+    """The plain formula gives 0.9000000000000001 at epoch 0 for these end points."""
     s = CosineSchedule(5, 0.9, 0.3)
     assert s(0) == 0.9
     assert s(4) == 0.3

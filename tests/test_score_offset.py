@@ -179,10 +179,10 @@ def test_zero_offset_is_bitwise_no_offset(backend, keep, reduction):
 @pytest.mark.parametrize("keep", ["hardest", "easiest"])
 def test_triton_grid_select(backend, keep, monkeypatch):
     """The multi-program select (forced onto a small problem) ranks the scores as one program does."""
-    from fused_trim.triton import function
+    from fused_trim.triton import launch
 
-    monkeypatch.setattr(function, "SINGLE_PROGRAM_MAX_ROWS", 0)
-    monkeypatch.setattr(function, "GRID_BLOCK", 64)
+    monkeypatch.setattr(launch, "SINGLE_PROGRAM_MAX_ROWS", 0)
+    monkeypatch.setattr(launch, "GRID_BLOCK", 64)
     gen = torch.Generator().manual_seed(17)
     patterns = torch.randn(4, 6, generator=gen, dtype=torch.float64)
     which = torch.randint(0, 4, (250,), generator=gen)

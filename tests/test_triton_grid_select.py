@@ -16,10 +16,10 @@ TRITON = next((b for b in BACKENDS if b.startswith("triton")), "triton")
 
 @pytest.fixture
 def grid_select(monkeypatch):
-    from fused_trim.triton import function
+    from fused_trim.triton import launch
 
-    monkeypatch.setattr(function, "SINGLE_PROGRAM_MAX_ROWS", 0)
-    monkeypatch.setattr(function, "GRID_BLOCK", 64)
+    monkeypatch.setattr(launch, "SINGLE_PROGRAM_MAX_ROWS", 0)
+    monkeypatch.setattr(launch, "GRID_BLOCK", 64)
 
 
 def _tied_batch(rows: int, dtype, seed: int):
@@ -55,9 +55,10 @@ def test_grid_select_tensor_ratio_count_and_all_ignored(grid_select):
         ref_out, ref_info, _ = run("reference", x, t, ratio)
         assert torch.equal(info.kept, ref_info.kept)
         torch.testing.assert_close(out, ref_out, equal_nan=True)
+    from fused_trim._common import Reduction, TrimOptions
     from fused_trim.triton import trimmed_cross_entropy_2d
 
-    _, _, kept, k, _ = trimmed_cross_entropy_2d(x, t, torch.tensor(17), "hardest", None, -100, 0.0, "sum")
+    _, _, kept, k, _ = trimmed_cross_entropy_2d(x, t, TrimOptions(torch.tensor(17), reduction=Reduction.SUM))
     assert int(k) == 17 and int(kept.sum()) == 17
     out, info, grad = run(TRITON, x, torch.full_like(t, -100), 0.5)
     assert torch.isnan(out) and int(info.k) == 0 and not info.kept.any() and torch.all(grad == 0)

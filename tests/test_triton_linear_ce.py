@@ -176,6 +176,7 @@ def test_trimmed_gradients_and_zero_rows_outside_k(reduction, ratio):
 def test_tensor_ratio_exact_count_and_share():
     """A device ratio tensor and an exact int64 count gather all N rows; ``share`` is called once
     with ``(losses, valid)`` and its count replaces the ratio."""
+    from fused_trim._common import Keep, Reduction, TrimOptions
     from fused_trim.triton import trimmed_linear_cross_entropy_2d
 
     x, w, b, t = head(30, 5, 23, seed=7, ignore_frac=0.2)
@@ -190,15 +191,14 @@ def test_tensor_ratio_exact_count_and_share():
         return torch.tensor(5)
 
     xg = x.clone().requires_grad_(True)
-    out, losses, kept, k, _ = trimmed_linear_cross_entropy_2d(
-        xg, w, b, t, 0.9, "easiest", None, -100, 0.0, "sum", 8, share=share
-    )
+    opts = TrimOptions(keep_ratio=torch.tensor(5), keep=Keep.EASIEST, reduction=Reduction.SUM, chunk_size=8)
+    out, losses, kept, k, _ = trimmed_linear_cross_entropy_2d(xg, w, b, t, opts._replace(keep_ratio=0.9), share=share)
     assert len(calls) == 1 and torch.equal(calls[0][1], t != -100) and torch.equal(calls[0][0], losses)
     assert int(k) == 5 and int(kept.sum()) == 5
     order = torch.sort(torch.where(t != -100, losses, float("inf")), stable=True).indices[:5]
     assert set(order.tolist()) == set(kept.nonzero()[:, 0].tolist())
     torch.testing.assert_close(out, losses[kept].sum())
-    exact, *_ = trimmed_linear_cross_entropy_2d(x, w, b, t, torch.tensor(5), "easiest", None, -100, 0.0, "sum", 8)
+    exact, *_ = trimmed_linear_cross_entropy_2d(x, w, b, t, opts)
     assert torch.equal(exact, out.detach())
 
 
@@ -256,7 +256,7 @@ def test_fake_shapes_of_the_ops(monkeypatch):
     interpreter) and ``torch.mm`` left to the fake kernels."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fused_trim.triton import function, linear_ce
+    from fused_trim.triton import launch, linear_ce
 
     launched = []
 
@@ -268,7 +268,7 @@ def test_fake_shapes_of_the_ops(monkeypatch):
             return lambda *args, **kwargs: launched.append((self.kernel.fn.__name__, grid))
 
     monkeypatch.setattr(linear_ce, "wrap_triton", _NoLaunch)
-    monkeypatch.setattr(function, "wrap_triton", _NoLaunch)  # the shared select launcher
+    monkeypatch.setattr(launch, "wrap_triton", _NoLaunch)  # the shared select launcher
     with FakeTensorMode():
         x = torch.empty(100, 64, dtype=torch.float32)
         w = torch.empty(1000, 64, dtype=torch.float32)
@@ -276,12 +276,12 @@ def test_fake_shapes_of_the_ops(monkeypatch):
         loss, w_y, stats = linear_ce.linear_ce_rows(x, w, None, t, None, -100, 0.0)
         assert loss.shape == w_y.shape == (100,) and stats.shape == (2, 100)
         out, kept, k, thr, denom = linear_ce.linear_ce_trimmed(
-            loss, w_y, stats, x, w, None, t, None, 0.5, None, True, -100, 0.0, 0, 50, 32
+            loss, w_y, stats, x, w, None, t, None, 0.5, None, False, -100, 0.0, 1, 50, 32
         )
         assert out.shape == k.shape == thr.shape == denom.shape == () and kept.shape == (100,)
         dx, dw, db = linear_ce.linear_ce_bwd(out, x, w, None, t, None, stats, kept, denom, 0.0, 50, 32, True, True)
         assert dx.shape == x.shape and dw.shape == w.shape and db.shape == (0,)
-        outs = linear_ce.linear_ce_keep_all(x, w, None, t, None, True, -100, 0.0, 1, 32, True, True)
+        outs = linear_ce.linear_ce_keep_all(x, w, None, t, None, False, -100, 0.0, 2, 32, True, True)
         assert outs[6].shape == x.shape and outs[7].shape == w.shape
     names = [name for name, _ in launched]
     assert names[0] == "linear_ce_forward_kernel" and launched[0][1] == (2,)  # 64-row blocks

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton's inter
 
 
 def test_block_config_covers_every_class_and_pixel_count():
-    from fused_trim.triton.function import spatial_config
+    from fused_trim.triton.launch import spatial_config
 
     for c in (1, 2, 3, 16, 17, 1000, 50257):
         for s in (1, 5, 64, 129, 1 << 20):
@@ -107,19 +107,21 @@ def test_all_pixels_ignored():
 def test_strided_images_are_read_in_place():
     """An (N, C, S) view with padded class and image strides (unit pixel stride) is read in place;
     one without unit pixel stride is copied first. Both against the dense (N, C, S) tensor."""
+    from fused_trim._common import Reduction, TrimOptions
     from fused_trim.triton import trimmed_cross_entropy_2d
 
+    opts = TrimOptions(keep_ratio=0.5, label_smoothing=0.1, reduction=Reduction.NONE)
     x, t = make_batch(3, 18, dtype=torch.float32, ignore_frac=0.2, seed=25, spatial=(40,))
     t = t.reshape(-1)
     padded = torch.full((3, 20, 48), float("nan"))
     padded[:, :18, 3:43] = x
     views = [padded[:, :18, 3:43], x.transpose(1, 2).contiguous().transpose(1, 2)]
     assert views[0].stride() == (960, 48, 1) and views[1].stride(2) != 1
-    dense = trimmed_cross_entropy_2d(x.clone().requires_grad_(True), t, 0.5, "hardest", None, -100, 0.1, "none")
+    dense = trimmed_cross_entropy_2d(x.clone().requires_grad_(True), t, opts)
     for view in views:
         xv = view.detach().clone() if view.stride(2) != 1 else view
         xv.requires_grad_(True)
-        out, losses, kept, k, thr = trimmed_cross_entropy_2d(xv, t, 0.5, "hardest", None, -100, 0.1, "none")
+        out, losses, kept, k, thr = trimmed_cross_entropy_2d(xv, t, opts)
         assert torch.equal(kept, dense[2]) and int(k) == int(dense[3])
         torch.testing.assert_close(out, dense[0], rtol=0, atol=0)
         torch.testing.assert_close(losses, dense[1], rtol=0, atol=0)
@@ -133,7 +135,7 @@ def test_fake_shapes_of_the_spatial_ops(monkeypatch):
     out: on the CPU ``wrap_triton`` would hand fake tensors to the interpreter."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fused_trim.triton import function
+    from fused_trim.triton import launch, trimmed_ce
 
     launched = []
 
@@ -144,15 +146,16 @@ def test_fake_shapes_of_the_spatial_ops(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launched.append((self.kernel.fn.__name__, grid))
 
-    monkeypatch.setattr(function, "wrap_triton", _NoLaunch)
+    monkeypatch.setattr(trimmed_ce, "wrap_triton", _NoLaunch)
+    monkeypatch.setattr(launch, "wrap_triton", _NoLaunch)
     with FakeTensorMode():
         x = torch.empty(2, 300, 50, dtype=torch.bfloat16)
         t = torch.empty(100, dtype=torch.int64)
-        out, losses, kept, k, thr, stats, denom = function.trimmed_ce_fwd(x, t, None, 0.5, None, True, -100, 0.0, 2)
+        out, losses, kept, k, thr, stats, denom = trimmed_ce.trimmed_ce_fwd(x, t, None, 0.5, None, False, -100, 0.0, 0)
         assert out.shape == losses.shape == kept.shape == (100,) and stats.shape == (2, 100)
         assert out.dtype == torch.bfloat16 and losses.dtype == stats.dtype == torch.float32
         assert k.shape == thr.shape == denom.shape == ()
-        grad = function.trimmed_ce_bwd(out, x, t, None, stats, kept, denom, 0.0)
+        grad = trimmed_ce.trimmed_ce_bwd(out, x, t, None, stats, kept, denom, 0.0)
         assert grad.shape == x.shape and grad.dtype == x.dtype
     # 16x128 tiles: one program per image and block of 128 pixels.
     assert launched[0] == ("ce_forward_spatial_kernel", (2,))

@@ -3,11 +3,17 @@
 import triton
 import triton.language as tl
 
+from .._common import Reduction
 from ._ce import to_output
+
+# The REDUCTION constexpr of the select kernels: fused_trim._common.Reduction's values.
+REDUCTION_NONE = tl.constexpr(int(Reduction.NONE))
+REDUCTION_MEAN = tl.constexpr(int(Reduction.MEAN))
+REDUCTION_SUM = tl.constexpr(int(Reduction.SUM))
 
 
 @triton.jit
-def ordered_key(loss, valid, HARDEST: tl.constexpr, IS_FP64: tl.constexpr):
+def ordered_key(loss, valid, EASIEST: tl.constexpr, IS_FP64: tl.constexpr):
     """Signed integer key whose order is the ranking order (larger key = kept first).
 
     Float bits ``b`` map to ``b ^ ((b >> sign) & max)``, monotone in the float value; ``-0.0`` maps
@@ -25,7 +31,7 @@ def ordered_key(loss, valid, HARDEST: tl.constexpr, IS_FP64: tl.constexpr):
         b = tl.where(b == -2147483648, 0, b)  # -0.0 -> +0.0
         key = b ^ ((b >> 31) & 0x7FFFFFFF)
         key = tl.where(loss != loss, 0x7FFFFFFF, key)
-    if not HARDEST:
+    if EASIEST:
         key = -1 - key
     return tl.where(valid, key, 0)
 
@@ -39,6 +45,24 @@ def ranked_value(loss, offset_ptr, idx, valid, HAS_OFFSET: tl.constexpr):
         return loss - offset
     else:
         return loss
+
+
+@triton.jit
+def block_keys(
+    start, loss_ptr, target_ptr, num_rows, ignore_index, EASIEST: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_OFFSET: tl.constexpr, offset_ptr,
+):
+    """Rows ``[start, start + BLOCK)`` as every select pass reads them: ``(idx, in_range, valid,
+    loss, key)``, the key of ``loss - offset`` with ``HAS_OFFSET`` (a score offset). Padding lanes
+    are never valid (``other=ignore_index`` would wrap for a narrow target dtype)."""
+    IS_FP64: tl.constexpr = loss_ptr.dtype.element_ty == tl.float64
+    idx = start + tl.arange(0, BLOCK)
+    in_range = idx < num_rows
+    tgt = tl.load(target_ptr + idx, mask=in_range, other=0)
+    valid = in_range & (tgt != ignore_index)
+    loss = tl.load(loss_ptr + idx, mask=valid, other=0.0)
+    score = ranked_value(loss, offset_ptr, idx, valid, HAS_OFFSET)
+    return idx, in_range, valid, loss, ordered_key(score, valid, EASIEST, IS_FP64)
 
 
 @triton.jit
@@ -91,9 +115,9 @@ def radix_step(hist, krem, prefix, prefix_mask, shift, key_dtype: tl.constexpr):
 
 
 @triton.jit
-def key_to_float(kth, HARDEST: tl.constexpr, IS_FP64: tl.constexpr):
+def key_to_float(kth, EASIEST: tl.constexpr, IS_FP64: tl.constexpr):
     """The loss (or score) whose key is ``kth`` (the key map is an involution)."""
-    if not HARDEST:
+    if EASIEST:
         kth = -1 - kth
     if IS_FP64:
         bits = kth ^ ((kth >> 63) & 0x7FFFFFFFFFFFFFFF)
@@ -105,23 +129,23 @@ def key_to_float(kth, HARDEST: tl.constexpr, IS_FP64: tl.constexpr):
 
 @triton.jit
 def store_results(
-    sum_loss, sum_w, k, kth, result_ptr, denom_ptr, k_ptr, threshold_ptr, HARDEST: tl.constexpr,
+    sum_loss, sum_w, k, kth, result_ptr, denom_ptr, k_ptr, threshold_ptr, EASIEST: tl.constexpr,
     REDUCTION: tl.constexpr,
 ):
-    """Write the reduced loss (mean: 0, sum: 1; none: 2 writes none), the backward's divisor
+    """Write the reduced loss (the mean or the sum; "none" writes none), the backward's divisor
     ``denom`` (the kept weight for the mean, else 1), ``k`` and the threshold: the k-th ranked
     loss, or score with an offset (NaN if k == 0)."""
     acc_dtype: tl.constexpr = denom_ptr.dtype.element_ty
-    if REDUCTION == 0:
+    if REDUCTION == REDUCTION_MEAN:
         result = sum_loss / sum_w
         denom = sum_w
     else:
         result = sum_loss
         denom = tl.full((), 1.0, acc_dtype)
-    if REDUCTION != 2:
+    if REDUCTION != REDUCTION_NONE:
         tl.store(result_ptr, to_output(result, result_ptr.dtype.element_ty))
     tl.store(denom_ptr, denom)
     tl.store(k_ptr, k)
-    thr = key_to_float(kth, HARDEST, acc_dtype == tl.float64)
+    thr = key_to_float(kth, EASIEST, acc_dtype == tl.float64)
     thr = tl.where(k > 0, thr, float("nan"))
     tl.store(threshold_ptr, to_output(thr, threshold_ptr.dtype.element_ty))

@@ -20,25 +20,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from ._ce import to_output
-from ._radix import compute_k, ordered_key, radix_step, ranked_value, sign_bit, store_results
-
-
-@triton.jit
-def _block_keys(
-    loss_ptr, target_ptr, num_rows, ignore_index, HARDEST: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_OFFSET: tl.constexpr, offset_ptr,
-):
-    """This program's rows ``[pid * BLOCK, (pid + 1) * BLOCK)``: ``(idx, in_range, valid, loss, key)``,
-    the key of ``loss - offset`` with ``HAS_OFFSET`` (a score offset). Padding lanes are never valid
-    (``other=ignore_index`` would wrap for a narrow target dtype)."""
-    IS_FP64: tl.constexpr = loss_ptr.dtype.element_ty == tl.float64
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_range = idx < num_rows
-    tgt = tl.load(target_ptr + idx, mask=in_range, other=0)
-    valid = in_range & (tgt != ignore_index)
-    loss = tl.load(loss_ptr + idx, mask=valid, other=0.0)
-    score = ranked_value(loss, offset_ptr, idx, valid, HAS_OFFSET)
-    return idx, in_range, valid, loss, ordered_key(score, valid, HARDEST, IS_FP64)
+from ._radix import REDUCTION_NONE, block_keys, compute_k, radix_step, sign_bit, store_results
 
 
 @triton.jit
@@ -57,7 +39,7 @@ def grid_histogram_kernel(
     num_rows,
     ignore_index,
     SHIFT: tl.constexpr,
-    HARDEST: tl.constexpr,
+    EASIEST: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_OFFSET: tl.constexpr = False,
     offset_ptr=None,
@@ -67,8 +49,9 @@ def grid_histogram_kernel(
     global int64 ``hist``."""
     IS_FP64: tl.constexpr = loss_ptr.dtype.element_ty == tl.float64
     key_dtype: tl.constexpr = tl.int64 if IS_FP64 else tl.int32
-    _, _, valid, _, key = _block_keys(
-        loss_ptr, target_ptr, num_rows, ignore_index, HARDEST, BLOCK, HAS_OFFSET, offset_ptr
+    _, _, valid, _, key = block_keys(
+        tl.program_id(0).to(tl.int64) * BLOCK, loss_ptr, target_ptr, num_rows, ignore_index, EASIEST, BLOCK,
+        HAS_OFFSET, offset_ptr,
     )
     u = key ^ sign_bit(IS_FP64)
     prefix = tl.load(state_ptr).to(key_dtype)
@@ -123,15 +106,16 @@ def grid_ties_kernel(
     ties_ptr,
     num_rows,
     ignore_index,
-    HARDEST: tl.constexpr,
+    EASIEST: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_OFFSET: tl.constexpr = False,
     offset_ptr=None,
 ):
     """Step 3: ``ties[pid]`` = the number of valid rows of block ``pid`` whose key is the k-th key."""
     IS_FP64: tl.constexpr = loss_ptr.dtype.element_ty == tl.float64
-    _, _, valid, _, key = _block_keys(
-        loss_ptr, target_ptr, num_rows, ignore_index, HARDEST, BLOCK, HAS_OFFSET, offset_ptr
+    _, _, valid, _, key = block_keys(
+        tl.program_id(0).to(tl.int64) * BLOCK, loss_ptr, target_ptr, num_rows, ignore_index, EASIEST, BLOCK,
+        HAS_OFFSET, offset_ptr,
     )
     tie = valid & (key == _kth_key(state_ptr, IS_FP64))
     tl.store(ties_ptr + tl.program_id(0), tl.sum(tie.to(tl.int64), 0))
@@ -162,7 +146,7 @@ def grid_keep_kernel(
     num_rows,
     num_blocks,
     ignore_index,
-    HARDEST: tl.constexpr,
+    EASIEST: tl.constexpr,
     REDUCTION: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_OFFSET: tl.constexpr = False,
@@ -173,8 +157,9 @@ def grid_keep_kernel(
     ``partial[pid]`` and ``partial[num_blocks + pid]``."""
     IS_FP64: tl.constexpr = loss_ptr.dtype.element_ty == tl.float64
     pid = tl.program_id(0)
-    idx, in_range, valid, loss, key = _block_keys(
-        loss_ptr, target_ptr, num_rows, ignore_index, HARDEST, BLOCK, HAS_OFFSET, offset_ptr
+    idx, in_range, valid, loss, key = block_keys(
+        tl.program_id(0).to(tl.int64) * BLOCK, loss_ptr, target_ptr, num_rows, ignore_index, EASIEST, BLOCK,
+        HAS_OFFSET, offset_ptr,
     )
     kth = _kth_key(state_ptr, IS_FP64)
     krem = tl.load(state_ptr + 2)
@@ -185,7 +170,7 @@ def grid_keep_kernel(
     wy = tl.load(wy_ptr + idx, mask=kept, other=0.0)
     kept_loss = tl.where(kept, loss, 0.0)
     tl.store(kept_ptr + idx, kept, mask=in_range)
-    if REDUCTION == 2:
+    if REDUCTION == REDUCTION_NONE:
         tl.store(out_ptr + idx, to_output(kept_loss, out_ptr.dtype.element_ty), mask=in_range)
     tl.store(partial_ptr + pid, tl.sum(kept_loss, 0))
     tl.store(partial_ptr + num_blocks + pid, tl.sum(tl.where(kept, wy, 0.0), 0))
@@ -200,7 +185,7 @@ def grid_finish_kernel(
     threshold_ptr,
     denom_ptr,
     num_blocks,
-    HARDEST: tl.constexpr,
+    EASIEST: tl.constexpr,
     REDUCTION: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -217,7 +202,7 @@ def grid_finish_kernel(
         sum_w += tl.sum(tl.load(partial_ptr + num_blocks + idx, mask=mask, other=0.0), 0)
     k = tl.load(state_ptr + 3)
     store_results(
-        sum_loss, sum_w, k, _kth_key(state_ptr, IS_FP64), result_ptr, denom_ptr, k_ptr, threshold_ptr, HARDEST,
+        sum_loss, sum_w, k, _kth_key(state_ptr, IS_FP64), result_ptr, denom_ptr, k_ptr, threshold_ptr, EASIEST,
         REDUCTION,
     )  # fmt: skip
 
@@ -235,7 +220,7 @@ def grid_select(
     ratio_bits: int,
     ratio_ptr: Tensor,
     ratio_on_device: bool,
-    hardest: bool,
+    easiest: bool,
     reduction: int,
     block: int,
     offset: Tensor | None = None,
@@ -253,7 +238,7 @@ def grid_select(
     for digit in range(nbits // 8):
         shift = nbits - 8 * (digit + 1)
         wrap_triton(grid_histogram_kernel)[(blocks,)](
-            loss, target, state, hist, num_rows, ignore_index, SHIFT=shift, HARDEST=hardest, BLOCK=block,
+            loss, target, state, hist, num_rows, ignore_index, SHIFT=shift, EASIEST=easiest, BLOCK=block,
             HAS_OFFSET=has_offset, offset_ptr=offset, num_warps=8,
         )  # fmt: skip
         wrap_triton(grid_pick_kernel)[(1,)](
@@ -262,16 +247,16 @@ def grid_select(
         )  # fmt: skip
     ties = torch.empty(blocks, dtype=torch.int64, device=loss.device)
     wrap_triton(grid_ties_kernel)[(blocks,)](
-        loss, target, state, ties, num_rows, ignore_index, HARDEST=hardest, BLOCK=block, HAS_OFFSET=has_offset,
+        loss, target, state, ties, num_rows, ignore_index, EASIEST=easiest, BLOCK=block, HAS_OFFSET=has_offset,
         offset_ptr=offset, num_warps=8,
     )  # fmt: skip
     wrap_triton(grid_scan_kernel)[(1,)](ties, blocks, BLOCK=1024, num_warps=4)
     partial = torch.empty(2 * blocks, dtype=loss.dtype, device=loss.device)
     wrap_triton(grid_keep_kernel)[(blocks,)](
         loss, w_y, target, state, ties, kept, out, partial, num_rows, blocks, ignore_index,
-        HARDEST=hardest, REDUCTION=reduction, BLOCK=block, HAS_OFFSET=has_offset, offset_ptr=offset, num_warps=8,
+        EASIEST=easiest, REDUCTION=reduction, BLOCK=block, HAS_OFFSET=has_offset, offset_ptr=offset, num_warps=8,
     )  # fmt: skip
     wrap_triton(grid_finish_kernel)[(1,)](
-        partial, state, out, k, threshold, denom, blocks, HARDEST=hardest, REDUCTION=reduction, BLOCK=1024,
+        partial, state, out, k, threshold, denom, blocks, EASIEST=easiest, REDUCTION=reduction, BLOCK=1024,
         num_warps=4,
     )  # fmt: skip

@@ -34,17 +34,19 @@ only scales them by ``grad_out / denom``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .._common import forms_gradient_in_forward, host_k
+from .._common import TrimOptions, acc_dtype, double_backward_message, forms_gradient_in_forward, host_k
 from ._ce import log1p, smoothing_block, smoothing_eps, softmax_block, weighted_loss
 from .ce_backward import ce_backward_kernel
 from .ce_forward import ce_forward_kernel
-from .function import REDUCTION_CODE, accumulation_dtype, device_guard, float64_bits, row_config, select_rows
+from .launch import device_guard, device_ratio, float64_bits, row_config, select_rows
 
 # ------------------------------------------------------------------------------------------------
 # Kernel
@@ -242,7 +244,7 @@ class _GradAccumulator:
     def __init__(
         self, input: Tensor, linear_weight: Tensor, has_bias: bool, d_input: Tensor | None, need_weight: bool
     ) -> None:
-        self.acc = accumulation_dtype(input.dtype)
+        self.acc = acc_dtype(input.dtype)
         dev = input.device
         self.need_input, self.need_weight, self.has_bias = d_input is not None, need_weight, has_bias
         self.d_input = d_input if d_input is not None else torch.empty(0, dtype=input.dtype, device=dev)
@@ -284,7 +286,7 @@ def linear_ce_rows(
     with device_guard(input):
         num_rows, in_features = input.shape
         num_classes = linear_weight.shape[0]
-        acc = accumulation_dtype(input.dtype)
+        acc = acc_dtype(input.dtype)
         loss = torch.empty(num_rows, dtype=acc, device=input.device)
         w_y = torch.empty(num_rows, dtype=acc, device=input.device)
         stats = torch.empty(2, num_rows, dtype=acc, device=input.device)
@@ -314,7 +316,7 @@ def linear_ce_trimmed(
     weight: Tensor | None,
     keep_ratio: float,
     keep_ratio_t: Tensor | None,
-    hardest: bool,
+    easiest: bool,
     ignore_index: int,
     label_smoothing: float,
     reduction: int,
@@ -330,7 +332,7 @@ def linear_ce_trimmed(
     """
     with device_guard(input):
         return select_rows(
-            losses, w_y, target.contiguous(), input.dtype, keep_ratio, keep_ratio_t, hardest, ignore_index, reduction,
+            losses, w_y, target.contiguous(), input.dtype, keep_ratio, keep_ratio_t, easiest, ignore_index, reduction,
             score_offset=score_offset,
         )  # fmt: skip
 
@@ -359,7 +361,7 @@ def linear_ce_bwd(
     ``d input`` is exactly zero on every other row.
     """
     with device_guard(input):
-        acc = accumulation_dtype(input.dtype)
+        acc = acc_dtype(input.dtype)
         per_row = grad_out.dim() == 1
         grad_out = grad_out.contiguous()
         weight = weight.contiguous() if weight is not None else None
@@ -400,7 +402,7 @@ def _trimmed_backward(ctx, grad_out, *_unused):
     return (None,) * 3 + (*grads, d_bias if linear_bias is not None else None) + (None,) * 11
 
 
-DOUBLE_BACKWARD_MESSAGE = "double backward of trimmed_linear_cross_entropy is not supported; use backend='reference'"
+DOUBLE_BACKWARD_MESSAGE = double_backward_message("trimmed_linear_cross_entropy")
 
 
 def _double_backward(ctx, *grads):
@@ -419,7 +421,7 @@ def linear_ce_keep_all(
     linear_bias: Tensor | None,
     target: Tensor,
     weight: Tensor | None,
-    hardest: bool,
+    easiest: bool,
     ignore_index: int,
     label_smoothing: float,
     reduction: int,
@@ -436,7 +438,7 @@ def linear_ce_keep_all(
     """
     with device_guard(input):
         num_rows = input.shape[0]
-        acc = accumulation_dtype(input.dtype)
+        acc = acc_dtype(input.dtype)
         dev = input.device
         target = target.contiguous()
         weight = weight.contiguous() if weight is not None else None
@@ -466,7 +468,7 @@ def linear_ce_keep_all(
         losses = torch.cat(losses) if losses else empty
         w_y = torch.cat(w_y) if w_y else empty
         out, kept, k, threshold, denom = select_rows(
-            losses, w_y, target, input.dtype, 1.0, None, hardest, ignore_index, reduction
+            losses, w_y, target, input.dtype, 1.0, None, easiest, ignore_index, reduction
         )
         return out, losses, kept, k, threshold, denom, grads.d_input, grads.d_weight, grads.d_bias
 
@@ -505,48 +507,34 @@ def trimmed_linear_cross_entropy_2d(
     linear_weight: Tensor,
     linear_bias: Tensor | None,
     target: Tensor,
-    keep_ratio: float | Tensor,
-    keep: str,
-    weight: Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: str,
-    chunk_size: int,
-    share=None,
-    score_offset: Tensor | None = None,
+    opts: TrimOptions,
+    share: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The LM-head contract on ``input (N, D)``, ``linear_weight (V, D)``, ``target (N,)``.
-
-    Returns ``(out, losses, kept, k, threshold)`` as :func:`fused_trim.reference.trimmed_linear_cross_entropy_2d`.
-    ``keep_ratio`` may be a 0-dim int64 tensor (an exact count); ``share`` maps ``(losses, valid)`` to
-    such a count (global trimming). The backward recomputes ``min(N, max(1, floor(r N + 0.5)))`` rows
-    for a float ratio ``r`` (a bound on ``k`` known on the host), all ``N`` rows for a tensor ratio or
-    with ``share``, ``chunk_size`` rows at a time.
-    """
-    from . import device_ratio
-
-    keep_ratio, ratio_t = device_ratio(keep_ratio, input.device)
-    code = REDUCTION_CODE[reduction]
+    """The contract of :func:`fused_trim.reference.trimmed_linear_cross_entropy_2d`; differences:
+    the backward recomputes a number of rows bounded on the host, ``min(N, max(1, floor(r N +
+    0.5)))`` for a float ratio ``r``, all ``N`` rows for a tensor ratio or with ``share``
+    (``chunk_size`` rows at a time); rows beyond ``k`` contribute zero."""
+    keep_ratio, ratio_t = device_ratio(opts.keep_ratio, input.device)
+    code, easiest, chunk_size = int(opts.reduction), bool(opts.keep), opts.chunk_size
+    ce_args = (opts.weight, opts.ignore_index, opts.label_smoothing)
     num_rows = input.shape[0]
     params = (input, linear_weight, linear_bias)
-    ratio = keep_ratio if ratio_t is None else ratio_t  # (a CPU ratio tensor is a host float by now)
-    if forms_gradient_in_forward(ratio, reduction, params, share, score_offset):
+    # (a CPU ratio tensor is a host float by now)
+    host_opts = opts if ratio_t is not None else opts._replace(keep_ratio=keep_ratio)
+    if forms_gradient_in_forward(host_opts, params, share):
         out, losses, kept, k, threshold, *_ = linear_ce_keep_all(
-            input, linear_weight, linear_bias, target, weight, keep == "hardest", ignore_index, label_smoothing, code,
-            chunk_size, input.requires_grad, linear_weight.requires_grad,
+            input, linear_weight, linear_bias, target, opts.weight, easiest, *ce_args[1:], code, chunk_size,
+            input.requires_grad, linear_weight.requires_grad,
         )  # fmt: skip
         return out, losses.detach(), kept, k, threshold.detach()
 
     detached = [None if p is None else p.detach() for p in params]
-    losses, w_y, stats = linear_ce_rows(*detached, target, weight, ignore_index, label_smoothing)
+    losses, w_y, stats = linear_ce_rows(*detached, target, *ce_args)
     if share is not None:
-        ratio_t, keep_ratio = share(losses, target != ignore_index), 1.0
-    if ratio_t is None:
-        max_kept = host_k(num_rows, keep_ratio)
-    else:
-        max_kept = num_rows
+        ratio_t, keep_ratio = share(losses, target != opts.ignore_index), 1.0
+    max_kept = host_k(num_rows, keep_ratio) if ratio_t is None else num_rows
     out, kept, k, threshold, _ = linear_ce_trimmed(
-        losses, w_y, stats, input, linear_weight, linear_bias, target, weight, keep_ratio, ratio_t,
-        keep == "hardest", ignore_index, label_smoothing, code, max_kept, chunk_size, score_offset,
+        losses, w_y, stats, input, linear_weight, linear_bias, target, opts.weight, keep_ratio, ratio_t, easiest,
+        *ce_args[1:], code, max_kept, chunk_size, opts.score_offset,
     )  # fmt: skip
     return out, losses, kept, k, threshold.detach()

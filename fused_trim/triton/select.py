@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from ._ce import to_output
-from ._radix import compute_k, ordered_key, radix_step, ranked_value, sign_bit, store_results
+from ._radix import REDUCTION_NONE, block_keys, compute_k, radix_step, sign_bit, store_results
 
 
 @triton.jit
@@ -24,7 +24,7 @@ def select_kernel(
     ratio_ptr,
     RATIO_FROM_PTR: tl.constexpr,
     KEEP_ALL: tl.constexpr,
-    HARDEST: tl.constexpr,
+    EASIEST: tl.constexpr,
     REDUCTION: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_OFFSET: tl.constexpr = False,
@@ -36,7 +36,7 @@ def select_kernel(
     compiler and the interpreter alike), finds the k-th key ``T`` in 8-bit digit passes (masked
     ``tl.histogram`` + ``tl.cumsum``), keeps ``key > T`` plus the first ``k - #(key > T)`` rows with
     ``key == T`` in index order, and writes: ``kept``, ``out`` (per-row loss on K, 0 elsewhere;
-    only for ``REDUCTION == 2``, "none"), ``result`` (the mean (0) or sum (1)), ``k``, the
+    only for ``REDUCTION_NONE``), ``result`` (the mean or the sum), ``k``, the
     threshold loss and ``denom`` (the divisor of the mean; 1 otherwise) for the backward.
     ``HAS_OFFSET``: the keys rank ``loss - offset`` (a score offset, read with each loss; the
     threshold is then the k-th score); the sums are still of the plain losses.
@@ -62,12 +62,9 @@ def select_kernel(
         krem = k
         kth = tl.full((), max_key, key_dtype)
         for start in range(0, num_rows, BLOCK):
-            idx = start + offs
-            in_range = idx < num_rows
-            tgt = tl.load(target_ptr + idx, mask=in_range, other=0)
-            valid = in_range & (tgt != ignore_index)
-            loss = tl.load(loss_ptr + idx, mask=valid, other=0.0)
-            key = ordered_key(ranked_value(loss, offset_ptr, idx, valid, HAS_OFFSET), valid, HARDEST, IS_FP64)
+            _, _, valid, _, key = block_keys(
+                start, loss_ptr, target_ptr, num_rows, ignore_index, EASIEST, BLOCK, HAS_OFFSET, offset_ptr
+            )
             kth = tl.minimum(kth, tl.min(tl.where(valid, key, max_key), 0))
     else:
         sign = sign_bit(IS_FP64)
@@ -78,12 +75,10 @@ def select_kernel(
             shift = NBITS - 8 * (p + 1)
             hist = tl.zeros((256,), tl.int32)
             for start in range(0, num_rows, BLOCK):
-                idx = start + offs
-                in_range = idx < num_rows
-                tgt = tl.load(target_ptr + idx, mask=in_range, other=0)
-                valid = in_range & (tgt != ignore_index)
-                loss = tl.load(loss_ptr + idx, mask=valid, other=0.0)
-                u = ordered_key(ranked_value(loss, offset_ptr, idx, valid, HAS_OFFSET), valid, HARDEST, IS_FP64) ^ sign
+                _, _, valid, _, key = block_keys(
+                    start, loss_ptr, target_ptr, num_rows, ignore_index, EASIEST, BLOCK, HAS_OFFSET, offset_ptr
+                )
+                u = key ^ sign
                 match = valid & ((u & prefix_mask) == prefix)
                 digit = ((u >> shift) & 255).to(tl.int32)
                 hist += tl.histogram(digit, 256, mask=match)
@@ -95,12 +90,9 @@ def select_kernel(
     sum_loss = tl.zeros((), acc_dtype)
     sum_w = tl.zeros((), acc_dtype)
     for start in range(0, num_rows, BLOCK):
-        idx = start + offs
-        in_range = idx < num_rows
-        tgt = tl.load(target_ptr + idx, mask=in_range, other=0)
-        valid = in_range & (tgt != ignore_index)
-        loss = tl.load(loss_ptr + idx, mask=valid, other=0.0)
-        key = ordered_key(ranked_value(loss, offset_ptr, idx, valid, HAS_OFFSET), valid, HARDEST, IS_FP64)
+        idx, in_range, valid, loss, key = block_keys(
+            start, loss_ptr, target_ptr, num_rows, ignore_index, EASIEST, BLOCK, HAS_OFFSET, offset_ptr
+        )
         tie = valid & (key == kth)
         tie_i = tie.to(tl.int64)
         tie_rank = ties_before + tl.cumsum(tie_i, 0) - tie_i
@@ -114,7 +106,7 @@ def select_kernel(
         sum_loss += tl.sum(kept_loss, 0)
         sum_w += tl.sum(tl.where(kept, wy, 0.0), 0)
         tl.store(kept_ptr + idx, kept, mask=in_range)
-        if REDUCTION == 2:
+        if REDUCTION == REDUCTION_NONE:
             tl.store(out_ptr + idx, to_output(kept_loss, out_ptr.dtype.element_ty), mask=in_range)
 
-    store_results(sum_loss, sum_w, k, kth, result_ptr, denom_ptr, k_ptr, threshold_ptr, HARDEST, REDUCTION)
+    store_results(sum_loss, sum_w, k, kth, result_ptr, denom_ptr, k_ptr, threshold_ptr, EASIEST, REDUCTION)

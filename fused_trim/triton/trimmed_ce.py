@@ -1,4 +1,5 @@
-"""The Triton kernels glued into two ``torch.library`` ops with a registered autograd formula.
+"""The cross-entropy op: the Triton kernels glued into two ``torch.library`` ops with a registered
+autograd formula, and the backend's entry point.
 
 ``fused_trim::triton_trimmed_ce_fwd`` runs the forward and select kernels,
 ``fused_trim::triton_trimmed_ce_bwd`` the backward kernel. Registered with
@@ -8,121 +9,17 @@ instead of breaking the graph.
 
 from __future__ import annotations
 
-import contextlib
-import struct
-
 import torch
 import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .._common import TrimOptions, acc_dtype, double_backward_message
 from .ce_backward import ce_backward_kernel
 from .ce_backward_spatial import ce_backward_spatial_kernel
 from .ce_forward import ce_forward_kernel
 from .ce_forward_spatial import ce_forward_spatial_kernel
-from .grid_select import grid_select
-from .select import select_kernel
-
-REDUCTION_CODE = {"mean": 0, "sum": 1, "none": 2}
-DOUBLE_BACKWARD_MESSAGE = "double backward of trimmed_cross_entropy is not supported; use backend='reference'"
-
-# Up to this many rows one program selects (one launch; ~0.2 s interpreted at 65536 rows).
-# Beyond it (segmentation maps, large token batches) the select spreads over a grid of programs
-# of GRID_BLOCK rows each: per 8-bit digit a histogram launch and a one-program pick, then tie
-# counts, their prefix sums, the kept flags with partial sums, and a fixed-order final sum.
-SINGLE_PROGRAM_MAX_ROWS = 65536
-GRID_BLOCK = 2048
-
-
-def float64_bits(value: float) -> int:
-    """A host float as its float64 bit pattern: Triton passes float scalars as fp32, bits stay exact."""
-    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16 logits, fp64 for fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def row_config(num_classes: int, element_size: int) -> tuple[int, int]:
-    """``(BLOCK_C, num_warps)`` of the row kernels: the column block and its warps."""
-    max_block = 16384 // max(element_size, 2)  # 32 KiB of logits in flight per program
-    block = min(triton.next_power_of_2(num_classes), max_block)
-    num_warps = 1 if block <= 256 else 4 if block <= 2048 else 8
-    return block, num_warps
-
-
-def spatial_config(num_classes: int, num_pixels: int, element_size: int) -> tuple[int, int, int]:
-    """``(BLOCK_C, BLOCK_S, num_warps)`` of the spatial kernels: ``[BLOCK_C, BLOCK_S]`` tiles.
-
-    ``BLOCK_S`` pixels are contiguous in memory (one coalesced row of the tile per class): 128
-    (256 when at most 8 classes leave room), fewer only for a smaller image. Warps are chosen for
-    about 64 bytes of accumulated tile per thread (16 fp32, 8 fp64 values: 32x128 fp32 tiles at 4
-    warps took up to 182 registers in an sm_90 compile, 16x128 ones 89), and at least one per 64
-    pixels for the per-pixel state (running max and sum, target, ...).
-    """
-    block_c = min(triton.next_power_of_2(num_classes), 16)
-    block_s = min(max(triton.next_power_of_2(num_pixels), 16), 256 if block_c <= 8 else 128)
-    acc_bytes = 8 if element_size >= 8 else 4
-    num_warps = min(8, max(1, block_c * block_s * acc_bytes // 2048, block_s // 64))
-    return block_c, block_s, num_warps
-
-
-def device_guard(tensor: Tensor) -> contextlib.AbstractContextManager:
-    """``torch.cuda.device(tensor.device)`` for a CUDA tensor (Triton launches on the current
-    device and its stream, not the tensors'); a no-op elsewhere (the CPU interpreter)."""
-    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
-
-
-def select_block(num_rows: int) -> int:
-    """Rows per iteration of the single selection program."""
-    return min(max(triton.next_power_of_2(num_rows), 128), 2048)
-
-
-def select_rows(
-    loss: Tensor,
-    w_y: Tensor,
-    target: Tensor,
-    out_dtype: torch.dtype,
-    keep_ratio: float,
-    keep_ratio_t: Tensor | None,
-    hardest: bool,
-    ignore_index: int,
-    reduction: int,
-    score_offset: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The exact-k select on per-row losses (one program, or the grid select past
-    ``SINGLE_PROGRAM_MAX_ROWS``): ``(out, kept, k, threshold, denom)``, ``out`` and ``threshold``
-    in ``out_dtype``. Shared by the cross-entropy and LM-head forwards.
-
-    ``score_offset`` (``(num_rows,)``, any float dtype, on the losses' device, or ``None``): rank
-    ``loss - score_offset`` (formed in the losses' dtype) instead; ``threshold`` is then the k-th
-    score; ``out`` and ``denom`` are still of the plain losses."""
-    num_rows, dev = loss.shape[0], loss.device
-    has_offset = score_offset is not None
-    if has_offset:
-        score_offset = score_offset.contiguous()
-    ratio_on_device = keep_ratio_t is not None
-    kept = torch.empty(num_rows, dtype=torch.bool, device=dev)
-    out = torch.empty(num_rows if reduction == 2 else (), dtype=out_dtype, device=dev)
-    k = torch.empty((), dtype=torch.int64, device=dev)
-    threshold = torch.empty((), dtype=out_dtype, device=dev)
-    denom = torch.empty((), dtype=loss.dtype, device=dev)
-    ratio_bits = float64_bits(keep_ratio)
-    ratio_ptr = keep_ratio_t if ratio_on_device else loss
-    if num_rows <= SINGLE_PROGRAM_MAX_ROWS:
-        wrap_triton(select_kernel)[(1,)](
-            loss, w_y, target, kept, out, out, k, threshold, denom, num_rows, ignore_index, ratio_bits,
-            ratio_ptr, RATIO_FROM_PTR=ratio_on_device, KEEP_ALL=not ratio_on_device and keep_ratio == 1.0,
-            HARDEST=hardest, REDUCTION=reduction, BLOCK=select_block(num_rows), HAS_OFFSET=has_offset,
-            offset_ptr=score_offset, num_warps=4,
-        )  # fmt: skip
-    else:
-        grid_select(
-            loss, w_y, target, kept, out, k, threshold, denom, ignore_index, ratio_bits, ratio_ptr,
-            ratio_on_device, hardest, reduction, GRID_BLOCK, offset=score_offset,
-        )  # fmt: skip
-    return out, kept, k, threshold, denom
+from .launch import device_guard, device_ratio, float64_bits, row_config, select_rows, spatial_config
 
 
 @triton_op("fused_trim::triton_trimmed_ce_fwd", mutates_args=())
@@ -132,7 +29,7 @@ def trimmed_ce_fwd(
     weight: Tensor | None,
     keep_ratio: float,
     keep_ratio_t: Tensor | None,
-    hardest: bool,
+    easiest: bool,
     ignore_index: int,
     label_smoothing: float,
     reduction: int,
@@ -151,7 +48,7 @@ def trimmed_ce_fwd(
     """
     with device_guard(input):
         return _forward(
-            input, target, weight, keep_ratio, keep_ratio_t, hardest, ignore_index, label_smoothing, reduction,
+            input, target, weight, keep_ratio, keep_ratio_t, easiest, ignore_index, label_smoothing, reduction,
             score_offset,
         )  # fmt: skip
 
@@ -162,7 +59,7 @@ def _forward(
     weight: Tensor | None,
     keep_ratio: float,
     keep_ratio_t: Tensor | None,
-    hardest: bool,
+    easiest: bool,
     ignore_index: int,
     label_smoothing: float,
     reduction: int,
@@ -175,7 +72,7 @@ def _forward(
     num_classes = input.shape[1] if spatial else input.shape[-1]
     num_rows = input.shape[0] * input.shape[2] if spatial else input.shape[0]
     target = target.contiguous()
-    acc = accumulation_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     dev = input.device
     loss = torch.empty(num_rows, dtype=acc, device=dev)
     stats = torch.empty(2, num_rows, dtype=acc, device=dev)
@@ -201,7 +98,7 @@ def _forward(
         )  # fmt: skip
 
     out, kept, k, threshold, denom = select_rows(
-        loss, w_y, target, input.dtype, keep_ratio, keep_ratio_t, hardest, ignore_index, reduction,
+        loss, w_y, target, input.dtype, keep_ratio, keep_ratio_t, easiest, ignore_index, reduction,
         score_offset=score_offset,
     )  # fmt: skip
     return out, loss, kept, k, threshold, stats, denom
@@ -279,9 +176,23 @@ def _backward(ctx, grad_out, *_unused):
 
 
 def _double_backward(ctx, *grads):
-    raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+    raise RuntimeError(double_backward_message("trimmed_cross_entropy"))
 
 
 trimmed_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
 # The gradient is not differentiable again here: say so clearly when a second backward reaches it.
 trimmed_ce_bwd.register_autograd(_double_backward)
+
+
+def trimmed_cross_entropy_2d(
+    input: Tensor, target: Tensor, opts: TrimOptions
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The contract of :func:`fused_trim.reference.trimmed_cross_entropy_2d`; differences: the
+    spatial layout ``(N, C, S)`` is read in place, and ``keep_ratio`` may be a 0-dim tensor on
+    another device only when it is floating (a ratio, read on the host)."""
+    keep_ratio, ratio_t = device_ratio(opts.keep_ratio, input.device)
+    out, losses, kept, k, threshold, _, _ = trimmed_ce_fwd(
+        input, target, opts.weight, float(keep_ratio), ratio_t, bool(opts.keep), opts.ignore_index,
+        opts.label_smoothing, int(opts.reduction), opts.score_offset,
+    )  # fmt: skip
+    return out, losses.detach(), kept, k, threshold.detach()
