@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from .helpers import BACKENDS, CPU_BACKENDS, run
-from .test_triton_grid_select import grid_select  # noqa: F401 (the fixture forcing the grid select)
 
 pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton's interpreter is not runnable here")
 
