@@ -174,19 +174,25 @@ def run_one(m: Mutation, scratch: Path, timeout: float) -> tuple[str, str, float
                                    cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
             if build.returncode != 0:
                 return "ERROR", "does not compile: " + build.stderr.strip()[-300:], time.monotonic() - start
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *_xdist_off(),
-               *_test_files(tree)]
-        try:
-            proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return "ERROR", f"timed out after {timeout:.0f} s", time.monotonic() - start
-        output = proc.stdout + proc.stderr
-        if proc.returncode == 0:
-            return "SURVIVED", "", time.monotonic() - start
-        failed = _first_failure(output)
-        if failed is None:
-            return "ERROR", f"pytest exited {proc.returncode}: {output.strip()[-300:]}", time.monotonic() - start
-        return "caught", failed, time.monotonic() - start
+        # Two stages: the likely catchers alone first (collecting every file costs seconds too).
+        files = _test_files(tree)
+        first = [f for f in files if f in FIRST]
+        for stage in (first, [f for f in files if f not in first]):
+            if not stage:
+                continue
+            cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *_xdist_off(), *stage]
+            try:
+                proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return "ERROR", f"timed out after {timeout:.0f} s", time.monotonic() - start
+            output = proc.stdout + proc.stderr
+            if proc.returncode == 0:
+                continue
+            failed = _first_failure(output)
+            if failed is None:
+                return "ERROR", f"pytest exited {proc.returncode}: {output.strip()[-300:]}", time.monotonic() - start
+            return "caught", failed, time.monotonic() - start
+        return "SURVIVED", "", time.monotonic() - start
     finally:
         shutil.rmtree(tree, ignore_errors=True)
 
