@@ -30,10 +30,10 @@ def head(n, d, v, dtype=torch.float64, seed=0, ignore_frac=0.0, scale=1.0):
     return x, w, b, t
 
 
-def rows_op(x, w, b, t, weight=None, ignore_index=-100, label_smoothing=0.0):
+def rows_op(x, w, b, t, weight=None, ignore_index=-100, label_smoothing=0.0, chunk_size=16):
     from fused_trim.triton.linear_ce import linear_ce_rows
 
-    return linear_ce_rows(x, w, b, t, weight, ignore_index, label_smoothing)
+    return linear_ce_rows(x, w, b, t, weight, ignore_index, label_smoothing, chunk_size)
 
 
 def expected_rows(x, w, b, t, weight=None, ignore_index=-100, label_smoothing=0.0):
@@ -54,23 +54,27 @@ def check_rows(got, want, rtol, atol):
         torch.testing.assert_close(a.double(), e, rtol=rtol, atol=atol, equal_nan=True)
 
 
-def test_forward_config_blocks():
-    from fused_trim.triton.linear_ce import forward_config
+def test_chunk_rows_are_balanced_and_whole_tiles_on_cuda():
+    """Chunks hold at most about ``chunk_size`` rows, differ by less than one chunk's worth only in
+    the last one (no small tail re-reading all of W), and on CUDA are whole 256-row GEMM tiles."""
+    from fused_trim.triton.linear_ce import chunk_rows
 
-    for dtype in (torch.float64, torch.float32, torch.bfloat16):
-        for n, v, d in [(1, 1, 1), (37, 70, 45), (16384, 128256, 4096)]:
-            bn, bv, bd, warps = forward_config(n, v, d, dtype)
-            for block, size in ((bn, n), (bv, v), (bd, d)):
-                assert block & (block - 1) == 0 and 16 <= block <= 128
-                assert block <= max(16, triton_next_pow2(size))
-            assert warps in (4, 8)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert chunk_rows(45, 7, cpu) == 7 and chunk_rows(16400, 8192, cpu) == 5467 and chunk_rows(0, 8, cpu) == 1
+    assert chunk_rows(16400, 8192, cuda) == 5632 and chunk_rows(100, 8192, cuda) == 100
+    for n in (1, 17, 255, 256, 1000, 16400, 65537):
+        for size in (1, 3, 256, 1000, 8192, 1 << 20):
+            for dev in (cpu, cuda):
+                rows = chunk_rows(n, size, dev)
+                chunks = -(-n // rows)
+                assert 1 <= rows <= n and chunks <= -(-n // size)
+                if dev.type == "cuda":
+                    assert rows == n or rows % 256 == 0
+                else:
+                    assert n - (chunks - 1) * rows >= rows - chunks  # the tail is nearly full
 
 
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-# fp64 blocks are 32x32x32: 37 rows, 70 classes and 45 features leave a tail in each of the three.
+# 37 rows in chunks of 16: a partial last chunk.
 @pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1), dict(weight=True, label_smoothing=0.25),
                                   dict(weight=True), dict(ignore_index=3)], ids=str)  # fmt: skip
 def test_rows_against_float64_with_tails(opts):
@@ -273,7 +277,7 @@ def test_fake_shapes_of_the_ops(monkeypatch):
         x = torch.empty(100, 64, dtype=torch.float32)
         w = torch.empty(1000, 64, dtype=torch.float32)
         t = torch.empty(100, dtype=torch.int64)
-        loss, w_y, stats = linear_ce.linear_ce_rows(x, w, None, t, None, -100, 0.0)
+        loss, w_y, stats = linear_ce.linear_ce_rows(x, w, None, t, None, -100, 0.0, 32)
         assert loss.shape == w_y.shape == (100,) and stats.shape == (2, 100)
         out, kept, k, thr, denom = linear_ce.linear_ce_trimmed(
             loss, w_y, stats, x, w, None, t, None, 0.5, None, True, -100, 0.0, 0, 50, 32
@@ -284,8 +288,10 @@ def test_fake_shapes_of_the_ops(monkeypatch):
         outs = linear_ce.linear_ce_keep_all(x, w, None, t, None, True, -100, 0.0, 1, 32, True, True)
         assert outs[6].shape == x.shape and outs[7].shape == w.shape
     names = [name for name, _ in launched]
-    assert names[0] == "linear_ce_forward_kernel" and launched[0][1] == (2,)  # 64-row blocks
-    assert names.count("ce_backward_kernel") == 2 + 4  # ceil(50 / 32) chunks, then ceil(100 / 32)
+    # 100 rows in chunks of at most 32: four balanced chunks of 25 rows, one row-kernel program a row.
+    assert launched[:4] == [("ce_forward_kernel", (25,))] * 4
+    assert names.count("ce_forward_kernel") == 4 + 4  # the rows op, then the keep-all path
+    assert names.count("ce_backward_kernel") == 2 + 4  # 50 rows in two chunks of 25, then 100 in four
 
 
 @pytest.mark.parametrize("ratio", [0.5, 1.0])
@@ -325,17 +331,17 @@ def test_a_frozen_operand_costs_no_gemm(monkeypatch, ratio, frozen):
     from fused_trim.triton import linear_ce
 
     calls = []
-    real_mm, real_addmm_ = linear_ce._mm, torch.Tensor.addmm_
-    monkeypatch.setattr(linear_ce, "_mm", lambda a, b, acc: calls.append(a.shape) or real_mm(a, b, acc))
-    monkeypatch.setattr(torch.Tensor, "addmm_", lambda c, a, b: calls.append(a.shape) or real_addmm_(c, a, b))
+    real_gemm = linear_ce._gemm
+    monkeypatch.setattr(linear_ce, "_gemm", lambda a, b, *args, **kw: calls.append(a.shape) or real_gemm(a, b, *args, **kw))
     x, w, b, t = head(24, 5, 13, seed=12, ignore_frac=0.2)
     xg, wg = x.clone(), w.clone()
     (xg if frozen == "linear_weight" else wg).requires_grad_(True)
     out = trimmed_linear_cross_entropy(xg, wg, t, ratio, linear_bias=b, backend="triton", chunk_size=8)
     leaf = xg if frozen == "linear_weight" else wg
     (grad,) = torch.autograd.grad(out, leaf)
-    chunks = 3 if ratio == 1.0 else 2  # keep-all: 24 rows; recompute: k <= round(0.5 * 24) = 12 rows
-    assert len(calls) == 2 * chunks
+    # Keep-all: 24 rows, logits and two gradient GEMMs a chunk; recompute: the forward's logits of
+    # 24 rows, then k <= round(0.5 * 24) = 12 rows in two chunks of 6, logits and one gradient GEMM.
+    assert len(calls) == (2 * 3 if ratio == 1.0 else 3 + 2 * 2)
     xr, wr = x.clone(), w.clone()
     ref_leaf = xr if frozen == "linear_weight" else wr
     ref_leaf.requires_grad_(True)
