@@ -147,19 +147,21 @@ def test_all_ignored_mean_matches_f_cross_entropy(backend):
     assert torch.isnan(got) and all(torch.all(g == 0) for g in grads)
 
 
-def _inf_head(dev, dtype):
-    """Rows whose logits hold +inf (a hidden state of +inf against a weight column of both signs),
-    a target logit of -inf (a bias of -inf at class 2), and plain rows."""
+def _inf_head(dtype):
+    """Row 3's logit of class 4 overflows to +inf in the GEMM (a large hidden state against a large
+    weight; its other logits and its target's stay finite), and class 2 has a bias of -inf, so rows
+    with target 2 (row 1) have a target logit of -inf."""
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(10, 3, generator=gen, dtype=torch.float64)
     w = torch.randn(6, 3, generator=gen, dtype=torch.float64)
-    w[:, 0] = torch.tensor([1.0, -1.0, 2.0, -0.5, 1.5, -2.0])
     b = torch.randn(6, generator=gen, dtype=torch.float64)
+    big = 1e30 if dtype == torch.float32 else 1e200  # big * big overflows the dtype, big * 1 does not
+    x[:, 0] = 0.0
+    x[3, 0] = big
+    w[4, 0] = big
     b[2] = float("-inf")
-    t = torch.tensor([0, 2, 1, 2, 3, 4, 5, 0, 1, 3])
-    x[[3, 6], 0] = float("inf")  # logits [+inf, -inf, ...] in rows 3 and 6
-    x[[3, 6], 1:] = 0.0
-    return x.to(dtype).to(dev), w.to(dtype).to(dev), b.to(dtype).to(dev), t.to(dev)
+    t = torch.tensor([0, 2, 1, 1, 3, 4, 5, 0, 1, 3])
+    return x.to(dtype), w.to(dtype), b.to(dtype), t
 
 
 @pytest.mark.parametrize("backend", TRITON_TARGETS)
@@ -170,11 +172,13 @@ def _inf_head(dev, dtype):
 def test_infinite_logits_match_f_cross_entropy(backend, op, ratio, keep, dtype):
     """A row with a +inf logit has a NaN loss (``F.cross_entropy``: inf - inf), a row whose target
     logit is -inf an +inf loss; NaN ranks above +inf, so the kept set depends on which it is."""
+    x, w, b, t = _inf_head(dtype)
+    logits = F.linear(x, w, b)  # in the dtype: class 4 of row 3 is +inf there
+    expect = F.cross_entropy(logits.double(), t, reduction="none")
+    assert torch.isnan(expect[3]) and torch.isinf(expect[1]) and torch.isfinite(expect[[0, 2, 4]]).all()
+    _, ref_info = trimmed_cross_entropy(logits, t, ratio, keep=keep, backend="reference", return_info=True)
     dev = target_device(backend)
-    x, w, b, t = _inf_head(dev, dtype)
-    logits64 = F.linear(x.double().cpu(), w.double().cpu(), b.double().cpu())
-    expect = F.cross_entropy(logits64, t.cpu(), reduction="none")
-    assert torch.isnan(expect[[3, 6]]).all() and torch.isinf(expect[[1]]).all() and torch.isfinite(expect[0])
+    x, w, b, t = (p.to(dev) for p in (x, w, b, t))
     if op == "linear":
         out, info = trimmed_linear_cross_entropy(
             x, w, t, ratio, linear_bias=b, keep=keep, backend="triton", reduction="none", return_info=True, chunk_size=4
@@ -183,7 +187,6 @@ def test_infinite_logits_match_f_cross_entropy(backend, op, ratio, keep, dtype):
         out, info = trimmed_cross_entropy(
             F.linear(x, w, b), t, ratio, keep=keep, backend="triton", reduction="none", return_info=True
         )
-    _, ref_info = trimmed_cross_entropy(logits64, t.cpu(), ratio, keep=keep, backend="reference", return_info=True)
     torch.testing.assert_close(info.losses.cpu().double(), expect, rtol=2e-5, atol=2e-5, equal_nan=True)
     assert torch.equal(info.kept.cpu(), ref_info.kept)
 
