@@ -32,3 +32,9 @@ TRITON_TARGETS = [
 def target_device(backend: str) -> torch.device:
     """``"triton"`` -> cpu, ``"triton@cuda"`` -> cuda."""
     return torch.device(backend.partition("@")[2] or "cpu")
+
+
+@pytest.fixture(params=TRITON_TARGETS)
+def triton_backend(request) -> str:
+    """Each Triton target in turn (the one this process cannot run is skipped with its reason)."""
+    return request.param
