@@ -1,5 +1,5 @@
 """The Triton LM-head kernels (``fused_trim/triton/linear_ce.py``) where tests/test_linear_ce.py does
-not reach: the tiled forward against float64 at every tail (N, V, D not multiples of the blocks),
+not reach: the chunked forward against float64 (N not a multiple of the chunk),
 fp32 and strided operands, NaN logits, out-of-range and narrow-dtype targets, tiny losses at large
 logits, the keep-all path, the fixed-size gather of the backward, and the fake shapes
 ``torch.compile`` traces."""
@@ -143,7 +143,7 @@ def test_out_of_range_target_gives_nan_and_narrow_targets_match(backend):
 @pytest.mark.parametrize("backend", TRITON_TARGETS)
 def test_tiny_losses_at_large_logits_keep_relative_precision(backend):
     """fp32 logits near 1000 whose losses are 1e-5 .. 1e-9: formed relative to the row max and
-    ``log1p`` of ``s - 1``, by the tiled forward and by the keep-all path's row kernel alike."""
+    ``log1p`` of ``s - 1``, by the rows op and by the keep-all path alike."""
     gaps = torch.tensor([10.0, 12.0, 15.0, 18.0, 20.0, 8.0])
     x = torch.stack([torch.full_like(gaps, 1000.0), 1000.0 - gaps], 1)  # (6, 2): the logits themselves
     x = torch.cat([x, x[:, 1:] - 1.0], 1)  # a third class, one below the second
