@@ -583,4 +583,3 @@ class TrimScheduleCallback(TrainerCallback):
         # The Trainer appends a copy of the logs to its history before calling back.
         if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
             state.log_history[-1].update(stats)
-
