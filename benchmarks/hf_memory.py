@@ -74,8 +74,8 @@ def main() -> None:
     logits = a.batch * a.seq * a.vocab * 4
     print(f"vocab {a.vocab}, seq {a.seq}, batch {a.batch}, keep {a.keep}: fp32 logits {logits / 2**20:.0f} MiB")
     for variant in VARIANTS:
-        cmd = [sys.executable, "-m", "benchmarks.hf_memory", "--child", variant, "--vocab", str(a.vocab), "--seq", str(a.seq),
-               "--batch", str(a.batch), "--keep", str(a.keep)]  # fmt: skip
+        cmd = [sys.executable, "-m", "benchmarks.hf_memory", "--child", variant, "--vocab", str(a.vocab),
+               "--seq", str(a.seq), "--batch", str(a.batch), "--keep", str(a.keep)]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if not lines:
