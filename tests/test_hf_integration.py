@@ -351,3 +351,15 @@ def test_trainer_with_gradient_accumulation_and_the_schedule_callback(tmp_path):
     assert get_trim_state(model).keep_ratio == 0.5
     pred = trainer.predict(_Rows(4))
     assert pred.predictions.shape == (4, 16, VOCAB)
+
+
+def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own_parameters():
+    model = apply_fused_trim(tiny("llama"), 0.5, backend="reference")
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.lm_head.weight.mul_(2.0)
+    ids, labels = batch()
+    assert clone(input_ids=ids, labels=labels).loss.item() != model(input_ids=ids, labels=labels).loss.item()
+    assert get_trim_state(clone) is not get_trim_state(model)
+    remove_fused_trim(clone)
+    assert "forward" not in clone.__dict__ and "forward" in model.__dict__

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -327,8 +328,9 @@ def _reference_losses(
     return call.result.detach()
 
 
-def _patched_forward(model: nn.Module, original: Callable, *args: Any, **kwargs: Any) -> Any:
+def _patched_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: _PatchState = model.__dict__[_STATE_ATTR]
+    original = state.prior_forward if state.prior_forward is not None else type(model).forward.__get__(model)
     signature = inspect.signature(original)
     flat = _flat_kwargs(signature, args, kwargs)
     labels = flat.get("labels")
@@ -453,15 +455,16 @@ def apply_fused_trim(
         reference_model.requires_grad_(False)
 
     prior = model.__dict__.get("forward")
-    original = model.forward
     state = _PatchState(keep_ratio, keep, group, reference_model, backend, dict(op_kwargs), prior)
 
-    @functools.wraps(original)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        return _patched_forward(model, original, *args, **kwargs)
+    # A method bound to this instance (not a closure over it), so that copy.deepcopy of the patched
+    # model gives a patched copy; it carries the original's signature, which the Trainer inspects.
+    @functools.wraps(prior.__func__ if isinstance(prior, types.MethodType) else type(model).forward)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return _patched_forward(self, *args, **kwargs)
 
     model.__dict__[_STATE_ATTR] = state
-    model.forward = forward
+    model.forward = types.MethodType(forward, model)
     return model
 
 
