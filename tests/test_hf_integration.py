@@ -341,6 +341,7 @@ def test_trainer_with_gradient_accumulation_and_the_schedule_callback(tmp_path):
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=_Rows(16), eval_dataset=_Rows(4), callbacks=[TrimScheduleCallback()]
     )
+    assert trainer.model_accepts_loss_kwargs  # so the Trainer passes num_items_in_batch to the patch
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 5
@@ -363,3 +364,30 @@ def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own_parameters():
     assert get_trim_state(clone) is not get_trim_state(model)
     remove_fused_trim(clone)
     assert "forward" not in clone.__dict__ and "forward" in model.__dict__
+
+
+def test_tuple_outputs_carry_the_loss_first():
+    base, patched = pair("llama", keep_ratio=1.0, backend="reference")
+    ids, labels = batch()
+    out = patched(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(out, tuple) and out[1] is None
+    torch.testing.assert_close(out[0], base(input_ids=ids, labels=labels).loss, atol=1e-6, rtol=1e-6)
+
+
+def test_schedule_callback_steps_per_epoch_and_per_step():
+    from fused_trim.schedules import LinearStepSchedule
+
+    model = apply_fused_trim(tiny("llama"), LinearSchedule(epochs=3, start=1.0, end=0.5))
+    state = transformers.TrainerState()
+    seen = []
+    for schedule in (None, LinearStepSchedule(epochs=2, steps_per_epoch=2, start=1.0, end=0.4)):
+        callback = TrimScheduleCallback(schedule)
+        for _ in range(2):
+            callback.on_epoch_begin(None, state, None, model=model)
+            for _ in range(2):
+                callback.on_step_begin(None, state, None, model=model)
+                seen.append(get_trim_state(model).keep_ratio)
+                callback.on_step_end(None, state, None, model=model)
+    assert seen == pytest.approx([1.0, 1.0, 0.75, 0.75, 1.0, 0.8, 0.6, 0.4])
+    with pytest.raises(ValueError, match="not patched"):
+        TrimScheduleCallback().on_step_begin(None, state, None, model=tiny("llama"))
