@@ -1,7 +1,7 @@
 """fused_trim: mini-batch trimming as one fused cross-entropy operation."""
 
 from ._common import TrimInfo
-from .functional import trimmed_cross_entropy, trimmed_linear_cross_entropy
+from .functional import resolve_backend, trimmed_cross_entropy, trimmed_linear_cross_entropy
 from .nn import TrimmedCrossEntropyLoss, TrimmedLinearCrossEntropyLoss
 from .schedules import (
     ConstantSchedule,
@@ -16,6 +16,7 @@ from .schedules import (
 
 __all__ = [
     "TrimInfo",
+    "resolve_backend",
     "trimmed_cross_entropy",
     "trimmed_linear_cross_entropy",
     "TrimmedCrossEntropyLoss",
