@@ -1,5 +1,7 @@
 """fused_trim: mini-batch trimming as one fused cross-entropy operation."""
 
+__version__ = "0.1.0"  # the one version source: pyproject.toml reads it
+
 from ._common import TrimInfo
 from .functional import resolve_backend, trimmed_cross_entropy, trimmed_linear_cross_entropy
 from .nn import TrimmedCrossEntropyLoss, TrimmedLinearCrossEntropyLoss
@@ -30,4 +32,3 @@ __all__ = [
     "ConstantSchedule",
     "OrderedSGDSchedule",
 ]
-__version__ = "0.1.0"
