@@ -40,6 +40,9 @@ from torch import Tensor, nn
 from .. import trimmed_cross_entropy, trimmed_linear_cross_entropy
 from ..schedules import KeepRatioSchedule
 
+# A KeepRatioSchedule, or any callable (epoch, step) -> ratio, as the nn modules accept.
+Schedule = KeepRatioSchedule | Callable[[int, int], float]
+
 try:
     from transformers import TrainerCallback
     from transformers.utils import ModelOutput
@@ -125,9 +128,9 @@ class TrimState:
     the previous call, synchronising with the device once.
     """
 
-    def __init__(self, keep_ratio: float | KeepRatioSchedule) -> None:
-        if isinstance(keep_ratio, KeepRatioSchedule):
-            self.schedule: KeepRatioSchedule | None = keep_ratio
+    def __init__(self, keep_ratio: float | Schedule) -> None:
+        if callable(keep_ratio):
+            self.schedule: Schedule | None = keep_ratio
             ratio = keep_ratio(0, 0)
         else:
             self.schedule = None
@@ -175,7 +178,7 @@ class TrimState:
 class _PatchState(TrimState):
     def __init__(
         self,
-        keep_ratio: float | KeepRatioSchedule,
+        keep_ratio: float | Schedule,
         keep: str,
         group: str,
         reference_model: nn.Module | None,
@@ -377,7 +380,7 @@ def _patched_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 def apply_fused_trim(
     model: nn.Module,
-    keep_ratio: float | KeepRatioSchedule = 1.0,
+    keep_ratio: float | Schedule = 1.0,
     *,
     keep: str = "hardest",
     group: str = "token",
@@ -423,8 +426,6 @@ def apply_fused_trim(
     if _STATE_ATTR in model.__dict__:
         raise ValueError("model is already patched by apply_fused_trim; call remove_fused_trim(model) first")
     head = _linear_head(model, "model")
-    if not isinstance(keep_ratio, KeepRatioSchedule):
-        TrimState(keep_ratio)  # validates
     if keep not in ("hardest", "easiest"):
         raise ValueError(f"keep must be 'hardest' or 'easiest', got {keep!r}")
     if group not in _GROUPS:
@@ -455,7 +456,9 @@ def apply_fused_trim(
         reference_model.requires_grad_(False)
 
     prior = model.__dict__.get("forward")
-    state = _PatchState(keep_ratio, keep, group, reference_model, backend, dict(op_kwargs), prior)
+    state = _PatchState(  # validates keep_ratio
+        keep_ratio, keep, group, reference_model, backend, dict(op_kwargs), prior
+    )
 
     # A method bound to this instance (not a closure over it), so that copy.deepcopy of the patched
     # model gives a patched copy; it carries the original's signature, which the Trainer inspects.
@@ -488,7 +491,7 @@ class TrimmedCausalLMLoss:
     Built by :func:`trimmed_loss_func`; its :attr:`state` carries the keep ratio.
     """
 
-    def __init__(self, keep_ratio: float | KeepRatioSchedule, keep: str, backend: str, op_kwargs: dict) -> None:
+    def __init__(self, keep_ratio: float | Schedule, keep: str, backend: str, op_kwargs: dict) -> None:
         if keep not in ("hardest", "easiest"):
             raise ValueError(f"keep must be 'hardest' or 'easiest', got {keep!r}")
         _check_op_kwargs(op_kwargs)
@@ -523,7 +526,7 @@ class TrimmedCausalLMLoss:
 
 
 def trimmed_loss_func(
-    keep_ratio: float | KeepRatioSchedule = 1.0, *, keep: str = "hardest", backend: str = "auto", **op_kwargs: Any
+    keep_ratio: float | Schedule = 1.0, *, keep: str = "hardest", backend: str = "auto", **op_kwargs: Any
 ) -> TrimmedCausalLMLoss:
     """A ``Trainer(compute_loss_func=...)`` for models that keep their logits (no patch): called as
     ``(outputs, labels, num_items_in_batch)``, it shifts the labels as ``ForCausalLMLoss`` does and
@@ -545,9 +548,11 @@ class TrimScheduleCallback(TrainerCallback):
         loss_func: a :func:`trimmed_loss_func` to drive instead of the patched model.
     """
 
-    def __init__(self, schedule: KeepRatioSchedule | None = None, loss_func: TrimmedCausalLMLoss | None = None) -> None:
-        if schedule is not None and not isinstance(schedule, KeepRatioSchedule):
-            raise TypeError(f"schedule must be a KeepRatioSchedule or None, got {type(schedule).__name__}")
+    def __init__(self, schedule: Schedule | None = None, loss_func: TrimmedCausalLMLoss | None = None) -> None:
+        if schedule is not None and not callable(schedule):
+            raise TypeError(
+                f"schedule must be a schedule (epoch, step) -> ratio or None, got {type(schedule).__name__}"
+            )
         if loss_func is not None and not isinstance(loss_func, TrimmedCausalLMLoss):
             raise TypeError(f"loss_func must come from trimmed_loss_func, got {type(loss_func).__name__}")
         self.schedule = schedule
