@@ -391,3 +391,16 @@ def test_schedule_callback_steps_per_epoch_and_per_step():
     assert seen == pytest.approx([1.0, 1.0, 0.75, 0.75, 1.0, 0.8, 0.6, 0.4])
     with pytest.raises(ValueError, match="not patched"):
         TrimScheduleCallback().on_step_begin(None, state, None, model=tiny("llama"))
+
+
+def test_the_package_imports_without_transformers(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an absent package looks like to import
+    monkeypatch.delitem(sys.modules, "fused_trim.integrations.transformers")
+    importlib.reload(importlib.import_module("fused_trim.integrations"))
+    with pytest.raises(ImportError, match=r"fused_trim\[hf\]"):
+        importlib.import_module("fused_trim.integrations.transformers")
+    monkeypatch.undo()
+    assert importlib.import_module("fused_trim.integrations.transformers").apply_fused_trim is apply_fused_trim
