@@ -1,4 +1,5 @@
-"""``TrimmedCrossEntropyLoss``: the module form of :func:`~fused_trim.trimmed_cross_entropy`."""
+"""The loss modules: :func:`~fused_trim.trimmed_cross_entropy` and
+:func:`~fused_trim.trimmed_linear_cross_entropy` with their options held and a keep-ratio schedule."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class _RatioState:
 
     @property
     def last(self) -> float | None:
+        """The ratio of the last forward (``None`` before the first)."""
         return self.value if self._last_compiled else self._last
 
     def set(self, value: float) -> None:
@@ -58,11 +60,13 @@ class _RatioState:
             return
         self._last, self._last_compiled = self.last, False
         self.value = value
-        self.host.fill_(value)
+        self.host.fill_(value)  # kept current even when no device tensor is the host's
         for t in self.on.values():
-            t.fill_(value)
+            if t is not self.host:
+                t.fill_(value)
 
     def used_eagerly(self) -> float:
+        """``value``, recorded as the last forward's."""
         self._last, self._last_compiled = self.value, False
         return self.value
 

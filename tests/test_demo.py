@@ -284,6 +284,7 @@ def test_the_task_is_a_pluggable_choice(tmp_path):
     is refused by name before anything trains."""
     task = demo.runner.task_module("classifier")
     assert task.CSV_FIELDS == CSV_FIELDS and callable(task.load) and callable(task.train_run)
+    assert task.steps_per_epoch(task.load(_tiny(tmp_path, dataset="digits", train_size=250)), _tiny(tmp_path)) == 3
     assert task.load(_tiny(tmp_path, dataset="digits", train_size=50)).device == torch.device("cpu")
     with pytest.raises(ValueError, match=r"--task must be one of \('classifier',\), got 'lm'"):
         run_demo(_tiny(tmp_path, task="lm"), stream=io.StringIO())

@@ -1,9 +1,9 @@
 """The classifier task: a small model on MNIST-1D or scikit-learn's digits, trained per arm and seed.
 
-A task module gives :mod:`.runner` ``CSV_FIELDS`` (the columns of its rows), ``load(cfg)`` (its data,
-with a ``device``) and ``train_run(data, cfg, arm, seed, bar)`` (one row per epoch, with at least
-``arm``, ``seed``, ``epoch``, ``keep_ratio`` and ``test_error``, which the statistics and the
-report read).
+A task module gives :mod:`.runner` ``CSV_FIELDS`` (the columns of its rows), ``load(cfg)`` (its
+data, with a ``device``), ``steps_per_epoch(data, cfg)`` and ``train_run(data, cfg, arm, seed, bar)``
+(one row per epoch, with at least ``arm``, ``seed``, ``epoch``, ``keep_ratio`` and ``test_error``,
+which the statistics and the report read).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .config import DemoConfig
 from .data import Data, add_label_noise, build_model, load_data
 from .training import lr_factor, make_schedule
 
-__all__ = ["CSV_FIELDS", "load", "load_data", "train_run"]
+__all__ = ["CSV_FIELDS", "load", "load_data", "steps_per_epoch", "train_run"]
 
 CSV_FIELDS = (
     "dataset",
@@ -48,6 +48,11 @@ def load(cfg: DemoConfig) -> Data:
     return load_data(cfg.dataset, cfg.train_size)
 
 
+def steps_per_epoch(data: Data, cfg: DemoConfig) -> int:
+    """Mini-batches per epoch (the last one may be short)."""
+    return math.ceil(len(data.y) / cfg.batch_size)
+
+
 @torch.no_grad()
 def _evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
     model.eval()
@@ -69,15 +74,15 @@ def train_run(data: Data, cfg: DemoConfig, arm: str, seed: int, bar: Any | None 
     if cfg.label_noise > 0:
         y_train, noisy = add_label_noise(data.y, cfg.label_noise, data.num_classes, seed)
     n = len(y_train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    steps = steps_per_epoch(data, cfg)
     torch.manual_seed(seed)  # the same initial weights in both arms
     model = build_model(cfg.model, data)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    schedule = ConstantSchedule(1.0) if schedule_name is None else make_schedule(cfg, steps_per_epoch, schedule_name)
+    schedule = ConstantSchedule(1.0) if schedule_name is None else make_schedule(cfg, steps, schedule_name)
     criterion = TrimmedCrossEntropyLoss(schedule, keep=cfg.keep)
     order = torch.Generator().manual_seed(seed)  # the same mini-batches in both arms
     rows: list[dict[str, object]] = []
-    total_steps, global_step = cfg.epochs * steps_per_epoch, 0
+    total_steps, global_step = cfg.epochs * steps, 0
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
         criterion.set_epoch(epoch)
@@ -112,9 +117,9 @@ def train_run(data: Data, cfg: DemoConfig, arm: str, seed: int, bar: Any | None 
                 "seed": seed,
                 "epoch": epoch + 1,
                 "lr": lr,
-                "keep_ratio": ratio_sum / steps_per_epoch,
+                "keep_ratio": ratio_sum / steps,
                 "kept_fraction": kept / seen,
-                "objective": objective_sum / steps_per_epoch,
+                "objective": objective_sum / steps,
                 "train_loss": train_loss,
                 "train_error": train_error,
                 "test_loss": test_loss,

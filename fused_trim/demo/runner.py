@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import math
 import sys
 import time
 from dataclasses import asdict
@@ -24,7 +23,7 @@ __all__ = ["run_demo", "task_module"]
 
 def task_module(name: str) -> ModuleType:
     """The module of task ``name`` (one of ``TASKS``): ``fused_trim.demo.<name>``, which gives
-    ``CSV_FIELDS``, ``load(cfg)`` and ``train_run(data, cfg, arm, seed, bar)`` (see
+    ``CSV_FIELDS``, ``load(cfg)``, ``steps_per_epoch(data, cfg)`` and ``train_run(data, cfg, arm, seed, bar)`` (see
     :mod:`.classifier`). A new task is such a module and its name in ``config.TASKS``."""
     if name not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {name!r}")
@@ -62,7 +61,7 @@ def run_demo(cfg: DemoConfig, stream: TextIO | None = None) -> dict[str, Any]:
     stream = sys.stdout if stream is None else stream
     task = task_module(cfg.task)
     data = task.load(cfg)
-    steps_per_epoch = math.ceil(len(data.y) / cfg.batch_size)
+    steps_per_epoch = task.steps_per_epoch(data, cfg)
     arms = cfg.arms()
     schedules = {a: repr(make_schedule(cfg, steps_per_epoch, s)) for a, s in arms.items() if s is not None}
     # Resolving the backend loads (on first use on a machine: compiles) the native op: before the clock
