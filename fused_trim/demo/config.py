@@ -14,6 +14,7 @@ MODELS = ("cnn", "mlp", "linear")
 SCHEDULES = ("linear", "linear-step", "warmup", "cosine", "step", "constant", "osgd")
 LR_SCHEDULES = ("cosine", "step", "constant")
 
+
 @dataclass
 class DemoConfig:
     """Everything that decides a demo run; the defaults are the README's default run."""
