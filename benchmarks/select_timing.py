@@ -1,4 +1,4 @@
-"""Selection cost on a GPU: the measurements behind issue 13 points 7 and 9.
+"""Selection cost on a GPU: the select against the cross-entropy pass, and the single-program/grid crossover.
 
 1. Select vs cross-entropy at a segmentation-sized batch (``--rows``, default 2**21 = 8 x 512 x 512
    pixels, 19 classes, fp32): per-kernel device times of one forward of the native CUDA op and of
