@@ -24,12 +24,13 @@ their Student-t 95% interval and a verdict, as the classifier task does.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -71,7 +72,7 @@ class LMConfig:
 
     seeds: int = 3
     first_seed: int = 0
-    steps: int = 200
+    steps: int = 120
     batch_size: int = 16
     seq_len: int = 128
     vocab_size: int = 4096
@@ -86,7 +87,7 @@ class LMConfig:
     reference_steps: int | None = None  # None: half of the steps
     noise: float = 0.0
     eval_every: int | None = None  # None: a fifth of the steps
-    val_sequences: int = 256
+    val_sequences: int = 128
     stdlib: Path | None = None  # None: this interpreter's standard library
     out: Path = field(default_factory=lambda: Path("demo_lm_out"))
     overwrite: bool = False
@@ -131,9 +132,18 @@ class LMConfig:
             (self.seeds >= 1, f"--seeds must be >= 1, got {self.seeds}"),
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.d_model >= 1 and self.heads >= 1, f"--d-model and --heads must be >= 1, got {self.d_model}, {self.heads}"),
-            (self.d_model % self.heads == 0, f"--d-model ({self.d_model}) must be a multiple of --heads ({self.heads})"),
-            ((self.d_model // self.heads) % 2 == 0, f"--d-model / --heads must be even (rotary), got {self.d_model // self.heads}"),
+            (
+                self.d_model >= 1 and self.heads >= 1,
+                f"--d-model and --heads must be >= 1, got {self.d_model}, {self.heads}",
+            ),
+            (
+                self.d_model % self.heads == 0,
+                f"--d-model ({self.d_model}) must be a multiple of --heads ({self.heads})",
+            ),
+            (
+                (self.d_model // self.heads) % 2 == 0,
+                f"--d-model / --heads must be even (rotary), got {self.d_model // self.heads}",
+            ),
             (self.layers >= 1, f"--layers must be >= 1, got {self.layers}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (self.resolved_warmup() >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
@@ -218,7 +228,9 @@ def _lr_at(cfg: LMConfig, step: int, total: int) -> float:
 
 def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator) -> list[Tensor]:
     """Indices of ``steps`` mini-batches: epochs over ``count`` sequences, each in a fresh random order."""
-    order = torch.cat([torch.randperm(count, generator=generator) for _ in range(math.ceil(steps * batch_size / count))])
+    order = torch.cat(
+        [torch.randperm(count, generator=generator) for _ in range(math.ceil(steps * batch_size / count))]
+    )
     return list(order[: steps * batch_size].view(steps, batch_size))
 
 
@@ -333,7 +345,15 @@ def summarize_lm(rows: list[dict[str, object]], cfg: LMConfig) -> dict[str, Any]
     """Final validation loss per arm and seed, and per arm the paired differences to the baseline
     (nats per token) with their 95% t interval and verdict."""
     arms, seeds = cfg.arms(), sorted({int(r["seed"]) for r in rows})
-    final = {a: [float(r["val_loss"]) for s in seeds for r in rows if r["arm"] == a and r["seed"] == s and r["step"] == cfg.steps] for a in arms}
+    final = {
+        a: [
+            float(r["val_loss"])
+            for s in seeds
+            for r in rows
+            if r["arm"] == a and r["seed"] == s and r["step"] == cfg.steps
+        ]
+        for a in arms
+    }
     paired = {}
     for arm in arms[1:]:
         diff = [t - b for t, b in zip(final[arm], final["baseline"], strict=True)]
@@ -361,7 +381,9 @@ def format_lm_table(summary: dict[str, Any], cfg: LMConfig, data: LMData) -> str
         lines.append(f"  {arm}: {summary['schedules'][arm]}")
     if "reference_val" in summary:
         ref = ", ".join(f"{v:.3f}" for v in summary["reference_val"])
-        lines.append(f"  rho1 reference: {cfg.resolved_reference_steps()} steps on the reference modules; val loss {ref}")
+        lines.append(
+            f"  rho1 reference: {cfg.resolved_reference_steps()} steps on the reference modules; val loss {ref}"
+        )
     w = max(30, *(len(f"{a} - baseline") + 2 for a in cfg.arms()))
     lines += ["", f"{'validation loss (nats/token)':<{w}}{'final':>16}{'perplexity':>14}"]
     for arm, (mean, std) in summary["stats"].items():
@@ -399,7 +421,9 @@ def plot_lm(rows: list[dict[str, object]], cfg: LMConfig, path: Path | None = No
         steps = [r["step"] for r in rows if r["arm"] == arm and r["seed"] == seeds[0]]
         for column, ax in (("val_loss", ax_loss), ("keep_ratio", ax_keep)):
             curves = np.array([[float(r[column]) for r in rows if r["arm"] == arm and r["seed"] == s] for s in seeds])
-            ax.plot(steps, curves.mean(0), color=colors[i % len(colors)], marker=".", label=f"{arm} ({len(seeds)} seeds)")
+            ax.plot(
+                steps, curves.mean(0), color=colors[i % len(colors)], marker=".", label=f"{arm} ({len(seeds)} seeds)"
+            )
             if len(seeds) > 1:
                 ax.fill_between(steps, curves.min(0), curves.max(0), color=colors[i % len(colors)], alpha=0.2, lw=0)
     noise = f", noise {cfg.noise:g}" if cfg.noise else ""
@@ -448,7 +472,7 @@ def run_lm_demo(cfg: LMConfig, stream: TextIO | None = None) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     rows: list[dict[str, object]] = []
     reference_val: list[float] = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         for seed in seeds:
             reference = None
@@ -461,7 +485,7 @@ def run_lm_demo(cfg: LMConfig, stream: TextIO | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     summary = summarize_lm(rows, cfg)
     summary.update(backend=backend, schedules=schedules)
     if reference_val:
@@ -479,10 +503,64 @@ def run_lm_demo(cfg: LMConfig, stream: TextIO | None = None) -> dict[str, Any]:
     config.pop("progress")
     config["compare"] = ",".join(arms)
     text = (
-        f"{table}\n\ntraining wall time {wall:.1f} s (data and tokenizer {t_data:.1f} s before it)\n"
+        f"{table}\n\ntraining wall time {wall:.1f} s, CPU time {cpu:.1f} s "
+        f"(data and tokenizer {t_data:.1f} s before it)\n"
         f"config: {', '.join(f'{k}={v}' for k, v in config.items())}\n"
     )
     paths["txt"].write_text(text, encoding="utf-8")
     print(table, file=stream)
-    print(f"\ntraining took {wall:.1f} s; wrote {paths['csv']}, {paths['png']}, {paths['txt']}", file=stream)
-    return {"rows": rows, "summary": summary, "table": table, "wall_s": wall, **paths}
+    print(f"\ntraining took {wall:.1f} s (CPU {cpu:.1f} s); wrote {paths['csv']}, {paths['png']}, {paths['txt']}", file=stream)
+    return {"rows": rows, "summary": summary, "table": table, "wall_s": wall, "cpu_s": cpu, **paths}
+
+
+# ------------------------------------------------------------------------------------------- flags
+
+
+def _arm_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in LM_ARMS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"arms are a comma-separated list from {', '.join(LM_ARMS)}: {text!r}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``--task lm``."""
+    d = LMConfig()
+    a = parser.add_argument
+    a("--seeds", type=int, default=d.seeds, help="number of seeds per arm (default %(default)s)")
+    a("--first-seed", type=int, default=d.first_seed, help="seeds are first-seed, first-seed+1, ...")
+    a(
+        "--compare",
+        type=_arm_list,
+        default=(),
+        metavar="A1,A2,...",
+        help=f"arms against the baseline, from {', '.join(LM_ARMS[1:])} (default: token-hardest,rho1; "
+        "with --noise: token-easiest,rho1); the sequence arms need the group keep rule and are refused",
+    )
+    a("--noise", type=float, default=d.noise, help="fraction of training sequences whose tokens are shuffled")
+    a("--steps", type=int, default=d.steps, help="optimizer steps per arm (default %(default)s)")
+    a("--batch-size", type=int, default=d.batch_size, help="sequences per step (default %(default)s)")
+    a("--seq-len", type=int, default=d.seq_len, help="tokens per sequence (default %(default)s)")
+    a("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary (default %(default)s)")
+    a("--d-model", type=int, default=d.d_model, help="model width (default %(default)s)")
+    a("--layers", type=int, default=d.layers, help="transformer layers (default %(default)s)")
+    a("--heads", type=int, default=d.heads, help="attention heads (default %(default)s)")
+    a("--lr", type=float, default=d.lr, help="AdamW peak learning rate (default %(default)s)")
+    a("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up (default steps/10)")
+    a("--keep-end", type=float, default=None, help="last keep ratio of the token arms (0.2; easiest: 1 - noise or 0.8)")
+    a("--rho1-keep", type=float, default=d.rho1_keep, help="kept fraction of the rho1 arm (default %(default)s)")
+    a("--reference-steps", type=int, default=None, help="steps of rho1's reference model (default steps/2)")
+    a("--eval-every", type=int, default=None, help="steps between validation evaluations (default steps/5)")
+    a("--val-sequences", type=int, default=d.val_sequences, help="validation sequences evaluated (default %(default)s)")
+    a("--stdlib", type=Path, default=None, help="standard-library folder to read (default: this Python's)")
+    a("--out", type=Path, default=d.out, help="output folder, empty or new (default %(default)s)")
+    a("--overwrite", action="store_true", help="replace the files of a non-empty --out folder")
+    a("--threads", type=int, default=d.threads, help="torch intra-op threads (default %(default)s)")
+    a("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
+
+
+def config_from_args(args: argparse.Namespace) -> LMConfig:
+    """An :class:`LMConfig` from parsed command-line flags."""
+    names = [f.name for f in fields(LMConfig) if f.name != "progress"]
+    return LMConfig(**{name: getattr(args, name) for name in names}, progress=not args.no_progress)

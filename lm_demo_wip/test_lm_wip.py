@@ -37,8 +37,13 @@ def fake_stdlib(tmp_path_factory):
     installed packages, the platform's config folder, non-Python files)."""
     root = tmp_path_factory.mktemp("stdlib")
     names = [f"mod{i}.py" for i in range(24)] + [f"pkg{i % 3}/sub{i}.py" for i in range(12)]
-    excluded = ["test/test_x.py", "pkg0/tests/test_y.py", "idlelib/idle_test/z.py",
-                "site-packages/foo.py", "config-3.11-x86_64-linux-gnu/python-config.py"]
+    excluded = [
+        "test/test_x.py",
+        "pkg0/tests/test_y.py",
+        "idlelib/idle_test/z.py",
+        "site-packages/foo.py",
+        "config-3.11-x86_64-linux-gnu/python-config.py",
+    ]
     for name in names + excluded:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,8 +54,20 @@ def fake_stdlib(tmp_path_factory):
 
 def _cfg(root, tmp_path, **kwargs) -> LMConfig:
     settings = dict(
-        seeds=1, steps=4, batch_size=4, seq_len=16, vocab_size=300, d_model=16, layers=1, heads=2,
-        val_sequences=8, reference_steps=2, eval_every=2, stdlib=root, out=tmp_path, progress=False,
+        seeds=1,
+        steps=4,
+        batch_size=4,
+        seq_len=16,
+        vocab_size=300,
+        d_model=16,
+        layers=1,
+        heads=2,
+        val_sequences=8,
+        reference_steps=2,
+        eval_every=2,
+        stdlib=root,
+        out=tmp_path,
+        progress=False,
     )
     settings.update(kwargs)
     return LMConfig(**settings)
@@ -59,7 +76,9 @@ def _cfg(root, tmp_path, **kwargs) -> LMConfig:
 def test_stdlib_modules_leave_out_tests_and_packages(fake_stdlib):
     modules = stdlib_modules(fake_stdlib)
     assert len(modules) == 36
-    assert not any(m.startswith(("test/", "site-packages/", "config-")) or "/tests/" in m or "idle_test" in m for m in modules)
+    assert not any(
+        m.startswith(("test/", "site-packages/", "config-")) or "/tests/" in m or "idle_test" in m for m in modules
+    )
 
 
 def test_split_by_module_never_trains_on_validation_text(fake_stdlib):
@@ -125,7 +144,9 @@ def test_each_arm_runs_and_keeps_what_it_should(fake_stdlib, tmp_path, arm, nois
     assert [r["step"] for r in rows] == [2, 4]
     assert all(math.isfinite(r["val_loss"]) and r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in rows)
     tokens = cfg.batch_size * cfg.seq_len
-    expected_last = {"baseline": 1.0, "token-hardest": 0.2, "token-easiest": 1 - noise if noise else 0.8, "rho1": 0.6}[arm]
+    expected_last = {"baseline": 1.0, "token-hardest": 0.2, "token-easiest": 1 - noise if noise else 0.8, "rho1": 0.6}[
+        arm
+    ]
     # the mean over steps 3 and 4 of the kept fraction: k = round(ratio * tokens) per step
     schedule = cfg.schedule(arm)
     kept = [max(1, math.floor(schedule(0, s) * tokens + 0.5)) / tokens for s in (2, 3)]
