@@ -35,7 +35,7 @@ from ._common import (
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["trimmed_cross_entropy", "trimmed_linear_cross_entropy"]
+__all__ = ["resolve_backend", "trimmed_cross_entropy", "trimmed_linear_cross_entropy"]
 
 
 def _host_checkable(t: Tensor) -> bool:
@@ -189,6 +189,24 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         if reason is not None:
             raise RuntimeError(f"backend='native' cannot run here: {reason}")
     return backend
+
+
+def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu") -> str:
+    """The backend that a call with ``backend`` on a tensor on ``device`` runs.
+
+    ``"auto"`` gives ``"triton"`` for a CUDA device where Triton runs, else ``"native"`` where the
+    native op is available, else ``"reference"``. A named backend comes back as it is, or raises
+    :class:`RuntimeError` saying why it cannot run on ``device``. Resolving loads the native op (on
+    a machine's first use it compiles it): call this before a timed loop to keep that out of the
+    timing, or to log which backend a run used.
+
+    Example::
+
+        >>> fused_trim.resolve_backend("auto", "cpu")  # doctest: +SKIP
+        'native'
+    """
+    check_choice("backend", backend, BACKENDS)
+    return _resolve_backend(backend, torch.device(device))
 
 
 def _backend_fn(name: str):

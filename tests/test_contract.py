@@ -1,4 +1,4 @@
-"""The contract of DESIGN.md, held for every backend against F.cross_entropy and the reference."""
+"""The contract of docs/design.md, held for every backend against F.cross_entropy and the reference."""
 
 from __future__ import annotations
 
