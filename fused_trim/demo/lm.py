@@ -25,9 +25,7 @@ their Student-t 95% interval and a verdict, as the classifier task does.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -37,11 +35,14 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
-from fused_trim.demo import lr_factor, t_interval, verdict
-from fused_trim.functional import _resolve_backend, trimmed_linear_cross_entropy
-from fused_trim.schedules import ConstantSchedule, KeepRatioSchedule, LinearStepSchedule
-
+from ..functional import resolve_backend, trimmed_linear_cross_entropy
+from ..schedules import ConstantSchedule, KeepRatioSchedule, LinearStepSchedule
+from .config import TASKS
 from .lm_data import LMData, corrupt_sequences, load_lm_data
+from .report import write_csv
+from .runner import _check_out
+from .stats import _mean_std, t_interval, verdict
+from .training import lr_factor
 
 __all__ = ["LMConfig", "LM_ARMS", "run_lm_demo", "train_lm_run", "build_lm"]
 
@@ -70,6 +71,7 @@ class LMConfig:
     """Everything that decides an LM demo run; the defaults are the default job (about 5 minutes of
     training on one quiet CPU core)."""
 
+    task: str = "lm"  # what fused_trim.demo.run_demo dispatches on
     seeds: int = 3
     first_seed: int = 0
     steps: int = 120
@@ -337,10 +339,6 @@ def train_lm_run(
 # ------------------------------------------------------------------------------------------- report
 
 
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
 def summarize_lm(rows: list[dict[str, object]], cfg: LMConfig) -> dict[str, Any]:
     """Final validation loss per arm and seed, and per arm the paired differences to the baseline
     (nats per token) with their 95% t interval and verdict."""
@@ -363,7 +361,7 @@ def summarize_lm(rows: list[dict[str, object]], cfg: LMConfig) -> dict[str, Any]
             "diff": _mean_std(diff),
             "ci": interval,
             "wins": sum(d < 0 for d in diff),
-            "verdict": verdict(interval),
+            "verdict": verdict(interval, unit="nats/token", digits=4),
         }
     return {"seeds": seeds, "final": final, "stats": {a: _mean_std(v) for a, v in final.items()}, "paired": paired}
 
@@ -438,15 +436,6 @@ def plot_lm(rows: list[dict[str, object]], cfg: LMConfig, path: Path | None = No
     return fig
 
 
-def _check_out(cfg: LMConfig) -> Path:
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise ValueError(f"--out {out} is not empty: pass --overwrite to replace its files, or name another folder")
-    return out
-
-
 def run_lm_demo(cfg: LMConfig, stream: TextIO | None = None) -> dict[str, Any]:
     """Run every arm over ``cfg.seeds`` seeds, print the table and write ``metrics.csv``,
     ``val_loss.png`` and ``summary.txt`` into ``cfg.out``."""
@@ -460,7 +449,7 @@ def run_lm_demo(cfg: LMConfig, stream: TextIO | None = None) -> dict[str, Any]:
     schedules = {a: repr(cfg.schedule(a)) + (", keep='easiest'" if a == "token-easiest" else "") for a in arms}
     if "rho1" in arms:
         schedules["rho1"] += ", score_offset = the reference model's per-token losses"
-    backend = _resolve_backend("auto", torch.device("cpu"))  # compiles the native op before the clock
+    backend = resolve_backend("auto", torch.device("cpu"))  # compiles the native op before the clock
     seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
     bar = None
     if cfg.progress:
@@ -493,11 +482,7 @@ def run_lm_demo(cfg: LMConfig, stream: TextIO | None = None) -> dict[str, Any]:
     table = format_lm_table(summary, cfg, data)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "metrics.csv", "png": out / "val_loss.png", "txt": out / "summary.txt"}
-    with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LM_CSV_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    write_csv(rows, paths["csv"], LM_CSV_FIELDS)
     plot_lm(rows, cfg, paths["png"])
     config = asdict(cfg)
     config.pop("progress")
@@ -509,7 +494,10 @@ def run_lm_demo(cfg: LMConfig, stream: TextIO | None = None) -> dict[str, Any]:
     )
     paths["txt"].write_text(text, encoding="utf-8")
     print(table, file=stream)
-    print(f"\ntraining took {wall:.1f} s (CPU {cpu:.1f} s); wrote {paths['csv']}, {paths['png']}, {paths['txt']}", file=stream)
+    print(
+        f"\ntraining took {wall:.1f} s (CPU {cpu:.1f} s); wrote {paths['csv']}, {paths['png']}, {paths['txt']}",
+        file=stream,
+    )
     return {"rows": rows, "summary": summary, "table": table, "wall_s": wall, "cpu_s": cpu, **paths}
 
 
@@ -528,6 +516,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``--task lm``."""
     d = LMConfig()
     a = parser.add_argument
+    a("--task", choices=TASKS, default=d.task, help="what is trained (classifier: see --task classifier --help)")
     a("--seeds", type=int, default=d.seeds, help="number of seeds per arm (default %(default)s)")
     a("--first-seed", type=int, default=d.first_seed, help="seeds are first-seed, first-seed+1, ...")
     a(

@@ -3,8 +3,11 @@ the module split, reproducibility, every arm, the noise injection."""
 
 from __future__ import annotations
 
+import argparse
+import io
 import math
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +19,12 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("scipy")
 pytest.importorskip("matplotlib")
 
-from lm_demo_wip.lm_data import corrupt_sequences, load_lm_data, split_of, stdlib_modules  # noqa: E402
-from lm_demo_wip.lm_task import LMConfig, run_lm_demo, train_lm_run, train_reference  # noqa: E402
+from fused_trim.__main__ import main  # noqa: E402
+from fused_trim.demo import run_demo  # noqa: E402
+from fused_trim.demo.lm import LMConfig, add_arguments, run_lm_demo, train_lm_run, train_reference  # noqa: E402
+from fused_trim.demo.lm_data import corrupt_sequences, load_lm_data, split_of, stdlib_modules  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WORDS = "def class return import self value index items yield lambda while for if else None True".split()
 
@@ -182,8 +189,8 @@ def test_arms_are_paired(fake_stdlib, tmp_path):
 
 def test_same_seed_same_numbers(fake_stdlib, tmp_path):
     cfg = dict(seeds=2, compare=("token-hardest", "rho1"), noise=0.3)
-    first = run_lm_demo(_cfg(fake_stdlib, tmp_path / "a", **cfg), stream=open("/dev/null", "w"))
-    second = run_lm_demo(_cfg(fake_stdlib, tmp_path / "b", **cfg), stream=open("/dev/null", "w"))
+    first = run_lm_demo(_cfg(fake_stdlib, tmp_path / "a", **cfg), stream=io.StringIO())
+    second = run_demo(_cfg(fake_stdlib, tmp_path / "b", **cfg), stream=io.StringIO())  # the demo's entry point
 
     def strip(rows):
         return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
@@ -196,3 +203,35 @@ def test_same_seed_same_numbers(fake_stdlib, tmp_path):
     seed1 = [r["val_loss"] for r in first["rows"] if r["seed"] == 1 and r["arm"] == "baseline"]
     assert seed0 != seed1
     assert "nats/token" in first["table"] and "rho1 - baseline" in first["table"]
+
+
+def test_command_line_runs_the_lm_task(fake_stdlib, tmp_path, capsys):
+    args = ["demo", "--task", "lm", "--stdlib", str(fake_stdlib), "--seeds", "2", "--steps", "2", "--batch-size", "2"]
+    args += ["--seq-len", "16", "--vocab-size", "300", "--d-model", "16", "--layers", "1", "--heads", "2"]
+    args += [
+        "--val-sequences",
+        "4",
+        "--eval-every",
+        "2",
+        "--compare",
+        "token-hardest",
+        "--noise",
+        "0.25",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main([*args, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "token-hardest - baseline" in out and "noise 0.25" in out and "CI " in out and "nats/token" in out
+    assert (tmp_path / "metrics.csv").read_text().count("\n") == 1 + 2 * 2  # header, 2 arms x 2 seeds x 1 eval
+    with pytest.raises(SystemExit):
+        main(["demo", "--task", "lm", "--compare", "sequence-easiest", "--out", str(tmp_path / "x")])
+    assert "group keep rule" in capsys.readouterr().err
+
+
+def test_every_lm_flag_is_documented():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {s for action in parser._actions for s in action.option_strings if s.startswith("--") and s != "--help"}
+    text = (ROOT / "docs/demo.md").read_text(encoding="utf-8")
+    assert flags and not {f for f in flags if f"`{f}`" not in text}
