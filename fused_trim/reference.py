@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ._common import as_rows, compute_k, first_equal_rows, host_k, ordered_keys, ranking_scores
+from ._common import as_rows, compute_k, first_equal_rows, ordered_keys, ranking_scores
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,19 +60,17 @@ def select(scores: Tensor, valid: Tensor, k: Tensor, keep: str) -> tuple[Tensor,
     nan = torch.full((), float("nan"), dtype=scores.dtype, device=scores.device)
     if order.shape[0] == 0:
         return kept, order, nan
-    last = scores[order[(k - 1).clamp(min=0)]]
+    pos = (k - 1).clamp(min=0).reshape(1)  # (gather, not indexing: k stays a tensor under compile)
+    last = scores.gather(0, order.gather(0, pos)).squeeze(0)
     return kept, order, torch.where(k > 0, last, nan)
 
 
-def _gather_bound(k: Tensor, keep_ratio: float | Tensor, rows: int) -> int:
-    """How many rows of the ranking order the backward recomputes: exactly ``k`` in eager mode,
-    under ``torch.compile`` a bound known on the host (``host_k`` of a float ratio, else every row)
-    with the rows beyond ``k`` masked out."""
-    if not torch.compiler.is_compiling():
-        return int(k)
-    if isinstance(keep_ratio, Tensor):
-        return rows
-    return host_k(rows, keep_ratio)
+def _gather_bound(k: Tensor, rows: int) -> int:
+    """How many rows of the ranking order the backward recomputes: exactly ``k`` in eager mode;
+    under ``torch.compile`` every row (``k`` is a device value there, and a bound computed from a
+    float ratio becomes a symbolic size that activation checkpointing cannot take), the rows
+    beyond ``k`` masked out. Compiled, the reference therefore recomputes all rows."""
+    return rows if torch.compiler.is_compiling() else int(k)
 
 
 def _kept_rows(order: Tensor, kept: Tensor, bound: int) -> tuple[Tensor, Tensor]:
@@ -113,7 +111,7 @@ def trimmed_cross_entropy_2d(
     # Recompute the kept rows with autograd: the gradient is exactly zero everywhere else. Rows
     # gathered beyond k (under compile) become zeros with an ignored target: they add nothing,
     # not even 0 * NaN.
-    rows, mask = _kept_rows(order, kept, _gather_bound(k, keep_ratio, target.shape[0]))
+    rows, mask = _kept_rows(order, kept, _gather_bound(k, target.shape[0]))
     x = torch.where(mask[:, None], input[rows], 0)
     t = torch.where(mask, target[rows], ignore_index)
     kept_loss, kept_w = per_sample_loss(x, t, weight, ignore_index, label_smoothing)
@@ -217,7 +215,7 @@ def trimmed_linear_cross_entropy_2d(
 
     # Rows gathered beyond k (under compile) become zeros with an ignored target: a NaN hidden
     # state outside K reaches no gradient, not even as 0 * NaN.
-    rows, mask = _kept_rows(order, kept, _gather_bound(k, ratio, target.shape[0]))
+    rows, mask = _kept_rows(order, kept, _gather_bound(k, target.shape[0]))
     parts, wys = [], []
     for start in range(0, max(rows.shape[0], 1), chunk_size):  # (an empty chunk keeps the graph)
         r, m = rows[start : start + chunk_size], mask[start : start + chunk_size]

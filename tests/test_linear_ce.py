@@ -550,3 +550,80 @@ def test_non_finite_rows_outside_the_kept_set_reach_no_gradient(backend, reducti
         for name, g, e in zip(("input", "linear_weight", "linear_bias"), grads, expected, strict=True):
             assert torch.isfinite(g).all(), f"{name}.grad holds {g[~torch.isfinite(g)][:3].tolist()}"
             torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def _grads_of_views(backend, bases, views, t, keep_ratio, unfused=False, **kw):
+    """Loss, info and the gradients of the *storage* tensors ``bases`` of a call on ``views(*bases)``
+    (strided input, head and bias as the op receives them); ``unfused``: the oracle on the same views."""
+    leaves = [v.clone().requires_grad_(True) for v in bases]
+    x, w, b = views(*leaves)
+    if unfused:
+        out, info = trimmed_cross_entropy(F.linear(x, w, b), t, keep_ratio, backend="reference", return_info=True, **kw)
+    else:
+        out, info = trimmed_linear_cross_entropy(x, w, t, keep_ratio, linear_bias=b, backend=backend,
+                                                 return_info=True, **kw)  # fmt: skip
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    return out.detach(), info, torch.autograd.grad(out, leaves, upstream)
+
+
+_N, _D, _V = 13, 6, 11
+STRIDED = {
+    "bias-every-second": (lambda g: (torch.randn(_N, _D, generator=g), torch.randn(_V, _D, generator=g) / 3,
+                                     torch.randn(2 * _V, generator=g)),
+                          lambda x, w, b: (x, w, b[::2])),
+    "bias-column-of-matrix": (lambda g: (torch.randn(_N, _D, generator=g), torch.randn(_V, _D, generator=g) / 3,
+                                         torch.randn(_V, 3, generator=g)),
+                              lambda x, w, b: (x, w, b[:, 1])),
+    "weight-transposed-storage": (lambda g: (torch.randn(_N, _D, generator=g), torch.randn(_D, _V, generator=g) / 3,
+                                             torch.randn(_V, generator=g)),
+                                  lambda x, w, b: (x, w.t(), b)),
+    "weight-slice": (lambda g: (torch.randn(_N, _D, generator=g), torch.randn(_V + 3, 2 * _D, generator=g) / 3,
+                                torch.randn(_V, generator=g)),
+                     lambda x, w, b: (x, w[2 : _V + 2, ::2], b)),
+    "input-non-contiguous": (lambda g: (torch.randn(_D, 2 * _N, generator=g), torch.randn(_V, _D, generator=g) / 3,
+                                        torch.randn(_V, generator=g)),
+                             lambda x, w, b: (x.t()[::2], w, b)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", CPU_LM_BACKENDS)
+@pytest.mark.parametrize("case", sorted(STRIDED))
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.4])
+def test_strided_head_bias_and_input(backend, case, keep_ratio):
+    """Views as the op's operands (a bias ``b[::2]`` or a matrix column, a weight stored transposed
+    or sliced, a non-contiguous input) give the unfused result on the same views, in float64."""
+    make, views = STRIDED[case]
+    bases = [v.double() for v in make(torch.Generator().manual_seed(11))]
+    t = torch.randint(0, _V, (_N,), generator=torch.Generator().manual_seed(12))
+    t[4] = -100
+    for reduction in ("mean", "none"):
+        out, info, grads = _grads_of_views(backend, bases, views, t, keep_ratio, reduction=reduction)
+        r_out, r_info, r_grads = _grads_of_views(backend, bases, views, t, keep_ratio, True, reduction=reduction)
+        assert torch.equal(info.kept, r_info.kept)
+        torch.testing.assert_close(out, r_out, rtol=1e-9, atol=1e-11)
+        for g, r in zip(grads, r_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", CPU_LM_BACKENDS)
+@pytest.mark.parametrize("op", ["ce", "linear_ce"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_ignored_gives_zero_gradients(backend, op, dtype):
+    """Every target ignored, at every ratio (1.0 included: the LM head then forms its gradient in
+    the forward) and reduction: the loss is what F.cross_entropy gives (NaN mean, 0 sum, zeros),
+    and every gradient is exactly zero."""
+    x, w, b, t = make_head(10, 4, 7, dtype=dtype, seed=4)
+    t[:] = -100
+    for keep_ratio in (1.0, 0.5, torch.tensor(0.3)):
+        for reduction in ("mean", "sum", "none"):
+            xs, ws, bs = _leaves(x, w, b, device=torch.device("cpu"))
+            if op == "ce":
+                out = trimmed_cross_entropy(F.linear(xs, ws, bs), t, keep_ratio, reduction=reduction, backend=backend)
+            else:
+                out = trimmed_linear_cross_entropy(xs, ws, t, keep_ratio, linear_bias=bs, reduction=reduction,
+                                                   backend=backend)  # fmt: skip
+            expected = F.cross_entropy(F.linear(x, w, b).float(), t, reduction=reduction).to(dtype)
+            torch.testing.assert_close(out, expected, equal_nan=True)
+            assert out.dtype == dtype
+            for p, g in zip((xs, ws, bs), torch.autograd.grad(out, (xs, ws, bs), torch.ones_like(out)), strict=True):
+                assert g.dtype == p.dtype and torch.all(g == 0), f"ratio {keep_ratio}, {reduction}"
