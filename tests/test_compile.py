@@ -106,7 +106,7 @@ def test_compiled_module_reads_a_ratio_tensor_on_the_input_device(new_device):
     t = torch.randint(0, 10, (64,), device=dev)
     crit = TrimmedCrossEntropyLoss(LinearSchedule(epochs=5), backend=backend)
     if new_device:
-        crit._ratio_on.clear()
+        crit._ratio.on.clear()
     graphs = []
 
     def capture(gm, example_inputs):
@@ -121,7 +121,7 @@ def test_compiled_module_reads_a_ratio_tensor_on_the_input_device(new_device):
         step(x, t)
         assert int(crit.info.k) == round(64 * (1.0 - 0.2 * epoch))
         assert crit.last_keep_ratio == LinearSchedule(epochs=5)(epoch)
-        tensors.append(crit._ratio_on[dev])
+        tensors.append(crit._ratio.on[dev])
     crit.set_epoch(0)  # the ratio moves on; the last forward's stays what it was
     assert crit.last_keep_ratio == LinearSchedule(epochs=5)(4)
     assert all(r is tensors[0] for r in tensors), "the device's ratio tensor was made more than once"
@@ -151,7 +151,7 @@ def test_compiled_module_step_on_cuda_never_syncs():
             step(x, t)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert crit._ratio_on[torch.device("cuda", torch.cuda.current_device())].item() == LinearSchedule(epochs=5)(4)
+    assert crit._ratio.on[torch.device("cuda", torch.cuda.current_device())].item() == LinearSchedule(epochs=5)(4)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

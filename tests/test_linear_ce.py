@@ -120,6 +120,7 @@ OPTIONS = [
     dict(weight=True, label_smoothing=0.2),
     dict(bias=False),
 ]
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def _case(n, d, v, opts, seed=0):
@@ -130,10 +131,22 @@ def _case(n, d, v, opts, seed=0):
     return x, w, b, t, opts
 
 
+# A pairwise covering set, not the full product: every shape meets every option set on every
+# backend, and the reduction rotates with (shape + option) index, so each reduction also meets
+# every shape and every option set. Each case runs both keep directions and two chunk sizes.
+UNFUSED_CASES = [
+    (shape, opts, REDUCTIONS[(i + j) % len(REDUCTIONS)])
+    for i, shape in enumerate(SHAPES)
+    for j, opts in enumerate(OPTIONS)
+]
+
+
 @pytest.mark.parametrize("backend", LM_BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(o) or "plain")
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "shape, opts, reduction",
+    UNFUSED_CASES,
+    ids=["x".join(map(str, s)) + "-" + ("-".join(o) or "plain") + "-" + r for s, o, r in UNFUSED_CASES],
+)
 def test_matches_unfused_float64(backend, shape, opts, reduction):
     x, w, b, t, kw = _case(*shape, opts)
     for keep, ratio in (("hardest", 0.3), ("easiest", 0.6)):
@@ -142,9 +155,20 @@ def test_matches_unfused_float64(backend, shape, opts, reduction):
             assert_same(fused, run_unfused(x, w, b, t, ratio, keep=keep, reduction=reduction, **kw))
 
 
-@pytest.mark.parametrize("backend", LM_BACKENDS)
-@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(o) or "plain")
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+# Every backend runs every option set; the reduction rotates with (backend + option) index, so
+# each backend and each option set meets every reduction.
+KEEP_ALL_RUNS = [
+    (backend, opts, REDUCTIONS[(b + j) % len(REDUCTIONS)])
+    for b, backend in enumerate(LM_BACKENDS)
+    for j, opts in enumerate(OPTIONS)
+]
+
+
+@pytest.mark.parametrize(
+    "backend, opts, reduction",
+    KEEP_ALL_RUNS,
+    ids=[f"{b}-{'-'.join(o) or 'plain'}-{r}" for b, o, r in KEEP_ALL_RUNS],
+)
 def test_keep_all_equals_torch_linear_cross_entropy(backend, opts, reduction):
     """keep_ratio=1 is F.linear_cross_entropy (torch 2.13's, the unchunked reference path)."""
     x, w, b, t, kw = _case(29, 6, 11, opts, seed=3)
