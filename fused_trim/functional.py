@@ -422,8 +422,8 @@ def trimmed_linear_cross_entropy(
     r"""The LM head fused with trimming: ``trimmed_cross_entropy(F.linear(input, linear_weight,
     linear_bias), target, keep_ratio, ...)`` without ever holding the ``(N, V)`` logits.
 
-    The forward computes every row's loss (logits in chunks of ``chunk_size`` rows on the CPU, in
-    tiles with an online logsumexp over ``V`` on the GPU), the kept set is chosen on those losses
+    The forward computes every row's loss (logits in chunks of about ``chunk_size`` rows; on the
+    GPU a cuBLAS GEMM per chunk, balanced chunks of whole 256-row tiles), the kept set is chosen on those losses
     exactly as :func:`trimmed_cross_entropy` chooses it, and the backward recomputes the logits of
     the kept rows only: about ``2 N D V + 6 k D V`` FLOPs per step instead of ``6 N D V``
     (``1 + 3 k / N`` forward-sized matmuls against 3: cheaper below a keep ratio of about 0.67).

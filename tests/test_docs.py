@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = ["README.md", "docs/design.md", "docs/demo.md", "benchmarks/README.md"]
+DOCUMENTS = ["README.md", "docs/design.md", "docs/demo.md", "docs/huggingface.md", "benchmarks/README.md"]
 
 
 def test_readme_is_at_most_250_lines():
