@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -129,24 +127,10 @@ def make_step(name: str, case: LMCase, x, w, t) -> Callable[[], torch.Tensor] | 
     raise ValueError(f"unknown row {name!r}")
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def median_time(step: Callable[[], object], device: str, repeats: int, budget_s: float) -> float:
-    """Median seconds of ``step`` over up to ``repeats`` calls after one warm-up call (at least 3
-    calls, fewer than ``repeats`` once ``budget_s`` is spent)."""
-    step()
-    _sync(device)
-    samples: list[float] = []
-    start = time.perf_counter()
-    while len(samples) < repeats and (len(samples) < 3 or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    """Median seconds of ``step`` after one warm-up call: :func:`benchmarks.cases.measure`, one call
+    per sample (these steps take far longer than the timer's resolution)."""
+    return C.measure(step, device, repeats=repeats, budget_s=budget_s, warmup=1, batch_s=0.0)[0]
 
 
 def allocator_peak_bytes(step: Callable[[], object]) -> int:

@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"unknown backends {sorted(unknown)}; known: {sorted(C.DESCRIPTIONS)}")
         for b in args.backends:
-            if b not in backends and b not in skipped:
+            if b not in backends and b not in skipped and b not in C.OPTIONAL:
                 skipped[b] = "not available here"
         backends = [b for b in backends if b in args.backends or b in (C.EAGER_BASELINE, C.COMPILED_BASELINE)]
         backends += [b for b in C.OPTIONAL if b in args.backends]

@@ -1,7 +1,9 @@
 """fused_trim: mini-batch trimming as one fused cross-entropy operation."""
 
+__version__ = "0.1.0"  # the one version source: pyproject.toml reads it
+
 from ._common import TrimInfo
-from .functional import trimmed_cross_entropy, trimmed_linear_cross_entropy
+from .functional import resolve_backend, trimmed_cross_entropy, trimmed_linear_cross_entropy
 from .nn import TrimmedCrossEntropyLoss, TrimmedLinearCrossEntropyLoss
 from .schedules import (
     ConstantSchedule,
@@ -16,6 +18,7 @@ from .schedules import (
 
 __all__ = [
     "TrimInfo",
+    "resolve_backend",
     "trimmed_cross_entropy",
     "trimmed_linear_cross_entropy",
     "TrimmedCrossEntropyLoss",
@@ -29,4 +32,3 @@ __all__ = [
     "ConstantSchedule",
     "OrderedSGDSchedule",
 ]
-__version__ = "0.1.0"

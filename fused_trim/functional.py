@@ -35,7 +35,7 @@ from ._common import (
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["trimmed_cross_entropy", "trimmed_linear_cross_entropy"]
+__all__ = ["resolve_backend", "trimmed_cross_entropy", "trimmed_linear_cross_entropy"]
 
 
 def _host_checkable(t: Tensor) -> bool:
@@ -189,6 +189,24 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         if reason is not None:
             raise RuntimeError(f"backend='native' cannot run here: {reason}")
     return backend
+
+
+def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu") -> str:
+    """The backend that a call with ``backend`` on a tensor on ``device`` runs.
+
+    ``"auto"`` gives ``"triton"`` for a CUDA device where Triton runs, else ``"native"`` where the
+    native op is available, else ``"reference"``. A named backend comes back as it is, or raises
+    :class:`RuntimeError` saying why it cannot run on ``device``. Resolving loads the native op (on
+    a machine's first use it compiles it): call this before a timed loop to keep that out of the
+    timing, or to log which backend a run used.
+
+    Example::
+
+        >>> fused_trim.resolve_backend("auto", "cpu")  # doctest: +SKIP
+        'native'
+    """
+    check_choice("backend", backend, BACKENDS)
+    return _resolve_backend(backend, torch.device(device))
 
 
 def _backend_fn(name: str):
@@ -404,8 +422,8 @@ def trimmed_linear_cross_entropy(
     r"""The LM head fused with trimming: ``trimmed_cross_entropy(F.linear(input, linear_weight,
     linear_bias), target, keep_ratio, ...)`` without ever holding the ``(N, V)`` logits.
 
-    The forward computes every row's loss (logits in chunks of ``chunk_size`` rows on the CPU, in
-    tiles with an online logsumexp over ``V`` on the GPU), the kept set is chosen on those losses
+    The forward computes every row's loss (logits in chunks of about ``chunk_size`` rows; on the
+    GPU a cuBLAS GEMM per chunk, balanced chunks of whole 256-row tiles), the kept set is chosen on those losses
     exactly as :func:`trimmed_cross_entropy` chooses it, and the backward recomputes the logits of
     the kept rows only: about ``2 N D V + 6 k D V`` FLOPs per step instead of ``6 N D V``
     (``1 + 3 k / N`` forward-sized matmuls against 3: cheaper below a keep ratio of about 0.67).

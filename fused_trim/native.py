@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ._build import build, want_cuda
-from ._common import as_rows, forms_gradient_in_forward
+from ._common import as_rows, first_equal_rows, forms_gradient_in_forward
 
 __all__ = [
     "build",
@@ -405,6 +405,9 @@ def trimmed_linear_cross_entropy_2d(
     losses, lse = torch.ops.fused_trim.linear_ce_rows.default(
         *detached, target, weight, int(ignore_index), float(label_smoothing), int(chunk_size)
     )
+    # Bitwise equal rows (duplicated tokens) tie, wherever BLAS placed them in a tile.
+    first = first_equal_rows(input.detach(), target)
+    losses, lse = losses[first], lse[first]
     ratio, ratio_t = _op_ratio(keep_ratio if share is None else share(losses, target != ignore_index))
     out, kept, k, threshold, _ = torch.ops.fused_trim.linear_ce_trimmed.default(
         losses, lse, input, linear_weight, linear_bias, target, weight, ratio, ratio_t, keep == "easiest",

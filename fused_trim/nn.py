@@ -1,4 +1,5 @@
-"""``TrimmedCrossEntropyLoss``: the module form of :func:`~fused_trim.trimmed_cross_entropy`."""
+"""The loss modules: :func:`~fused_trim.trimmed_cross_entropy` and
+:func:`~fused_trim.trimmed_linear_cross_entropy` with their options held and a keep-ratio schedule."""
 
 from __future__ import annotations
 
@@ -29,7 +30,152 @@ if TYPE_CHECKING:
 __all__ = ["TrimmedCrossEntropyLoss", "TrimmedLinearCrossEntropyLoss"]
 
 
-class TrimmedCrossEntropyLoss(nn.Module):
+class _RatioState:
+    """The keep ratio of a module, held once.
+
+    ``value`` is the schedule's value the next forward uses. A compiled forward reads it from
+    ``on[device]``, a 0-dim float64 tensor per device that :meth:`set` fills in place, so a moving
+    schedule never recompiles the graph and no step copies the ratio from the host. float64: a
+    float32 0.7 rounds ``k = floor(0.7 * 5 + 0.5)`` down to 3. Plain tensors, not buffers, so that
+    moving the module never meets a device without float64. ``last`` is the ratio of the last
+    forward; after a compiled one it is ``value`` until :meth:`set` moves on (a compiled forward
+    runs no Python to record it).
+    """
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+        self.host = torch.tensor(value, dtype=torch.float64)  # what a new device's tensor is copied from
+        self.on: dict[torch.device, Tensor] = {self.host.device: self.host}
+        self._last: float | None = None
+        self._last_compiled = False
+
+    @property
+    def last(self) -> float | None:
+        """The ratio of the last forward (``None`` before the first)."""
+        return self.value if self._last_compiled else self._last
+
+    def set(self, value: float) -> None:
+        """Move to ``value``; every device's tensor follows (on a GPU a fill kernel: no copy, no sync)."""
+        if value == self.value:
+            return
+        self._last, self._last_compiled = self.last, False
+        self.value = value
+        self.host.fill_(value)  # kept current even when no device tensor is the host's
+        for t in self.on.values():
+            if t is not self.host:
+                t.fill_(value)
+
+    def used_eagerly(self) -> float:
+        """``value``, recorded as the last forward's."""
+        self._last, self._last_compiled = self.value, False
+        return self.value
+
+    def used_compiled(self, device: torch.device) -> Tensor:
+        """The ratio tensor on ``device`` (a graph input, not a constant); a device met for the first
+        time gets a copy, once (the next call recompiles to read it)."""
+        t = self.on.get(device)
+        if t is None:
+            t = self.on[device] = self.host.to(device, copy=True)
+        self._last_compiled = True
+        return t
+
+
+class _ScheduledLoss(nn.Module):
+    """What both loss modules share: the trimming options, checked at construction, and the keep
+    ratio's schedule and progress (:meth:`set_epoch`, :meth:`step`)."""
+
+    weight: Tensor | None
+
+    def __init__(
+        self,
+        keep_ratio: float | Callable[[int, int], float] = 1.0,
+        *,
+        keep: str = "hardest",
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        backend: str = "auto",
+        process_group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        self.schedule = keep_ratio if callable(keep_ratio) else ConstantSchedule(keep_ratio)  # validates now
+        # The functional checks, now rather than at the first forward (the weight's length at the
+        # forward, when C is known).
+        check_choice("keep", keep, KEEP_CHOICES)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("backend", backend, BACKENDS)
+        check_ignore_index(ignore_index)
+        check_label_smoothing(label_smoothing)
+        check_weight(weight)
+        self.keep = keep
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.backend = backend
+        self.process_group = process_group
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.info: TrimInfo | None = None
+        self._ratio = _RatioState(self.keep_ratio)
+
+    @property
+    def keep_ratio(self) -> float:
+        """The keep ratio the next forward will use."""
+        r = float(self.schedule(self.epoch, self.step_in_epoch))
+        if 0.0 < r <= 1.0:  # read every forward: the named check (and its repr) only for a bad value
+            return r
+        return check_ratio(f"the keep ratio of schedule {self.schedule!r}", r)
+
+    @property
+    def last_keep_ratio(self) -> float | None:
+        """The keep ratio the last forward used (``None`` before the first), read on the host."""
+        return self._ratio.last
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` (0-based): the schedule is read at its first mini-batch."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = epoch
+        self.step_in_epoch = 0
+        self._ratio.set(self.keep_ratio)
+
+    def step(self) -> None:
+        """Advance to the next mini-batch of the current epoch."""
+        self.step_in_epoch += 1
+        self._ratio.set(self.keep_ratio)
+
+    def _ratio_for(self, device: torch.device) -> float | Tensor:
+        """The ratio a forward on ``device`` passes on: a float eagerly (the schedule read now), the
+        device's ratio tensor under ``torch.compile``."""
+        if torch.compiler.is_compiling():
+            return self._ratio.used_compiled(device)
+        self._ratio.set(self.keep_ratio)
+        return self._ratio.used_eagerly()
+
+    def _options(self) -> dict:
+        """The trimming arguments of the functional call, as this module holds them."""
+        return dict(
+            keep=self.keep,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            reduction=self.reduction,
+            backend=self.backend,
+            return_info=True,
+            process_group=self.process_group,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"keep_ratio={self.schedule!r}, keep={self.keep!r}, reduction={self.reduction!r}, "
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+            f"backend={self.backend!r}"
+        )
+
+
+class TrimmedCrossEntropyLoss(_ScheduledLoss):
     r"""Cross-entropy over only the hardest (or easiest) samples of each mini-batch.
 
     Mirrors :class:`torch.nn.CrossEntropyLoss` (class-index targets) and adds the keep ratio,
@@ -75,133 +221,17 @@ class TrimmedCrossEntropyLoss(nn.Module):
                 criterion.step()
     """
 
-    weight: Tensor | None
-
-    def __init__(
-        self,
-        keep_ratio: float | Callable[[int, int], float] = 1.0,
-        *,
-        keep: str = "hardest",
-        weight: Tensor | None = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        backend: str = "auto",
-        process_group: ProcessGroup | None = None,
-    ) -> None:
-        super().__init__()
-        if callable(keep_ratio):
-            self.schedule = keep_ratio
-        else:
-            self.schedule = ConstantSchedule(keep_ratio)  # validates the ratio now
-        # The functional checks, now rather than at the first forward (the weight's length at the
-        # forward, when C is known).
-        check_choice("keep", keep, KEEP_CHOICES)
-        check_choice("reduction", reduction, REDUCTIONS)
-        check_choice("backend", backend, BACKENDS)
-        check_ignore_index(ignore_index)
-        check_label_smoothing(label_smoothing)
-        check_weight(weight)
-        self.keep = keep
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.backend = backend
-        self.process_group = process_group
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self.info: TrimInfo | None = None
-        self._last: float | None = None
-        self._last_compiled = False  # the last forward was compiled: it used self._ratio
-        self._ratio = self.keep_ratio
-        # float64: a float32 0.7 rounds k = floor(0.7 * 5 + 0.5) down to 3. Not buffers, so that
-        # moving the module never meets a device without float64, and every device the loss meets
-        # gets its own: _refresh fills them all in place.
-        self._ratio_t = torch.tensor(self._ratio, dtype=torch.float64)
-        self._ratio_on: dict[torch.device, Tensor] = {self._ratio_t.device: self._ratio_t}
-
-    @property
-    def keep_ratio(self) -> float:
-        """The keep ratio the next forward will use."""
-        r = float(self.schedule(self.epoch, self.step_in_epoch))
-        if 0.0 < r <= 1.0:  # read every forward: the named check (and its repr) only for a bad value
-            return r
-        return check_ratio(f"the keep ratio of schedule {self.schedule!r}", r)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch`` (0-based): the schedule is read at its first mini-batch."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        self.epoch = epoch
-        self.step_in_epoch = 0
-        self._refresh()
-
-    def step(self) -> None:
-        """Advance to the next mini-batch of the current epoch."""
-        self.step_in_epoch += 1
-        self._refresh()
-
-    def _refresh(self) -> float:
-        """Read the schedule now; the compiled forward's ratio tensors follow it (eager code)."""
-        r = self.keep_ratio
-        if r != self._ratio:
-            if self._last_compiled:
-                self._last, self._last_compiled = self._ratio, False
-            self._ratio = r
-            for t in self._ratio_on.values():
-                t.fill_(r)  # on a GPU a fill kernel: no copy, no synchronisation
-        return r
-
-    def _ratio_for(self, device: torch.device) -> float | Tensor:
-        """The ratio a forward on ``device`` passes on: a float eagerly, the device's ratio tensor
-        (a graph input, not a constant) under ``torch.compile``."""
-        if torch.compiler.is_compiling():
-            r: float | Tensor | None = self._ratio_on.get(device)
-            if r is None:  # first forward on this device: copy once and keep (the next call recompiles)
-                r = self._ratio_on[device] = self._ratio_t.to(device, copy=True)
-            self._last_compiled = True
-            return r
-        r = self._refresh()
-        self._last, self._last_compiled = r, False
-        return r
-
     def forward(self, input: Tensor, target: Tensor, score_offset: Tensor | None = None) -> Tensor:
         """The trimmed loss of ``input`` and ``target``; ``score_offset`` (the target's shape, or
         ``None``) ranks ``l_i - score_offset_i`` instead of ``l_i`` for this call (see
         :func:`~fused_trim.trimmed_cross_entropy`)."""
         r = self._ratio_for(input.device)
-        loss, info = trimmed_cross_entropy(
-            input,
-            target,
-            r,
-            keep=self.keep,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            reduction=self.reduction,
-            backend=self.backend,
-            return_info=True,
-            process_group=self.process_group,
-            score_offset=score_offset,
-        )
+        loss, info = trimmed_cross_entropy(input, target, r, score_offset=score_offset, **self._options())
         self.info = info
         return loss
 
-    @property
-    def last_keep_ratio(self) -> float | None:
-        """The keep ratio the last forward used (``None`` before the first), read on the host."""
-        return self._ratio if self._last_compiled else self._last
 
-    def extra_repr(self) -> str:
-        return (
-            f"keep_ratio={self.schedule!r}, keep={self.keep!r}, reduction={self.reduction!r}, "
-            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-            f"backend={self.backend!r}"
-        )
-
-
-class TrimmedLinearCrossEntropyLoss(TrimmedCrossEntropyLoss):
+class TrimmedLinearCrossEntropyLoss(_ScheduledLoss):
     r"""The LM head and the trimmed loss in one module: :func:`~fused_trim.trimmed_linear_cross_entropy`.
 
     ``criterion(hidden, target)`` computes ``TrimmedCrossEntropyLoss(...)(F.linear(hidden,
@@ -264,16 +294,9 @@ class TrimmedLinearCrossEntropyLoss(TrimmedCrossEntropyLoss):
             target,
             r,
             linear_bias=bias,
-            keep=self.keep,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            reduction=self.reduction,
-            backend=self.backend,
-            return_info=True,
-            process_group=self.process_group,
             chunk_size=self.chunk_size,
             score_offset=score_offset,
+            **self._options(),
         )
         self.info = info
         return loss

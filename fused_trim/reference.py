@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ._common import as_rows, compute_k, ranking_scores
+from ._common import as_rows, compute_k, first_equal_rows, ordered_keys, ranking_scores
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,13 +43,41 @@ def per_sample_loss(
     return torch.where(valid, loss, zero), torch.where(valid, w_y, zero)
 
 
-def select(losses: Tensor, valid: Tensor, k: int, keep: str) -> Tensor:
-    """Flat indices of the kept set: the ``k`` largest (``"hardest"``) or smallest (``"easiest"``)
-    valid losses, ties to the lower index, NaN ranked above +inf (``torch.sort``'s order).
-    The indices come in ranking order."""
-    candidates = valid.nonzero()[:, 0]
-    order = torch.sort(losses[candidates], descending=keep == "hardest", stable=True).indices
-    return candidates[order[:k]]
+def select(scores: Tensor, valid: Tensor, k: Tensor, keep: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The kept set: the ``k`` largest (``"hardest"``) or smallest (``"easiest"``) valid scores,
+    ties to the lower index, NaN ranked above +inf, ``-0.0`` equal to ``+0.0``
+    (:func:`fused_trim._common.ordered_keys`).
+
+    Static shapes only (a sort of every row, masks instead of ``nonzero``), so that it traces under
+    ``torch.compile(fullgraph=True)``. Returns ``(kept, order, threshold)``: the bool mask, every
+    row in ranking order (valid rows first), and the k-th score (NaN when ``k == 0``).
+    """
+    keys = ordered_keys(scores, keep)
+    order = torch.sort(keys, descending=True, stable=True).indices
+    order = order[torch.sort(valid[order].to(torch.int8), descending=True, stable=True).indices]
+    ranked = torch.arange(order.shape[0], device=order.device) < k
+    kept = torch.zeros_like(valid).scatter(0, order, ranked)
+    nan = torch.full((), float("nan"), dtype=scores.dtype, device=scores.device)
+    if order.shape[0] == 0:
+        return kept, order, nan
+    pos = (k - 1).clamp(min=0).reshape(1)  # (gather, not indexing: k stays a tensor under compile)
+    last = scores.gather(0, order.gather(0, pos)).squeeze(0)
+    return kept, order, torch.where(k > 0, last, nan)
+
+
+def _gather_bound(k: Tensor, rows: int) -> int:
+    """How many rows of the ranking order the backward recomputes: exactly ``k`` in eager mode;
+    under ``torch.compile`` every row (``k`` is a device value there, and a bound computed from a
+    float ratio becomes a symbolic size that activation checkpointing cannot take), the rows
+    beyond ``k`` masked out. Compiled, the reference therefore recomputes all rows."""
+    return rows if torch.compiler.is_compiling() else int(k)
+
+
+def _kept_rows(order: Tensor, kept: Tensor, bound: int) -> tuple[Tensor, Tensor]:
+    """The first ``bound`` rows of the ranking order in row order (the sums then run in a fixed
+    order) and which of them are kept."""
+    rows = order[:bound].sort().values
+    return rows, kept[rows]
 
 
 def trimmed_cross_entropy_2d(
@@ -78,17 +106,18 @@ def trimmed_cross_entropy_2d(
         losses, _ = per_sample_loss(input, target, weight, ignore_index, label_smoothing)
     scores = ranking_scores(losses, score_offset)
     k = compute_k(valid.sum(), keep_ratio)
-    idx = select(scores, valid, int(k), keep)
-    kept = torch.zeros_like(valid)
-    kept[idx] = True
-    nan = torch.full((), float("nan"), dtype=losses.dtype, device=losses.device)
-    threshold = scores[idx[-1]] if idx.numel() else nan
+    kept, order, threshold = select(scores, valid, k, keep)
 
-    # Recompute the kept rows with autograd: the gradient is exactly zero everywhere else.
-    kept_loss, kept_w = per_sample_loss(input[idx], target[idx], weight, ignore_index, label_smoothing)
+    # Recompute the kept rows with autograd: the gradient is exactly zero everywhere else. Rows
+    # gathered beyond k (under compile) become zeros with an ignored target: they add nothing,
+    # not even 0 * NaN.
+    rows, mask = _kept_rows(order, kept, _gather_bound(k, target.shape[0]))
+    x = torch.where(mask[:, None], input[rows], 0)
+    t = torch.where(mask, target[rows], ignore_index)
+    kept_loss, kept_w = per_sample_loss(x, t, weight, ignore_index, label_smoothing)
     if reduction == "none":
         out = torch.zeros(target.shape, dtype=kept_loss.dtype, device=input.device)
-        out = out.index_put((idx,), kept_loss)
+        out = out.index_put((rows,), kept_loss)
     elif reduction == "sum":
         out = kept_loss.sum()
     else:
@@ -125,7 +154,8 @@ def linear_ce_rows(
     chunk_size: int,
 ) -> tuple[Tensor, Tensor]:
     """Every row's loss of ``F.linear(input, linear_weight, linear_bias)``, ``chunk_size`` rows of
-    logits at a time (detached). Returns ``(loss, w_y)`` in the accumulation dtype, ``(N,)``."""
+    logits at a time (detached). Returns ``(loss, w_y)`` in the accumulation dtype, ``(N,)``.
+    Bitwise equal rows with equal targets get the same loss (:func:`fused_trim._common.first_equal_rows`)."""
     losses, wys = [], []
     with torch.no_grad():
         for start in range(0, input.shape[0], chunk_size):
@@ -138,7 +168,7 @@ def linear_ce_rows(
         acc = _compute_dtype(input.dtype)
         empty = input.new_empty((0,), dtype=acc)
         return empty, empty
-    return torch.cat(losses), torch.cat(wys)
+    return torch.cat(losses)[first_equal_rows(input, target)], torch.cat(wys)
 
 
 def trimmed_linear_cross_entropy_2d(
@@ -161,39 +191,42 @@ def trimmed_linear_cross_entropy_2d(
     The forward computes every row's loss in chunks of ``chunk_size`` rows, selects the kept set
     on those losses, and recomputes only the kept rows' logits with autograd, again in chunks and
     under activation checkpointing, so neither pass holds more than ``chunk_size x V`` logits.
-    ``share``, when given, maps ``(losses, valid)`` to the exact number of rows to keep (a 0-dim
-    int64 tensor; global trimming). ``score_offset`` (``(N,)`` or ``None``): rank
-    ``losses - score_offset``. Returns ``(out, losses, kept, k, threshold)`` as
-    :func:`trimmed_cross_entropy_2d` does.
+    The head is converted to the accumulation dtype once, so that its gradient is summed over the
+    chunks in fp32 (bf16/fp16 heads) and rounded once. ``share``, when given, maps
+    ``(losses, valid)`` to the exact number of rows to keep (a 0-dim int64 tensor; global
+    trimming). ``score_offset`` (``(N,)`` or ``None``): rank ``losses - score_offset``. Returns
+    ``(out, losses, kept, k, threshold)`` as :func:`trimmed_cross_entropy_2d` does.
     """
     valid = target != ignore_index
     losses, _ = linear_ce_rows(
         input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, chunk_size
     )
-    k = compute_k(valid.sum(), keep_ratio if share is None else share(losses, valid))
+    ratio = keep_ratio if share is None else share(losses, valid)
+    k = compute_k(valid.sum(), ratio)
     scores = ranking_scores(losses, score_offset)
-    idx = select(scores, valid, int(k), keep)
-    kept = torch.zeros_like(valid)
-    kept[idx] = True
-    nan = torch.full((), float("nan"), dtype=losses.dtype, device=losses.device)
-    threshold = scores[idx[-1]] if idx.numel() else nan
+    kept, order, threshold = select(scores, valid, k, keep)
+
+    acc = losses.dtype
+    head = linear_weight.to(acc)
+    bias = None if linear_bias is None else linear_bias.to(acc)
 
     def kept_rows(x: Tensor, t: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
-        return per_sample_loss(_linear_logits(x, w, b), t, weight, ignore_index, label_smoothing)
+        return per_sample_loss(F.linear(x.to(acc), w, b), t, weight, ignore_index, label_smoothing)
 
-    idx = idx.sort().values  # row order: the sums run in a fixed order
+    # Rows gathered beyond k (under compile) become zeros with an ignored target: a NaN hidden
+    # state outside K reaches no gradient, not even as 0 * NaN.
+    rows, mask = _kept_rows(order, kept, _gather_bound(k, target.shape[0]))
     parts, wys = [], []
-    for start in range(0, max(idx.numel(), 1), chunk_size):  # (an empty chunk keeps the graph)
-        rows = idx[start : start + chunk_size]
-        loss, w_y = checkpoint(
-            kept_rows, input[rows], target[rows], linear_weight, linear_bias, use_reentrant=False
-        )
+    for start in range(0, max(rows.shape[0], 1), chunk_size):  # (an empty chunk keeps the graph)
+        r, m = rows[start : start + chunk_size], mask[start : start + chunk_size]
+        x = torch.where(m[:, None], input[r], 0)
+        t = torch.where(m, target[r], ignore_index)
+        loss, w_y = checkpoint(kept_rows, x, t, head, bias, use_reentrant=False)
         parts.append(loss)
         wys.append(w_y)
-    acc = losses.dtype
     kept_loss, kept_w = torch.cat(parts), torch.cat(wys)
     if reduction == "none":
-        out = torch.zeros(target.shape, dtype=acc, device=input.device).index_put((idx,), kept_loss)
+        out = torch.zeros(target.shape, dtype=acc, device=input.device).index_put((rows,), kept_loss)
     elif reduction == "sum":
         out = kept_loss.sum()
     else:

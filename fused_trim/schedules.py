@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from ._common import check_ratio
 
@@ -68,7 +69,8 @@ class KeepRatioSchedule:
     """Base class of keep-ratio schedules.
 
     Subclasses implement :meth:`value`; calling the schedule validates the progress and returns
-    ``value(epoch, step)``.
+    ``value(epoch, step)``. Make a subclass a ``@dataclass(eq=False)``, as the schedules here are,
+    and its repr says what it is (the module's repr shows it).
     """
 
     def __call__(self, epoch: int = 0, step: int = 0) -> float:
@@ -79,24 +81,21 @@ class KeepRatioSchedule:
     def value(self, epoch: int, step: int) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _fields(self) -> dict[str, object]:
-        return {}
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self._fields().items())
-        return f"{type(self).__name__}({args})"
-
-
+# The schedules are dataclasses for their ``__init__`` and ``__repr__``; ``eq=False`` keeps them
+# compared (and hashed) by identity, as any callable, since OrderedSGDSchedule changes as it runs.
+@dataclass(eq=False)
 class _EpochRange(KeepRatioSchedule):
     """A schedule from ``start`` at epoch 0 to ``end`` at the last of ``epochs`` epochs."""
 
-    def __init__(self, epochs: int, start: float = 1.0, end: float = 0.2) -> None:
-        self.epochs = _check_count("epochs", epochs, 1)
-        self.start = check_ratio("start", start)
-        self.end = check_ratio("end", end)
+    epochs: int
+    start: float = 1.0
+    end: float = 0.2
 
-    def _fields(self) -> dict[str, object]:
-        return {"epochs": self.epochs, "start": self.start, "end": self.end}
+    def __post_init__(self) -> None:
+        self.epochs = _check_count("epochs", self.epochs, 1)
+        self.start = check_ratio("start", self.start)
+        self.end = check_ratio("end", self.end)
 
 
 class LinearSchedule(_EpochRange):
@@ -117,6 +116,7 @@ class LinearSchedule(_EpochRange):
         return _ramp(self.start, self.end, epoch, self.epochs - 1)
 
 
+@dataclass(eq=False)
 class LinearStepSchedule(KeepRatioSchedule):
     r"""The same linear ramp, updated every mini-batch instead of every epoch.
 
@@ -132,25 +132,23 @@ class LinearStepSchedule(KeepRatioSchedule):
         end: keep ratio at the last mini-batch.
     """
 
-    def __init__(self, epochs: int, steps_per_epoch: int, start: float = 1.0, end: float = 0.2) -> None:
-        self.epochs = _check_count("epochs", epochs, 1)
-        self.steps_per_epoch = _check_count("steps_per_epoch", steps_per_epoch, 1)
-        self.start = check_ratio("start", start)
-        self.end = check_ratio("end", end)
+    epochs: int
+    steps_per_epoch: int
+    start: float = 1.0
+    end: float = 0.2
+
+    def __post_init__(self) -> None:
+        self.epochs = _check_count("epochs", self.epochs, 1)
+        self.steps_per_epoch = _check_count("steps_per_epoch", self.steps_per_epoch, 1)
+        self.start = check_ratio("start", self.start)
+        self.end = check_ratio("end", self.end)
 
     def value(self, epoch: int, step: int) -> float:
         t = epoch * self.steps_per_epoch + step
         return _ramp(self.start, self.end, t, self.epochs * self.steps_per_epoch - 1)
 
-    def _fields(self) -> dict[str, object]:
-        return {
-            "epochs": self.epochs,
-            "steps_per_epoch": self.steps_per_epoch,
-            "start": self.start,
-            "end": self.end,
-        }
 
-
+@dataclass(eq=False)
 class WarmupSchedule(KeepRatioSchedule):
     """No trimming (ratio 1.0) for the first ``warmup_epochs`` epochs, then ``schedule``.
 
@@ -162,19 +160,18 @@ class WarmupSchedule(KeepRatioSchedule):
         warmup_epochs: number of epochs without trimming (>= 0).
     """
 
-    def __init__(self, schedule: KeepRatioSchedule | float, warmup_epochs: int) -> None:
-        if not isinstance(schedule, KeepRatioSchedule):
-            schedule = ConstantSchedule(schedule)
-        self.schedule = schedule
-        self.warmup_epochs = _check_count("warmup_epochs", warmup_epochs, 0)
+    schedule: KeepRatioSchedule | float
+    warmup_epochs: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.schedule, KeepRatioSchedule):
+            self.schedule = ConstantSchedule(self.schedule)
+        self.warmup_epochs = _check_count("warmup_epochs", self.warmup_epochs, 0)
 
     def value(self, epoch: int, step: int) -> float:
         if epoch < self.warmup_epochs:
             return 1.0
         return self.schedule(epoch - self.warmup_epochs, step)
-
-    def _fields(self) -> dict[str, object]:
-        return {"schedule": self.schedule, "warmup_epochs": self.warmup_epochs}
 
 
 class CosineSchedule(_EpochRange):
@@ -199,6 +196,7 @@ class CosineSchedule(_EpochRange):
         return _within(value, self.start, self.end)
 
 
+@dataclass(eq=False)
 class StepSchedule(KeepRatioSchedule):
     """``start`` multiplied by ``gamma`` at each milestone epoch reached.
 
@@ -208,23 +206,24 @@ class StepSchedule(KeepRatioSchedule):
         start: keep ratio before the first milestone.
     """
 
-    def __init__(self, milestones: Sequence[int], gamma: float = 0.5, start: float = 1.0) -> None:
-        milestones = tuple(milestones)
-        for m in milestones:
+    milestones: Sequence[int]
+    gamma: float = 0.5
+    start: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.milestones = tuple(self.milestones)
+        for m in self.milestones:
             _check_count("each milestone", m, 1)
-        if list(milestones) != sorted(set(milestones)):
-            raise ValueError(f"milestones must be strictly increasing, got {milestones}")
-        self.milestones = milestones
-        self.gamma = check_ratio("gamma", gamma)
-        self.start = check_ratio("start", start)
+        if list(self.milestones) != sorted(set(self.milestones)):
+            raise ValueError(f"milestones must be strictly increasing, got {self.milestones}")
+        self.gamma = check_ratio("gamma", self.gamma)
+        self.start = check_ratio("start", self.start)
 
     def value(self, epoch: int, step: int) -> float:
         return self.start * self.gamma ** sum(epoch >= m for m in self.milestones)
 
-    def _fields(self) -> dict[str, object]:
-        return {"milestones": self.milestones, "gamma": self.gamma, "start": self.start}
 
-
+@dataclass(eq=False)
 class ConstantSchedule(KeepRatioSchedule):
     """The same keep ratio at every step.
 
@@ -232,16 +231,16 @@ class ConstantSchedule(KeepRatioSchedule):
         ratio: the keep ratio, in ``(0, 1]``.
     """
 
-    def __init__(self, ratio: float) -> None:
-        self.ratio = check_ratio("ratio", ratio)
+    ratio: float
+
+    def __post_init__(self) -> None:
+        self.ratio = check_ratio("ratio", self.ratio)
 
     def value(self, epoch: int, step: int) -> float:
         return self.ratio
 
-    def _fields(self) -> dict[str, object]:
-        return {"ratio": self.ratio}
 
-
+@dataclass(eq=False)
 class OrderedSGDSchedule(KeepRatioSchedule):
     """Ordered-SGD-style schedule (Kawaguchi & Lu, 2020): halve the kept fraction each time the
     training accuracy crosses a threshold.
@@ -256,19 +255,18 @@ class OrderedSGDSchedule(KeepRatioSchedule):
         factor: factor in ``(0, 1]`` applied per threshold crossed (``0.5``: halve).
     """
 
-    def __init__(
-        self,
-        start: float = 1.0,
-        thresholds: Sequence[float] = (0.8, 0.9, 0.95, 0.995),
-        factor: float = 0.5,
-    ) -> None:
-        self.start = check_ratio("start", start)
-        self.thresholds = tuple(float(t) for t in thresholds)
+    start: float = 1.0
+    thresholds: Sequence[float] = (0.8, 0.9, 0.95, 0.995)
+    factor: float = 0.5
+    crossed: int = field(default=0, init=False)  # thresholds crossed so far
+
+    def __post_init__(self) -> None:
+        self.start = check_ratio("start", self.start)
+        self.thresholds = tuple(float(t) for t in self.thresholds)
         for t in self.thresholds:
             if not 0.0 <= t <= 1.0:
                 raise ValueError(f"thresholds are accuracies in [0, 1], got {t!r}")
-        self.factor = check_ratio("factor", factor)
-        self.crossed = 0
+        self.factor = check_ratio("factor", self.factor)
 
     def update(self, train_accuracy: float) -> float:
         """Record a training accuracy in ``[0, 1]`` and return the new keep ratio."""
@@ -280,11 +278,3 @@ class OrderedSGDSchedule(KeepRatioSchedule):
 
     def value(self, epoch: int, step: int) -> float:
         return self.start * self.factor**self.crossed
-
-    def _fields(self) -> dict[str, object]:
-        return {
-            "start": self.start,
-            "thresholds": self.thresholds,
-            "factor": self.factor,
-            "crossed": self.crossed,
-        }

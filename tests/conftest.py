@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
@@ -13,3 +14,12 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def grid_select(monkeypatch):
+    """Force Triton's multi-program select onto small problems, which the interpreter can run."""
+    from fused_trim.triton import function
+
+    monkeypatch.setattr(function, "SINGLE_PROGRAM_MAX_ROWS", 0)
+    monkeypatch.setattr(function, "GRID_BLOCK", 64)

@@ -106,7 +106,7 @@ def test_compiled_module_reads_a_ratio_tensor_on_the_input_device(new_device):
     t = torch.randint(0, 10, (64,), device=dev)
     crit = TrimmedCrossEntropyLoss(LinearSchedule(epochs=5), backend=backend)
     if new_device:
-        crit._ratio_on.clear()
+        crit._ratio.on.clear()
     graphs = []
 
     def capture(gm, example_inputs):
@@ -121,7 +121,7 @@ def test_compiled_module_reads_a_ratio_tensor_on_the_input_device(new_device):
         step(x, t)
         assert int(crit.info.k) == round(64 * (1.0 - 0.2 * epoch))
         assert crit.last_keep_ratio == LinearSchedule(epochs=5)(epoch)
-        tensors.append(crit._ratio_on[dev])
+        tensors.append(crit._ratio.on[dev])
     crit.set_epoch(0)  # the ratio moves on; the last forward's stays what it was
     assert crit.last_keep_ratio == LinearSchedule(epochs=5)(4)
     assert all(r is tensors[0] for r in tensors), "the device's ratio tensor was made more than once"
@@ -151,7 +151,7 @@ def test_compiled_module_step_on_cuda_never_syncs():
             step(x, t)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert crit._ratio_on[torch.device("cuda", torch.cuda.current_device())].item() == LinearSchedule(epochs=5)(4)
+    assert crit._ratio.on[torch.device("cuda", torch.cuda.current_device())].item() == LinearSchedule(epochs=5)(4)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -186,3 +186,44 @@ def test_cuda_forward_backward_never_sync_and_capture_in_a_graph(backend):
     torch.cuda.synchronize()
     expected = trimmed_cross_entropy(x.detach(), t, ratio, backend="reference")
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["ce", "linear_ce"])
+@pytest.mark.parametrize("tensor_ratio", [False, True], ids=["float-ratio", "tensor-ratio"])
+def test_reference_compiles_fullgraph(op, tensor_ratio):
+    """The reference (the fallback where nothing is compiled) traces with fullgraph=True: masks, not
+    data-dependent shapes; value and gradients equal eager, ignored rows and a NaN row included."""
+    from fused_trim import trimmed_linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(23, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    b = torch.randn(9, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, 9, (23,), generator=gen)
+    t[::5] = -100
+    x[7] = float("nan")  # ignored row: must not reach a gradient
+
+    def step(x, w, b, ratio, keep, reduction):
+        if op == "ce":
+            return trimmed_cross_entropy(torch.nn.functional.linear(x, w, b), t, ratio, keep=keep,
+                                         reduction=reduction, backend="reference", label_smoothing=0.1)
+        return trimmed_linear_cross_entropy(x, w, t, ratio, linear_bias=b, keep=keep, reduction=reduction,
+                                            backend="reference", chunk_size=4, label_smoothing=0.1)  # fmt: skip
+
+    t[7] = -100
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for ratio in (1.0, 0.4):
+        for keep in ("hardest", "easiest"):
+            for reduction in ("mean", "none"):
+                r = torch.tensor(ratio) if tensor_ratio else ratio
+                results = []
+                for fn in (compiled, step):
+                    leaves = [v.clone().requires_grad_(True) for v in (x, w, b)]
+                    out = fn(*leaves, r, keep, reduction)
+                    results.append((out.detach(), torch.autograd.grad(out.sum(), leaves)))
+                torch.testing.assert_close(results[0][0], results[1][0])
+                for a, e in zip(results[0][1], results[1][1], strict=True):
+                    # (through an outside F.linear, the NaN row's zero logit gradient meets its NaN)
+                    assert op == "ce" or torch.isfinite(a).all()
+                    torch.testing.assert_close(a, e, equal_nan=True)

@@ -8,6 +8,7 @@ import math
 import re
 
 import pytest
+import torch
 
 pytest.importorskip("mnist1d")
 pytest.importorskip("sklearn")
@@ -210,7 +211,7 @@ def test_compare_trains_the_baseline_once_per_seed(tmp_path, monkeypatch):
         calls.append((arm, seed))
         return real(data, cfg, arm, seed, bar)
 
-    monkeypatch.setattr(demo, "train_run", counting)
+    monkeypatch.setattr(demo.classifier, "train_run", counting)
     arms = ("linear", "warmup", "osgd", "constant")
     cfg = _tiny(tmp_path, dataset="digits", model="mlp", seeds=2, train_size=200, compare=arms)
     printed = io.StringIO()
@@ -271,8 +272,23 @@ def test_native_op_is_loaded_before_training_starts(tmp_path, monkeypatch):
     # Resolving the backend is what compiles the native op on first use: it must happen before the
     # first epoch is timed (and before the progress bar starts), not after training.
     events = []
-    resolve, train = demo._resolve_backend, demo.train_run
-    monkeypatch.setattr(demo, "_resolve_backend", lambda *a: events.append("resolve") or resolve(*a))
-    monkeypatch.setattr(demo, "train_run", lambda *a, **k: events.append("train") or train(*a, **k))
+    resolve, train = demo.runner.resolve_backend, demo.classifier.train_run
+    monkeypatch.setattr(demo.runner, "resolve_backend", lambda *a: events.append("resolve") or resolve(*a))
+    monkeypatch.setattr(demo.classifier, "train_run", lambda *a, **k: events.append("train") or train(*a, **k))
     run_demo(_tiny(tmp_path, dataset="digits", model="linear", train_size=200), stream=io.StringIO())
     assert events == ["resolve", "train", "train"]
+
+
+def test_the_task_is_a_pluggable_choice(tmp_path):
+    """--task names a module of fused_trim.demo that gives the runner what it needs; an unknown one
+    is refused by name before anything trains."""
+    task = demo.runner.task_module("classifier")
+    assert task.CSV_FIELDS == CSV_FIELDS and callable(task.load) and callable(task.train_run)
+    assert task.steps_per_epoch(task.load(_tiny(tmp_path, dataset="digits", train_size=250)), _tiny(tmp_path)) == 3
+    assert task.load(_tiny(tmp_path, dataset="digits", train_size=50)).device == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"--task must be one of \('classifier', 'lm'\), got 'poem'"):
+        run_demo(_tiny(tmp_path, task="poem"), stream=io.StringIO())
+    with pytest.raises(ValueError, match="--task lm is configured by fused_trim.demo.lm.LMConfig"):
+        run_demo(_tiny(tmp_path, task="lm"), stream=io.StringIO())
+    assert "task=classifier" in (run_demo(_tiny(tmp_path, dataset="digits", model="linear", train_size=100),
+                                          stream=io.StringIO())["txt"]).read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from fused_trim.schedules import (
     ConstantSchedule,
     CosineSchedule,
+    KeepRatioSchedule,
     LinearSchedule,
     LinearStepSchedule,
     OrderedSGDSchedule,
@@ -223,3 +225,20 @@ def test_bad_progress_raises():
         LinearSchedule(5)(-1)
     with pytest.raises(ValueError, match="step"):
         LinearSchedule(5)(0, -2)
+
+
+def test_schedules_are_dataclasses_and_a_subclass_can_be_one():
+    """The fields are the constructor's arguments (and OrderedSGD's progress); a user's dataclass
+    subclass gets the same repr; schedules compare by identity, as any callable."""
+    assert [f.name for f in dataclasses.fields(OrderedSGDSchedule)] == ["start", "thresholds", "factor", "crossed"]
+    assert [f.name for f in dataclasses.fields(StepSchedule)] == ["milestones", "gamma", "start"]
+
+    @dataclasses.dataclass(eq=False)
+    class Halving(KeepRatioSchedule):
+        start: float = 0.8
+
+        def value(self, epoch: int, step: int) -> float:
+            return self.start / 2**epoch
+
+    assert repr(Halving()).endswith(".Halving(start=0.8)") and Halving()(1) == 0.4
+    assert LinearSchedule(3) != LinearSchedule(3) and len({LinearSchedule(3), LinearSchedule(3)}) == 2

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from .helpers import BACKENDS, CPU_BACKENDS, run
-from .test_triton_grid_select import grid_select  # noqa: F401 (the fixture forcing the grid select)
+from .triton_targets import TRITON_TARGETS, any_target, needs_interpreter, target_device
 
-pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton's interpreter is not runnable here")
+pytestmark = any_target
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -33,24 +33,26 @@ def test_narrow_integer_targets_match_int64(backend, dtype, ignore_index):
         torch.testing.assert_close(grad, ref[2], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("triton_backend", TRITON_TARGETS)
 @pytest.mark.usefixtures("grid_select")
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
-def test_narrow_integer_targets_grid_select(dtype):
+def test_narrow_integer_targets_grid_select(triton_backend, dtype):
     """The same through the multi-program select (blocks of 64 rows: 200 rows leave 56 padding lanes)."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(200, 7, generator=gen, dtype=torch.float64)
     t = torch.randint(0, 7, (200,), generator=gen)
     ref_out, ref_info, ref_grad = run("reference", x, t, 0.3)
-    out, info, grad = run("triton", x, t.to(dtype), 0.3)
+    out, info, grad = run(triton_backend, x, t.to(dtype), 0.3)
     assert int(info.k) == int(ref_info.k) == 60
     assert torch.equal(info.kept, ref_info.kept)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(grad, ref_grad)
 
 
+@pytest.mark.parametrize("triton_backend", TRITON_TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("keep", ["hardest", "easiest"])
-def test_signed_zeros_are_one_key(dtype, keep):
+def test_signed_zeros_are_one_key(triton_backend, dtype, keep):
     """A negative class weight makes a loss of -0.0 beside +0.0: one value, so the tie goes to the
     lower index (issue 11's x = [[100, 0], [0, 100]], t = [0, 1], weight = [-1, 1], with 1000 for
     100: ``exp(-1000)`` is 0 in fp32 and fp64, so every backend's losses are exactly -0.0 and +0.0;
@@ -62,19 +64,20 @@ def test_signed_zeros_are_one_key(dtype, keep):
         out, info, _ = run(backend, x, t, 0.5, keep=keep, weight=weight, reduction="sum")
         assert info.kept.tolist() == [True, False], backend
         assert int(info.k) == 1
-    losses = run("triton", x, t, 1.0, weight=weight, reduction="none")[0]
+    losses = run(triton_backend, x, t, 1.0, weight=weight, reduction="none")[0]
     assert losses.tolist() == [0.0, 0.0] and torch.signbit(losses).tolist() == [True, False]
 
 
+@pytest.mark.parametrize("triton_backend", TRITON_TARGETS)
 @pytest.mark.usefixtures("grid_select")
 @pytest.mark.parametrize("keep", ["hardest", "easiest"])
-def test_signed_zeros_grid_select(keep):
+def test_signed_zeros_grid_select(triton_backend, keep):
     """Signed zeros interleaved over several blocks: the grid select keeps the lowest indices."""
     x = torch.tensor([[1000.0, 0.0], [0.0, 1000.0]], dtype=torch.float64).repeat(100, 1)
     t = torch.tensor([0, 1]).repeat(100)
     weight = torch.tensor([-1.0, 1.0], dtype=torch.float64)
     _, ref_info, _ = run("reference", x, t, 0.3, keep=keep, weight=weight, reduction="sum")
-    _, info, _ = run("triton", x, t, 0.3, keep=keep, weight=weight, reduction="sum")
+    _, info, _ = run(triton_backend, x, t, 0.3, keep=keep, weight=weight, reduction="sum")
     assert torch.equal(info.kept, ref_info.kept)
     assert info.kept.nonzero().squeeze(1).tolist() == list(range(60))
 
@@ -89,13 +92,15 @@ def _loss_and_grad(x: torch.Tensor, t: torch.Tensor, backend: str | None, **kw):
     if backend is None:
         x = x.double()
         kw = {key: v.double() if isinstance(v, torch.Tensor) else v for key, v in kw.items()}
-    x = x.detach().clone().requires_grad_(True)
+    dev = torch.device("cpu") if backend is None else target_device(backend)
+    x = x.detach().to(dev).requires_grad_(True)
     if backend is None:
         out = F.cross_entropy(x, t, reduction="none", **kw)
     else:
-        out = trimmed_cross_entropy(x, t, 1.0, reduction="none", backend=backend, **kw)
+        kw = {key: v.to(dev) if isinstance(v, torch.Tensor) else v for key, v in kw.items()}
+        out = trimmed_cross_entropy(x, t.to(dev), 1.0, reduction="none", backend="triton", **kw)
     (grad,) = torch.autograd.grad(out.sum(), x)
-    return out.detach(), grad
+    return out.detach().cpu(), grad.cpu()
 
 
 def _as_map(x: torch.Tensor) -> torch.Tensor:
@@ -103,8 +108,9 @@ def _as_map(x: torch.Tensor) -> torch.Tensor:
     return x.t().unsqueeze(0).contiguous()
 
 
+@pytest.mark.parametrize("triton_backend", TRITON_TARGETS)
 @pytest.mark.parametrize("layout", ["rows", "spatial"])
-def test_small_losses_at_large_logits_keep_relative_precision(layout):
+def test_small_losses_at_large_logits_keep_relative_precision(triton_backend, layout):
     """The loss is ``(m - x_t) + log s`` and the true class's ``p_t - 1`` comes from the same
     relative quantities (issue 11): at logits near 1000, ``lse - x_t`` had an absolute error of an
     ulp of 1000 (6e-5) and ranked ``[1000, 990]`` (4.54e-5) above ``[0, -9.9]`` (5.02e-5); the loss
@@ -113,19 +119,20 @@ def test_small_losses_at_large_logits_keep_relative_precision(layout):
     t = torch.tensor([0, 0, 0, 1])
     if layout == "spatial":
         x, t = _as_map(x), t.unsqueeze(0)
-    loss, grad = _loss_and_grad(x, t, "triton")
+    loss, grad = _loss_and_grad(x, t, triton_backend)
     ref_loss, ref_grad = _loss_and_grad(x, t, None)
     assert torch.all(loss > 0)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-6, atol=0)
-    kept = run("triton", x[..., :2] if layout == "spatial" else x[:2], t[..., :2] if layout == "spatial" else t[:2],
-               0.5, keep="easiest")[1].kept  # fmt: skip
+    first_two = (x[..., :2], t[..., :2]) if layout == "spatial" else (x[:2], t[:2])
+    kept = run(triton_backend, *first_two, 0.5, keep="easiest")[1].kept
     assert kept.reshape(-1).tolist() == [True, False]
 
 
+@pytest.mark.parametrize("triton_backend", TRITON_TARGETS)
 @pytest.mark.parametrize("layout", ["rows", "spatial"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_losses_at_large_logit_offsets_match_float64(layout, smoothing):
+def test_losses_at_large_logit_offsets_match_float64(triton_backend, layout, smoothing):
     """Logits of ``1000 + N(0, 1)`` (fp32 spacing 6e-5), weights and label smoothing (``sum_c w_c
     (m - x_c)`` kept relative to the running max too), several class blocks: losses and gradient
     within 1e-5 (relative) of float64 on the same logits."""
@@ -136,16 +143,17 @@ def test_losses_at_large_logit_offsets_match_float64(layout, smoothing):
     if layout == "spatial":
         x, t = _as_map(x), t.unsqueeze(0)
     kw = dict(weight=weight, label_smoothing=smoothing)
-    loss, grad = _loss_and_grad(x, t, "triton", **kw)
+    loss, grad = _loss_and_grad(x, t, triton_backend, **kw)
     ref_loss, ref_grad = _loss_and_grad(x, t, None, **kw)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("triton_backend", TRITON_TARGETS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["rows", "spatial"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_low_precision_outputs_round_to_nearest_even(dtype, layout, reduction):
+def test_low_precision_outputs_round_to_nearest_even(triton_backend, dtype, layout, reduction):
     """bf16/fp16 outputs (loss, threshold, gradient) are the fp32 results rounded to nearest even,
     under the interpreter as compiled: exactly ``value.to(dtype)`` of the same kernels run on the
     same logits in fp32 (the interpreter truncated fp32 -> bf16: about half the outputs were one
@@ -155,8 +163,8 @@ def test_low_precision_outputs_round_to_nearest_even(dtype, layout, reduction):
     t = torch.randint(0, 300, (64,), generator=gen)
     if layout == "spatial":
         x, t = _as_map(x[:, :40]), t.remainder(40).unsqueeze(0)
-    out, info, grad = run("triton", x, t, 0.7, reduction=reduction, label_smoothing=0.05)
-    out32, info32, grad32 = run("triton", x.float(), t, 0.7, reduction=reduction, label_smoothing=0.05)
+    out, info, grad = run(triton_backend, x, t, 0.7, reduction=reduction, label_smoothing=0.05)
+    out32, info32, grad32 = run(triton_backend, x.float(), t, 0.7, reduction=reduction, label_smoothing=0.05)
     assert out.dtype == grad.dtype == dtype
     assert torch.equal(info.kept, info32.kept)
     assert torch.equal(out, out32.to(dtype))
@@ -164,6 +172,7 @@ def test_low_precision_outputs_round_to_nearest_even(dtype, layout, reduction):
     assert torch.equal(grad, grad32.to(dtype))
 
 
+@needs_interpreter
 def test_double_backward_raises_a_clear_error():
     """The gradient is not itself differentiable through the Triton op: a clear error, not
     "no autograd formula was registered"; a first-order create_graph=True still works."""
@@ -181,6 +190,7 @@ def test_double_backward_raises_a_clear_error():
         torch.autograd.grad(grad.pow(2).sum(), x)
 
 
+@needs_interpreter
 def test_device_guard_is_a_no_op_off_cuda(monkeypatch):
     """On the CPU (the interpreter) the ops take no CUDA device guard: torch.cuda.device is never
     entered (it would raise without a GPU)."""
@@ -220,7 +230,8 @@ def test_tensors_on_a_non_current_cuda_device():
 
 
 @pytest.mark.parametrize("layout", ["rows", "spatial"])
-def test_out_of_range_targets_give_nan_never_a_read(layout):
+@pytest.mark.parametrize("triton_backend", TRITON_TARGETS)
+def test_out_of_range_targets_give_nan_never_a_read(triton_backend, layout):
     """Below the dispatch's range check, a target outside [0, C) that is not ignore_index is
     never read through (no ``row_ptr + t`` or ``weight + t`` outside the tensors): its loss is NaN,
     as the native op gives; the other samples are untouched."""
@@ -233,14 +244,18 @@ def test_out_of_range_targets_give_nan_never_a_read(layout):
         xin = _as_map(x)
     else:
         xin = x
-    xin = xin.clone().requires_grad_(True)
-    out, losses, kept, k, _, _, _ = function.trimmed_ce_fwd(xin, t, weight, 1.0, None, True, -100, 0.1, 2)
+    dev = target_device(triton_backend)
+    xin = xin.to(dev).requires_grad_(True)
+    out, losses, kept, k, _, _, _ = function.trimmed_ce_fwd(
+        xin, t.to(dev), weight.to(dev), 1.0, None, True, -100, 0.1, 2
+    )
+    losses, kept = losses.cpu(), kept.cpu()
     good = torch.tensor([True, False, True, False, False, True])
     assert torch.isnan(losses[[1, 3]]).all() and losses[4] == 0
     ref = torch.nn.functional.cross_entropy(x[good], t[good], weight=weight, label_smoothing=0.1, reduction="none")
     torch.testing.assert_close(losses[good], ref)
     assert int(k) == 5 and kept.tolist() == [True, True, True, True, False, True]
     (grad,) = torch.autograd.grad(out, xin, torch.ones_like(out))
-    grad = grad.t() if layout == "rows" else grad[0]
+    grad = grad.cpu().t() if layout == "rows" else grad.cpu()[0]
     assert torch.isnan(grad[:, [1, 3]]).all() and torch.isfinite(grad[:, [0, 2, 5]]).all()
     assert torch.all(grad[:, 4] == 0)

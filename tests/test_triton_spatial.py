@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .helpers import BACKENDS, assert_close, f_cross_entropy, make_batch, run
+from .helpers import assert_close, f_cross_entropy, make_batch, run
+from .triton_targets import TRITON_TARGETS, any_target, target_device
 
-pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton's interpreter is not runnable here")
+pytestmark = any_target
 
 
 def test_block_config_covers_every_class_and_pixel_count():
@@ -25,20 +26,21 @@ def test_block_config_covers_every_class_and_pixel_count():
                 assert block_c >= min(c, 16) and block_s >= min(s, 128)
 
 
+@pytest.mark.parametrize("triton_backend", TRITON_TARGETS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_partial_pixel_block_and_several_class_blocks(reduction):
+def test_partial_pixel_block_and_several_class_blocks(triton_backend, reduction):
     """C = 37: three class blocks (16, 16, 5); S = 150: a full block of 128 pixels and a partial one;
     weights, label smoothing and ignored pixels; trimmed against the reference."""
     x, t = make_batch(2, 37, ignore_frac=0.25, seed=21, spatial=(10, 15))
     weight = torch.rand(37, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.2
     kw = dict(weight=weight, label_smoothing=0.1)
-    out, info, grad = run("triton", x, t, 1.0, reduction=reduction, **kw)
+    out, info, grad = run(triton_backend, x, t, 1.0, reduction=reduction, **kw)
     ref_out, ref_grad = f_cross_entropy(x, t, reduction, **kw)
     assert_close(out, ref_out)
     assert_close(grad, ref_grad)
     assert_close(info.losses, F.cross_entropy(x, t, reduction="none", **kw))
     for keep in ("hardest", "easiest"):
-        out, info, grad = run("triton", x, t, 0.3, keep=keep, reduction=reduction, **kw)
+        out, info, grad = run(triton_backend, x, t, 0.3, keep=keep, reduction=reduction, **kw)
         ref_out, ref_info, ref_grad = run("reference", x, t, 0.3, keep=keep, reduction=reduction, **kw)
         assert torch.equal(info.kept, ref_info.kept)
         assert_close(out, ref_out)
@@ -47,12 +49,13 @@ def test_partial_pixel_block_and_several_class_blocks(reduction):
         assert torch.all(grad.movedim(1, -1)[info.kept].abs().sum(-1) > 0)
 
 
+@pytest.mark.parametrize("triton_backend", TRITON_TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_low_precision_maps_accumulate_in_fp32(dtype):
+def test_low_precision_maps_accumulate_in_fp32(triton_backend, dtype):
     """fp16/bf16 logits (C > BLOCK_C, S not a block multiple) against the fp64 formula on the same
     rounded logits: losses and gradient within one rounding of the input dtype."""
     x, t = make_batch(2, 21, dtype=dtype, ignore_frac=0.1, seed=22, spatial=(7, 11))
-    out, info, grad = run("triton", x, t, 0.6, reduction="sum", label_smoothing=0.05)
+    out, info, grad = run(triton_backend, x, t, 0.6, reduction="sum", label_smoothing=0.05)
     ref_out, ref_info, ref_grad = run("reference", x.double(), t, 0.6, reduction="sum", label_smoothing=0.05)
     assert grad.dtype == dtype and out.dtype == dtype
     assert torch.equal(info.kept, ref_info.kept)
@@ -61,7 +64,8 @@ def test_low_precision_maps_accumulate_in_fp32(dtype):
     assert_close(grad, ref_grad, dtype)
 
 
-def test_non_finite_logits_in_a_map():
+@pytest.mark.parametrize("triton_backend", TRITON_TARGETS)
+def test_non_finite_logits_in_a_map(triton_backend):
     """NaN, +inf and -inf logits on some pixels: every pixel's loss and gradient as the row kernel
     gives them for the same rows (the (N*S, C) copy), and as F.cross_entropy where it is finite."""
     x, t = make_batch(2, 19, dtype=torch.float32, ignore_frac=0.1, seed=23, spatial=(5, 7))
@@ -76,8 +80,8 @@ def test_non_finite_logits_in_a_map():
     rows = x.movedim(1, -1).reshape(-1, 19).contiguous()
     for ratio in (1.0, 0.4):
         for reduction in ("none", "sum"):
-            out, info, grad = run("triton", x, t, ratio, reduction=reduction)
-            r_out, r_info, r_grad = run("triton", rows, t.reshape(-1), ratio, reduction=reduction)
+            out, info, grad = run(triton_backend, x, t, ratio, reduction=reduction)
+            r_out, r_info, r_grad = run(triton_backend, rows, t.reshape(-1), ratio, reduction=reduction)
             assert torch.equal(info.kept.reshape(-1), r_info.kept)
             torch.testing.assert_close(info.losses.reshape(-1), r_info.losses, equal_nan=True)
             torch.testing.assert_close(out.reshape(r_out.shape), r_out, equal_nan=True)
@@ -90,21 +94,23 @@ def test_non_finite_logits_in_a_map():
     assert_close(losses[finite], ref[finite], torch.float32)
 
 
-def test_all_pixels_ignored():
+@pytest.mark.parametrize("triton_backend", TRITON_TARGETS)
+def test_all_pixels_ignored(triton_backend):
     x, t = make_batch(2, 20, dtype=torch.float32, seed=24, spatial=(3, 5))
     t = torch.full_like(t, -100)
     x[0, 0, 0, 0] = float("nan")  # an ignored pixel's logits are never read into the result
     for reduction, expect in (("mean", float("nan")), ("sum", 0.0)):
-        out, info, grad = run("triton", x, t, 0.5, reduction=reduction)
+        out, info, grad = run(triton_backend, x, t, 0.5, reduction=reduction)
         torch.testing.assert_close(out, torch.tensor(expect), equal_nan=True)
         assert int(info.k) == 0 and not info.kept.any()
         assert torch.all(info.losses == 0)
         assert torch.all(grad == 0)
-    out, info, grad = run("triton", x, t, 1.0, reduction="none")
+    out, info, grad = run(triton_backend, x, t, 1.0, reduction="none")
     assert torch.all(out == 0) and torch.all(grad == 0) and out.shape == t.shape
 
 
-def test_strided_images_are_read_in_place():
+@pytest.mark.parametrize("triton_backend", TRITON_TARGETS)
+def test_strided_images_are_read_in_place(triton_backend):
     """An (N, C, S) view with padded class and image strides (unit pixel stride) is read in place;
     one without unit pixel stride is copied first. Both against the dense (N, C, S) tensor."""
     from fused_trim.triton import trimmed_cross_entropy_2d
@@ -113,6 +119,8 @@ def test_strided_images_are_read_in_place():
     t = t.reshape(-1)
     padded = torch.full((3, 20, 48), float("nan"))
     padded[:, :18, 3:43] = x
+    dev = target_device(triton_backend)
+    x, t, padded = x.to(dev), t.to(dev), padded.to(dev)
     views = [padded[:, :18, 3:43], x.transpose(1, 2).contiguous().transpose(1, 2)]
     assert views[0].stride() == (960, 48, 1) and views[1].stride(2) != 1
     dense = trimmed_cross_entropy_2d(x.clone().requires_grad_(True), t, 0.5, "hardest", None, -100, 0.1, "none")

@@ -165,3 +165,17 @@ def test_cpu_ratio_tensor_with_cuda_input_never_syncs(backend):
         torch.cuda.set_sync_debug_mode("default")
     expected = trimmed_cross_entropy(x.detach(), t, 0.3, backend="reference")
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_resolve_backend_says_what_runs(monkeypatch):
+    """The public resolver names the backend a call would run, and rejects what cannot run here."""
+    from fused_trim import resolve_backend
+
+    expected = "native" if native.is_available(torch.device("cpu")) else "reference"
+    assert resolve_backend() == resolve_backend("auto", torch.device("cpu")) == expected
+    assert resolve_backend("reference", "cpu") == "reference"
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'cuda'"):
+        resolve_backend("cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run here: input is on cpu"):
+        resolve_backend("triton", "cpu")

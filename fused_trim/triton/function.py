@@ -105,6 +105,10 @@ def select_rows(
     ratio_on_device = keep_ratio_t is not None
     kept = torch.empty(num_rows, dtype=torch.bool, device=dev)
     out = torch.empty(num_rows if reduction == 2 else (), dtype=out_dtype, device=dev)
+    # The kernel's two outputs get distinct buffers (the per-row losses and the scalar result): one
+    # buffer passed twice would leave torch.compile's mutation analysis to guess which is written.
+    unused = torch.empty(1, dtype=out_dtype, device=dev)
+    per_row, result = (out, unused) if reduction == 2 else (unused, out)
     k = torch.empty((), dtype=torch.int64, device=dev)
     threshold = torch.empty((), dtype=out_dtype, device=dev)
     denom = torch.empty((), dtype=loss.dtype, device=dev)
@@ -112,7 +116,7 @@ def select_rows(
     ratio_ptr = keep_ratio_t if ratio_on_device else loss
     if num_rows <= SINGLE_PROGRAM_MAX_ROWS:
         wrap_triton(select_kernel)[(1,)](
-            loss, w_y, target, kept, out, out, k, threshold, denom, num_rows, ignore_index, ratio_bits,
+            loss, w_y, target, kept, per_row, result, k, threshold, denom, num_rows, ignore_index, ratio_bits,
             ratio_ptr, RATIO_FROM_PTR=ratio_on_device, KEEP_ALL=not ratio_on_device and keep_ratio == 1.0,
             HARDEST=hardest, REDUCTION=reduction, BLOCK=select_block(num_rows), HAS_OFFSET=has_offset,
             offset_ptr=score_offset, num_warps=4,

@@ -3,27 +3,29 @@
 Python orchestration of ``torch.library`` ops (``triton_op``: ``torch.compile(fullgraph=True)``
 traces the launches):
 
-1. ``fused_trim::triton_linear_ce_rows``: :func:`linear_ce_forward_kernel` gives every row's loss,
-   target weight ``w_y`` and stats (row max ``m``, ``log s``). Each program owns ``BLOCK_N`` rows and
-   walks ``V`` in tiles of ``BLOCK_V`` classes, each tile a ``tl.dot`` over ``D`` in ``BLOCK_D`` steps,
-   folded into an online logsumexp with the shared device functions of :mod:`._ce`: the ``(N, V)``
-   logits never exist, and each row's sums run in one fixed order (no atomics: deterministic).
+1. ``fused_trim::triton_linear_ce_rows``: every row's loss, target weight ``w_y`` and stats (row
+   max ``m``, ``log s``) from chunks of rows (:func:`chunk_rows`: balanced, whole 256-row GEMM tiles
+   on CUDA): cuBLAS ``addmm``/``mm`` writes each chunk's logits (fp32 accumulation and output) into
+   one reused buffer, and the forward row kernel of ``trimmed_cross_entropy``
+   (:func:`.ce_forward.ce_forward_kernel`) reads it once. The ``(N, V)`` logits never exist.
 2. ``fused_trim::triton_linear_ce_trimmed``: the shared exact-k select on those losses (the
    ``share`` hook of global trimming runs between 1 and 2), the reduction, and a registered autograd
    formula whose backward is
-3. ``fused_trim::triton_linear_ce_bwd``: the kept rows are gathered into dense chunks of
-   ``chunk_size`` rows (a fixed number of rows in all, bounded on the host: no synchronisation),
-   their logits recomputed by cuBLAS (``torch.mm``, fp32 output) into an fp32 chunk, the backward row
-   kernel of ``trimmed_cross_entropy`` (:func:`.ce_backward.ce_backward_kernel`) turns it into
-   ``dlogits`` in place (relative to the saved row max, scaled per row; rounded once to the input
-   dtype for bf16/fp16), and ``torch.mm`` forms ``d input`` rows, ``d W += dlogits^T x`` and
-   ``d b``, accumulated in fp32 in chunk order (bitwise repeatable), cast to the parameters' dtype
-   at the end.
+3. ``fused_trim::triton_linear_ce_bwd``: the kept rows are gathered into dense chunks (a fixed
+   number of rows in all, bounded on the host: no synchronisation; gathered rows outside K are
+   zeroed), their logits recomputed by the same GEMM into the same kind of buffer, the backward row
+   kernel (:func:`.ce_backward.ce_backward_kernel`) turns it into ``dlogits`` (relative to the saved
+   row max, scaled per row; rounded once to the input dtype for bf16/fp16), and cuBLAS forms
+   ``d input`` rows, ``d W += dlogits^T x`` (``addmm`` into the fp32 accumulator) and ``d b``, in
+   chunk order (bitwise repeatable), cast to the parameters' dtype at the end.
 
-Why cuBLAS and not a fused Triton backward: the three GEMMs are the whole cost and cuBLAS runs them
-at the hardware's peak; the ``d W`` GEMM reduces over rows, which a fused kernel would have to do
-with atomics (losing determinism) or a second pass; the elementwise step between them reads and
-writes one chunk, little next to the GEMMs.
+Why cuBLAS GEMMs and not a tiled Triton kernel: the GEMMs are the whole cost, and cuBLAS runs them
+at the hardware's peak; a tiled forward (each program streaming all of ``W`` for its rows) moves
+several times the GEMM's bytes through L2 and under-fills the GPU for a few thousand rows. The row
+kernels between the GEMMs read and write one chunk, little next to them. The forward statistics
+and the backward's recomputed logits then also come from one GEMM engine (at tf32 precision a
+``tl.dot`` and cuBLAS round differently, and the recomputed softmax would not sum to 1). The
+``d W`` GEMM reduces over rows, which a fused kernel would do with atomics (not deterministic).
 
 With a Python float ``keep_ratio == 1.0``, no ``share``, a scalar reduction and a gradient required,
 every valid row is kept and known before the forward: ``fused_trim::triton_linear_ce_keep_all``
@@ -35,160 +37,55 @@ only scales them by ``grad_out / denom``.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .._common import forms_gradient_in_forward, host_k
-from ._ce import log1p, smoothing_block, smoothing_eps, softmax_block, weighted_loss
 from .ce_backward import ce_backward_kernel
 from .ce_forward import ce_forward_kernel
 from .function import REDUCTION_CODE, accumulation_dtype, device_guard, float64_bits, row_config, select_rows
-
-# ------------------------------------------------------------------------------------------------
-# Kernel
-# ------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def linear_ce_forward_kernel(
-    x_ptr,
-    stride_xn,
-    stride_xd,
-    w_ptr,
-    stride_wv,
-    stride_wd,
-    bias_ptr,
-    target_ptr,
-    weight_ptr,
-    loss_ptr,
-    stats_ptr,
-    stats_stride,
-    wy_ptr,
-    num_rows,
-    num_classes,
-    in_features,
-    ignore_index,
-    label_smoothing_bits,
-    HAS_BIAS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """``BLOCK_N`` rows per program, ``V`` in tiles of ``BLOCK_V`` classes: each tile of logits is
-    ``[BLOCK_V, BLOCK_D] x [BLOCK_D, BLOCK_N]`` ``tl.dot`` steps over ``D`` (operands as stored, fp32
-    accumulation, fp64 for fp64; the bias added in that dtype), classes along axis 0 as the shared
-    :func:`._ce.softmax_block` folds them into the running max and ``s - 1``.
-
-    Writes ``loss``, ``w_y`` and, for the backward, the row max at ``stats[row]`` and ``log s`` at
-    ``stats[stats_stride + row]`` (all 0 on ignored rows), in the accumulation dtype. A target
-    outside ``[0, V)`` that is not ``ignore_index`` gets a NaN loss; NaN logits give a NaN loss.
-    ``DOT_IN_FP32`` converts the operands first (bf16 in the interpreter, whose ``tl.dot`` would
-    multiply bf16 bit patterns as integers; the products are exact in fp32 either way).
-    """
-    acc_dtype: tl.constexpr = loss_ptr.dtype.element_ty
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_in = rows < num_rows
-    # Padding lanes are masked by the row bound (other=ignore_index would wrap in a narrow dtype).
-    tgt = tl.load(target_ptr + rows, mask=row_in, other=0).to(tl.int64)
-    valid = row_in & (tgt != ignore_index)
-    in_range = (tgt >= 0) & (tgt < num_classes)
-    d_offs = tl.arange(0, BLOCK_D)
-    x_cols = x_ptr + rows[None, :] * stride_xn  # [1, BLOCK_N]: the operand is x^T
-
-    m = tl.full((BLOCK_N,), float("-inf"), acc_dtype)
-    sm1 = tl.full((BLOCK_N,), -1.0, acc_dtype)  # sum_c exp(x_c - m) - 1
-    d = tl.zeros((BLOCK_N,), acc_dtype)  # sum_c w_c (m - x_c), for label smoothing
-    sum_w = tl.zeros((BLOCK_N,), acc_dtype)
-    x_t = tl.zeros((BLOCK_N,), acc_dtype)
-    for v0 in range(0, num_classes, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_in = cols < num_classes
-        w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wv
-        acc = tl.zeros((BLOCK_V, BLOCK_N), acc_dtype)
-        for d0 in range(0, in_features, BLOCK_D):
-            ds = d0 + d_offs
-            d_in = ds < in_features
-            wt = tl.load(w_rows + ds[None, :] * stride_wd, mask=col_in[:, None] & d_in[None, :], other=0.0)
-            xt = tl.load(x_cols + ds[:, None] * stride_xd, mask=d_in[:, None] & row_in[None, :], other=0.0)
-            if DOT_IN_FP32:
-                wt = wt.to(tl.float32)
-                xt = xt.to(tl.float32)
-            acc = tl.dot(wt, xt, acc, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(acc_dtype)[:, None]
-        x = tl.where(col_in[:, None], acc, float("-inf"))
-        m_new, sm1 = softmax_block(m, sm1, x)
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols, mask=col_in, other=0.0).to(acc_dtype)
-            else:
-                w = tl.full((BLOCK_V,), 1.0, acc_dtype)
-            d, sum_w = smoothing_block(d, sum_w, m, m_new, x, w[:, None], col_in[:, None])
-        x_t += tl.sum(tl.where(cols[:, None] == tgt[None, :], x, 0.0), 0)
-        m = m_new
-    log_s = log1p(sm1)
-
-    if HAS_WEIGHT:
-        w_t = tl.load(weight_ptr + tgt, mask=valid & in_range, other=0.0).to(acc_dtype)
-    else:
-        w_t = tl.full((BLOCK_N,), 1.0, acc_dtype)
-    eps = smoothing_eps(label_smoothing_bits).to(acc_dtype)
-    loss = weighted_loss(m, log_s, x_t, w_t, sum_w, d, eps, num_classes, HAS_SMOOTHING)
-    loss = tl.where(in_range, loss, float("nan"))
-    zero = tl.zeros((BLOCK_N,), acc_dtype)
-    tl.store(loss_ptr + rows, tl.where(valid, loss, zero), mask=row_in)
-    tl.store(wy_ptr + rows, tl.where(valid, w_t, zero), mask=row_in)
-    tl.store(stats_ptr + rows, tl.where(valid, m, zero), mask=row_in)
-    tl.store(stats_ptr + stats_stride + rows, tl.where(valid, log_s, zero), mask=row_in)
-
 
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
 
 
-def forward_config(num_rows: int, num_classes: int, in_features: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """``(BLOCK_N, BLOCK_V, BLOCK_D, num_warps)`` of :func:`linear_ce_forward_kernel`.
+# cuBLAS tiles the rows of a GEMM in blocks of up to 256: chunks of whole blocks on CUDA.
+CUDA_CHUNK_MULTIPLE = 256
 
-    bf16/fp16: 64x128 tiles over 64-wide steps of ``D`` (8 warps, 32 fp32 accumulators a thread);
-    fp32 and fp64 (FMA or tf32 dots): smaller tiles. Each block is at least 16 (``tl.dot``'s
-    minimum) and no larger than its dimension's next power of two.
+
+def chunk_rows(num_rows: int, chunk_size: int, device: torch.device) -> int:
+    """Rows per chunk when ``num_rows`` rows are processed at most about ``chunk_size`` at a time.
+
+    Balanced: ``ceil(N / ceil(N / chunk_size))`` rows a chunk, so that the last chunk is not a
+    small tail that re-reads all of ``W`` for a few rows; on CUDA rounded up to a multiple of
+    ``CUDA_CHUNK_MULTIPLE`` (whole GEMM tiles). Never more than ``num_rows`` (at least 1).
     """
-    if dtype == torch.float64:
-        bn, bv, bd, warps = 32, 32, 32, 4
-    elif dtype == torch.float32:
-        bn, bv, bd, warps = 64, 64, 32, 4
-    else:
-        bn, bv, bd, warps = 64, 128, 64, 8
-
-    def fit(block: int, size: int) -> int:
-        return max(16, min(block, triton.next_power_of_2(max(size, 1))))
-
-    return fit(bn, num_rows), fit(bv, num_classes), fit(bd, in_features), warps
+    if num_rows <= 0:
+        return 1
+    chunks = -(-num_rows // max(chunk_size, 1))
+    rows = -(-num_rows // chunks)
+    if device.type == "cuda":
+        rows = -(-rows // CUDA_CHUNK_MULTIPLE) * CUDA_CHUNK_MULTIPLE
+    return min(rows, num_rows)
 
 
-def input_precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s precision: fp32 operands follow ``torch.get_float32_matmul_precision()``, as
-    ``F.linear`` does ("highest": IEEE fp32; otherwise tf32)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+def _gemm(a: Tensor, b: Tensor, acc: torch.dtype, add: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """``add + a @ b`` (``add`` broadcast, or nothing) with an ``acc``-dtype result, into ``out``
+    when given (``out`` may be ``add`` itself: accumulation in place, no temporary).
 
-
-def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
-    """``a @ b`` with an ``acc``-dtype result: bf16/fp16 operands go to cuBLAS as they are, with fp32
-    accumulation and output; on the CPU (the interpreter's tests) they are converted first."""
-    if a.dtype == acc:
-        return torch.mm(a, b)
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=acc)
-    return torch.mm(a.to(acc), b.to(acc))
+    bf16/fp16 operands go to cuBLAS as stored with fp32 accumulation and output (``out_dtype``);
+    on the CPU (the interpreter's tests), which has no such kernel, they are converted first.
+    """
+    kw = {}
+    if a.dtype != acc:
+        if a.is_cuda:
+            kw["out_dtype"] = acc
+        else:
+            a, b = a.to(acc), b.to(acc)
+    if out is not None:
+        kw["out"] = out
+    return torch.mm(a, b, **kw) if add is None else torch.addmm(add, a, b, **kw)
 
 
 def _weight_sum(weight: Tensor | None, label_smoothing: float, acc: torch.dtype, like: Tensor) -> Tensor:
@@ -196,14 +93,44 @@ def _weight_sum(weight: Tensor | None, label_smoothing: float, acc: torch.dtype,
     return weight.sum(dtype=acc) if weight is not None and label_smoothing > 0.0 else like
 
 
+class _ChunkLogits:
+    """``F.linear`` of one chunk of rows at a time by cuBLAS into one reused ``(rows, V)`` buffer
+    in the accumulation dtype (the bias added by the GEMM, in that dtype), and for bf16/fp16 one
+    reused ``(rows, V)`` buffer of the chunk's ``dlogits`` in the input dtype.
+
+    The row kernels are handed the whole buffers (a grid of the chunk's rows): no kernel writes
+    through a view, which ``torch.compile``'s mutation tracking of ``wrap_triton`` would have to
+    follow; the GEMMs read and write prefix views.
+    """
+
+    def __init__(
+        self, rows: int, linear_weight: Tensor, linear_bias: Tensor | None, in_dtype: torch.dtype, dlogits: bool
+    ) -> None:
+        self.acc = accumulation_dtype(in_dtype)
+        dev = linear_weight.device
+        self.logits = torch.empty(rows, linear_weight.shape[0], dtype=self.acc, device=dev)
+        self.dlogits = (
+            torch.empty(rows, linear_weight.shape[0], dtype=in_dtype, device=dev)
+            if dlogits and in_dtype != self.acc
+            else self.logits
+        )
+        self.w_t = linear_weight.t()
+        self.bias = None if linear_bias is None else linear_bias.to(self.acc)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """The chunk's logits (a prefix view of the buffer)."""
+        return _gemm(x, self.w_t, self.acc, add=self.bias, out=self.logits[: x.shape[0]])
+
+
 def _launch_ce_forward(
-    logits: Tensor, target: Tensor, weight: Tensor | None, loss: Tensor, stats: Tensor, w_y: Tensor,
+    logits: Tensor, num_rows: int, target: Tensor, weight: Tensor | None, loss: Tensor, stats: Tensor, w_y: Tensor,
     ignore_index: int, label_smoothing: float,
 ) -> None:
-    """The row kernel of ``trimmed_cross_entropy`` on a chunk of fp32 logits (the keep-all path):
-    each row's loss, ``w_y`` and stats, written to views of the whole batch's buffers."""
+    """The row kernel of ``trimmed_cross_entropy`` on the first ``num_rows`` rows of a buffer of
+    fp32 logits: each row's loss, ``w_y`` and stats (a row max or logit of ``+inf`` gives a NaN
+    loss, as ``F.cross_entropy``)."""
     block_v, warps = row_config(logits.shape[1], logits.element_size())
-    wrap_triton(ce_forward_kernel)[(logits.shape[0],)](
+    wrap_triton(ce_forward_kernel)[(num_rows,)](
         logits, logits.stride(0), target, weight if weight is not None else loss, loss, stats, stats.stride(0), w_y,
         logits.shape[1], ignore_index, float64_bits(label_smoothing),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_C=block_v, num_warps=warps,
@@ -211,14 +138,14 @@ def _launch_ce_forward(
 
 
 def _launch_ce_backward(
-    logits: Tensor, dlogits: Tensor, target: Tensor, weight: Tensor | None, weight_sum: Tensor, stats: Tensor,
-    kept: Tensor, grad_out: Tensor, denom: Tensor, label_smoothing: float,
+    logits: Tensor, dlogits: Tensor, num_rows: int, target: Tensor, weight: Tensor | None, weight_sum: Tensor,
+    stats: Tensor, kept: Tensor, grad_out: Tensor, denom: Tensor, label_smoothing: float,
 ) -> None:
-    """The backward row kernel of ``trimmed_cross_entropy`` on a chunk of fp32 logits: ``dlogits``
-    (in place when it is ``logits``), zero on rows not ``kept``; the per-row arguments are the
-    chunk's (gathered)."""
+    """The backward row kernel of ``trimmed_cross_entropy`` on the first ``num_rows`` rows of a
+    buffer of fp32 logits: ``dlogits`` (in place when it is ``logits``), zero on rows not
+    ``kept``; the per-row arguments are the chunk's (gathered)."""
     block_v, warps = row_config(logits.shape[1], logits.element_size())
-    wrap_triton(ce_backward_kernel)[(logits.shape[0],)](
+    wrap_triton(ce_backward_kernel)[(num_rows,)](
         logits, logits.stride(0), dlogits, dlogits.stride(0), target, weight if weight is not None else stats,
         weight_sum, stats, stats.stride(0), kept, grad_out, denom, logits.shape[1], float64_bits(label_smoothing),
         PER_ROW_GRAD=grad_out.dim() == 1, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0,
@@ -226,18 +153,11 @@ def _launch_ce_backward(
     )  # fmt: skip
 
 
-def _chunk_logits(x: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, acc: torch.dtype) -> Tensor:
-    """``F.linear`` of a chunk of rows by cuBLAS, in the accumulation dtype."""
-    logits = _mm(x, linear_weight.t(), acc)
-    if linear_bias is not None:
-        logits += linear_bias.to(acc)
-    return logits
-
-
 class _GradAccumulator:
     """``d input`` rows, ``d W += dlogits^T x`` and ``d b += column sums`` from one chunk at a time,
-    in the accumulation dtype and in chunk order (bitwise repeatable). A gradient not needed stays
-    an empty tensor and costs no GEMM."""
+    in the accumulation dtype and in chunk order (bitwise repeatable). ``d W`` accumulates in place
+    (``addmm`` with ``beta = 1`` into the fp32 buffer, bf16/fp16 operands as stored on CUDA): no
+    ``(V, D)`` temporary. A gradient not needed stays an empty tensor and costs no GEMM."""
 
     def __init__(
         self, input: Tensor, linear_weight: Tensor, has_bias: bool, d_input: Tensor | None, need_weight: bool
@@ -249,17 +169,19 @@ class _GradAccumulator:
         self.d_weight = torch.zeros(linear_weight.shape if need_weight else 0, dtype=self.acc, device=dev)
         self.d_bias = torch.zeros(linear_weight.shape[0] if has_bias else 0, dtype=self.acc, device=dev)
 
-    def add(self, rows: Tensor | slice, x: Tensor, dlogits: Tensor, linear_weight: Tensor) -> None:
+    def add(self, rows: Tensor | slice, x: Tensor, dlogits: Tensor, linear_weight: Tensor, member: Tensor) -> None:
+        """One chunk: ``x`` its rows' inputs with every row outside ``member`` (not kept, or
+        ignored) already zeroed, ``dlogits`` zero on those rows. Their ``d input`` rows are set to
+        exact zeros too (``0 @ W`` is NaN where ``W`` is not finite)."""
         if self.need_input:
-            d_x = _mm(dlogits, linear_weight, self.acc).to(self.d_input.dtype)
+            d_x = _gemm(dlogits, linear_weight, self.acc)
+            d_x = torch.where(member[:, None], d_x, 0.0).to(self.d_input.dtype)
             if isinstance(rows, slice):
                 self.d_input[rows] = d_x
             else:
                 self.d_input.index_copy_(0, rows, d_x)
-        if self.need_weight and dlogits.dtype == self.acc:
-            self.d_weight.addmm_(dlogits.t(), x)  # in place: no (V, D) temporary
-        elif self.need_weight:
-            self.d_weight += _mm(dlogits.t(), x, self.acc)
+        if self.need_weight:
+            _gemm(dlogits.t(), x, self.acc, add=self.d_weight, out=self.d_weight)
         if self.has_bias:
             self.d_bias += dlogits.sum(0, dtype=self.acc)
 
@@ -267,6 +189,23 @@ class _GradAccumulator:
 # ------------------------------------------------------------------------------------------------
 # Ops
 # ------------------------------------------------------------------------------------------------
+
+
+def _chunk_forward(
+    gemm: _ChunkLogits, x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk's logits into ``gemm``'s buffer, then its rows' ``(loss, w_y, stats)`` (chunk-sized)."""
+    gemm(x)
+    rows, acc, dev = x.shape[0], gemm.acc, x.device
+    loss = torch.empty(rows, dtype=acc, device=dev)
+    w_y = torch.empty(rows, dtype=acc, device=dev)
+    stats = torch.empty(2, rows, dtype=acc, device=dev)
+    _launch_ce_forward(gemm.logits, rows, target, weight, loss, stats, w_y, ignore_index, label_smoothing)
+    return loss, w_y, stats
+
+
+def _cat(parts: list[Tensor], empty: Tensor, dim: int = 0) -> Tensor:
+    return torch.cat(parts, dim) if parts else empty
 
 
 @triton_op("fused_trim::triton_linear_ce_rows", mutates_args=())
@@ -278,28 +217,30 @@ def linear_ce_rows(
     weight: Tensor | None,
     ignore_index: int,
     label_smoothing: float,
+    chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Every row's ``(loss, w_y, stats)`` of ``F.linear(input, linear_weight, linear_bias)`` without
-    the logits: ``(N,)``, ``(N,)`` and ``(2, N)`` (row max, ``log s``), in the accumulation dtype."""
+    """Every row's ``(loss, w_y, stats)`` of ``F.linear(input, linear_weight, linear_bias)``:
+    ``(N,)``, ``(N,)`` and ``(2, N)`` (row max, ``log s``), in the accumulation dtype.
+
+    The logits exist one chunk of rows at a time (:func:`chunk_rows` of ``chunk_size``): a cuBLAS
+    GEMM into one reused buffer, then the row kernel of ``trimmed_cross_entropy`` on it. Operands
+    are read with their strides (views of larger tensors included); the backward recomputes its
+    logits with the same GEMM, so its softmax is that of these statistics.
+    """
     with device_guard(input):
-        num_rows, in_features = input.shape
-        num_classes = linear_weight.shape[0]
+        num_rows, dev = input.shape[0], input.device
         acc = accumulation_dtype(input.dtype)
-        loss = torch.empty(num_rows, dtype=acc, device=input.device)
-        w_y = torch.empty(num_rows, dtype=acc, device=input.device)
-        stats = torch.empty(2, num_rows, dtype=acc, device=input.device)
-        bn, bv, bd, warps = forward_config(num_rows, num_classes, in_features, input.dtype)
-        wrap_triton(linear_ce_forward_kernel)[(triton.cdiv(num_rows, bn),)](
-            input, input.stride(0), input.stride(1), linear_weight, linear_weight.stride(0), linear_weight.stride(1),
-            linear_bias if linear_bias is not None else loss, target.contiguous(),
-            weight.contiguous() if weight is not None else loss, loss, stats, num_rows, w_y, num_rows, num_classes,
-            in_features, ignore_index, float64_bits(label_smoothing), HAS_BIAS=linear_bias is not None,
-            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0,
-            INPUT_PRECISION=input_precision(input.dtype),
-            DOT_IN_FP32=input.dtype == torch.bfloat16 and not input.is_cuda,
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps,
-        )  # fmt: skip
-        return loss, w_y, stats
+        target = target.contiguous()
+        weight = weight.contiguous() if weight is not None else None
+        rows = chunk_rows(num_rows, chunk_size, dev)
+        gemm = _ChunkLogits(rows, linear_weight, linear_bias, input.dtype, dlogits=False)
+        parts = []
+        for start in range(0, num_rows, rows):
+            part = slice(start, min(start + rows, num_rows))
+            parts.append(_chunk_forward(gemm, input[part], target[part], weight, ignore_index, label_smoothing))
+        empty = torch.empty(0, dtype=acc, device=dev)
+        loss, w_y, stats = (list(p) for p in zip(*parts, strict=True)) if parts else ([], [], [])
+        return _cat(loss, empty), _cat(w_y, empty), _cat(stats, empty.view(2, 0), dim=1)
 
 
 @triton_op("fused_trim::triton_linear_ce_trimmed", mutates_args=())
@@ -367,17 +308,21 @@ def linear_ce_bwd(
         order = torch.argsort((~kept).to(torch.int8), stable=True)[:max_kept]
         d_input = torch.zeros(input.shape, dtype=input.dtype, device=input.device) if need_input else None
         grads = _GradAccumulator(input, linear_weight, linear_bias is not None, d_input, need_weight)
-        for start in range(0, max_kept, chunk_size):
-            rows = order[start : start + chunk_size]
-            x = input.index_select(0, rows)
-            logits = _chunk_logits(x, linear_weight, linear_bias, acc)
-            dlogits = logits if input.dtype == acc else torch.empty_like(logits, dtype=input.dtype)
+        rows_per_chunk = chunk_rows(max_kept, chunk_size, input.device)
+        gemm = _ChunkLogits(rows_per_chunk, linear_weight, linear_bias, input.dtype, dlogits=True)
+        for start in range(0, max_kept, rows_per_chunk):
+            rows = order[start : start + rows_per_chunk]
+            kept_c = kept.index_select(0, rows)
+            # The bound max_kept counts ignored rows: rows gathered past the kept ones are zeroed, so
+            # that a NaN/inf hidden state outside K never meets the GEMMs (0 * NaN is NaN in d W).
+            x = input.index_select(0, rows).masked_fill_(~kept_c[:, None], 0)
+            gemm(x)
             _launch_ce_backward(
-                logits, dlogits, target.index_select(0, rows), weight, weight_sum, stats.index_select(1, rows),
-                kept.index_select(0, rows), grad_out.index_select(0, rows) if per_row else grad_out, denom,
+                gemm.logits, gemm.dlogits, x.shape[0], target.index_select(0, rows), weight, weight_sum,
+                stats.index_select(1, rows), kept_c, grad_out.index_select(0, rows) if per_row else grad_out, denom,
                 label_smoothing,
             )  # fmt: skip
-            grads.add(rows, x, dlogits, linear_weight)
+            grads.add(rows, x, gemm.dlogits[: x.shape[0]], linear_weight, kept_c)
         return grads.d_input, grads.d_weight.to(linear_weight.dtype), grads.d_bias.to(input.dtype)
 
 
@@ -443,28 +388,27 @@ def linear_ce_keep_all(
         valid = target != ignore_index
         one = torch.ones((), dtype=acc, device=dev)
         weight_sum = _weight_sum(weight, label_smoothing, acc, one)
-        losses, w_y = [], []
         d_input = torch.empty(input.shape, dtype=acc, device=dev) if need_input else None
         grads = _GradAccumulator(input, linear_weight, linear_bias is not None, d_input, need_weight)
-        for start in range(0, num_rows, chunk_size):
-            rows = slice(start, min(start + chunk_size, num_rows))
-            x = input[rows]
-            logits = _chunk_logits(x, linear_weight, linear_bias, acc)
-            # Chunk-sized outputs (not views of whole-batch buffers: no kernel writes through a view).
-            loss_c = torch.empty(x.shape[0], dtype=acc, device=dev)
-            w_y_c = torch.empty(x.shape[0], dtype=acc, device=dev)
-            stats_c = torch.empty(2, x.shape[0], dtype=acc, device=dev)
-            _launch_ce_forward(logits, target[rows], weight, loss_c, stats_c, w_y_c, ignore_index, label_smoothing)
-            dlogits = logits if input.dtype == acc else torch.empty_like(logits, dtype=input.dtype)
+        rows_per_chunk = chunk_rows(num_rows, chunk_size, dev)
+        gemm = _ChunkLogits(rows_per_chunk, linear_weight, linear_bias, input.dtype, dlogits=True)
+        losses, w_y = [], []
+        for start in range(0, num_rows, rows_per_chunk):
+            rows = slice(start, min(start + rows_per_chunk, num_rows))
+            valid_c = valid[rows]
+            # Ignored rows contribute nothing: zeroed before the GEMMs (0 * NaN would reach d W).
+            x = torch.where(valid_c[:, None], input[rows], 0)
+            loss_c, w_y_c, stats_c = _chunk_forward(gemm, x, target[rows], weight, ignore_index, label_smoothing)
             _launch_ce_backward(
-                logits, dlogits, target[rows], weight, weight_sum, stats_c, valid[rows], one, one, label_smoothing
-            )
-            grads.add(rows, x, dlogits, linear_weight)
+                gemm.logits, gemm.dlogits, x.shape[0], target[rows], weight, weight_sum, stats_c, valid_c, one, one,
+                label_smoothing,
+            )  # fmt: skip
+            grads.add(rows, x, gemm.dlogits[: x.shape[0]], linear_weight, valid_c)
             losses.append(loss_c)
             w_y.append(w_y_c)
         empty = torch.empty(0, dtype=acc, device=dev)
-        losses = torch.cat(losses) if losses else empty
-        w_y = torch.cat(w_y) if w_y else empty
+        losses = _cat(losses, empty)
+        w_y = _cat(w_y, empty)
         out, kept, k, threshold, denom = select_rows(
             losses, w_y, target, input.dtype, 1.0, None, hardest, ignore_index, reduction
         )
@@ -475,20 +419,30 @@ def _keep_all_setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = inputs[2] is not None
     ctx.need = inputs[-2:]
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
-    *_, denom, d_input, d_weight, d_bias = output
-    ctx.save_for_backward(denom, d_input, d_weight, d_bias)
+    _, _, _, k, _, denom, d_input, d_weight, d_bias = output
+    ctx.save_for_backward(k, denom, d_input, d_weight, d_bias)
+
+
+def _scaled(grad: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``grad * scale`` in ``dtype``, scaled and rounded in one pass (no accumulation-dtype
+    temporary); the saved ``grad`` is left as it is (a second backward with ``retain_graph``)."""
+    return torch.mul(grad, scale, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 
 def _keep_all_backward(ctx, grad_out, *_unused):
+    """Scales the forward's gradients by ``grad_out / denom``. Peak memory of the backward: the
+    saved accumulation-dtype gradients (``d W`` and ``d input`` in fp32 for bf16/fp16, which the
+    forward already held) plus the returned ones in the parameters' dtypes."""
     if torch.is_grad_enabled():  # create_graph=True: the saved gradients are constants here
         raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
-    denom, d_input, d_weight, d_bias = ctx.saved_tensors
-    scale = grad_out.to(denom.dtype) / denom
+    k, denom, d_input, d_weight, d_bias = ctx.saved_tensors
+    # No row kept (every target ignored, a NaN mean): zero gradients as F.cross_entropy's, not 0 * (g / 0).
+    scale = torch.where(k > 0, grad_out.to(denom.dtype) / denom, 0.0)
     in_dtype, w_dtype = ctx.dtypes
     need_input, need_weight = ctx.need
-    d_input = (d_input * scale).to(in_dtype) if need_input else None
-    d_weight = (d_weight * scale).to(w_dtype) if need_weight else None
-    d_bias = (d_bias * scale).to(w_dtype) if ctx.has_bias else None
+    d_input = _scaled(d_input, scale, in_dtype) if need_input else None
+    d_weight = _scaled(d_weight, scale, w_dtype) if need_weight else None
+    d_bias = _scaled(d_bias, scale, w_dtype) if ctx.has_bias else None
     return d_input, d_weight, d_bias, *(None,) * 9
 
 
@@ -538,7 +492,7 @@ def trimmed_linear_cross_entropy_2d(
         return out, losses.detach(), kept, k, threshold.detach()
 
     detached = [None if p is None else p.detach() for p in params]
-    losses, w_y, stats = linear_ce_rows(*detached, target, weight, ignore_index, label_smoothing)
+    losses, w_y, stats = linear_ce_rows(*detached, target, weight, ignore_index, label_smoothing, chunk_size)
     if share is not None:
         ratio_t, keep_ratio = share(losses, target != ignore_index), 1.0
     if ratio_t is None:
