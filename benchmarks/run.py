@@ -1,6 +1,6 @@
 """Benchmark runner: every backend against the eager and the compiled reference, the bytes floor, peak memory.
 
-    python -m benchmarks.run --quick                 # CPU: nine cases, a few minutes on 2 cores
+    python -m benchmarks.run --quick                 # CPU: ten cases, a few minutes on 2 cores
     python -m benchmarks.run                         # every case for this device
     python -m benchmarks.run --device cuda --out gpu_out
 

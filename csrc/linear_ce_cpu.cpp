@@ -481,6 +481,11 @@ void keep_all_chunks(const Prepared& p, const Head<acc_t>& h, int64_t ignore_ind
   for (int64_t s = 0; s < N; s += c) {
     const int64_t rows = std::min(c, N - s);
     gather_rows<scalar_t, acc_t>(x, p.input.stride(0), D, nullptr, s, rows, xk);
+    // An ignored row contributes exactly nothing: its hidden state (a NaN padding token's, say)
+    // would otherwise reach d linear_weight as 0 * NaN through its zero dlogits.
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!scored(t[s + r], V, ignore_index)) std::fill(xk + r * D, xk + (r + 1) * D, acc_t(0));
+    }
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       const OneBlasThread one;
       const at::Tensor xs = blob(xk, {rows, D}, {D, 1});

@@ -3,8 +3,8 @@
 //
 // Input: (M, C) rows, or a spatial (N, C, S) map read in place (M = N * S samples in n * S + s
 // order; cpu/ce_spatial.h).
-// Forward: one pass over each row's logits (cpu/ce_rows.h: rows split over threads with
-// at::parallel_for; a row is read block by block, each block once from memory and re-read from
+// Forward: one pass over each row's logits (cpu/ce_rows.h; few classes: cpu/ce_small.h, rows
+// transposed into vector lanes; rows split over threads with at::parallel_for; a row is read block by block, each block once from memory and re-read from
 // L1), giving the per-row loss and logsumexp in float32 (float64 for float64 input). Then the
 // exact-k selection (cpu/select.h; on loss - score_offset when an offset is given, which it
 // reads in the selection's pass over the keys), the kept mask, the reduced loss, the threshold (the k-th
@@ -28,6 +28,7 @@
 #include <tuple>
 
 #include "cpu/ce_rows.h"
+#include "cpu/ce_small.h"
 #include "cpu/ce_spatial.h"
 #include "cpu/select.h"
 #include "cpu/tensors.h"
@@ -112,6 +113,9 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
     if (spatial) {
       spatial_forward<scalar_t, acc_t>(x, input.size(0), C, input.size(2), input.stride(0), input.stride(1), t,
                                        ignore_index, w, w_total, ls, loss_acc, lse, bad_target);
+    } else if (C <= kSmallC) {
+      small_c_forward_parallel<scalar_t, acc_t>(x, row_stride, M, C, t, ignore_index, w, w_total, ls, loss_acc, lse,
+                                                bad_target);
     } else {
       rows_forward_parallel<scalar_t, acc_t>(x, row_stride, M, C, t, ignore_index, w, w_total, ls, loss_acc, lse,
                                              bad_target);
@@ -163,6 +167,11 @@ at::Tensor trimmed_ce_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& inpu
     const acc_t* lse = lse_c.const_data_ptr<acc_t>();
     const acc_t* rs = rs_c.const_data_ptr<acc_t>();
     scalar_t* gr = grad.mutable_data_ptr<scalar_t>();
+    if (C <= kSmallC) {
+      small_c_backward_parallel<scalar_t, acc_t>(x, row_stride, M, C, t, ignore_index, w, w_total, ls, gp, per_row,
+                                                 lse, rs, gr);
+      return;
+    }
 
     const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(C, 1));
     const bool stream = static_cast<size_t>(M) * C * sizeof(scalar_t) >= kStreamBytes;

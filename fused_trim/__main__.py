@@ -31,6 +31,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the chosen command; returns the exit code."""
     from . import demo
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Each task has its own flags (the LM's steps and model size are not the classifier's epochs and
+    # data set): --task is read first, then the demo's parser gets that task's flags.
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--task")
+    task = peek.parse_known_args(argv[1:])[0].task if argv[:1] == ["demo"] else None
+    if task == "lm":
+        from .demo import lm as flags
+    else:
+        flags = demo
     parser = argparse.ArgumentParser(prog="fused-trim", description="fused_trim command line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     demo_parser = commands.add_parser(
@@ -38,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="train a model with and without mini-batch trimming over several seeds and compare",
         description=demo.__doc__.split("\n")[0],
     )
-    demo.add_arguments(demo_parser)
+    flags.add_arguments(demo_parser)
     build_parser = commands.add_parser(
         "build",
         help="compile the native CPU (and CUDA) op ahead of time and print the cached library's path",
@@ -51,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "build":
         return _build(args)
     try:
-        demo.run_demo(demo.config_from_args(args))
+        demo.run_demo(flags.config_from_args(args))
     except ValueError as exc:
         demo_parser.error(str(exc))
     return 0

@@ -199,6 +199,50 @@ def ranking_scores(losses: Tensor, score_offset: Tensor | None) -> Tensor:
     return losses - score_offset.to(device=losses.device, dtype=losses.dtype)
 
 
+INT64_MAX = 2**63 - 1
+
+
+def ordered_keys(scores: Tensor, keep: Keep) -> Tensor:
+    """int64 keys whose order is the ranking order (a larger key ranks first; ties then go to the
+    lower index): the float64 bits mapped to a monotone integer, ``-0.0`` folded into ``+0.0`` (one
+    value, as in the Triton and C++ keys), NaN to the largest key, the order reversed for
+    ``keep="easiest"``. Every Python selection ranks these keys."""
+    x = scores.to(torch.float64)
+    x = torch.where(x == 0, torch.zeros_like(x), x)  # -0.0 == 0: one key for both zeros
+    bits = x.view(torch.int64)
+    key = bits ^ ((bits >> 63) & INT64_MAX)
+    key = torch.where(torch.isnan(x), torch.full_like(key, INT64_MAX), key)
+    return -1 - key if keep == Keep.EASIEST else key
+
+
+def first_equal_rows(input: Tensor, target: Tensor) -> Tensor:
+    """For each row ``i`` of ``input (N, D)``, the lowest index ``j`` whose row and target are
+    bitwise equal to row ``i``'s (``i`` itself when none comes before it); ``(N,)`` int64.
+
+    BLAS rounds a row of a GEMM by its position in the tile (MKL: 1 in 8 positions differ in the
+    last place, at a fixed shape), so duplicated tokens whose rows fall at different places of their
+    chunks get losses an ulp apart and "ties go to the lower index" fails. Taking every duplicate's
+    loss from its first occurrence makes equal rows tie whatever the BLAS and the chunking.
+    Static shapes only (a hash sort, then exact comparison of neighbours), so it traces under
+    ``torch.compile``; a hash collision can only leave a duplicate unmatched, never match unequal rows.
+    """
+    n = input.shape[0]
+    if n < 2:
+        return torch.arange(n, device=input.device)
+    width = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[input.element_size()]
+    bits = input.contiguous().view(width)
+    cols = torch.arange(1, input.shape[1] + 1, device=input.device, dtype=torch.int64)
+    mult = (cols * -7046029254386353131) ^ (cols << 29)  # odd-ish per-column multipliers (wrapping)
+    h = (bits.to(torch.int64) * mult).sum(1) * -4658895280553007687 + target.to(torch.int64)
+    order = torch.sort(h, stable=True).indices
+    xs, ts, hs = bits[order], target[order], h[order]
+    same = (hs[1:] == hs[:-1]) & (ts[1:] == ts[:-1]) & (xs[1:] == xs[:-1]).all(1)
+    pos = torch.arange(n, device=input.device)
+    start = torch.cat([pos[:1], torch.where(same, torch.zeros_like(pos[1:]), pos[1:])]).cummax(0).values
+    first = torch.empty_like(order).scatter_(0, order, order[start])
+    return first
+
+
 def as_rows(input: Tensor) -> Tensor:
     """``(M, C)`` rows of a backend's input, which is ``(M, C)`` or ``(N, C, S)`` (the spatial
     layout, rows in ``n * S + s`` order); the latter costs one ``(N, C, S) -> (N * S, C)`` copy.

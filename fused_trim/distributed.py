@@ -34,25 +34,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._common import Keep, Reduction, TrimOptions, acc_dtype, compute_k, ranking_scores
+from ._common import INT64_MAX, Keep, Reduction, TrimOptions, acc_dtype, compute_k, ordered_keys, ranking_scores
 
 _INT64_MIN = -(2**63)
-_INT64_MAX = 2**63 - 1
-
-
-def ordered_keys(losses: Tensor, keep: Keep) -> Tensor:
-    """int64 keys whose order is the ranking order (larger key ranks first): float64 bits mapped
-    to a monotone integer, NaN to the largest key, the order reversed for ``keep="easiest"``."""
-    bits = losses.to(torch.float64).view(torch.int64)
-    key = bits ^ ((bits >> 63) & _INT64_MAX)
-    key = torch.where(torch.isnan(losses), torch.full_like(key, _INT64_MAX), key)
-    return -1 - key if keep == Keep.EASIEST else key
 
 
 def _key_to_float(key: Tensor, keep: Keep) -> Tensor:
     if keep == Keep.EASIEST:
         key = -1 - key
-    return (key ^ ((key >> 63) & _INT64_MAX)).view(torch.float64)
+    return (key ^ ((key >> 63) & INT64_MAX)).view(torch.float64)
 
 
 def global_share(

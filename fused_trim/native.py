@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ._build import build, want_cuda
-from ._common import Reduction, TrimOptions, acc_dtype, as_rows, forms_gradient_in_forward
+from ._common import Reduction, TrimOptions, acc_dtype, as_rows, first_equal_rows, forms_gradient_in_forward
 
 __all__ = [
     "build",
@@ -369,6 +369,9 @@ def trimmed_linear_cross_entropy_2d(
         return out, losses, kept, k, threshold
     detached = [None if p is None else p.detach() for p in params]
     losses, lse = torch.ops.fused_trim.linear_ce_rows.default(*detached, target, *ce_args, chunk_size)
+    # Bitwise equal rows (duplicated tokens) tie, wherever BLAS placed them in a tile.
+    first = first_equal_rows(input.detach(), target)
+    losses, lse = losses[first], lse[first]
     keep_ratio = opts.keep_ratio if share is None else share(losses, target != opts.ignore_index)
     ratio, ratio_t = _op_ratio(keep_ratio)
     out, kept, k, threshold, _ = torch.ops.fused_trim.linear_ce_trimmed.default(

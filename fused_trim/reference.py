@@ -14,7 +14,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ._common import Keep, Reduction, TrimOptions, acc_dtype, as_rows, compute_k, ranking_scores
+from ._common import (
+    Keep,
+    Reduction,
+    TrimOptions,
+    acc_dtype,
+    as_rows,
+    compute_k,
+    first_equal_rows,
+    ordered_keys,
+    ranking_scores,
+)
 
 
 def per_sample_loss(
@@ -41,64 +51,85 @@ def per_sample_loss(
     return torch.where(valid, loss, zero), torch.where(valid, w_y, zero)
 
 
-def select(losses: Tensor, valid: Tensor, k: int, keep: Keep) -> Tensor:
-    """Flat indices of the kept set: the ``k`` largest (``"hardest"``) or smallest (``"easiest"``)
-    valid losses, ties to the lower index, NaN ranked above +inf (``torch.sort``'s order).
-    The indices come in ranking order."""
-    candidates = valid.nonzero()[:, 0]
-    order = torch.sort(losses[candidates], descending=keep == Keep.HARDEST, stable=True).indices
-    return candidates[order[:k]]
+def select(scores: Tensor, valid: Tensor, k: Tensor, keep: Keep) -> tuple[Tensor, Tensor, Tensor]:
+    """The kept set: the ``k`` largest (``"hardest"``) or smallest (``"easiest"``) valid scores,
+    ties to the lower index, NaN ranked above +inf, ``-0.0`` equal to ``+0.0``
+    (:func:`fused_trim._common.ordered_keys`).
 
-
-def _kept_set(
-    scores: Tensor, valid: Tensor, k: Tensor, keep: Keep
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(idx, kept, threshold)`` of the selection: the kept indices in ranking order, the kept
-    mask and the k-th score (NaN when ``k == 0``), in the scores' dtype."""
-    idx = select(scores, valid, int(k), keep)
-    kept = torch.zeros_like(valid)
-    kept[idx] = True
+    Static shapes only (a sort of every row, masks instead of ``nonzero``), so that it traces under
+    ``torch.compile(fullgraph=True)``. Returns ``(kept, order, threshold)``: the bool mask, every
+    row in ranking order (valid rows first), and the k-th score (NaN when ``k == 0``).
+    """
+    keys = ordered_keys(scores, keep)
+    order = torch.sort(keys, descending=True, stable=True).indices
+    order = order[torch.sort(valid[order].to(torch.int8), descending=True, stable=True).indices]
+    ranked = torch.arange(order.shape[0], device=order.device) < k
+    kept = torch.zeros_like(valid).scatter(0, order, ranked)
     nan = torch.full((), float("nan"), dtype=scores.dtype, device=scores.device)
-    return idx, kept, scores[idx[-1]] if idx.numel() else nan
+    if order.shape[0] == 0:
+        return kept, order, nan
+    pos = (k - 1).clamp(min=0).reshape(1)  # (gather, not indexing: k stays a tensor under compile)
+    last = scores.gather(0, order.gather(0, pos)).squeeze(0)
+    return kept, order, torch.where(k > 0, last, nan)
 
 
-def _reduce(kept_loss: Tensor, kept_w: Tensor, idx: Tensor, num_rows: int, reduction: Reduction) -> Tensor:
-    """The kept rows' losses reduced: their sum, their weighted mean, or ``(num_rows,)`` with the
-    losses at ``idx`` and 0 elsewhere."""
-    if reduction == Reduction.NONE:
-        out = torch.zeros(num_rows, dtype=kept_loss.dtype, device=kept_loss.device)
-        return out.index_put((idx,), kept_loss)
-    if reduction == Reduction.SUM:
-        return kept_loss.sum()
-    return kept_loss.sum() / kept_w.sum()
+def _gather_bound(k: Tensor, rows: int) -> int:
+    """How many rows of the ranking order the backward recomputes: exactly ``k`` in eager mode;
+    under ``torch.compile`` every row (``k`` is a device value there, and a bound computed from a
+    float ratio becomes a symbolic size that activation checkpointing cannot take), the rows
+    beyond ``k`` masked out. Compiled, the reference therefore recomputes all rows."""
+    return rows if torch.compiler.is_compiling() else int(k)
+
+
+def _kept_rows(order: Tensor, kept: Tensor, bound: int) -> tuple[Tensor, Tensor]:
+    """The first ``bound`` rows of the ranking order in row order (the sums then run in a fixed
+    order) and which of them are kept."""
+    rows = order[:bound].sort().values
+    return rows, kept[rows]
 
 
 def trimmed_cross_entropy_2d(
     input: Tensor, target: Tensor, opts: TrimOptions
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The whole contract on ``input (M, C)`` or ``(N, C, S)``, ``target (M,)`` and ``opts``.
+    """The whole contract on ``input (M, C)`` or ``(N, C, S)``, ``target (M,)``.
 
     Returns ``(out, losses, kept, k, threshold)``; ``out`` is 0-dim for ``"mean"``/``"sum"`` and
     ``(M,)`` for ``"none"``. Only ``out`` carries gradient, and only through the kept rows.
     ``losses`` are the per-sample losses in the accumulation dtype (fp32; fp64 for fp64 input), as
-    every backend returns them; the rest is in the input dtype. With ``opts.score_offset`` the
-    selection ranks ``losses - score_offset`` (:func:`fused_trim._common.ranking_scores`) instead
-    of the losses, and ``threshold`` is the k-th score. Every other backend's entry point has this
-    contract.
+    every backend returns them; the rest is in the input dtype. ``score_offset`` (``(M,)``, or
+    ``None``): rank ``losses - score_offset`` (:func:`fused_trim._common.ranking_scores`) instead
+    of the losses; ``threshold`` is then the k-th score.
     """
+    keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, score_offset = opts[:7]
     input = as_rows(input)
-    ce_opts = (opts.weight, opts.ignore_index, opts.label_smoothing)
-    valid = target != opts.ignore_index
+    valid = target != ignore_index
     with torch.no_grad():
-        losses, _ = per_sample_loss(input, target, *ce_opts)
-    scores = ranking_scores(losses, opts.score_offset)
-    k = compute_k(valid.sum(), opts.keep_ratio)
-    idx, kept, threshold = _kept_set(scores, valid, k, opts.keep)
+        losses, _ = per_sample_loss(input, target, weight, ignore_index, label_smoothing)
+    scores = ranking_scores(losses, score_offset)
+    k = compute_k(valid.sum(), keep_ratio)
+    kept, order, threshold = select(scores, valid, k, keep)
 
-    # Recompute the kept rows with autograd: the gradient is exactly zero everywhere else.
-    kept_loss, kept_w = per_sample_loss(input[idx], target[idx], *ce_opts)
-    out = _reduce(kept_loss, kept_w, idx, target.shape[0], opts.reduction)
-    return out.to(input.dtype), losses, kept, k, threshold.to(input.dtype)
+    # Recompute the kept rows with autograd: the gradient is exactly zero everywhere else. Rows
+    # gathered beyond k (under compile) become zeros with an ignored target: they add nothing,
+    # not even 0 * NaN.
+    rows, mask = _kept_rows(order, kept, _gather_bound(k, target.shape[0]))
+    x = torch.where(mask[:, None], input[rows], 0)
+    t = torch.where(mask, target[rows], ignore_index)
+    kept_loss, kept_w = per_sample_loss(x, t, weight, ignore_index, label_smoothing)
+    if reduction == Reduction.NONE:
+        out = torch.zeros(target.shape, dtype=kept_loss.dtype, device=input.device)
+        out = out.index_put((rows,), kept_loss)
+    elif reduction == Reduction.SUM:
+        out = kept_loss.sum()
+    else:
+        out = kept_loss.sum() / kept_w.sum()
+    return (
+        out.to(input.dtype),
+        losses,
+        kept,
+        k,
+        threshold.to(input.dtype),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,7 +155,8 @@ def linear_ce_rows(
     chunk_size: int,
 ) -> tuple[Tensor, Tensor]:
     """Every row's loss of ``F.linear(input, linear_weight, linear_bias)``, ``chunk_size`` rows of
-    logits at a time (detached). Returns ``(loss, w_y)`` in the accumulation dtype, ``(N,)``."""
+    logits at a time (detached). Returns ``(loss, w_y)`` in the accumulation dtype, ``(N,)``.
+    Bitwise equal rows with equal targets get the same loss (:func:`fused_trim._common.first_equal_rows`)."""
     losses, wys = [], []
     with torch.no_grad():
         for start in range(0, input.shape[0], chunk_size):
@@ -137,7 +169,7 @@ def linear_ce_rows(
         acc = acc_dtype(input.dtype)
         empty = input.new_empty((0,), dtype=acc)
         return empty, empty
-    return torch.cat(losses), torch.cat(wys)
+    return torch.cat(losses)[first_equal_rows(input, target)], torch.cat(wys)
 
 
 def trimmed_linear_cross_entropy_2d(
@@ -148,35 +180,50 @@ def trimmed_linear_cross_entropy_2d(
     opts: TrimOptions,
     share: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The LM-head contract on ``input (N, D)``, ``linear_weight (V, D)``, ``target (N,)`` and ``opts``.
+    """The LM-head contract on ``input (N, D)``, ``linear_weight (V, D)``, ``target (N,)``.
 
-    The forward computes every row's loss in chunks of ``opts.chunk_size`` rows, selects the kept
-    set on those losses, and recomputes only the kept rows' logits with autograd, again in chunks
-    and under activation checkpointing, so neither pass holds more than ``chunk_size x V`` logits.
-    ``share``, when given, maps ``(losses, valid)`` to the exact number of rows to keep (a 0-dim
-    int64 tensor; global trimming). Returns ``(out, losses, kept, k, threshold)`` as
-    :func:`trimmed_cross_entropy_2d` does. Every other backend's LM-head entry point has this
-    contract.
+    The forward computes every row's loss in chunks of ``chunk_size`` rows, selects the kept set
+    on those losses, and recomputes only the kept rows' logits with autograd, again in chunks and
+    under activation checkpointing, so neither pass holds more than ``chunk_size x V`` logits.
+    The head is converted to the accumulation dtype once, so that its gradient is summed over the
+    chunks in fp32 (bf16/fp16 heads) and rounded once. ``share``, when given, maps
+    ``(losses, valid)`` to the exact number of rows to keep (a 0-dim int64 tensor; global
+    trimming). ``score_offset`` (``(N,)`` or ``None``): rank ``losses - score_offset``. Returns
+    ``(out, losses, kept, k, threshold)`` as :func:`trimmed_cross_entropy_2d` does.
     """
-    ce_opts = (opts.weight, opts.ignore_index, opts.label_smoothing)
-    chunk_size = opts.chunk_size
-    valid = target != opts.ignore_index
-    losses, _ = linear_ce_rows(input, linear_weight, linear_bias, target, *ce_opts, chunk_size)
-    k = compute_k(valid.sum(), opts.keep_ratio if share is None else share(losses, valid))
-    scores = ranking_scores(losses, opts.score_offset)
-    idx, kept, threshold = _kept_set(scores, valid, k, opts.keep)
+    keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, score_offset, chunk_size = opts[:8]
+    valid = target != ignore_index
+    losses, _ = linear_ce_rows(
+        input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, chunk_size
+    )
+    ratio = keep_ratio if share is None else share(losses, valid)
+    k = compute_k(valid.sum(), ratio)
+    scores = ranking_scores(losses, score_offset)
+    kept, order, threshold = select(scores, valid, k, keep)
+
+    acc = losses.dtype
+    head = linear_weight.to(acc)
+    bias = None if linear_bias is None else linear_bias.to(acc)
 
     def kept_rows(x: Tensor, t: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
-        return per_sample_loss(_linear_logits(x, w, b), t, *ce_opts)
+        return per_sample_loss(F.linear(x.to(acc), w, b), t, weight, ignore_index, label_smoothing)
 
-    idx = idx.sort().values  # row order: the sums run in a fixed order
+    # Rows gathered beyond k (under compile) become zeros with an ignored target: a NaN hidden
+    # state outside K reaches no gradient, not even as 0 * NaN.
+    rows, mask = _kept_rows(order, kept, _gather_bound(k, target.shape[0]))
     parts, wys = [], []
-    for start in range(0, max(idx.numel(), 1), chunk_size):  # (an empty chunk keeps the graph)
-        rows = idx[start : start + chunk_size]
-        loss, w_y = checkpoint(
-            kept_rows, input[rows], target[rows], linear_weight, linear_bias, use_reentrant=False
-        )
+    for start in range(0, max(rows.shape[0], 1), chunk_size):  # (an empty chunk keeps the graph)
+        r, m = rows[start : start + chunk_size], mask[start : start + chunk_size]
+        x = torch.where(m[:, None], input[r], 0)
+        t = torch.where(m, target[r], ignore_index)
+        loss, w_y = checkpoint(kept_rows, x, t, head, bias, use_reentrant=False)
         parts.append(loss)
         wys.append(w_y)
-    out = _reduce(torch.cat(parts), torch.cat(wys), idx, target.shape[0], opts.reduction)
+    kept_loss, kept_w = torch.cat(parts), torch.cat(wys)
+    if reduction == Reduction.NONE:
+        out = torch.zeros(target.shape, dtype=acc, device=input.device).index_put((rows,), kept_loss)
+    elif reduction == Reduction.SUM:
+        out = kept_loss.sum()
+    else:
+        out = kept_loss.sum() / kept_w.sum()
     return out.to(input.dtype), losses, kept, k, threshold.to(input.dtype)

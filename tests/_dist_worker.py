@@ -253,7 +253,38 @@ def score_offset_ddp(rank: int, backends: list[str]) -> list[str]:
     return lines
 
 
+def signed_zeros(rank: int, backends: list[str]) -> list[str]:
+    """Losses of exactly -0.0 and +0.0 (a zero cross-entropy times a negative or positive class
+    weight) split across the ranks: one value, so the global kept set is the first k in global
+    index order, as one process keeps it, under both keep rules."""
+    rows, split = 16, 7
+    sign = torch.randint(0, 2, (rows,), generator=torch.Generator().manual_seed(9))
+    target = sign.clone()  # class 0 weighs -1 (a -0.0 loss), class 1 weighs +2 (+0.0)
+    logits = torch.full((rows, 3), -200.0, dtype=torch.float64)
+    logits[torch.arange(rows), target] = 0.0  # log(1 + 2 exp(-200)) == 0: an exact zero loss
+    weight = torch.tensor([-1.0, 2.0, 1.0], dtype=torch.float64)
+    target[3] = -100
+    part = slice(0, split) if rank == 0 else slice(split, rows)
+    _, info = trimmed_cross_entropy(logits, target, weight=weight, reduction="none", backend="reference",
+                                    return_info=True)  # fmt: skip
+    assert sorted(set(map(str, info.losses[target != -100].tolist()))) in (["-0.0", "0.0"], ["0.0"])
+    lines = []
+    for backend in backends:
+        for keep in ("hardest", "easiest"):
+            for ratio in (0.3, 0.6):
+                case = f"zeros/{backend}/{keep}/{ratio}"
+                kw = dict(keep=keep, reduction="sum", backend=backend, return_info=True, weight=weight)
+                _, ref_info = trimmed_cross_entropy(logits, target, ratio, **kw)
+                _, info = trimmed_cross_entropy(logits[part], target[part], ratio, process_group=dist.group.WORLD,
+                                                **kw)  # fmt: skip
+                assert torch.equal(info.kept, ref_info.kept[part]), case
+                assert int(info.k) == int(ref_info.k), case
+                lines.append(case)
+    return lines
+
+
 _JOBS = {
+    "signed-zeros": signed_zeros,
     "ddp": ddp_matches_single_process,
     "score-offset": score_offset_ddp,
     "one": world_of_one,

@@ -286,7 +286,9 @@ def test_the_task_is_a_pluggable_choice(tmp_path):
     assert task.CSV_FIELDS == CSV_FIELDS and callable(task.load) and callable(task.train_run)
     assert task.steps_per_epoch(task.load(_tiny(tmp_path, dataset="digits", train_size=250)), _tiny(tmp_path)) == 3
     assert task.load(_tiny(tmp_path, dataset="digits", train_size=50)).device == torch.device("cpu")
-    with pytest.raises(ValueError, match=r"--task must be one of \('classifier',\), got 'lm'"):
+    with pytest.raises(ValueError, match=r"--task must be one of \('classifier', 'lm'\), got 'poem'"):
+        run_demo(_tiny(tmp_path, task="poem"), stream=io.StringIO())
+    with pytest.raises(ValueError, match="--task lm is configured by fused_trim.demo.lm.LMConfig"):
         run_demo(_tiny(tmp_path, task="lm"), stream=io.StringIO())
     assert "task=classifier" in (run_demo(_tiny(tmp_path, dataset="digits", model="linear", train_size=100),
                                           stream=io.StringIO())["txt"]).read_text()

@@ -63,6 +63,11 @@ def test_score_offset_ddp_equals_single_process_global_trim(tmp_path):
     assert len(cases) == len(CPU_BACKENDS) * len(_dist_worker.scenarios()) * 2
 
 
+def test_signed_zero_losses_rank_as_one_value_across_ranks(tmp_path):
+    cases = _spawn(tmp_path, "signed-zeros", 2, CPU_BACKENDS)
+    assert len(cases) == len(CPU_BACKENDS) * 4
+
+
 def test_global_share_matches_sorted_order_on_one_rank(tmp_path):
     assert len(_spawn(tmp_path, "one", 1)) == 4
 

@@ -463,3 +463,191 @@ def test_score_offset_bad_input_names_it():
         trimmed_linear_cross_entropy(x, w, t, 0.5, score_offset=torch.zeros(5))
     with pytest.raises(TypeError, match="score_offset must be a floating-point"):
         trimmed_linear_cross_entropy(x, w, t, 0.5, score_offset=torch.zeros(6, dtype=torch.int64))
+
+
+CPU_LM_BACKENDS = [b for b in LM_BACKENDS if b in ("reference", "native")]
+
+
+@pytest.mark.parametrize("backend", CPU_LM_BACKENDS)
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
+def test_infinite_logits_match_unfused(backend, keep_ratio):
+    """±inf logits (from the bias, and from an infinite hidden state at D = 1): NaN where
+    F.cross_entropy gives NaN (+inf logits), +inf for a -inf target logit; ranked as the oracle ranks."""
+    inf = float("inf")
+    x, w, b, t = make_head(9, 3, 6, seed=1)
+    b[2], b[4] = inf, -inf
+    t[3], t[5] = 2, 4  # a target at +inf (NaN loss) and one at -inf (+inf loss)
+    x1, w1, b1, t1 = make_head(7, 1, 5, seed=2)
+    x1[2, 0], x1[5, 0] = inf, -inf
+    for reduction in ("mean", "sum", "none"):
+        for args in ((x, w, b, t), (x1, w1, b1, t1)):
+            fused = run_fused(backend, *args, keep_ratio, reduction=reduction)
+            assert_same(fused, run_unfused(*args, keep_ratio, reduction=reduction))
+
+
+def _bf16_ulps(g: torch.Tensor, exact: torch.Tensor) -> float:
+    """Largest error of ``g`` in units of the last place of bf16 at ``exact``."""
+    exponent = torch.floor(torch.log2(exact.abs().clamp_min(1e-30)))
+    return float(((g.double() - exact) / 2 ** (exponent - 7)).abs().max())
+
+
+@pytest.mark.parametrize("backend", CPU_LM_BACKENDS)
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.6])
+def test_bf16_head_gradient_rounded_once_whatever_the_chunk_size(backend, keep_ratio):
+    """d linear_weight and d linear_bias are summed over the chunks in fp32 and rounded once: at
+    chunk sizes 1, 7 and the default they are the float64 gradient correctly rounded (≤ 1 ulp)."""
+    x, w, b, t = make_head(64, 16, 40, seed=3, ignore_frac=0.1)
+    xs = [v.to(torch.bfloat16) for v in (x, w, b)]
+    _, _, exact = run_fused("reference", *[v.double() for v in xs], t, keep_ratio)
+    for chunk_size in (1, 7, None):
+        _, _, grads = run_fused(backend, *xs, t, keep_ratio, chunk_size=chunk_size)
+        for name, g, e in zip(("linear_weight", "linear_bias"), grads[1:], exact[1:], strict=True):
+            assert _bf16_ulps(g, e) <= 1.0, f"{name} at chunk_size={chunk_size}: {_bf16_ulps(g, e):.1f} ulp"
+
+
+@pytest.mark.parametrize("backend", CPU_LM_BACKENDS)
+def test_equal_rows_tie_across_chunk_boundaries(backend):
+    """Bitwise equal rows with equal targets get bitwise equal losses wherever the chunks split
+    them, so ties go to the lower index: N = 3, chunk_size = 2, rows 1 and 2 equal; then random
+    placements of duplicates among random rows at random chunk sizes."""
+    gen = torch.Generator().manual_seed(5)
+    for draw in range(20):
+        x, w, b, t = make_head(3, 24, 50, dtype=torch.float32, seed=draw)
+        x[2], t[2], t[0] = x[1], t[1], -100
+        _, info, _ = run_fused(backend, x, w, b, t, 0.5, chunk_size=2)
+        assert info.losses[1] == info.losses[2], f"draw {draw}: {info.losses.tolist()}"
+        assert info.kept.tolist() == [False, True, False], f"draw {draw}"
+    for draw in range(10):
+        n = int(torch.randint(8, 40, (), generator=gen))
+        x, w, b, t = make_head(n, 24, 50, dtype=torch.float32, seed=100 + draw)
+        src = torch.randint(0, n, (3,), generator=gen)
+        for s in src.tolist():
+            dst = torch.randint(0, n, (3,), generator=gen)
+            x[dst], t[dst] = x[s].clone(), t[s].clone()
+        chunk = int(torch.randint(1, n, (), generator=gen))
+        for keep in ("hardest", "easiest"):
+            _, info, _ = run_fused(backend, x, w, b, t, 0.5, chunk_size=chunk, keep=keep)
+            for i in range(n):
+                for j in range(i + 1, n):
+                    if torch.equal(x[i], x[j]) and t[i] == t[j]:
+                        assert info.losses[i] == info.losses[j], f"draw {draw}: rows {i}, {j}, chunk {chunk}"
+                        assert info.kept[i] or not info.kept[j], f"draw {draw}: row {j} kept before {i}"
+
+
+def _kept_oracle(x, w, b, t, kept, reduction, grad_seed=0, **kw):
+    """The float64 loss and gradients of the rows in ``kept`` alone (``F.linear`` +
+    ``F.cross_entropy``), under the upstream gradient :func:`run_fused` draws."""
+    x, w, b = _leaves(x, w, b, device=torch.device("cpu"))
+    idx = kept.nonzero()[:, 0]
+    losses = F.cross_entropy(F.linear(x[idx], w, b), t[idx], reduction="none", **kw)
+    if reduction == "none":
+        out = torch.zeros(t.shape, dtype=losses.dtype).index_put((idx,), losses)
+    elif reduction == "sum":
+        out = losses.sum()
+    else:
+        out = losses.sum() / (idx.numel() if kw.get("weight") is None else kw["weight"][t[idx]].sum())
+    gen = torch.Generator().manual_seed(grad_seed)
+    upstream = torch.randn(out.shape, generator=gen).to(torch.bfloat16).to(out.dtype)
+    return list(torch.autograd.grad(out, [x, w, b], upstream))
+
+
+@pytest.mark.parametrize("backend", CPU_LM_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_rows_outside_the_kept_set_reach_no_gradient(backend, reduction, bad):
+    """A NaN/inf hidden state on an ignored row (keep 1.0: the forward forms the gradient; 0.5)
+    and on a row trimmed away (``keep="easiest"`` drops its NaN loss) adds exactly nothing to
+    ``linear_weight.grad`` and ``linear_bias.grad``."""
+    x, w, b, t = make_head(11, 5, 13, seed=7)
+    weight = torch.rand(13, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) + 0.1
+    x[3] = bad
+    t[3] = -100  # ignored
+    x[6, 2] = bad  # valid: its loss is NaN, dropped by "easiest"
+    for keep_ratio, keep in ((1.0, "hardest"), (0.5, "hardest"), (0.5, "easiest"), (1.0, "easiest")):
+        trimmed = keep == "easiest" and keep_ratio < 1.0
+        row6 = t.clone()
+        if not trimmed:
+            row6[6] = -100  # only the trimming case keeps row 6 valid
+        _, info, grads = run_fused(backend, x, w, b, row6, keep_ratio, keep=keep, reduction=reduction, weight=weight)
+        assert not info.kept[3] and not info.kept[6]
+        expected = _kept_oracle(x, w, b, row6, info.kept, reduction, weight=weight)
+        for name, g, e in zip(("input", "linear_weight", "linear_bias"), grads, expected, strict=True):
+            assert torch.isfinite(g).all(), f"{name}.grad holds {g[~torch.isfinite(g)][:3].tolist()}"
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def _grads_of_views(backend, bases, views, t, keep_ratio, unfused=False, **kw):
+    """Loss, info and the gradients of the *storage* tensors ``bases`` of a call on ``views(*bases)``
+    (strided input, head and bias as the op receives them); ``unfused``: the oracle on the same views."""
+    leaves = [v.clone().requires_grad_(True) for v in bases]
+    x, w, b = views(*leaves)
+    if unfused:
+        out, info = trimmed_cross_entropy(F.linear(x, w, b), t, keep_ratio, backend="reference", return_info=True, **kw)
+    else:
+        out, info = trimmed_linear_cross_entropy(x, w, t, keep_ratio, linear_bias=b, backend=backend,
+                                                 return_info=True, **kw)  # fmt: skip
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    return out.detach(), info, torch.autograd.grad(out, leaves, upstream)
+
+
+_N, _D, _V = 13, 6, 11
+STRIDED = {
+    "bias-every-second": (lambda g: (torch.randn(_N, _D, generator=g), torch.randn(_V, _D, generator=g) / 3,
+                                     torch.randn(2 * _V, generator=g)),
+                          lambda x, w, b: (x, w, b[::2])),
+    "bias-column-of-matrix": (lambda g: (torch.randn(_N, _D, generator=g), torch.randn(_V, _D, generator=g) / 3,
+                                         torch.randn(_V, 3, generator=g)),
+                              lambda x, w, b: (x, w, b[:, 1])),
+    "weight-transposed-storage": (lambda g: (torch.randn(_N, _D, generator=g), torch.randn(_D, _V, generator=g) / 3,
+                                             torch.randn(_V, generator=g)),
+                                  lambda x, w, b: (x, w.t(), b)),
+    "weight-slice": (lambda g: (torch.randn(_N, _D, generator=g), torch.randn(_V + 3, 2 * _D, generator=g) / 3,
+                                torch.randn(_V, generator=g)),
+                     lambda x, w, b: (x, w[2 : _V + 2, ::2], b)),
+    "input-non-contiguous": (lambda g: (torch.randn(_D, 2 * _N, generator=g), torch.randn(_V, _D, generator=g) / 3,
+                                        torch.randn(_V, generator=g)),
+                             lambda x, w, b: (x.t()[::2], w, b)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", CPU_LM_BACKENDS)
+@pytest.mark.parametrize("case", sorted(STRIDED))
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.4])
+def test_strided_head_bias_and_input(backend, case, keep_ratio):
+    """Views as the op's operands (a bias ``b[::2]`` or a matrix column, a weight stored transposed
+    or sliced, a non-contiguous input) give the unfused result on the same views, in float64."""
+    make, views = STRIDED[case]
+    bases = [v.double() for v in make(torch.Generator().manual_seed(11))]
+    t = torch.randint(0, _V, (_N,), generator=torch.Generator().manual_seed(12))
+    t[4] = -100
+    for reduction in ("mean", "none"):
+        out, info, grads = _grads_of_views(backend, bases, views, t, keep_ratio, reduction=reduction)
+        r_out, r_info, r_grads = _grads_of_views(backend, bases, views, t, keep_ratio, True, reduction=reduction)
+        assert torch.equal(info.kept, r_info.kept)
+        torch.testing.assert_close(out, r_out, rtol=1e-9, atol=1e-11)
+        for g, r in zip(grads, r_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", CPU_LM_BACKENDS)
+@pytest.mark.parametrize("op", ["ce", "linear_ce"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_ignored_gives_zero_gradients(backend, op, dtype):
+    """Every target ignored, at every ratio (1.0 included: the LM head then forms its gradient in
+    the forward) and reduction: the loss is what F.cross_entropy gives (NaN mean, 0 sum, zeros),
+    and every gradient is exactly zero."""
+    x, w, b, t = make_head(10, 4, 7, dtype=dtype, seed=4)
+    t[:] = -100
+    for keep_ratio in (1.0, 0.5, torch.tensor(0.3)):
+        for reduction in ("mean", "sum", "none"):
+            xs, ws, bs = _leaves(x, w, b, device=torch.device("cpu"))
+            if op == "ce":
+                out = trimmed_cross_entropy(F.linear(xs, ws, bs), t, keep_ratio, reduction=reduction, backend=backend)
+            else:
+                out = trimmed_linear_cross_entropy(xs, ws, t, keep_ratio, linear_bias=bs, reduction=reduction,
+                                                   backend=backend)  # fmt: skip
+            expected = F.cross_entropy(F.linear(x, w, b).float(), t, reduction=reduction).to(dtype)
+            torch.testing.assert_close(out, expected, equal_nan=True)
+            assert out.dtype == dtype
+            for p, g in zip((xs, ws, bs), torch.autograd.grad(out, (xs, ws, bs), torch.ones_like(out)), strict=True):
+                assert g.dtype == p.dtype and torch.all(g == 0), f"ratio {keep_ratio}, {reduction}"

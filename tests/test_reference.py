@@ -23,11 +23,15 @@ def test_compute_k_formula():
 def test_select_brute_force_with_ties_and_nan():
     losses = torch.tensor([1.0, float("nan"), 3.0, 1.0, float("inf"), 3.0, 0.5, 2.0, float("nan")])
     valid = torch.tensor([True, True, True, True, True, True, True, True, False])
-    hardest = reference.select(losses, valid, 5, Keep.HARDEST).tolist()
-    assert hardest == [1, 4, 2, 5, 7]  # NaN, +inf, 3 (index 2 before 5), 2
-    easiest = reference.select(losses, valid, 4, Keep.EASIEST).tolist()
-    assert easiest == [6, 0, 3, 7]  # 0.5, then the tied 1.0s in index order, then 2
-    assert 8 not in reference.select(losses, valid, 8, Keep.HARDEST).tolist()
+
+    def kept(k, keep):
+        mask, order, _ = reference.select(losses, valid, torch.tensor(k), Keep[keep.upper()])
+        assert sorted(order[:k].tolist()) == mask.nonzero()[:, 0].tolist()
+        return order[:k].tolist()
+
+    assert kept(5, "hardest") == [1, 4, 2, 5, 7]  # NaN, +inf, 3 (index 2 before 5), 2
+    assert kept(4, "easiest") == [6, 0, 3, 7]  # 0.5, then the tied 1.0s in index order, then 2
+    assert 8 not in kept(8, "hardest")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -106,57 +106,6 @@ __attribute__((flatten)) inline RowResult<acc_t> row_forward(const scalar_t* row
                               ls, w_total, C);
 }
 
-// Few classes (C <= kSmallC): a row is shorter than a vector or two, and the per-row reductions
-// would dominate. Instead V rows at a time are transposed into a [C][V] tile, so that every
-// vector op works across V rows (max, exp, sum, log), with no horizontal reduction at all.
-constexpr int64_t kSmallC = 32;
-
-template <typename scalar_t, typename acc_t>
-void small_c_forward(const scalar_t* x, int64_t row_stride, int64_t C, const int64_t* t,
-                     int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls,
-                     int64_t begin, int64_t end, acc_t* loss_out, acc_t* lse_out,
-                     std::atomic<bool>& bad_target) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  alignas(64) acc_t tile[kSmallC * V];
-  alignas(64) acc_t mv[V], lsv[V], sxv[V];
-  const bool smooth = ls > 0;
-  for (int64_t i0 = begin; i0 < end; i0 += V) {
-    const int64_t rows = std::min(V, end - i0);
-    for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* row = x + (i0 + r) * row_stride;
-      for (int64_t c = 0; c < C; ++c) tile[c * V + r] = static_cast<acc_t>(row[c]);
-    }
-    for (int64_t r = rows; r < V; ++r) {
-      for (int64_t c = 0; c < C; ++c) tile[c * V + r] = 0;
-    }
-    Vec m = Vec::loadu(tile);
-    for (int64_t c = 1; c < C; ++c) m = at::vec::maximum(m, Vec::loadu(tile + c * V));
-    Vec s(0), sx(0);
-    for (int64_t c = 0; c < C; ++c) {
-      const Vec d = Vec::loadu(tile + c * V) - m;
-      s = s + vexp(d);
-      if (smooth) sx = sx + (w == nullptr ? d : d * Vec(w[c]));
-    }
-    m.store(mv);
-    s.log().store(lsv);
-    sx.store(sxv);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
-      const int64_t y = t[i];
-      if (!scored_target(y, C, ignore_index, bad_target)) {
-        loss_out[i] = lse_out[i] = 0;
-        continue;
-      }
-      // (sx was taken relative to the max itself)
-      const auto res = finish_sample<acc_t>(mv[r], lsv[r], tile[y * V + r], w == nullptr ? acc_t(1) : w[y], mv[r],
-                                            sxv[r], ls, w_total, C);
-      loss_out[i] = res.loss;
-      lse_out[i] = res.lse;
-    }
-  }
-}
-
 // Rows of one block (C <= kBlock) in fp32/fp64: rows are taken kRowGroup at a time, in phases
 // (every row's max, then every row's exp-sum, then one vector log for the group), so that the
 // short dependency chains of independent rows overlap (a row at a time, max -> horizontal
@@ -215,10 +164,7 @@ template <typename scalar_t, typename acc_t>
 void rows_forward(const scalar_t* x, int64_t row_stride, int64_t C, const int64_t* t, int64_t ignore_index,
                   const acc_t* w, acc_t w_total, acc_t ls, int64_t begin, int64_t end, acc_t* loss_out,
                   acc_t* lse_out, std::atomic<bool>& bad_target) {
-  if (C <= kSmallC) {
-    small_c_forward<scalar_t, acc_t>(x, row_stride, C, t, ignore_index, w, w_total, ls, begin, end, loss_out,
-                                     lse_out, bad_target);
-  } else if (std::is_same_v<scalar_t, acc_t> && C <= kBlock) {
+  if (std::is_same_v<scalar_t, acc_t> && C <= kBlock) {
     grouped_rows_forward<acc_t>(reinterpret_cast<const acc_t*>(x), row_stride, C, t, ignore_index, w, w_total, ls,
                                 begin, end, loss_out, lse_out, bad_target);
   } else {
@@ -236,25 +182,16 @@ void rows_forward(const scalar_t* x, int64_t row_stride, int64_t C, const int64_
   }
 }
 
-// Rows [0, M) over the intra-op thread pool (chunks of whole vectors of rows for few classes).
+// Rows [0, M) over the intra-op thread pool (few classes: ce_small.h).
 template <typename scalar_t, typename acc_t>
 void rows_forward_parallel(const scalar_t* x, int64_t row_stride, int64_t M, int64_t C, const int64_t* t,
                            int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls, acc_t* loss_out,
                            acc_t* lse_out, std::atomic<bool>& bad_target) {
   const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(C, 1));
-  if (C <= kSmallC) {
-    constexpr int64_t V = Vectorized<acc_t>::size();
-    const int64_t small_grain = (grain + V - 1) / V * V;
-    at::parallel_for(0, (M + V - 1) / V, (small_grain + V - 1) / V, [&](int64_t gb, int64_t ge) {
-      small_c_forward<scalar_t, acc_t>(x, row_stride, C, t, ignore_index, w, w_total, ls, gb * V,
-                                       std::min(M, ge * V), loss_out, lse_out, bad_target);
-    });
-  } else {
-    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-      rows_forward<scalar_t, acc_t>(x, row_stride, C, t, ignore_index, w, w_total, ls, begin, end, loss_out,
-                                    lse_out, bad_target);
-    });
-  }
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    rows_forward<scalar_t, acc_t>(x, row_stride, C, t, ignore_index, w, w_total, ls, begin, end, loss_out, lse_out,
+                                  bad_target);
+  });
 }
 
 // The gradient of coef * l for one kept row: d l / d x_c = (1-ls) w_y (p_c - [c==y]) + ls/C (W p_c - w_c),

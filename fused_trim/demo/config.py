@@ -8,7 +8,9 @@ from pathlib import Path
 
 __all__ = ["DemoConfig", "add_arguments", "config_from_args"]
 
-TASKS = ("classifier",)  # the modules runner.run_demo can train (see runner.task_module)
+# The modules runner.run_demo can train (see runner.task_module); "lm" has its own settings and flags
+# (fused_trim.demo.lm: LMConfig, add_arguments), which the command line picks by --task.
+TASKS = ("classifier", "lm")
 DATASETS = ("mnist1d", "digits")
 MODELS = ("cnn", "mlp", "linear")
 SCHEDULES = ("linear", "linear-step", "warmup", "cosine", "step", "constant", "osgd")
@@ -106,7 +108,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's command-line flags."""
     d = DemoConfig()
     a = parser.add_argument
-    a("--task", choices=TASKS, default=d.task, help="what is trained (default %(default)s)")
+    a(
+        "--task",
+        choices=TASKS,
+        default=d.task,
+        help="what is trained (default %(default)s; lm: a small language model, see --task lm --help)",
+    )
     a("--dataset", choices=DATASETS, default=d.dataset, help="data set, made offline (default %(default)s)")
     a("--model", choices=MODELS, default=d.model, help="model (default %(default)s)")
     a("--epochs", type=int, default=d.epochs, help="training epochs (default %(default)s)")

@@ -54,8 +54,15 @@ def run_demo(cfg: DemoConfig, stream: TextIO | None = None) -> dict[str, Any]:
     """Run every arm over ``cfg.seeds`` seeds, print the table to ``stream`` and write the outputs.
 
     Returns a dict with ``rows`` (the CSV's rows), ``summary``, ``table``, ``wall_s`` (the training
-    time) and the written paths ``csv``, ``png`` and ``txt``.
+    time) and the written paths ``csv``, ``png`` and ``txt``. ``--task lm`` runs
+    :func:`fused_trim.demo.lm.run_lm_demo` on its :class:`~fused_trim.demo.lm.LMConfig`.
     """
+    if cfg.task == "lm":
+        from .lm import LMConfig, run_lm_demo
+
+        if not isinstance(cfg, LMConfig):
+            raise ValueError("--task lm is configured by fused_trim.demo.lm.LMConfig, not DemoConfig")
+        return run_lm_demo(cfg, stream)
     cfg.validate()
     out = _check_out(cfg)
     stream = sys.stdout if stream is None else stream

@@ -22,13 +22,16 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float
     return mean - half, mean + half
 
 
-def verdict(interval: tuple[float, float] | None, confidence: float = 0.95) -> str:
-    """What a confidence interval of ``trimmed - baseline`` (points of test error) says."""
+def verdict(
+    interval: tuple[float, float] | None, confidence: float = 0.95, unit: str = "points", digits: int = 2
+) -> str:
+    """What a confidence interval of ``trimmed - baseline`` (in ``unit``: points of test error for the
+    classifier, nats per token for the LM; lower is better) says."""
     level = f"{100 * confidence:g}%"
     if interval is None:
         return f"no {level} interval exists with one seed (run two or more)"
     lo, hi = interval
-    ci = f"CI {lo:+.2f} … {hi:+.2f} points"
+    ci = f"CI {lo:+.{digits}f} … {hi:+.{digits}f} {unit}"
     if hi < 0:
         return f"trimming better at {level} ({ci})"
     if lo > 0:

@@ -1,0 +1,254 @@
+// Cross-entropy of (M, C) rows with few classes (C <= kSmallC) on the CPU: forward and gradient.
+//
+// API (namespace fused_trim::cpu; scalar_t, acc_t, the arguments and the outputs as in ce_rows.h):
+//   kSmallC                        the largest C these paths take (the op dispatches on it)
+//   small_c_forward_parallel<scalar_t, acc_t>(x, row_stride, M, C, t, ignore_index, w, w_total, ls,
+//                                             loss_out, lse_out, bad_target)
+//       rows_forward_parallel's outputs, for C <= kSmallC.
+//   small_c_backward_parallel<scalar_t, acc_t>(x, row_stride, M, C, t, ignore_index, w, w_total, ls,
+//                                              gp, per_row, lse, rowscale, grad)
+//       The gradient (M, C), contiguous, of the rows: kept rows (rowscale != 0, target a class)
+//       d(coef * l)/dx with coef = gp[i or 0] * rowscale[i], every other row exactly 0; a kept
+//       row with a NaN lse is a NaN row, as torch.
+//
+// A row of ten classes is 40 bytes, shorter than one vector: a loop over rows would spend its time
+// in horizontal reductions and scalar tails. Instead V rows (one vector's lanes) at a time are
+// transposed into a [C][V] tile, so that max, exp, sum, log, the target's logit and the gradient
+// are vertical vector ops across V rows, with no horizontal reduction at all. The gradient of fp32 rows of up to 16 classes is
+// formed in the rows' own flat layout instead (see FlatLayout); other gradients go through the
+// tile and back. Every lane does the same arithmetic on its own row, so a row's loss and gradient do
+// not depend on which rows share its vector, nor on the thread count.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include <ATen/Parallel.h>
+
+#include "ce_rows.h"
+#include "vec.h"
+
+namespace fused_trim::cpu {
+
+// Up to here the tile ([C][V] acc_t: 2 KiB of fp32 at AVX-512) beats the row paths in both
+// directions; at C = 64 the grouped rows forward is the faster one.
+constexpr int64_t kSmallC = 32;
+
+// tile[c * V + r] = x[r * row_stride + c] in acc_t for r < rows, c < C; lanes r >= rows are 0.
+template <typename scalar_t, typename acc_t>
+inline void load_tile(const scalar_t* x, int64_t row_stride, int64_t rows, int64_t C, acc_t* tile) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  if (rows < V) std::fill(tile, tile + C * V, acc_t(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row = x + r * row_stride;
+    for (int64_t c = 0; c < C; ++c) tile[c * V + r] = static_cast<acc_t>(row[c]);
+  }
+}
+
+// g[r * C + c] = tile[c * V + r] rounded to scalar_t, for r < rows, c < C.
+template <typename scalar_t, typename acc_t>
+inline void store_tile(const acc_t* tile, int64_t rows, int64_t C, scalar_t* g) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < C; ++c) g[r * C + c] = static_cast<scalar_t>(tile[c * V + r]);
+  }
+}
+
+// Rows [begin, end) (begin a multiple of V), one thread.
+template <typename scalar_t, typename acc_t>
+__attribute__((flatten)) void small_c_forward(const scalar_t* x, int64_t row_stride, int64_t C, const int64_t* t,
+                                              int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls,
+                                              int64_t begin, int64_t end, acc_t* loss_out, acc_t* lse_out,
+                                              std::atomic<bool>& bad_target) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  alignas(64) acc_t tile[kSmallC * V];
+  alignas(64) acc_t mv[V], lsv[V], sxv[V];
+  const bool smooth = ls > 0;
+  for (int64_t i0 = begin; i0 < end; i0 += V) {
+    const int64_t rows = std::min(V, end - i0);
+    load_tile<scalar_t, acc_t>(x + i0 * row_stride, row_stride, rows, C, tile);
+    Vec m = Vec::loadu(tile);
+    for (int64_t c = 1; c < C; ++c) m = at::vec::maximum(m, Vec::loadu(tile + c * V));
+    Vec s(0), sx(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const Vec d = Vec::loadu(tile + c * V) - m;
+      s = s + vexp(d);
+      if (smooth) sx = sx + (w == nullptr ? d : d * Vec(w[c]));
+    }
+    m.store(mv);
+    s.log().store(lsv);
+    sx.store(sxv);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      const int64_t y = t[i];
+      if (!scored_target(y, C, ignore_index, bad_target)) {
+        loss_out[i] = lse_out[i] = 0;
+        continue;
+      }
+      // (sx was taken relative to the max itself)
+      const auto res = finish_sample<acc_t>(mv[r], lsv[r], tile[y * V + r], w == nullptr ? acc_t(1) : w[y], mv[r],
+                                            sxv[r], ls, w_total, C);
+      loss_out[i] = res.loss;
+      lse_out[i] = res.lse;
+    }
+  }
+}
+
+// Rows go to threads in whole vectors of rows, at least kParallelGrainElements logits a chunk.
+template <typename acc_t>
+inline int64_t small_c_grain_vectors(int64_t C) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  const int64_t rows = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(C, 1));
+  return (rows + V - 1) / V;
+}
+
+template <typename scalar_t, typename acc_t>
+void small_c_forward_parallel(const scalar_t* x, int64_t row_stride, int64_t M, int64_t C, const int64_t* t,
+                              int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls, acc_t* loss_out,
+                              acc_t* lse_out, std::atomic<bool>& bad_target) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  at::parallel_for(0, (M + V - 1) / V, small_c_grain_vectors<acc_t>(C), [&](int64_t gb, int64_t ge) {
+    small_c_forward<scalar_t, acc_t>(x, row_stride, C, t, ignore_index, w, w_total, ls, gb * V, std::min(M, ge * V),
+                                     loss_out, lse_out, bad_target);
+  });
+}
+
+// The flat layout of a full block of fp32 rows (AVX-512, C <= 16, contiguous rows): the block's
+// 16 * C gradients are C whole vectors, each lane's row coefficient fetched from the block's
+// coefficient vectors by one in-register permute; loads and stores stay whole and contiguous (and
+// streamed when asked), with no transpose either way.
+#if defined(CPU_CAPABILITY_AVX512)
+struct FlatLayout {
+  __m512i row[16];  // lane -> the row (in the block) of flat element 16 j + lane
+  __m512 cls[16];   // ... and its class, as float
+  __m512 w[16];     // ... and that class's weight (1 without a weight)
+};
+
+inline FlatLayout flat_layout(int64_t C, const float* w) {
+  FlatLayout f;
+  for (int64_t j = 0; j < C; ++j) {
+    alignas(64) int32_t row[16];
+    alignas(64) float cls[16], wc[16];
+    for (int64_t l = 0; l < 16; ++l) {
+      const int64_t e = 16 * j + l;
+      row[l] = static_cast<int32_t>(e / C);
+      cls[l] = static_cast<float>(e % C);
+      wc[l] = w == nullptr ? 1.0f : w[e % C];
+    }
+    f.row[j] = _mm512_load_si512(row);
+    f.cls[j] = _mm512_load_ps(cls);
+    f.w[j] = _mm512_load_ps(wc);
+  }
+  return f;
+}
+#endif
+
+// The gradient of rows [begin, end) (begin a multiple of V), one thread. Per lane the arithmetic of
+// row_backward: a exp(x_c - lse) - b w_c off the target, the true class formed in acc_t from
+// p_y = exp(x_y - lse) (the accurate vector exp: it decides the bits of 1 - p_y when p_y ~ 1).
+template <typename scalar_t, typename acc_t>
+__attribute__((flatten)) void small_c_backward(const scalar_t* x, int64_t row_stride, int64_t C, const int64_t* t,
+                                               int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls,
+                                               const acc_t* gp, bool per_row, const acc_t* lse, const acc_t* rs,
+                                               int64_t begin, int64_t end, scalar_t* grad, bool stream) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  alignas(64) acc_t tile[kSmallC * V];
+  alignas(64) acc_t cm[V], wm[V], lm[V], ym[V], xy[V];
+  const acc_t one_m_ls = acc_t(1) - ls, ls_wc = ls * w_total / static_cast<acc_t>(C);
+  const int64_t g_step = per_row ? 1 : 0;
+  const Vec nan(std::numeric_limits<acc_t>::quiet_NaN());
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr bool flat_type = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
+  const bool flat = flat_type && C <= 16 && row_stride == C;
+  FlatLayout layout;
+  if constexpr (flat_type) {
+    if (flat) layout = flat_layout(C, reinterpret_cast<const float*>(w));
+  }
+#endif
+  for (int64_t i0 = begin; i0 < end; i0 += V) {
+    const int64_t rows = std::min(V, end - i0);
+    scalar_t* g = grad + i0 * C;
+    // The rows' coefficients, branch-free (a random half of the rows is kept: no predictor guesses
+    // it). Masks, not products: a row left out may have a NaN upstream gradient or lse.
+    int64_t nk = 0;
+    for (int64_t r = 0; r < V; ++r) {
+      const int64_t i = i0 + std::min(r, rows - 1);
+      const int64_t y = t[i];
+      const int64_t keep = int64_t(r < rows) & int64_t(rs[i] != acc_t(0)) & int64_t(y != ignore_index) &
+                           int64_t(static_cast<uint64_t>(y) < static_cast<uint64_t>(C));
+      const int64_t yk = y & -keep;
+      cm[r] = zero_unless(gp[i * g_step] * rs[i], keep);
+      wm[r] = w == nullptr ? acc_t(1) : w[yk];
+      lm[r] = zero_unless(lse[i], keep);
+      ym[r] = static_cast<acc_t>(((y + 1) & -keep) - 1);  // y, or -1 when left out
+      xy[r] = static_cast<acc_t>(x[i * row_stride + yk]);
+      nk += keep;
+    }
+    if (nk == 0) {  // no kept row: zeros, without reading the logits
+      zero_bytes(static_cast<void*>(g), static_cast<size_t>(rows * C) * sizeof(scalar_t), stream);
+      continue;
+    }
+    // row_grad_coefs and row_grad_true_class, lane by lane; a kept row with a NaN lse gets NaN
+    // coefficients, hence a NaN row.
+    const Vec coef = Vec::loadu(cm), w_y = Vec::loadu(wm), vl = Vec::loadu(lm), vy = Vec::loadu(ym);
+    const Vec nan_row = (vy >= Vec(0)) & (vl != vl);
+    const Vec va = Vec::blendv(coef * (Vec(one_m_ls) * w_y + Vec(ls_wc)), nan, nan_row);
+    const Vec vb = coef * Vec(ls) / Vec(static_cast<acc_t>(C));
+    const Vec p_y = (Vec::loadu(xy) - vl).exp();
+    const Vec vt = Vec::blendv((va * p_y - vb * w_y) - coef * Vec(one_m_ls) * w_y, nan, nan_row);
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (flat_type) {
+      if (flat && rows == V) {
+        const bool nt = stream && reinterpret_cast<uintptr_t>(g) % 64 == 0;
+        const __m512 a512 = va, b512 = vb, t512 = vt, l512 = vl, y512 = vy;
+        for (int64_t j = 0; j < C; ++j) {
+          const __m512i id = layout.row[j];
+          const Vec a(_mm512_permutexvar_ps(id, a512)), b(_mm512_permutexvar_ps(id, b512));
+          const Vec l(_mm512_permutexvar_ps(id, l512)), yv(_mm512_permutexvar_ps(id, y512));
+          const Vec e = vexp(Vec::loadu(reinterpret_cast<const float*>(x) + i0 * C + 16 * j) - l);
+          Vec gv = e * a - b * Vec(layout.w[j]);
+          gv = Vec::blendv(gv, Vec(_mm512_permutexvar_ps(id, t512)), yv == Vec(layout.cls[j]));
+          gv = Vec::blendv(Vec(0), gv, yv >= Vec(0));
+          float* gj = reinterpret_cast<float*>(g) + 16 * j;
+          if (nt) {
+            store_stream<float>(gj, gv);
+          } else {
+            gv.store(gj);
+          }
+        }
+        continue;
+      }
+    }
+#endif
+    load_tile<scalar_t, acc_t>(x + i0 * row_stride, row_stride, rows, C, tile);
+    const Vec keep = vy >= Vec(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const Vec e = vexp(Vec::loadu(tile + c * V) - vl);
+      Vec gv = e * va - vb * Vec(w == nullptr ? acc_t(1) : w[c]);
+      gv = Vec::blendv(gv, vt, vy == Vec(static_cast<acc_t>(c)));
+      Vec::blendv(Vec(0), gv, keep).store(tile + c * V);
+    }
+    store_tile<scalar_t, acc_t>(tile, rows, C, g);
+  }
+  if (stream) stream_fence();
+}
+
+template <typename scalar_t, typename acc_t>
+void small_c_backward_parallel(const scalar_t* x, int64_t row_stride, int64_t M, int64_t C, const int64_t* t,
+                               int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls, const acc_t* gp,
+                               bool per_row, const acc_t* lse, const acc_t* rs, scalar_t* grad) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  const bool stream = static_cast<size_t>(M) * C * sizeof(scalar_t) >= kStreamBytes;
+  at::parallel_for(0, (M + V - 1) / V, small_c_grain_vectors<acc_t>(C), [&](int64_t gb, int64_t ge) {
+    small_c_backward<scalar_t, acc_t>(x, row_stride, C, t, ignore_index, w, w_total, ls, gp, per_row, lse, rs,
+                                      gb * V, std::min(M, ge * V), grad, stream);
+  });
+}
+
+}  // namespace fused_trim::cpu
