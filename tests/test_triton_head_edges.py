@@ -245,12 +245,12 @@ def test_select_kernel_gets_distinct_output_buffers(monkeypatch, reduction):
             self.kernel, self.launcher = kernel, real(kernel)
 
         def __getitem__(self, grid):
-            def launch(*args, **kwargs):
+            def run(*args, **kwargs):
                 if self.kernel is launch.select_kernel:
                     seen.append((args[4], args[5]))
                 return self.launcher[grid](*args, **kwargs)
 
-            return launch
+            return run
 
     monkeypatch.setattr(launch, "wrap_triton", _Spy)
     x = torch.randn(12, 5, dtype=torch.float64)
