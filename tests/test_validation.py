@@ -131,9 +131,9 @@ def test_cpu_ratio_tensor_reaches_the_backend_as_a_host_float(backend, monkeypat
     def spy(name):
         fn = real(name)
 
-        def wrapped(x2d, t1d, keep_ratio, *args):
-            seen.append(keep_ratio)
-            return fn(x2d, t1d, keep_ratio, *args)
+        def wrapped(x2d, t1d, opts):
+            seen.append(opts.keep_ratio)
+            return fn(x2d, t1d, opts)
 
         return wrapped
 
