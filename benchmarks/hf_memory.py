@@ -44,9 +44,15 @@ def _child(variant: str, vocab: int, seq: int, batch: int, keep: float) -> None:
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=seq, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=seq,
+        tie_word_embeddings=False,
+    )
     model = transformers.LlamaForCausalLM(cfg).float().train()
     if variant != "unpatched":
         apply_fused_trim(model, keep, backend=variant.removeprefix("patched-"))
@@ -74,8 +80,21 @@ def main() -> None:
     logits = a.batch * a.seq * a.vocab * 4
     print(f"vocab {a.vocab}, seq {a.seq}, batch {a.batch}, keep {a.keep}: fp32 logits {logits / 2**20:.0f} MiB")
     for variant in VARIANTS:
-        cmd = [sys.executable, "-m", "benchmarks.hf_memory", "--child", variant, "--vocab", str(a.vocab),
-               "--seq", str(a.seq), "--batch", str(a.batch), "--keep", str(a.keep)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.hf_memory",
+            "--child",
+            variant,
+            "--vocab",
+            str(a.vocab),
+            "--seq",
+            str(a.seq),
+            "--batch",
+            str(a.batch),
+            "--keep",
+            str(a.keep),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if not lines:

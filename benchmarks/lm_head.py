@@ -139,9 +139,7 @@ def allocator_peak_bytes(step: Callable[[], object]) -> int:
     but not memory the native op takes outside torch's allocator (its gradient-block cache)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     held = peak = 0
     for _, nbytes in events:
         held += nbytes
@@ -149,8 +147,7 @@ def allocator_peak_bytes(step: Callable[[], object]) -> int:
     return peak
 
 
-def run_lm_case(case: LMCase, device: str, rows: list[str], repeats: int, budget_s: float,
-                cache: dict) -> list[dict]:
+def run_lm_case(case: LMCase, device: str, rows: list[str], repeats: int, budget_s: float, cache: dict) -> list[dict]:
     """Time forward+backward of every row at ``case``; untrimmed rows are measured once per shape
     and dtype (``cache``) and repeated for each keep ratio."""
     n, d, v = case.shape
@@ -171,9 +168,17 @@ def run_lm_case(case: LMCase, device: str, rows: list[str], repeats: int, budget
     floor_s, plain_floor_s = matmuls * mm_s, matmuls * plain_mm_s
     out = []
     for name in rows:
-        row = dict(case=case.label, shape="x".join(map(str, case.shape)), dtype=case.dtype,
-                   keep_ratio=case.keep_ratio, backend=name, mm_ms=mm_s * 1e3, floor_ms=floor_s * 1e3,
-                   plain_mm_ms=plain_mm_s * 1e3, plain_floor_ms=plain_floor_s * 1e3)
+        row = dict(
+            case=case.label,
+            shape="x".join(map(str, case.shape)),
+            dtype=case.dtype,
+            keep_ratio=case.keep_ratio,
+            backend=name,
+            mm_ms=mm_s * 1e3,
+            floor_ms=floor_s * 1e3,
+            plain_mm_ms=plain_mm_s * 1e3,
+            plain_floor_ms=plain_floor_s * 1e3,
+        )
         if name in UNTRIMMED and (name, key) in cache:
             row.update(cache[(name, key)])
             out.append(row)
@@ -216,8 +221,10 @@ def run_lm_case(case: LMCase, device: str, rows: list[str], repeats: int, budget
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| case | row | fwd+bwd ms | × vs F.linear+F.cross_entropy | × vs torch chunked | "
-            "share of floor (mm into buffer / plain mm) | peak MiB |\n|---|---|---:|---:|---:|---:|---:|")
+    head = (
+        "| case | row | fwd+bwd ms | × vs F.linear+F.cross_entropy | × vs torch chunked | "
+        "share of floor (mm into buffer / plain mm) | peak MiB |\n|---|---|---:|---:|---:|---:|---:|"
+    )
     lines = [head]
     last = None
 

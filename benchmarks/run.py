@@ -55,11 +55,35 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT_TAG = "@@ROWS "
 
 COLUMNS = [
-    "device", "case", "shape", "dtype", "keep_ratio", "samples", "classes", "k", "backend", "status",
-    "fwd_ms", "fwdbwd_ms", "fwd_vs_eager", "fwdbwd_vs_eager", "fwd_vs_compiled", "fwdbwd_vs_compiled",
-    "floor_fwd_MB", "floor_fwdbwd_MB", "fwd_floor_frac", "fwdbwd_floor_frac", "copy_GBps",
-    "peak_mem_MiB", "grad_MiB", "memory_method", "first_call_s", "fwd_calls", "fwdbwd_calls", "max_rel_err",
-]  # fmt: skip
+    "device",
+    "case",
+    "shape",
+    "dtype",
+    "keep_ratio",
+    "samples",
+    "classes",
+    "k",
+    "backend",
+    "status",
+    "fwd_ms",
+    "fwdbwd_ms",
+    "fwd_vs_eager",
+    "fwdbwd_vs_eager",
+    "fwd_vs_compiled",
+    "fwdbwd_vs_compiled",
+    "floor_fwd_MB",
+    "floor_fwdbwd_MB",
+    "fwd_floor_frac",
+    "fwdbwd_floor_frac",
+    "copy_GBps",
+    "peak_mem_MiB",
+    "grad_MiB",
+    "memory_method",
+    "first_call_s",
+    "fwd_calls",
+    "fwdbwd_calls",
+    "max_rel_err",
+]
 # Columns every successful row must fill (the smoke test holds the runner to this).
 REQUIRED = COLUMNS[: COLUMNS.index("max_rel_err")]
 
@@ -148,7 +172,7 @@ def run_case_subprocess(case: C.Case, backends: list[str], opts: dict, timeout_s
         return [{"backend": b, "status": f"error: case timed out after {timeout_s:.0f} s"} for b in backends], 0
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
-            payload = json.loads(line[len(RESULT_TAG):])
+            payload = json.loads(line[len(RESULT_TAG) :])
             return payload["rows"], payload["threads"]
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
     print(proc.stderr[-3000:], file=sys.stderr)
@@ -168,11 +192,16 @@ def finish_rows(case: C.Case, device: str, rows: list[dict], copy_bps: float) ->
     for r in rows:
         full = {col: "" for col in COLUMNS}
         full.update(
-            device=device, case=case.label, shape=case.shape_str, dtype=case.dtype, keep_ratio=case.keep_ratio,
-            samples=case.num_samples, classes=case.num_classes,
+            device=device,
+            case=case.label,
+            shape=case.shape_str,
+            dtype=case.dtype,
+            keep_ratio=case.keep_ratio,
+            samples=case.num_samples,
+            classes=case.num_classes,
             k=case.num_samples if r["backend"] == "F.cross_entropy" else case.k,
             copy_GBps=copy_bps / 1e9,
-        )  # fmt: skip
+        )
         full.update({key: val for key, val in r.items() if key in full})
         if r["status"] == "ok":
             fwd_b, fb_b = C.floor_bytes(case, r["backend"])
@@ -515,16 +544,24 @@ def _lm_head_main(args: argparse.Namespace, device: str, out: Path, started: flo
 
     cases = L.default_cases(device, quick=not args.lm_shapes and not args.dtypes)
     if args.lm_shapes or args.dtypes or args.keeps:
-        shapes = [L.parse_shape(s) for s in args.lm_shapes] if args.lm_shapes else list(
-            dict.fromkeys(c.shape for c in cases))
+        shapes = (
+            [L.parse_shape(s) for s in args.lm_shapes]
+            if args.lm_shapes
+            else list(dict.fromkeys(c.shape for c in cases))
+        )
         dtypes = args.dtypes or list(dict.fromkeys(c.dtype for c in cases))
         keeps = args.keeps or list(L.KEEPS)
         cases = [L.LMCase(s, d, r) for s in shapes for d in dtypes for r in keeps]
     print(f"device {device}; torch threads {torch.get_num_threads()}; {len(cases)} LM-head cases")
     rows = L.run(device, cases, args.repeats or 5, 30.0, args.backends)
     (out / "lm_head.md").write_text(L.markdown(rows) + "\n")
-    info = {"machine": machine_info(device), "versions": versions(), "threads": torch.get_num_threads(),
-            "wall_s": time.perf_counter() - started, "rows": rows}
+    info = {
+        "machine": machine_info(device),
+        "versions": versions(),
+        "threads": torch.get_num_threads(),
+        "wall_s": time.perf_counter() - started,
+        "rows": rows,
+    }
     (out / "lm_head.json").write_text(json.dumps(info, indent=1, default=str))
     print(f"wrote {out / 'lm_head.md'} and lm_head.json in {time.perf_counter() - started:.0f} s")
     return 0

@@ -67,8 +67,15 @@ def _cpu_capability_flags() -> tuple[str, list[str]]:
     except Exception:  # pragma: no cover - very old torch
         cap = "DEFAULT"
     if cap == "AVX512":
-        return cap, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-                     "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+        return cap, [
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512vl",
+            "-mavx512dq",
+            "-mfma",
+            "-DCPU_CAPABILITY=AVX512",
+            "-DCPU_CAPABILITY_AVX512",
+        ]
     if cap == "AVX2":
         return cap, ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return "DEFAULT", ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
@@ -128,14 +135,26 @@ def _commands(out: Path, workdir: Path, with_cuda: bool) -> tuple[list[list[str]
         arch = f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"
         for src in _cuda_sources():
             obj = workdir / (src.name + ".o")
-            compiles.append([
-                nvcc, "-O3", "-std=c++20", arch, "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
-                f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *inc_flags, "-c", str(src), "-o", str(obj),
-            ])
+            compiles.append(
+                [
+                    nvcc,
+                    "-O3",
+                    "-std=c++20",
+                    arch,
+                    "--expt-relaxed-constexpr",
+                    "-Xcompiler",
+                    "-fPIC",
+                    f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                    *inc_flags,
+                    "-c",
+                    str(src),
+                    "-o",
+                    str(obj),
+                ]
+            )
             objects.append(str(obj))
         cuda_home = str(Path(nvcc).resolve().parent.parent)
-        link_libs += ["-lc10_cuda", "-ltorch_cuda", f"-L{cuda_home}/lib64", f"-Wl,-rpath,{cuda_home}/lib64",
-                      "-lcudart"]
+        link_libs += ["-lc10_cuda", "-ltorch_cuda", f"-L{cuda_home}/lib64", f"-Wl,-rpath,{cuda_home}/lib64", "-lcudart"]
     lib_flags = []
     for p in libs:
         lib_flags += [f"-L{p}", f"-Wl,-rpath,{p}"]
@@ -230,8 +249,7 @@ def build(
             if target.exists() and not force:
                 return target
             what = "CPU and CUDA op" if with_cuda else "CPU op"
-            print(f"fused_trim: compiling the native {what} (once per machine, ~25 s) ...", file=sys.stderr,
-                  flush=True)
+            print(f"fused_trim: compiling the native {what} (once per machine, ~25 s) ...", file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 tmp_out = Path(tmp) / target.name
                 compiles, link = _commands(tmp_out, Path(tmp), with_cuda)

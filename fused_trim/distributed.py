@@ -91,8 +91,9 @@ def global_share(
     rank = dist.get_rank(group)
     ties_before = torch.stack(all_ties[:rank]).sum() if rank > 0 else torch.zeros((), dtype=torch.int64, device=dev)
     my_ties = (krem - ties_before).clamp(min=0).minimum(ties[0])
-    threshold = torch.where(k > 0, _key_to_float(kth, keep), torch.full((), float("nan"), device=dev,
-                                                                        dtype=torch.float64))
+    threshold = torch.where(
+        k > 0, _key_to_float(kth, keep), torch.full((), float("nan"), device=dev, dtype=torch.float64)
+    )
     return above + my_ties, k, threshold
 
 
@@ -108,9 +109,7 @@ def trimmed_cross_entropy_global(
     with torch.no_grad():
         every_row = opts._replace(keep_ratio=1.0, reduction=Reduction.NONE, score_offset=None)
         _, losses, _, _, _ = backend_fn(input.detach(), target, every_row)
-    k_local, k_global, threshold = global_share(
-        losses, valid, opts.keep_ratio, opts.keep, group, opts.score_offset
-    )
+    k_local, k_global, threshold = global_share(losses, valid, opts.keep_ratio, opts.keep, group, opts.score_offset)
     out, _, kept, _, _ = backend_fn(input, target, _local_options(opts, k_local))
     out, global_loss = _scale_for_averaging(out, kept, target, opts, input.dtype, group)
     return out, losses, kept, k_global, threshold.to(input.dtype), global_loss

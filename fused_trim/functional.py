@@ -75,9 +75,7 @@ def _check_keep_ratio(keep_ratio: float | Tensor) -> float | Tensor:
 
 def _check_shapes(input: Tensor, target: Tensor) -> None:
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(
-            f"input and target must be tensors, got {type(input).__name__} and {type(target).__name__}"
-        )
+        raise TypeError(f"input and target must be tensors, got {type(input).__name__} and {type(target).__name__}")
     if not input.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor of logits, got dtype {input.dtype}")
     if target.is_floating_point() or target.is_complex():
@@ -153,9 +151,7 @@ def _check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> 
         if int(lo) < 0 or int(hi) >= num_classes:
             bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
             value = int(target[bad][0])
-            raise ValueError(
-                f"target holds {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}"
-            )
+            raise ValueError(f"target holds {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}")
     else:
         bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
         torch._assert_async(~bad.any(), "target outside [0, C) and not ignore_index")
@@ -376,9 +372,7 @@ def _result(
     return out, TrimInfo(losses, kept.reshape(target.shape), k, threshold, global_loss, scores)
 
 
-def _check_linear_shapes(
-    input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor
-) -> None:
+def _check_linear_shapes(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor) -> None:
     for name, value in (("input", input), ("linear_weight", linear_weight), ("target", target)):
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")

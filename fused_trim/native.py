@@ -72,8 +72,7 @@ def _load() -> str | None:
                     # The CUDA kernels did not build (say, nvcc and torch disagree on the CUDA
                     # version): keep the CPU op rather than lose both.
                     warnings.warn(
-                        f"fused_trim: the native CUDA kernels could not be built ({exc}); "
-                        "building the CPU op only.",
+                        f"fused_trim: the native CUDA kernels could not be built ({exc}); building the CPU op only.",
                         RuntimeWarning,
                         stacklevel=3,
                     )
@@ -81,9 +80,7 @@ def _load() -> str | None:
                 torch.ops.load_library(str(path))
                 _state["path"] = str(path)
             _register_python_parts()
-            _state["cuda"] = torch._C._dispatch_has_kernel_for_dispatch_key(
-                "fused_trim::trimmed_ce_fwd", "CUDA"
-            )
+            _state["cuda"] = torch._C._dispatch_has_kernel_for_dispatch_key("fused_trim::trimmed_ce_fwd", "CUDA")
         except Exception as exc:  # noqa: BLE001 - any failure means "fall back"
             error = f"the compiled extension fused_trim._C is not available: {exc}"
             warnings.warn(
@@ -137,8 +134,18 @@ def _num_rows(input):
     return input.shape[0] if input.dim() == 2 else input.shape[0] * input.shape[2]
 
 
-def _fwd_fake(input, target, weight, keep_ratio, keep_ratio_t, easiest, ignore_index, label_smoothing,
-              reduction, score_offset=None):
+def _fwd_fake(
+    input,
+    target,
+    weight,
+    keep_ratio,
+    keep_ratio_t,
+    easiest,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    score_offset=None,
+):
     m = _num_rows(input)
     acc = acc_dtype(input.dtype)
     out = input.new_empty((m,) if reduction == Reduction.NONE else ())
@@ -161,6 +168,7 @@ def _bwd_fake(grad_out, input, target, weight, lse, rowscale, ignore_index, labe
 # The LM head (csrc/linear_ce_cpu.cpp): the gradient mask bits of linear_ce_bwd / linear_ce_keep_all.
 _GRAD_INPUT, _GRAD_WEIGHT, _GRAD_BIAS = 1, 2, 4
 
+
 def _grad_mask(needs: tuple[bool, bool, bool], has_bias: bool) -> int:
     """The gradient mask of ``needs`` = (input, linear_weight, linear_bias) wanted."""
     return (
@@ -175,8 +183,23 @@ def _linear_rows_fake(input, linear_weight, linear_bias, target, weight, ignore_
     return input.new_empty((input.shape[0],), dtype=acc), input.new_empty((input.shape[0],), dtype=acc)
 
 
-def _linear_trimmed_fake(losses, lse, input, linear_weight, linear_bias, target, weight, keep_ratio, keep_ratio_t,
-                         easiest, ignore_index, label_smoothing, reduction, chunk_size, score_offset=None):  # fmt: skip
+def _linear_trimmed_fake(
+    losses,
+    lse,
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    keep_ratio,
+    keep_ratio_t,
+    easiest,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    chunk_size,
+    score_offset=None,
+):
     n = input.shape[0]
     return (
         input.new_empty((n,) if reduction == Reduction.NONE else ()),
@@ -187,8 +210,21 @@ def _linear_trimmed_fake(losses, lse, input, linear_weight, linear_bias, target,
     )
 
 
-def _linear_bwd_fake(grad_out, input, linear_weight, linear_bias, target, weight, lse, kept, rowscale, ignore_index,
-                     label_smoothing, chunk_size, grad_mask):  # fmt: skip
+def _linear_bwd_fake(
+    grad_out,
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    lse,
+    kept,
+    rowscale,
+    ignore_index,
+    label_smoothing,
+    chunk_size,
+    grad_mask,
+):
     has_bias = linear_bias is not None and grad_mask & _GRAD_BIAS
     return (
         input.new_empty(input.shape if grad_mask & _GRAD_INPUT else (0,)),
@@ -197,8 +233,19 @@ def _linear_bwd_fake(grad_out, input, linear_weight, linear_bias, target, weight
     )
 
 
-def _linear_keep_all_fake(input, linear_weight, linear_bias, target, weight, easiest, ignore_index, label_smoothing,
-                          reduction, chunk_size, grad_mask):  # fmt: skip
+def _linear_keep_all_fake(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    easiest,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    chunk_size,
+    grad_mask,
+):
     (n, d), v = input.shape, linear_weight.shape[0]
     acc = acc_dtype(input.dtype)
     has_bias = linear_bias is not None and grad_mask & _GRAD_BIAS
@@ -236,8 +283,11 @@ def _linear_trimmed_backward(ctx, grad_out, *_unused):
     d_input, d_weight, d_bias = torch.ops.fused_trim.linear_ce_bwd.default(
         grad_out, input, linear_weight, linear_bias, target, weight, lse, kept, rowscale, *ctx.args, mask
     )
-    grads = (d_input if mask & _GRAD_INPUT else None, d_weight if mask & _GRAD_WEIGHT else None,
-             d_bias if mask & _GRAD_BIAS else None)  # fmt: skip
+    grads = (
+        d_input if mask & _GRAD_INPUT else None,
+        d_weight if mask & _GRAD_WEIGHT else None,
+        d_bias if mask & _GRAD_BIAS else None,
+    )
     return (None, None, *grads) + (None,) * 10
 
 
@@ -363,9 +413,17 @@ def trimmed_linear_cross_entropy_2d(
     needs = tuple(p is not None and p.requires_grad for p in params)
     if gradient_in_forward and forms_gradient_in_forward(opts, params, share):
         out, losses, kept, k, threshold, *_ = torch.ops.fused_trim.linear_ce_keep_all.default(
-            input, linear_weight, linear_bias, target, opts.weight, bool(opts.keep), *ce_args[1:], code, chunk_size,
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            opts.weight,
+            bool(opts.keep),
+            *ce_args[1:],
+            code,
+            chunk_size,
             _grad_mask(needs, linear_bias is not None),
-        )  # fmt: skip
+        )
         return out, losses, kept, k, threshold
     detached = [None if p is None else p.detach() for p in params]
     losses, lse = torch.ops.fused_trim.linear_ce_rows.default(*detached, target, *ce_args, chunk_size)
@@ -375,7 +433,19 @@ def trimmed_linear_cross_entropy_2d(
     keep_ratio = opts.keep_ratio if share is None else share(losses, target != opts.ignore_index)
     ratio, ratio_t = _op_ratio(keep_ratio)
     out, kept, k, threshold, _ = torch.ops.fused_trim.linear_ce_trimmed.default(
-        losses, lse, input, linear_weight, linear_bias, target, opts.weight, ratio, ratio_t, bool(opts.keep),
-        *ce_args[1:], code, chunk_size, opts.score_offset,
-    )  # fmt: skip
+        losses,
+        lse,
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        opts.weight,
+        ratio,
+        ratio_t,
+        bool(opts.keep),
+        *ce_args[1:],
+        code,
+        chunk_size,
+        opts.score_offset,
+    )
     return out, losses, kept, k, threshold

@@ -57,70 +57,176 @@ class Mutation:
 
 MUTATIONS = [
     # --- a wrong tie rule: ties go to the higher index --------------------------------------------
-    Mutation("tie rule", "reference", "fused_trim/reference.py",
-             r"order = torch\.sort\(keys, descending=True, stable=True\)\.indices$",
-             "order = keys.shape[0] - 1 - torch.sort(keys.flip(0), descending=True, stable=True).indices"),
-    Mutation("tie rule", "triton", "fused_trim/triton/select.py",
-             r"tie_rank = ties_before \+ tl\.cumsum\(tie_i, 0\) - tie_i",
-             "tie_rank = ties_before + tl.sum(tie_i, 0) - tl.cumsum(tie_i, 0)"),
-    Mutation("tie rule", "native", "csrc/cpu/select.h",
-             r"\(a\.key == b\.key && a\.idx < b\.idx\)", "(a.key == b.key && a.idx > b.idx)"),
+    Mutation(
+        "tie rule",
+        "reference",
+        "fused_trim/reference.py",
+        r"order = torch\.sort\(keys, descending=True, stable=True\)\.indices$",
+        "order = keys.shape[0] - 1 - torch.sort(keys.flip(0), descending=True, stable=True).indices",
+    ),
+    Mutation(
+        "tie rule",
+        "triton",
+        "fused_trim/triton/select.py",
+        r"tie_rank = ties_before \+ tl\.cumsum\(tie_i, 0\) - tie_i",
+        "tie_rank = ties_before + tl.sum(tie_i, 0) - tl.cumsum(tie_i, 0)",
+    ),
+    Mutation(
+        "tie rule",
+        "native",
+        "csrc/cpu/select.h",
+        r"\(a\.key == b\.key && a\.idx < b\.idx\)",
+        "(a.key == b.key && a.idx > b.idx)",
+    ),
     # --- k off by one -----------------------------------------------------------------------------
-    Mutation("k off by one", "reference (_common)", "fused_trim/_common.py",
-             r"k = torch\.floor\(r \* nf \+ 0\.5\)", "k = torch.floor(r * nf + 1.5)"),
-    Mutation("k off by one", "triton", "fused_trim/triton/_radix.py",
-             r"k = tl\.floor\(r \* n\.to\(tl\.float64\) \+ 0\.5\)", "k = tl.floor(r * n.to(tl.float64) + 1.5)"),
-    Mutation("k off by one", "native", "csrc/trimmed_ce_common.h",
-             r"double k = floor\(keep_ratio \* static_cast<double>\(n\) \+ 0\.5\);",
-             "double k = floor(keep_ratio * static_cast<double>(n) + 1.5);"),
+    Mutation(
+        "k off by one",
+        "reference (_common)",
+        "fused_trim/_common.py",
+        r"k = torch\.floor\(r \* nf \+ 0\.5\)",
+        "k = torch.floor(r * nf + 1.5)",
+    ),
+    Mutation(
+        "k off by one",
+        "triton",
+        "fused_trim/triton/_radix.py",
+        r"k = tl\.floor\(r \* n\.to\(tl\.float64\) \+ 0\.5\)",
+        "k = tl.floor(r * n.to(tl.float64) + 1.5)",
+    ),
+    Mutation(
+        "k off by one",
+        "native",
+        "csrc/trimmed_ce_common.h",
+        r"double k = floor\(keep_ratio \* static_cast<double>\(n\) \+ 0\.5\);",
+        "double k = floor(keep_ratio * static_cast<double>(n) + 1.5);",
+    ),
     # --- a dropped bias gradient (LM head) --------------------------------------------------------
-    Mutation("dropped bias gradient", "reference", "fused_trim/reference.py",
-             r"(head = linear_weight\.to\(acc\)\n    )bias = None if linear_bias is None else linear_bias\.to\(acc\)",
-             r"\1bias = None if linear_bias is None else linear_bias.detach().to(acc)"),
-    Mutation("dropped bias gradient", "triton", "fused_trim/triton/linear_ce.py",
-             r"self\.d_bias \+= dlogits\.sum\(0, dtype=self\.acc\)", "self.d_bias += 0"),
-    Mutation("dropped bias gradient", "native", "csrc/linear_ce_cpu.cpp",
-             r"need_bias \? finish_grad\(db,", "need_bias ? finish_grad(db.zero_(),"),
+    Mutation(
+        "dropped bias gradient",
+        "reference",
+        "fused_trim/reference.py",
+        r"(head = linear_weight\.to\(acc\)\n    )bias = None if linear_bias is None else linear_bias\.to\(acc\)",
+        r"\1bias = None if linear_bias is None else linear_bias.detach().to(acc)",
+    ),
+    Mutation(
+        "dropped bias gradient",
+        "triton",
+        "fused_trim/triton/linear_ce.py",
+        r"self\.d_bias \+= dlogits\.sum\(0, dtype=self\.acc\)",
+        "self.d_bias += 0",
+    ),
+    Mutation(
+        "dropped bias gradient",
+        "native",
+        "csrc/linear_ce_cpu.cpp",
+        r"need_bias \? finish_grad\(db,",
+        "need_bias ? finish_grad(db.zero_(),",
+    ),
     # --- a missed ignore_index: ignored samples count as valid in the selection ----------------------
-    Mutation("missed ignore_index", "reference", "fused_trim/reference.py",
-             r"^(    input = as_rows\(input\)\n    valid = )target != ignore_index", r"\1target == target"),
-    Mutation("missed ignore_index", "triton", "fused_trim/triton/_radix.py",
-             r"valid = in_range & \(tgt != ignore_index\)", "valid = in_range", count=0),
+    Mutation(
+        "missed ignore_index",
+        "reference",
+        "fused_trim/reference.py",
+        r"^(    input = as_rows\(input\)\n    valid = )target != ignore_index",
+        r"\1target == target",
+    ),
+    Mutation(
+        "missed ignore_index",
+        "triton",
+        "fused_trim/triton/_radix.py",
+        r"valid = in_range & \(tgt != ignore_index\)",
+        "valid = in_range",
+        count=0,
+    ),
     Mutation("missed ignore_index", "native", "csrc/cpu/select.h", r"t\[i\] != ignore_index", "true", count=0),
     # --- a wrong label-smoothing term -------------------------------------------------------------
-    Mutation("smoothing term", "reference", "fused_trim/reference.py",
-             r"\(label_smoothing / num_classes\) \* smooth", "(label_smoothing / (num_classes + 1)) * smooth"),
-    Mutation("smoothing term", "triton", "fused_trim/triton/_ce.py",
-             r"\(eps / num_classes\) \* \(d \+ sum_w \* log_s\)", "(eps / (num_classes + 1)) * (d + sum_w * log_s)"),
-    Mutation("smoothing term", "native", "csrc/cpu/ce_rows.h",
-             r"\(ls / static_cast<acc_t>\(C\)\) \* smooth_term", "(ls / static_cast<acc_t>(C + 1)) * smooth_term"),
+    Mutation(
+        "smoothing term",
+        "reference",
+        "fused_trim/reference.py",
+        r"\(label_smoothing / num_classes\) \* smooth",
+        "(label_smoothing / (num_classes + 1)) * smooth",
+    ),
+    Mutation(
+        "smoothing term",
+        "triton",
+        "fused_trim/triton/_ce.py",
+        r"\(eps / num_classes\) \* \(d \+ sum_w \* log_s\)",
+        "(eps / (num_classes + 1)) * (d + sum_w * log_s)",
+    ),
+    Mutation(
+        "smoothing term",
+        "native",
+        "csrc/cpu/ce_rows.h",
+        r"\(ls / static_cast<acc_t>\(C\)\) \* smooth_term",
+        "(ls / static_cast<acc_t>(C + 1)) * smooth_term",
+    ),
     # --- a non-zero gradient outside K ------------------------------------------------------------
-    Mutation("gradient outside K", "reference", "fused_trim/reference.py",
-             r"x = torch\.where\(mask\[:, None\], input\[rows\], 0\)$",
-             "x = torch.where(mask[:, None], input[rows], 0) + 1e-3 * (input.sum() - input.detach().sum())"),
-    Mutation("gradient outside K", "triton", "fused_trim/triton/ce_backward.py",
-             r"kept = tl\.load\(kept_ptr \+ row\) != 0", "kept = (tl.load(kept_ptr + row) != 0) | (row >= 0)"),
+    Mutation(
+        "gradient outside K",
+        "reference",
+        "fused_trim/reference.py",
+        r"x = torch\.where\(mask\[:, None\], input\[rows\], 0\)$",
+        "x = torch.where(mask[:, None], input[rows], 0) + 1e-3 * (input.sum() - input.detach().sum())",
+    ),
+    Mutation(
+        "gradient outside K",
+        "triton",
+        "fused_trim/triton/ce_backward.py",
+        r"kept = tl\.load\(kept_ptr \+ row\) != 0",
+        "kept = (tl.load(kept_ptr + row) != 0) | (row >= 0)",
+    ),
     Mutation("gradient outside K", "native", "csrc/cpu/select.h", r"^(\s+)rs\[i\] = 0;", r"\1rs[i] = scale;"),
     # --- a reversed "easiest" rule: it keeps the largest losses -------------------------------------
-    Mutation("easiest reversed", "reference (_common)", "fused_trim/_common.py",
-             r"return -1 - key if keep == Keep\.EASIEST else key", "return key"),
-    Mutation("easiest reversed", "triton", "fused_trim/triton/_radix.py",
-             r"if EASIEST:\n(\s+)key = -1 - key", r"if False:\n\1key = -1 - key"),
-    Mutation("easiest reversed", "native", "csrc/trimmed_ce_common.h", r"return easiest \? ~key : key;",
-             "return key;", count=0),
+    Mutation(
+        "easiest reversed",
+        "reference (_common)",
+        "fused_trim/_common.py",
+        r"return -1 - key if keep == Keep\.EASIEST else key",
+        "return key",
+    ),
+    Mutation(
+        "easiest reversed",
+        "triton",
+        "fused_trim/triton/_radix.py",
+        r"if EASIEST:\n(\s+)key = -1 - key",
+        r"if False:\n\1key = -1 - key",
+    ),
+    Mutation(
+        "easiest reversed",
+        "native",
+        "csrc/trimmed_ce_common.h",
+        r"return easiest \? ~key : key;",
+        "return key;",
+        count=0,
+    ),
     # --- a wrong NaN rank: NaN ranked below -inf instead of above +inf -------------------------------
-    Mutation("NaN rank", "reference (_common)", "fused_trim/_common.py",
-             r"torch\.full_like\(key, INT64_MAX\), key\)", "torch.full_like(key, -INT64_MAX), key)"),
-    Mutation("NaN rank", "triton", "fused_trim/triton/_radix.py",
-             r"key = tl\.where\(loss != loss, (0x7FFFFFFF(?:FFFFFFFF)?), key\)",
-             r"key = tl.where(loss != loss, -\1, key)", count=2),
+    Mutation(
+        "NaN rank",
+        "reference (_common)",
+        "fused_trim/_common.py",
+        r"torch\.full_like\(key, INT64_MAX\), key\)",
+        "torch.full_like(key, -INT64_MAX), key)",
+    ),
+    Mutation(
+        "NaN rank",
+        "triton",
+        "fused_trim/triton/_radix.py",
+        r"key = tl\.where\(loss != loss, (0x7FFFFFFF(?:FFFFFFFF)?), key\)",
+        r"key = tl.where(loss != loss, -\1, key)",
+        count=2,
+    ),
     Mutation("NaN rank", "native", "csrc/trimmed_ce_common.h", r"key = 0xFFFFFFFFu;", "key = 0u;"),
 ]
 
 
 def _tracked_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
     return [p for p in out.decode().split("\0") if p and (ROOT / p).is_file()]
 
 
@@ -171,8 +277,14 @@ def run_one(m: Mutation, scratch: Path, timeout: float) -> tuple[str, str, float
         if m.path.startswith("csrc/"):
             # A private cache: the mutated library must neither reuse nor pollute the real one.
             env["FUSED_TRIM_CACHE_DIR"] = str(tree / ".native-cache")
-            build = subprocess.run([sys.executable, "-c", "from fused_trim import _build; _build.build()"],
-                                   cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+            build = subprocess.run(
+                [sys.executable, "-c", "from fused_trim import _build; _build.build()"],
+                cwd=tree,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
             if build.returncode != 0:
                 return "ERROR", "does not compile: " + build.stderr.strip()[-300:], time.monotonic() - start
         # Two stages: the likely catchers alone first (collecting every file costs seconds too).
@@ -208,8 +320,12 @@ def _xdist_off() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", action="append", default=[], help="run the mutations whose bug or backend "
-                        "contains this text (repeatable)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="run the mutations whose bug or backend contains this text (repeatable)",
+    )
     parser.add_argument("--list", action="store_true", help="list the mutations and check that each applies")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per mutation (default 1800)")
     args = parser.parse_args(argv)

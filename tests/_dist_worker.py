@@ -30,8 +30,12 @@ def _batch(seed: int, rows: int, all_tied: bool = False):
 
 def scenarios():
     """(name, rows of the whole batch, rows of rank 0, ignore all of rank 1)."""
-    return [("even", 24, 12, False), ("uneven", 24, 5, False), ("rank1-ignored", 20, 10, True),
-            ("all-tied", 24, 5, False)]
+    return [
+        ("even", 24, 12, False),
+        ("uneven", 24, 5, False),
+        ("rank1-ignored", 20, 10, True),
+        ("all-tied", 24, 5, False),
+    ]
 
 
 def run(rank: int, job: str, world: int, init_file: str, out_file: str, *args) -> None:
@@ -46,8 +50,13 @@ def run(rank: int, job: str, world: int, init_file: str, out_file: str, *args) -
     code = 1
     try:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=120),
+        )
         lines = _JOBS[job](rank, *args)
         dist.barrier()
         if rank == 0:
@@ -88,7 +97,12 @@ def ddp_matches_single_process(rank: int, backends: list[str]) -> list[str]:
                     # One process trimming the whole batch: the gradient DDP must reproduce.
                     single = copy.deepcopy(base)
                     ref_loss, ref_info = trimmed_cross_entropy(
-                        single(feats), target, ratio, keep=keep, reduction=reduction, backend=backend,
+                        single(feats),
+                        target,
+                        ratio,
+                        keep=keep,
+                        reduction=reduction,
+                        backend=backend,
                         return_info=True,
                     )
                     ref_loss.backward()
@@ -96,8 +110,14 @@ def ddp_matches_single_process(rank: int, backends: list[str]) -> list[str]:
                     model = DistributedDataParallel(copy.deepcopy(base))
                     part = slice(0, split) if rank == 0 else slice(split, rows)
                     loss, info = trimmed_cross_entropy(
-                        model(feats[part]), target[part], ratio, keep=keep, reduction=reduction,
-                        backend=backend, return_info=True, process_group=dist.group.WORLD,
+                        model(feats[part]),
+                        target[part],
+                        ratio,
+                        keep=keep,
+                        reduction=reduction,
+                        backend=backend,
+                        return_info=True,
+                        process_group=dist.group.WORLD,
                     )
                     loss.backward()
                     case = f"{backend}/{name}/{reduction}/{keep}"
@@ -156,14 +176,20 @@ def near_ties_in_low_precision(rank: int, backends: list[str]) -> list[str]:
                 assert rounded, f"{case}: the kept losses should repeat after rounding"
                 mine = x[part].clone().requires_grad_(True)
                 loss, info = trimmed_cross_entropy(
-                    mine, target[part], 0.3, keep=keep, backend=backend, return_info=True,
+                    mine,
+                    target[part],
+                    0.3,
+                    keep=keep,
+                    backend=backend,
+                    return_info=True,
                     process_group=dist.group.WORLD,
                 )
                 loss.backward()
                 assert torch.equal(info.kept, ref_info.kept[part]), case
                 # DDP would average the ranks' gradients: each rank's is world x its rows' share.
-                torch.testing.assert_close((mine.grad.float() / world), single.grad[part].float(),
-                                           rtol=1e-2, atol=1e-4, msg=case)
+                torch.testing.assert_close(
+                    (mine.grad.float() / world), single.grad[part].float(), rtol=1e-2, atol=1e-4, msg=case
+                )
                 lines.append(case)
     return lines
 
@@ -180,9 +206,15 @@ class _HeadLoss(torch.nn.Module):
         from fused_trim import trimmed_linear_cross_entropy
 
         return trimmed_linear_cross_entropy(
-            self.body(feats), self.head.weight, target, ratio, linear_bias=self.head.bias, return_info=True,
-            chunk_size=5, **kw,
-        )  # fmt: skip
+            self.body(feats),
+            self.head.weight,
+            target,
+            ratio,
+            linear_bias=self.head.bias,
+            return_info=True,
+            chunk_size=5,
+            **kw,
+        )
 
 
 def lm_head_ddp(rank: int, backends: list[str]) -> list[str]:
@@ -209,8 +241,14 @@ def lm_head_ddp(rank: int, backends: list[str]) -> list[str]:
 
                     model = DistributedDataParallel(copy.deepcopy(base))
                     part = slice(0, split) if rank == 0 else slice(split, rows)
-                    loss, info = model(feats[part], target[part], ratio, process_group=dist.group.WORLD,
-                                       score_offset=None if offset is None else offset[part], **kw)
+                    loss, info = model(
+                        feats[part],
+                        target[part],
+                        ratio,
+                        process_group=dist.group.WORLD,
+                        score_offset=None if offset is None else offset[part],
+                        **kw,
+                    )
                     loss.backward()
                     case = f"lm/{backend}/{name}/{reduction}/{keep}"
                     _check_against_one_process(case, model.module, single, info, ref_loss, ref_info, part)
@@ -231,8 +269,9 @@ def score_offset_ddp(rank: int, backends: list[str]) -> list[str]:
                 if ignore_rank1:
                     target[split:] = -100
                 gen = torch.Generator().manual_seed(rows + split)
-                offset = torch.tensor([0.0, 0.5, -0.5, 1.0], dtype=torch.float64)[torch.randint(0, 4, (rows,),
-                                                                                                generator=gen)]
+                offset = torch.tensor([0.0, 0.5, -0.5, 1.0], dtype=torch.float64)[
+                    torch.randint(0, 4, (rows,), generator=gen)
+                ]
                 offset[1] = float("nan")  # a NaN score: first under "hardest", last under "easiest"
                 kw = dict(keep=keep, reduction=reduction, backend=backend, return_info=True)
                 single = copy.deepcopy(base)
@@ -242,9 +281,13 @@ def score_offset_ddp(rank: int, backends: list[str]) -> list[str]:
                 model = DistributedDataParallel(copy.deepcopy(base))
                 part = slice(0, split) if rank == 0 else slice(split, rows)
                 loss, info = trimmed_cross_entropy(
-                    model(feats[part]), target[part], ratio, score_offset=offset[part],
-                    process_group=dist.group.WORLD, **kw,
-                )  # fmt: skip
+                    model(feats[part]),
+                    target[part],
+                    ratio,
+                    score_offset=offset[part],
+                    process_group=dist.group.WORLD,
+                    **kw,
+                )
                 loss.backward()
                 case = f"offset/{backend}/{name}/{reduction}/{keep}"
                 _check_against_one_process(case, model.module, single, info, ref_loss, ref_info, part)
@@ -265,8 +308,9 @@ def signed_zeros(rank: int, backends: list[str]) -> list[str]:
     weight = torch.tensor([-1.0, 2.0, 1.0], dtype=torch.float64)
     target[3] = -100
     part = slice(0, split) if rank == 0 else slice(split, rows)
-    _, info = trimmed_cross_entropy(logits, target, weight=weight, reduction="none", backend="reference",
-                                    return_info=True)  # fmt: skip
+    _, info = trimmed_cross_entropy(
+        logits, target, weight=weight, reduction="none", backend="reference", return_info=True
+    )
     assert sorted(set(map(str, info.losses[target != -100].tolist()))) in (["-0.0", "0.0"], ["0.0"])
     lines = []
     for backend in backends:
@@ -275,8 +319,7 @@ def signed_zeros(rank: int, backends: list[str]) -> list[str]:
                 case = f"zeros/{backend}/{keep}/{ratio}"
                 kw = dict(keep=keep, reduction="sum", backend=backend, return_info=True, weight=weight)
                 _, ref_info = trimmed_cross_entropy(logits, target, ratio, **kw)
-                _, info = trimmed_cross_entropy(logits[part], target[part], ratio, process_group=dist.group.WORLD,
-                                                **kw)  # fmt: skip
+                _, info = trimmed_cross_entropy(logits[part], target[part], ratio, process_group=dist.group.WORLD, **kw)
                 assert torch.equal(info.kept, ref_info.kept[part]), case
                 assert int(info.k) == int(ref_info.k), case
                 lines.append(case)

@@ -39,11 +39,21 @@ CUOBJDUMP = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 def _forward_case(dtype, has_weight, has_smoothing, block_c, warps):
     sig = {
-        "logits_ptr": f"*{dtype}", "stride_row": "i32", "target_ptr": "*i64", "weight_ptr": "*fp32",
-        "loss_ptr": "*fp32", "stats_ptr": "*fp32", "stats_stride": "i32", "wy_ptr": "*fp32", "num_classes": "i32",
-        "ignore_index": "i32", "label_smoothing_bits": "i64", "HAS_WEIGHT": "constexpr",
-        "HAS_SMOOTHING": "constexpr", "BLOCK_C": "constexpr",
-    }  # fmt: skip
+        "logits_ptr": f"*{dtype}",
+        "stride_row": "i32",
+        "target_ptr": "*i64",
+        "weight_ptr": "*fp32",
+        "loss_ptr": "*fp32",
+        "stats_ptr": "*fp32",
+        "stats_stride": "i32",
+        "wy_ptr": "*fp32",
+        "num_classes": "i32",
+        "ignore_index": "i32",
+        "label_smoothing_bits": "i64",
+        "HAS_WEIGHT": "constexpr",
+        "HAS_SMOOTHING": "constexpr",
+        "BLOCK_C": "constexpr",
+    }
     const = {"HAS_WEIGHT": has_weight, "HAS_SMOOTHING": has_smoothing, "BLOCK_C": block_c}
     name = f"ce_forward[{dtype},w={has_weight},ls={has_smoothing},BLOCK_C={block_c},warps={warps}]"
     return name, ce_forward.ce_forward_kernel, sig, const, warps
@@ -57,14 +67,34 @@ def _offset_sig(offset):
 def _select_case(loss_dtype, out_dtype, keep_all, easiest, reduction, from_ptr, offset=None):
     off_sig, off_const = _offset_sig(offset)
     sig = {
-        "loss_ptr": f"*{loss_dtype}", "wy_ptr": f"*{loss_dtype}", "target_ptr": "*i64", "kept_ptr": "*i1",
-        "out_ptr": f"*{out_dtype}", "result_ptr": f"*{out_dtype}", "k_ptr": "*i64",
-        "threshold_ptr": f"*{out_dtype}", "denom_ptr": f"*{loss_dtype}", "num_rows": "i32",
-        "ignore_index": "i32", "keep_ratio_bits": "i64", "ratio_ptr": "*fp32", "RATIO_FROM_PTR": "constexpr",
-        "KEEP_ALL": "constexpr", "EASIEST": "constexpr", "REDUCTION": "constexpr", "BLOCK": "constexpr", **off_sig,
-    }  # fmt: skip
-    const = {"RATIO_FROM_PTR": from_ptr, "KEEP_ALL": keep_all, "EASIEST": easiest, "REDUCTION": reduction,
-             "BLOCK": 2048, **off_const}  # fmt: skip
+        "loss_ptr": f"*{loss_dtype}",
+        "wy_ptr": f"*{loss_dtype}",
+        "target_ptr": "*i64",
+        "kept_ptr": "*i1",
+        "out_ptr": f"*{out_dtype}",
+        "result_ptr": f"*{out_dtype}",
+        "k_ptr": "*i64",
+        "threshold_ptr": f"*{out_dtype}",
+        "denom_ptr": f"*{loss_dtype}",
+        "num_rows": "i32",
+        "ignore_index": "i32",
+        "keep_ratio_bits": "i64",
+        "ratio_ptr": "*fp32",
+        "RATIO_FROM_PTR": "constexpr",
+        "KEEP_ALL": "constexpr",
+        "EASIEST": "constexpr",
+        "REDUCTION": "constexpr",
+        "BLOCK": "constexpr",
+        **off_sig,
+    }
+    const = {
+        "RATIO_FROM_PTR": from_ptr,
+        "KEEP_ALL": keep_all,
+        "EASIEST": easiest,
+        "REDUCTION": reduction,
+        "BLOCK": 2048,
+        **off_const,
+    }
     name = f"select[{loss_dtype}->{out_dtype},all={keep_all},easiest={easiest},red={reduction},ptr={from_ptr}"
     name += f",offset={offset}]" if offset else "]"
     return name, select.select_kernel, sig, const, 4
@@ -72,15 +102,26 @@ def _select_case(loss_dtype, out_dtype, keep_all, easiest, reduction, from_ptr, 
 
 def _backward_case(dtype, per_row, has_weight, has_smoothing, block_c, warps):
     sig = {
-        "logits_ptr": f"*{dtype}", "stride_row": "i32", "grad_ptr": f"*{dtype}", "stride_grad": "i32",
-        "target_ptr": "*i64", "weight_ptr": "*fp32", "weight_sum_ptr": "*fp32",
-        "stats_ptr": "*fp32", "stats_stride": "i32",
-        "kept_ptr": "*i1", "grad_out_ptr": f"*{dtype}", "denom_ptr": "*fp32", "num_classes": "i32",
-        "label_smoothing_bits": "i64", "PER_ROW_GRAD": "constexpr", "HAS_WEIGHT": "constexpr",
-        "HAS_SMOOTHING": "constexpr", "BLOCK_C": "constexpr",
-    }  # fmt: skip
-    const = {"PER_ROW_GRAD": per_row, "HAS_WEIGHT": has_weight, "HAS_SMOOTHING": has_smoothing,
-             "BLOCK_C": block_c}  # fmt: skip
+        "logits_ptr": f"*{dtype}",
+        "stride_row": "i32",
+        "grad_ptr": f"*{dtype}",
+        "stride_grad": "i32",
+        "target_ptr": "*i64",
+        "weight_ptr": "*fp32",
+        "weight_sum_ptr": "*fp32",
+        "stats_ptr": "*fp32",
+        "stats_stride": "i32",
+        "kept_ptr": "*i1",
+        "grad_out_ptr": f"*{dtype}",
+        "denom_ptr": "*fp32",
+        "num_classes": "i32",
+        "label_smoothing_bits": "i64",
+        "PER_ROW_GRAD": "constexpr",
+        "HAS_WEIGHT": "constexpr",
+        "HAS_SMOOTHING": "constexpr",
+        "BLOCK_C": "constexpr",
+    }
+    const = {"PER_ROW_GRAD": per_row, "HAS_WEIGHT": has_weight, "HAS_SMOOTHING": has_smoothing, "BLOCK_C": block_c}
     name = f"ce_backward[{dtype},row_grad={per_row},w={has_weight},ls={has_smoothing},BLOCK_C={block_c}]"
     return name, ce_backward.ce_backward_kernel, sig, const, warps
 
@@ -88,33 +129,69 @@ def _backward_case(dtype, per_row, has_weight, has_smoothing, block_c, warps):
 def _forward_spatial_case(dtype, has_weight, has_smoothing, block_c, block_s, warps):
     acc = "fp64" if dtype == "fp64" else "fp32"
     sig = {
-        "logits_ptr": f"*{dtype}", "stride_n": "i64", "stride_c": "i32", "target_ptr": "*i64",
-        "weight_ptr": f"*{dtype}", "loss_ptr": f"*{acc}",
-        "stats_ptr": f"*{acc}", "stats_stride": "i32", "wy_ptr": f"*{acc}",
-        "num_classes": "i32", "num_pixels": "i32", "ignore_index": "i32", "label_smoothing_bits": "i64",
-        "HAS_WEIGHT": "constexpr", "HAS_SMOOTHING": "constexpr", "BLOCK_C": "constexpr", "BLOCK_S": "constexpr",
-    }  # fmt: skip
+        "logits_ptr": f"*{dtype}",
+        "stride_n": "i64",
+        "stride_c": "i32",
+        "target_ptr": "*i64",
+        "weight_ptr": f"*{dtype}",
+        "loss_ptr": f"*{acc}",
+        "stats_ptr": f"*{acc}",
+        "stats_stride": "i32",
+        "wy_ptr": f"*{acc}",
+        "num_classes": "i32",
+        "num_pixels": "i32",
+        "ignore_index": "i32",
+        "label_smoothing_bits": "i64",
+        "HAS_WEIGHT": "constexpr",
+        "HAS_SMOOTHING": "constexpr",
+        "BLOCK_C": "constexpr",
+        "BLOCK_S": "constexpr",
+    }
     const = {"HAS_WEIGHT": has_weight, "HAS_SMOOTHING": has_smoothing, "BLOCK_C": block_c, "BLOCK_S": block_s}
-    name = (f"ce_forward_spatial[{dtype},w={has_weight},ls={has_smoothing},BLOCK_C={block_c},"
-            f"BLOCK_S={block_s},warps={warps}]")  # fmt: skip
+    name = (
+        f"ce_forward_spatial[{dtype},w={has_weight},ls={has_smoothing},BLOCK_C={block_c},"
+        f"BLOCK_S={block_s},warps={warps}]"
+    )
     return name, ce_forward_spatial.ce_forward_spatial_kernel, sig, const, warps
 
 
 def _backward_spatial_case(dtype, per_sample, has_weight, has_smoothing, block_c, block_s, warps):
     acc = "fp64" if dtype == "fp64" else "fp32"
     sig = {
-        "logits_ptr": f"*{dtype}", "stride_n": "i64", "stride_c": "i32", "grad_ptr": f"*{dtype}",
-        "stride_grad_n": "i64", "stride_grad_c": "i32", "target_ptr": "*i64", "weight_ptr": f"*{dtype}",
-        "weight_sum_ptr": f"*{acc}", "stats_ptr": f"*{acc}", "stats_stride": "i32", "kept_ptr": "*i1",
+        "logits_ptr": f"*{dtype}",
+        "stride_n": "i64",
+        "stride_c": "i32",
+        "grad_ptr": f"*{dtype}",
+        "stride_grad_n": "i64",
+        "stride_grad_c": "i32",
+        "target_ptr": "*i64",
+        "weight_ptr": f"*{dtype}",
+        "weight_sum_ptr": f"*{acc}",
+        "stats_ptr": f"*{acc}",
+        "stats_stride": "i32",
+        "kept_ptr": "*i1",
         "grad_out_ptr": f"*{dtype}",
-        "denom_ptr": f"*{acc}", "num_classes": "i32", "num_pixels": "i32", "label_smoothing_bits": "i64",
-        "PER_SAMPLE_GRAD": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_SMOOTHING": "constexpr",
-        "BLOCK_C": "constexpr", "BLOCK_S": "constexpr",
-    }  # fmt: skip
-    const = {"PER_SAMPLE_GRAD": per_sample, "HAS_WEIGHT": has_weight, "HAS_SMOOTHING": has_smoothing,
-             "BLOCK_C": block_c, "BLOCK_S": block_s}  # fmt: skip
-    name = (f"ce_backward_spatial[{dtype},sample_grad={per_sample},w={has_weight},ls={has_smoothing},"
-            f"BLOCK_C={block_c},BLOCK_S={block_s},warps={warps}]")  # fmt: skip
+        "denom_ptr": f"*{acc}",
+        "num_classes": "i32",
+        "num_pixels": "i32",
+        "label_smoothing_bits": "i64",
+        "PER_SAMPLE_GRAD": "constexpr",
+        "HAS_WEIGHT": "constexpr",
+        "HAS_SMOOTHING": "constexpr",
+        "BLOCK_C": "constexpr",
+        "BLOCK_S": "constexpr",
+    }
+    const = {
+        "PER_SAMPLE_GRAD": per_sample,
+        "HAS_WEIGHT": has_weight,
+        "HAS_SMOOTHING": has_smoothing,
+        "BLOCK_C": block_c,
+        "BLOCK_S": block_s,
+    }
+    name = (
+        f"ce_backward_spatial[{dtype},sample_grad={per_sample},w={has_weight},ls={has_smoothing},"
+        f"BLOCK_C={block_c},BLOCK_S={block_s},warps={warps}]"
+    )
     return name, ce_backward_spatial.ce_backward_spatial_kernel, sig, const, warps
 
 
@@ -124,32 +201,104 @@ def _grid_cases(loss_dtype, out_dtype, easiest, reduction, offset=None):
     off_sig, off_const = _offset_sig(offset)
     tag = f",offset={offset}" if offset else ""
     return [
-        (f"grid_histogram[{loss_dtype},easiest={easiest}{tag}]", grid_select.grid_histogram_kernel,
-         {"loss_ptr": f"*{loss_dtype}", "target_ptr": "*i64", "state_ptr": "*i64", "hist_ptr": "*i64", **rows,
-          "SHIFT": "constexpr", "EASIEST": "constexpr", "BLOCK": "constexpr", **off_sig},
-         {"SHIFT": 24, "EASIEST": easiest, "BLOCK": 2048, **off_const}, 8),
-        (f"grid_pick[{loss_dtype}]", grid_select.grid_pick_kernel,
-         {"state_ptr": "*i64", "hist_ptr": "*i64", "keep_ratio_bits": "i64", "ratio_ptr": "*fp32",
-          "SHIFT": "constexpr", "FIRST": "constexpr", "IS_FP64": "constexpr", "RATIO_FROM_PTR": "constexpr"},
-         {"SHIFT": 24, "FIRST": True, "IS_FP64": loss_dtype == "fp64", "RATIO_FROM_PTR": False}, 4),
-        (f"grid_ties[{loss_dtype}{tag}]", grid_select.grid_ties_kernel,
-         {"loss_ptr": f"*{loss_dtype}", "target_ptr": "*i64", "state_ptr": "*i64", "ties_ptr": "*i64", **rows,
-          "EASIEST": "constexpr", "BLOCK": "constexpr", **off_sig},
-         {"EASIEST": easiest, "BLOCK": 2048, **off_const}, 8),
-        ("grid_scan", grid_select.grid_scan_kernel,
-         {"ties_ptr": "*i64", "num_blocks": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}, 4),
-        (f"grid_keep[{loss_dtype}->{out_dtype},red={reduction}{tag}]", grid_select.grid_keep_kernel,
-         {"loss_ptr": f"*{loss_dtype}", "wy_ptr": f"*{loss_dtype}", "target_ptr": "*i64", "state_ptr": "*i64",
-          "ties_before_ptr": "*i64", "kept_ptr": "*i1", "out_ptr": f"*{out_dtype}", "partial_ptr": f"*{loss_dtype}",
-          "num_rows": "i32", "num_blocks": "i32", "ignore_index": "i32", "EASIEST": "constexpr",
-          "REDUCTION": "constexpr", "BLOCK": "constexpr", **off_sig},
-         {"EASIEST": easiest, "REDUCTION": reduction, "BLOCK": 2048, **off_const}, 8),
-        (f"grid_finish[{loss_dtype}->{out_dtype},red={reduction}]", grid_select.grid_finish_kernel,
-         {"partial_ptr": f"*{loss_dtype}", "state_ptr": "*i64", "result_ptr": f"*{out_dtype}", "k_ptr": "*i64",
-          "threshold_ptr": f"*{out_dtype}", "denom_ptr": f"*{loss_dtype}", "num_blocks": "i32",
-          "EASIEST": "constexpr", "REDUCTION": "constexpr", "BLOCK": "constexpr"},
-         {"EASIEST": easiest, "REDUCTION": reduction, "BLOCK": 1024}, 4),
-    ]  # fmt: skip
+        (
+            f"grid_histogram[{loss_dtype},easiest={easiest}{tag}]",
+            grid_select.grid_histogram_kernel,
+            {
+                "loss_ptr": f"*{loss_dtype}",
+                "target_ptr": "*i64",
+                "state_ptr": "*i64",
+                "hist_ptr": "*i64",
+                **rows,
+                "SHIFT": "constexpr",
+                "EASIEST": "constexpr",
+                "BLOCK": "constexpr",
+                **off_sig,
+            },
+            {"SHIFT": 24, "EASIEST": easiest, "BLOCK": 2048, **off_const},
+            8,
+        ),
+        (
+            f"grid_pick[{loss_dtype}]",
+            grid_select.grid_pick_kernel,
+            {
+                "state_ptr": "*i64",
+                "hist_ptr": "*i64",
+                "keep_ratio_bits": "i64",
+                "ratio_ptr": "*fp32",
+                "SHIFT": "constexpr",
+                "FIRST": "constexpr",
+                "IS_FP64": "constexpr",
+                "RATIO_FROM_PTR": "constexpr",
+            },
+            {"SHIFT": 24, "FIRST": True, "IS_FP64": loss_dtype == "fp64", "RATIO_FROM_PTR": False},
+            4,
+        ),
+        (
+            f"grid_ties[{loss_dtype}{tag}]",
+            grid_select.grid_ties_kernel,
+            {
+                "loss_ptr": f"*{loss_dtype}",
+                "target_ptr": "*i64",
+                "state_ptr": "*i64",
+                "ties_ptr": "*i64",
+                **rows,
+                "EASIEST": "constexpr",
+                "BLOCK": "constexpr",
+                **off_sig,
+            },
+            {"EASIEST": easiest, "BLOCK": 2048, **off_const},
+            8,
+        ),
+        (
+            "grid_scan",
+            grid_select.grid_scan_kernel,
+            {"ties_ptr": "*i64", "num_blocks": "i32", "BLOCK": "constexpr"},
+            {"BLOCK": 1024},
+            4,
+        ),
+        (
+            f"grid_keep[{loss_dtype}->{out_dtype},red={reduction}{tag}]",
+            grid_select.grid_keep_kernel,
+            {
+                "loss_ptr": f"*{loss_dtype}",
+                "wy_ptr": f"*{loss_dtype}",
+                "target_ptr": "*i64",
+                "state_ptr": "*i64",
+                "ties_before_ptr": "*i64",
+                "kept_ptr": "*i1",
+                "out_ptr": f"*{out_dtype}",
+                "partial_ptr": f"*{loss_dtype}",
+                "num_rows": "i32",
+                "num_blocks": "i32",
+                "ignore_index": "i32",
+                "EASIEST": "constexpr",
+                "REDUCTION": "constexpr",
+                "BLOCK": "constexpr",
+                **off_sig,
+            },
+            {"EASIEST": easiest, "REDUCTION": reduction, "BLOCK": 2048, **off_const},
+            8,
+        ),
+        (
+            f"grid_finish[{loss_dtype}->{out_dtype},red={reduction}]",
+            grid_select.grid_finish_kernel,
+            {
+                "partial_ptr": f"*{loss_dtype}",
+                "state_ptr": "*i64",
+                "result_ptr": f"*{out_dtype}",
+                "k_ptr": "*i64",
+                "threshold_ptr": f"*{out_dtype}",
+                "denom_ptr": f"*{loss_dtype}",
+                "num_blocks": "i32",
+                "EASIEST": "constexpr",
+                "REDUCTION": "constexpr",
+                "BLOCK": "constexpr",
+            },
+            {"EASIEST": easiest, "REDUCTION": reduction, "BLOCK": 1024},
+            4,
+        ),
+    ]
 
 
 def _chunk_backward_case(grad_dtype, per_row, has_weight, has_smoothing, block_c, warps):
@@ -213,8 +362,6 @@ def _resources(cubin: bytes) -> tuple[int, int]:
     return regs, spill
 
 
-
-
 _DEF = re.compile(r"^\s*(%[\w.]+)\s*=\s*([\w.]+)\s+(.*?)(?:\s+loc\(.*)?$")
 # Ops that carry a value unchanged in width (a stride stays i32 through them).
 _SAME_WIDTH = {"tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape"}
@@ -255,8 +402,13 @@ def main() -> int:
             print(json.dumps({"name": name, "error": str(exc)[-2000:]}), flush=True)
             continue
         regs, spill = _resources(compiled.asm["cubin"])
-        info = {"name": name, "registers": regs, "spill_bytes": spill, "shared_bytes": compiled.metadata.shared,
-                "int32_stride_products": int32_stride_products(compiled.asm["ttir"])}  # fmt: skip
+        info = {
+            "name": name,
+            "registers": regs,
+            "spill_bytes": spill,
+            "shared_bytes": compiled.metadata.shared,
+            "int32_stride_products": int32_stride_products(compiled.asm["ttir"]),
+        }
         print(json.dumps(info), flush=True)
     return 1 if failed else 0
 

@@ -18,10 +18,26 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_runner_tiny_case_fills_every_column(tmp_path):
     out = tmp_path / "bench"
     cmd = [
-        sys.executable, "-m", "benchmarks.run", "--device", "cpu", "--shapes", "8x5x4x4",
-        "--dtypes", "fp32", "--keeps", "0.5", "--repeats", "2", "--copy-mib", "16",
-        "--compile-backend", "eager", "--out", str(out),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--device",
+        "cpu",
+        "--shapes",
+        "8x5x4x4",
+        "--dtypes",
+        "fp32",
+        "--keeps",
+        "0.5",
+        "--repeats",
+        "2",
+        "--copy-mib",
+        "16",
+        "--compile-backend",
+        "eager",
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -57,9 +73,21 @@ def test_runner_tiny_case_fills_every_column(tmp_path):
 def test_lm_head_runner_tiny_case(tmp_path):
     out = tmp_path / "lm"
     cmd = [
-        sys.executable, "-m", "benchmarks.run", "--device", "cpu", "--lm-head", "--lm-shapes", "64x8x50",
-        "--keeps", "0.5", "--repeats", "2", "--out", str(out),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--device",
+        "cpu",
+        "--lm-head",
+        "--lm-shapes",
+        "64x8x50",
+        "--keeps",
+        "0.5",
+        "--repeats",
+        "2",
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

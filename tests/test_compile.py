@@ -11,9 +11,7 @@ from fused_trim import TrimmedCrossEntropyLoss, native, trimmed_cross_entropy
 from fused_trim.schedules import LinearSchedule
 
 HAS_CUDA = torch.cuda.is_available()
-COMPILE_BACKENDS = (["native"] if native.is_available(torch.device("cpu")) else []) + (
-    ["triton"] if HAS_CUDA else []
-)
+COMPILE_BACKENDS = (["native"] if native.is_available(torch.device("cpu")) else []) + (["triton"] if HAS_CUDA else [])
 
 
 class _Net(torch.nn.Module):
@@ -205,10 +203,27 @@ def test_reference_compiles_fullgraph(op, tensor_ratio):
 
     def step(x, w, b, ratio, keep, reduction):
         if op == "ce":
-            return trimmed_cross_entropy(torch.nn.functional.linear(x, w, b), t, ratio, keep=keep,
-                                         reduction=reduction, backend="reference", label_smoothing=0.1)
-        return trimmed_linear_cross_entropy(x, w, t, ratio, linear_bias=b, keep=keep, reduction=reduction,
-                                            backend="reference", chunk_size=4, label_smoothing=0.1)  # fmt: skip
+            return trimmed_cross_entropy(
+                torch.nn.functional.linear(x, w, b),
+                t,
+                ratio,
+                keep=keep,
+                reduction=reduction,
+                backend="reference",
+                label_smoothing=0.1,
+            )
+        return trimmed_linear_cross_entropy(
+            x,
+            w,
+            t,
+            ratio,
+            linear_bias=b,
+            keep=keep,
+            reduction=reduction,
+            backend="reference",
+            chunk_size=4,
+            label_smoothing=0.1,
+        )
 
     t[7] = -100
     torch._dynamo.reset()

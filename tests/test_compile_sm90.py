@@ -34,8 +34,7 @@ def test_every_kernel_compiles_for_sm90_without_spills():
             lines.append(f"{row['name']}: FAILED {row['error']}")
         else:
             lines.append(
-                f"{row['name']}: registers={row['registers']} spill={row['spill_bytes']}B "
-                f"shared={row['shared_bytes']}B"
+                f"{row['name']}: registers={row['registers']} spill={row['spill_bytes']}B shared={row['shared_bytes']}B"
             )
     report = "\n".join(lines)
     print(report)
@@ -49,5 +48,16 @@ def test_every_kernel_compiles_for_sm90_without_spills():
     narrow = {r["name"]: r["int32_stride_products"] for r in rows if r.get("int32_stride_products")}
     assert not narrow, narrow
     kernels = {r["name"].split("[")[0] for r in rows}
-    assert kernels == {"ce_forward", "ce_forward_spatial", "select", "ce_backward", "ce_backward_spatial",
-                       "grid_histogram", "grid_pick", "grid_ties", "grid_scan", "grid_keep", "grid_finish"}
+    assert kernels == {
+        "ce_forward",
+        "ce_forward_spatial",
+        "select",
+        "ce_backward",
+        "ce_backward_spatial",
+        "grid_histogram",
+        "grid_pick",
+        "grid_ties",
+        "grid_scan",
+        "grid_keep",
+        "grid_finish",
+    }

@@ -290,5 +290,9 @@ def test_the_task_is_a_pluggable_choice(tmp_path):
         run_demo(_tiny(tmp_path, task="poem"), stream=io.StringIO())
     with pytest.raises(ValueError, match="--task lm is configured by fused_trim.demo.lm.LMConfig"):
         run_demo(_tiny(tmp_path, task="lm"), stream=io.StringIO())
-    assert "task=classifier" in (run_demo(_tiny(tmp_path, dataset="digits", model="linear", train_size=100),
-                                          stream=io.StringIO())["txt"]).read_text()
+    assert (
+        "task=classifier"
+        in (
+            run_demo(_tiny(tmp_path, dataset="digits", model="linear", train_size=100), stream=io.StringIO())["txt"]
+        ).read_text()
+    )

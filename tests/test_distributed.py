@@ -26,8 +26,11 @@ def _spawn(tmp_path: Path, job: str, world: int, *args) -> list[str]:
     """Run ``_dist_worker.run(rank, job, ...)`` on ``world`` spawned ranks; return rank 0's lines."""
     out = tmp_path / f"{job}.txt"
     ctx = mp.start_processes(
-        _dist_worker.run, args=(job, world, str(tmp_path / f"{job}.init"), str(out), *args),
-        nprocs=world, join=False, start_method="spawn",
+        _dist_worker.run,
+        args=(job, world, str(tmp_path / f"{job}.init"), str(out), *args),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + DEADLINE_S
     try:

@@ -35,9 +35,16 @@ def tiny(kind: str, vocab: int = VOCAB, seed: int = 0) -> torch.nn.Module:
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, **heads, tie_word_embeddings=False))
     elif kind == "gpt2":
         cfg = transformers.GPT2Config(
-            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-        )  # fmt: skip
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+        )
         model = transformers.GPT2LMHeadModel(cfg)
     elif kind == "gemma2":
         cfg = transformers.Gemma2Config(**common, **heads, head_dim=8, final_logit_softcapping=30.0)
@@ -260,9 +267,7 @@ def test_sequence_group_equals_trimmed_ce_of_unpatched_logits():
     logits = base(input_ids=ids).logits
     target = shifted(labels)
     groups = sequence_group_ids(target.shape, None, target.device)
-    expected = trimmed_cross_entropy(
-        logits.reshape(-1, VOCAB), target.reshape(-1), 0.5, group_ids=groups.reshape(-1)
-    )  # fmt: skip
+    expected = trimmed_cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1), 0.5, group_ids=groups.reshape(-1))
     out = patched(input_ids=ids, labels=labels)
     torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=1e-6)
     expected.backward()
@@ -334,10 +339,19 @@ class _Rows(torch.utils.data.Dataset):
 def test_trainer_with_gradient_accumulation_and_the_schedule_callback(tmp_path):
     model = apply_fused_trim(tiny("llama"), LinearSchedule(epochs=5, start=1.0, end=0.5), backend="reference")
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=20,
-        learning_rate=1e-2, logging_steps=4, report_to=[], save_strategy="no", use_cpu=True,
-        disable_tqdm=True, seed=0, per_device_eval_batch_size=4,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=20,
+        learning_rate=1e-2,
+        logging_steps=4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        per_device_eval_batch_size=4,
+    )
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=_Rows(16), eval_dataset=_Rows(4), callbacks=[TrimScheduleCallback()]
     )

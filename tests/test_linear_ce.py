@@ -175,9 +175,15 @@ def test_keep_all_equals_torch_linear_cross_entropy(backend, opts, reduction):
     out, info, grads = run_fused(backend, x, w, b, t, 1.0, reduction=reduction, chunk_size=7, **kw)
     leaves = _leaves(x, w, b, device=torch.device("cpu"))
     ref = F.linear_cross_entropy(
-        leaves[0], leaves[1], t, linear_bias=leaves[2], weight=kw.get("weight"), reduction=reduction,
-        ignore_index=-100, label_smoothing=kw.get("label_smoothing", 0.0),
-    )  # fmt: skip
+        leaves[0],
+        leaves[1],
+        t,
+        linear_bias=leaves[2],
+        weight=kw.get("weight"),
+        reduction=reduction,
+        ignore_index=-100,
+        label_smoothing=kw.get("label_smoothing", 0.0),
+    )
     gen = torch.Generator().manual_seed(0)
     upstream = torch.randn(ref.shape, generator=gen).to(torch.bfloat16).to(ref.dtype)
     ref_grads = torch.autograd.grad(ref, [p for p in leaves if p is not None], upstream)
@@ -271,11 +277,19 @@ def test_gradcheck_reference():
     x, w, b, t = make_head(7, 3, 5, seed=1, ignore_frac=0.2)
     x, w, b = _leaves(x, w, b, device=torch.device("cpu"))
     for reduction in ("mean", "none"):
+
         def fn(x, w, b, reduction=reduction):
             return trimmed_linear_cross_entropy(
-                x, w, t, 0.5, linear_bias=b, reduction=reduction, label_smoothing=0.1, backend="reference",
+                x,
+                w,
+                t,
+                0.5,
+                linear_bias=b,
+                reduction=reduction,
+                label_smoothing=0.1,
+                backend="reference",
                 chunk_size=3,
-            )  # fmt: skip
+            )
 
         assert torch.autograd.gradcheck(fn, (x, w, b))
 
@@ -344,9 +358,11 @@ def test_peak_memory_does_not_grow_with_logits(backend):
     for v in (2000, 8000):
         x, w, _, t = make_head(4096, 32, v, dtype=torch.float32, bias=False)
         x, w = _leaves(x, w, device=torch.device("cpu"))
-        peaks.append(allocator_peak_bytes(
-            lambda x=x, w=w, t=t: trimmed_linear_cross_entropy(x, w, t, 0.5, backend=name, chunk_size=64).backward()
-        ))  # fmt: skip
+        peaks.append(
+            allocator_peak_bytes(
+                lambda x=x, w=w, t=t: trimmed_linear_cross_entropy(x, w, t, 0.5, backend=name, chunk_size=64).backward()
+            )
+        )
         unfused.append(allocator_peak_bytes(lambda x=x, w=w, t=t: F.cross_entropy(F.linear(x, w), t).backward()))
     logits_growth = 4096 * 6000 * 4
     assert unfused[1] - unfused[0] > logits_growth  # the measurement sees the logits where they exist
@@ -375,9 +391,12 @@ def test_module_compiles_fullgraph_and_follows_a_schedule(backend):
     torch.manual_seed(0)
     model = _TinyLM().to(dev)
     criterion = fused_trim.TrimmedLinearCrossEntropyLoss(
-        model.lm_head.weight, fused_trim.LinearSchedule(epochs=4), linear_bias=model.lm_head.bias, backend=name,
+        model.lm_head.weight,
+        fused_trim.LinearSchedule(epochs=4),
+        linear_bias=model.lm_head.bias,
+        backend=name,
         label_smoothing=0.05,
-    )  # fmt: skip
+    )
     tokens = torch.randint(0, 40, (3, 11), device=dev)
 
     def step(tokens):
@@ -584,30 +603,56 @@ def _grads_of_views(backend, bases, views, t, keep_ratio, unfused=False, **kw):
     if unfused:
         out, info = trimmed_cross_entropy(F.linear(x, w, b), t, keep_ratio, backend="reference", return_info=True, **kw)
     else:
-        out, info = trimmed_linear_cross_entropy(x, w, t, keep_ratio, linear_bias=b, backend=backend,
-                                                 return_info=True, **kw)  # fmt: skip
+        out, info = trimmed_linear_cross_entropy(
+            x, w, t, keep_ratio, linear_bias=b, backend=backend, return_info=True, **kw
+        )
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
     return out.detach(), info, torch.autograd.grad(out, leaves, upstream)
 
 
 _N, _D, _V = 13, 6, 11
 STRIDED = {
-    "bias-every-second": (lambda g: (torch.randn(_N, _D, generator=g), torch.randn(_V, _D, generator=g) / 3,
-                                     torch.randn(2 * _V, generator=g)),
-                          lambda x, w, b: (x, w, b[::2])),
-    "bias-column-of-matrix": (lambda g: (torch.randn(_N, _D, generator=g), torch.randn(_V, _D, generator=g) / 3,
-                                         torch.randn(_V, 3, generator=g)),
-                              lambda x, w, b: (x, w, b[:, 1])),
-    "weight-transposed-storage": (lambda g: (torch.randn(_N, _D, generator=g), torch.randn(_D, _V, generator=g) / 3,
-                                             torch.randn(_V, generator=g)),
-                                  lambda x, w, b: (x, w.t(), b)),
-    "weight-slice": (lambda g: (torch.randn(_N, _D, generator=g), torch.randn(_V + 3, 2 * _D, generator=g) / 3,
-                                torch.randn(_V, generator=g)),
-                     lambda x, w, b: (x, w[2 : _V + 2, ::2], b)),
-    "input-non-contiguous": (lambda g: (torch.randn(_D, 2 * _N, generator=g), torch.randn(_V, _D, generator=g) / 3,
-                                        torch.randn(_V, generator=g)),
-                             lambda x, w, b: (x.t()[::2], w, b)),
-}  # fmt: skip
+    "bias-every-second": (
+        lambda g: (
+            torch.randn(_N, _D, generator=g),
+            torch.randn(_V, _D, generator=g) / 3,
+            torch.randn(2 * _V, generator=g),
+        ),
+        lambda x, w, b: (x, w, b[::2]),
+    ),
+    "bias-column-of-matrix": (
+        lambda g: (
+            torch.randn(_N, _D, generator=g),
+            torch.randn(_V, _D, generator=g) / 3,
+            torch.randn(_V, 3, generator=g),
+        ),
+        lambda x, w, b: (x, w, b[:, 1]),
+    ),
+    "weight-transposed-storage": (
+        lambda g: (
+            torch.randn(_N, _D, generator=g),
+            torch.randn(_D, _V, generator=g) / 3,
+            torch.randn(_V, generator=g),
+        ),
+        lambda x, w, b: (x, w.t(), b),
+    ),
+    "weight-slice": (
+        lambda g: (
+            torch.randn(_N, _D, generator=g),
+            torch.randn(_V + 3, 2 * _D, generator=g) / 3,
+            torch.randn(_V, generator=g),
+        ),
+        lambda x, w, b: (x, w[2 : _V + 2, ::2], b),
+    ),
+    "input-non-contiguous": (
+        lambda g: (
+            torch.randn(_D, 2 * _N, generator=g),
+            torch.randn(_V, _D, generator=g) / 3,
+            torch.randn(_V, generator=g),
+        ),
+        lambda x, w, b: (x.t()[::2], w, b),
+    ),
+}
 
 
 @pytest.mark.parametrize("backend", CPU_LM_BACKENDS)
@@ -644,8 +689,9 @@ def test_all_ignored_gives_zero_gradients(backend, op, dtype):
             if op == "ce":
                 out = trimmed_cross_entropy(F.linear(xs, ws, bs), t, keep_ratio, reduction=reduction, backend=backend)
             else:
-                out = trimmed_linear_cross_entropy(xs, ws, t, keep_ratio, linear_bias=bs, reduction=reduction,
-                                                   backend=backend)  # fmt: skip
+                out = trimmed_linear_cross_entropy(
+                    xs, ws, t, keep_ratio, linear_bias=bs, reduction=reduction, backend=backend
+                )
             expected = F.cross_entropy(F.linear(x, w, b).float(), t, reduction=reduction).to(dtype)
             torch.testing.assert_close(out, expected, equal_nan=True)
             assert out.dtype == dtype

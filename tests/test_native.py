@@ -244,8 +244,12 @@ def test_spatial_blocks_and_class_chunks(dtype, shape, reduction):
     kw = dict(weight=w, label_smoothing=0.1, reduction=reduction)
     (out_n, info_n, g_n), (out_r, info_r, g_r) = _spatial_grad_pair(x, t, 0.4, **kw)
     assert torch.equal(info_n.kept, info_r.kept)
-    tol = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6),
-           torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}[dtype]
+    tol = {
+        torch.float64: dict(rtol=1e-10, atol=1e-12),
+        torch.float32: dict(rtol=2e-5, atol=2e-6),
+        torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+        torch.float16: dict(rtol=2e-3, atol=2e-3),
+    }[dtype]
     torch.testing.assert_close(info_n.losses, info_r.losses, **tol)
     torch.testing.assert_close(out_n, out_r, **tol)
     torch.testing.assert_close(g_n, g_r, **tol)
@@ -424,10 +428,22 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
         incs.append(str(tmp_path / "stub"))
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
     cmd = [
-        _nvcc(), "-c", str(CSRC / "trimmed_ce_cuda.cu"), "-o", str(tmp_path / "trimmed_ce_cuda.o"),
-        "-std=c++20", "-O3", "-gencode=arch=compute_90,code=sm_90", "--expt-relaxed-constexpr",
-        "-Xcompiler", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-Xptxas", "-v",
-        *[f"-I{p}" for p in incs], f"-I{CSRC}",
+        _nvcc(),
+        "-c",
+        str(CSRC / "trimmed_ce_cuda.cu"),
+        "-o",
+        str(tmp_path / "trimmed_ce_cuda.o"),
+        "-std=c++20",
+        "-O3",
+        "-gencode=arch=compute_90,code=sm_90",
+        "--expt-relaxed-constexpr",
+        "-Xcompiler",
+        "-fPIC",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        "-Xptxas",
+        "-v",
+        *[f"-I{p}" for p in incs],
+        f"-I{CSRC}",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -492,8 +508,9 @@ def test_cuda_online_softmax_merge_keeps_nan(tmp_path):
     cxx = next(c for c in (os.environ.get("CXX") or "c++", "c++", "g++") if shutil.which(c))
     exe = tmp_path / "ms_merge_check"
     src = ROOT / "tests" / "native_host" / "ms_merge_check.cpp"
-    build = subprocess.run([cxx, "-std=c++20", "-O1", f"-I{CSRC}", str(src), "-o", str(exe)],
-                           capture_output=True, text=True, timeout=300)
+    build = subprocess.run(
+        [cxx, "-std=c++20", "-O1", f"-I{CSRC}", str(src), "-o", str(exe)], capture_output=True, text=True, timeout=300
+    )
     assert build.returncode == 0, build.stderr[-4000:]
     proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("OK"), proc.stdout[-4000:]

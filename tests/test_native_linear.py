@@ -70,8 +70,9 @@ def test_bitwise_repeatable_across_thread_counts(ratio, reduction, keep_all):
     try:
         for threads in (1, 2, 3, 2):
             torch.set_num_threads(threads)
-            results.append(run_fused("native", x, w, b, t, ratio, reduction=reduction, chunk_size=16,
-                                     label_smoothing=0.05))  # fmt: skip
+            results.append(
+                run_fused("native", x, w, b, t, ratio, reduction=reduction, chunk_size=16, label_smoothing=0.05)
+            )
     finally:
         torch.set_num_threads(before)
     first_out, first_info, first_grads = results[0]
@@ -95,8 +96,9 @@ def test_half_inputs_no_worse_than_unfused(dtype, ratio, keep_all):
     exact = run_unfused(x, w, b, t, ratio)
     assert fused[0].dtype == dtype and all(g.dtype == dtype for g in fused[2])
     assert torch.equal(fused[1].kept, exact[1].kept)
-    for ours, theirs, truth in zip([fused[0], *fused[2]], [unfused[0], *unfused[2]], [exact[0], *exact[2]],
-                                   strict=True):  # fmt: skip
+    for ours, theirs, truth in zip(
+        [fused[0], *fused[2]], [unfused[0], *unfused[2]], [exact[0], *exact[2]], strict=True
+    ):
         err = (ours.double() - truth).abs().max()
         base = (theirs.double() - truth).abs().max()
         assert err <= base * 1.25 + 1e-3 * truth.abs().max(), f"fused error {err} vs unfused {base}"
@@ -110,15 +112,26 @@ def test_partial_gradients(ratio, wanted, keep_all):
     """Only some of input / linear_weight / linear_bias require grad (a frozen head, frozen hidden
     states): those gradients equal the unfused ones and the others stay None."""
     x, w, b, t = make_head(21, 5, 300, seed=2, ignore_frac=0.2)
-    leaves = {name: p.clone().requires_grad_(name in wanted) for name, p in zip(("input", "weight", "bias"),
-                                                                                (x, w, b), strict=True)}  # fmt: skip
-    out = trimmed_linear_cross_entropy(leaves["input"], leaves["weight"], t, ratio, linear_bias=leaves["bias"],
-                                       backend="native", chunk_size=6)  # fmt: skip
+    leaves = {
+        name: p.clone().requires_grad_(name in wanted)
+        for name, p in zip(("input", "weight", "bias"), (x, w, b), strict=True)
+    }
+    out = trimmed_linear_cross_entropy(
+        leaves["input"], leaves["weight"], t, ratio, linear_bias=leaves["bias"], backend="native", chunk_size=6
+    )
     out.backward()
-    ref_leaves = {name: p.clone().requires_grad_(True) for name, p in zip(("input", "weight", "bias"), (x, w, b),
-                                                                          strict=True)}  # fmt: skip
-    ref = trimmed_linear_cross_entropy(ref_leaves["input"], ref_leaves["weight"], t, ratio,
-                                       linear_bias=ref_leaves["bias"], backend="reference", chunk_size=6)  # fmt: skip
+    ref_leaves = {
+        name: p.clone().requires_grad_(True) for name, p in zip(("input", "weight", "bias"), (x, w, b), strict=True)
+    }
+    ref = trimmed_linear_cross_entropy(
+        ref_leaves["input"],
+        ref_leaves["weight"],
+        t,
+        ratio,
+        linear_bias=ref_leaves["bias"],
+        backend="reference",
+        chunk_size=6,
+    )
     ref.backward()
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
     for name in ("input", "weight", "bias"):
@@ -145,8 +158,9 @@ def test_compile_fullgraph_matches_eager(ratio, keep_all):
     x, w, b, t = make_head(19, 8, 50, dtype=torch.float32, seed=4, ignore_frac=0.2)
 
     def step(x, w, b):
-        return trimmed_linear_cross_entropy(x, w, t, ratio, linear_bias=b, backend="native", chunk_size=5,
-                                            label_smoothing=0.1)  # fmt: skip
+        return trimmed_linear_cross_entropy(
+            x, w, t, ratio, linear_bias=b, backend="native", chunk_size=5, label_smoothing=0.1
+        )
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -166,8 +180,9 @@ def _ops_run(ratio, reduction, grad=True):
     x, w, b, t = make_head(24, 5, 300, dtype=torch.float32, seed=9, ignore_frac=0.2)
     x, w = (p.clone().requires_grad_(grad) for p in (x, w))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        out = trimmed_linear_cross_entropy(x, w, t, ratio, linear_bias=b, backend="native", chunk_size=7,
-                                           reduction=reduction)  # fmt: skip
+        out = trimmed_linear_cross_entropy(
+            x, w, t, ratio, linear_bias=b, backend="native", chunk_size=7, reduction=reduction
+        )
         if grad:
             out.sum().backward()
     return {e.key for e in prof.key_averages() if e.key.startswith("fused_trim::")}
@@ -205,7 +220,9 @@ def test_keep_all_peak_memory_does_not_grow_with_logits():
     for v in (2000, 8000):
         x, w, _, t = make_head(4096, 32, v, dtype=torch.float32, bias=False)
         x, w = (p.clone().requires_grad_(True) for p in (x, w))
-        step = lambda x=x, w=w, t=t: trimmed_linear_cross_entropy(x, w, t, 1.0, backend="native",  # noqa: E731
-                                                                  chunk_size=64).backward()  # fmt: skip
+
+        def step(x=x, w=w, t=t):
+            trimmed_linear_cross_entropy(x, w, t, 1.0, backend="native", chunk_size=64).backward()
+
         peaks.append(allocator_peak_bytes(step))
     assert peaks[1] - peaks[0] < 4096 * 6000 * 4 / 8, f"peak grew by {(peaks[1] - peaks[0]) / 2**20:.1f} MiB"

@@ -17,8 +17,18 @@ from .helpers import BACKENDS, assert_close, call, make_batch, run, split
 TRITON = [b for b in BACKENDS if b.startswith("triton")]
 
 
-def oracle(x, t, offset, keep_ratio, keep="hardest", reduction="mean", weight=None, ignore_index=-100,
-           label_smoothing=0.0, scores=None):  # fmt: skip
+def oracle(
+    x,
+    t,
+    offset,
+    keep_ratio,
+    keep="hardest",
+    reduction="mean",
+    weight=None,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    scores=None,
+):
     """float64: ``(out, grad, kept, k, threshold)`` under :func:`helpers.run`'s upstream gradient.
 
     Ranks ``scores`` when given (the values a backend ranked, for low-precision inputs), else
@@ -26,8 +36,9 @@ def oracle(x, t, offset, keep_ratio, keep="hardest", reduction="mean", weight=No
     """
     x = x.detach().double().requires_grad_(True)
     w = None if weight is None else weight.double()
-    losses = F.cross_entropy(x, t, w, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                             reduction="none").reshape(-1)  # fmt: skip
+    losses = F.cross_entropy(
+        x, t, w, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none"
+    ).reshape(-1)
     if scores is None:
         scores = losses.detach() - offset.double().reshape(-1)
     scores = scores.double().reshape(-1)
@@ -59,14 +70,20 @@ def check(backend, x, t, offset, keep_ratio=0.4, dtype=torch.float64, **kw):
     """One backend against the oracle: kept set, k, threshold, scores, loss and gradient."""
     out, info, grad = run(backend, x, t, keep_ratio, score_offset=offset, **kw)
     exact = dtype == torch.float64
-    ref_out, ref_grad, ref_kept, ref_k, ref_thr = oracle(x, t, offset, keep_ratio, scores=None if exact
-                                                         else info.scores, **kw)  # fmt: skip
+    ref_out, ref_grad, ref_kept, ref_k, ref_thr = oracle(
+        x, t, offset, keep_ratio, scores=None if exact else info.scores, **kw
+    )
     assert torch.equal(info.kept, ref_kept), (info.kept.nonzero()[:, 0], ref_kept.nonzero()[:, 0])
     assert int(info.k) == ref_k
     assert info.scores is not None and info.scores.shape == t.shape
-    fresh = F.cross_entropy(x.double(), t, None if kw.get("weight") is None else kw["weight"].double(),
-                            ignore_index=kw.get("ignore_index", -100),
-                            label_smoothing=kw.get("label_smoothing", 0.0), reduction="none")  # fmt: skip
+    fresh = F.cross_entropy(
+        x.double(),
+        t,
+        None if kw.get("weight") is None else kw["weight"].double(),
+        ignore_index=kw.get("ignore_index", -100),
+        label_smoothing=kw.get("label_smoothing", 0.0),
+        reduction="none",
+    )
     valid = t != kw.get("ignore_index", -100)
     assert_close(info.scores[valid], (fresh - offset.double())[valid], dtype)
     assert_close(info.threshold, ref_thr, dtype)
@@ -221,8 +238,9 @@ def test_empty_and_all_ignored(backend):
     assert torch.isnan(out) and int(info.k) == 0 and torch.isnan(info.threshold) and torch.all(grad == 0)
     name, dev = split(backend)
     empty = torch.zeros(0, 3, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
-    out, info = trimmed_cross_entropy(*empty, 0.5, score_offset=torch.zeros(0, device=dev), return_info=True,
-                                      backend=name)  # fmt: skip
+    out, info = trimmed_cross_entropy(
+        *empty, 0.5, score_offset=torch.zeros(0, device=dev), return_info=True, backend=name
+    )
     assert int(info.k) == 0 and info.scores.shape == (0,)
 
 
@@ -246,7 +264,7 @@ def test_offset_requiring_grad_is_used_detached():
         ([0.0] * 8, TypeError, "score_offset must be a tensor or None, got list"),
         (torch.zeros(8, device="meta"), ValueError, "score_offset is on meta but input is on cpu"),
     ],
-)  # fmt: skip
+)
 def test_bad_offsets_name_the_argument(offset, error, match):
     x, t = make_batch(8, 3, seed=20)
     for backend in ("reference", "auto"):

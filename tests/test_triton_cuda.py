@@ -32,8 +32,9 @@ def _head(n=1000, d=64, v=3000, dtype=torch.bfloat16, seed=0):
 
 def _step(x, w, b, t, ratio, reduction="mean"):
     """Forward and backward of the LM head: the loss and the three gradients."""
-    out = trimmed_linear_cross_entropy(x, w, t, ratio, linear_bias=b, backend="triton", reduction=reduction,
-                                       chunk_size=512)  # fmt: skip
+    out = trimmed_linear_cross_entropy(
+        x, w, t, ratio, linear_bias=b, backend="triton", reduction=reduction, chunk_size=512
+    )
     up = torch.ones_like(out) if reduction == "none" else None
     return (out, *torch.autograd.grad(out, (x, w, b), up))
 
@@ -118,10 +119,18 @@ def test_registers_and_spills_of_the_launched_kernels():
         _step(*(p.clone().requires_grad_(True) for p in (xh, w, b)), th, ratio)
     from fused_trim.triton import grid_select
 
-    kernels = [ce_forward.ce_forward_kernel, ce_backward.ce_backward_kernel, select.select_kernel,
-               ce_forward_spatial.ce_forward_spatial_kernel, ce_backward_spatial.ce_backward_spatial_kernel,
-               *(getattr(grid_select, name) for name in dir(grid_select) if name.startswith("grid_")
-                 and name.endswith("_kernel"))]  # fmt: skip
+    kernels = [
+        ce_forward.ce_forward_kernel,
+        ce_backward.ce_backward_kernel,
+        select.select_kernel,
+        ce_forward_spatial.ce_forward_spatial_kernel,
+        ce_backward_spatial.ce_backward_spatial_kernel,
+        *(
+            getattr(grid_select, name)
+            for name in dir(grid_select)
+            if name.startswith("grid_") and name.endswith("_kernel")
+        ),
+    ]
     lines, spilled = [], []
     for kernel in kernels:
         compiled = _launched(kernel)

@@ -8,9 +8,7 @@ import torch
 
 from .helpers import BACKENDS, run
 
-pytestmark = pytest.mark.skipif(
-    not any(b.startswith("triton") for b in BACKENDS), reason="Triton is not runnable here"
-)
+pytestmark = pytest.mark.skipif(not any(b.startswith("triton") for b in BACKENDS), reason="Triton is not runnable here")
 TRITON = next((b for b in BACKENDS if b.startswith("triton")), "triton")
 
 

@@ -77,9 +77,16 @@ def test_strided_operands_are_read_with_their_strides(backend, layout, ratio, dt
     x, w, b, t = _head(37, 11, 29, dtype=dtype, seed=1, ignore_frac=0.2)
     _, views = _views(x, w, b, layout, dev)
     out, info = trimmed_linear_cross_entropy(
-        views[0], views[1], t.to(dev), ratio, linear_bias=views[2], backend="triton", return_info=True,
-        reduction="sum", chunk_size=10,
-    )  # fmt: skip
+        views[0],
+        views[1],
+        t.to(dev),
+        ratio,
+        linear_bias=views[2],
+        backend="triton",
+        return_info=True,
+        reduction="sum",
+        chunk_size=10,
+    )
     up = torch.tensor(0.75, dtype=out.dtype)
     grads = torch.autograd.grad(out, views, up.to(dev))
     ref, ref_info, ref_grads = _reference(x, w, b, t, ratio, up, reduction="sum")
@@ -100,9 +107,15 @@ def _all_ignored_case(backend, op, ratio, reduction, dtype):
     leaves = [p.to(dev).requires_grad_(True) for p in ((x, w, b) if op == "linear" else (x @ w.t() + b,))]
     if op == "linear":
         out, info = trimmed_linear_cross_entropy(
-            leaves[0], leaves[1], t.to(dev), ratio, linear_bias=leaves[2], backend="triton", reduction=reduction,
+            leaves[0],
+            leaves[1],
+            t.to(dev),
+            ratio,
+            linear_bias=leaves[2],
+            backend="triton",
+            reduction=reduction,
             return_info=True,
-        )  # fmt: skip
+        )
     else:
         logits = leaves[0].detach().requires_grad_(True)
         leaves = [logits]
@@ -182,7 +195,7 @@ def test_infinite_logits_match_f_cross_entropy(backend, op, ratio, keep, dtype):
     if op == "linear":
         out, info = trimmed_linear_cross_entropy(
             x, w, t, ratio, linear_bias=b, keep=keep, backend="triton", reduction="none", return_info=True, chunk_size=4
-        )  # fmt: skip
+        )
     else:
         out, info = trimmed_cross_entropy(
             F.linear(x, w, b), t, ratio, keep=keep, backend="triton", reduction="none", return_info=True
@@ -212,9 +225,17 @@ def test_non_finite_rows_outside_k_contribute_nothing(backend, ratio, value, dty
         ratio = torch.tensor(float(ratio.split()[1]), device=dev)
     leaves = [p.to(dtype).to(dev).requires_grad_(True) for p in (x, w, b)]
     out, info = trimmed_linear_cross_entropy(
-        leaves[0], leaves[1], t.to(dev), ratio, linear_bias=leaves[2], keep="easiest", backend="triton",
-        reduction="sum", return_info=True, chunk_size=8,
-    )  # fmt: skip
+        leaves[0],
+        leaves[1],
+        t.to(dev),
+        ratio,
+        linear_bias=leaves[2],
+        keep="easiest",
+        backend="triton",
+        reduction="sum",
+        return_info=True,
+        chunk_size=8,
+    )
     grads = [g.cpu().double() for g in torch.autograd.grad(out, leaves)]
     kept = info.kept.cpu()
     assert not kept[[0, 4, 9]].any() and int(info.k) == (17 if ratio == 1.0 else 9)  # 17 valid rows

@@ -86,8 +86,17 @@ def test_chunk_rows_are_balanced_and_whole_tiles_on_cuda():
 
 @pytest.mark.parametrize("backend", TRITON_TARGETS)
 # 37 rows in chunks of 16: a partial last chunk.
-@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1), dict(weight=True, label_smoothing=0.25),
-                                  dict(weight=True), dict(ignore_index=3)], ids=str)  # fmt: skip
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(),
+        dict(label_smoothing=0.1),
+        dict(weight=True, label_smoothing=0.25),
+        dict(weight=True),
+        dict(ignore_index=3),
+    ],
+    ids=str,
+)
 def test_rows_against_float64_with_tails(backend, opts):
     opts = dict(opts)
     x, w, b, t = head(37, 45, 70, seed=1, ignore_frac=0.2)
@@ -155,8 +164,9 @@ def test_tiny_losses_at_large_logits_keep_relative_precision(backend):
     torch.testing.assert_close(loss.double(), expect, rtol=1e-5, atol=0)
     dev = target_device(backend)
     xg = x.to(dev).requires_grad_(True)
-    _, info = trimmed_linear_cross_entropy(xg, w.to(dev), t.to(dev), 1.0, backend="triton", return_info=True,
-                                           chunk_size=4)  # fmt: skip
+    _, info = trimmed_linear_cross_entropy(
+        xg, w.to(dev), t.to(dev), 1.0, backend="triton", return_info=True, chunk_size=4
+    )
     torch.testing.assert_close(info.losses.cpu().double(), expect, rtol=1e-5, atol=0)
 
 
@@ -172,9 +182,7 @@ def _fused_and_reference(x, w, b, t, ratio, grad_seed=0, backend="triton", **kw)
     out, info = out.detach().cpu(), type(info)(*(v.cpu() if isinstance(v, torch.Tensor) else v for v in info))
     kw.pop("chunk_size", None)
     ref_leaves = [p.double().clone().requires_grad_(True) for p in (x, w, b)]
-    ref, ref_info = trimmed_cross_entropy(
-        F.linear(*ref_leaves), t, ratio, backend="reference", return_info=True, **kw
-    )
+    ref, ref_info = trimmed_cross_entropy(F.linear(*ref_leaves), t, ratio, backend="reference", return_info=True, **kw)
     ref_grads = torch.autograd.grad(ref, ref_leaves, up.double())
     return (out, info, grads), (ref, ref_info, ref_grads)
 
@@ -258,8 +266,9 @@ def test_hypothesis_rows_and_gradients(backend, n, d, v, ratio, smoothing, seed)
     check_rows(
         rows_op(x, w, b, t, label_smoothing=smoothing, backend=backend),
         expected_rows(x, w, b, t, label_smoothing=smoothing),
-        rtol=1e-11, atol=1e-11,
-    )  # fmt: skip
+        rtol=1e-11,
+        atol=1e-11,
+    )
     (out, info, grads), (ref, ref_info, ref_grads) = _fused_and_reference(
         x, w, b, t, ratio, backend=backend, reduction="sum", label_smoothing=smoothing, chunk_size=max(1, n // 3)
     )

@@ -49,8 +49,15 @@ def ranked_value(loss, offset_ptr, idx, valid, HAS_OFFSET: tl.constexpr):
 
 @triton.jit
 def block_keys(
-    start, loss_ptr, target_ptr, num_rows, ignore_index, EASIEST: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_OFFSET: tl.constexpr, offset_ptr,
+    start,
+    loss_ptr,
+    target_ptr,
+    num_rows,
+    ignore_index,
+    EASIEST: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    offset_ptr,
 ):
     """Rows ``[start, start + BLOCK)`` as every select pass reads them: ``(idx, in_range, valid,
     loss, key)``, the key of ``loss - offset`` with ``HAS_OFFSET`` (a score offset). Padding lanes
@@ -129,7 +136,15 @@ def key_to_float(kth, EASIEST: tl.constexpr, IS_FP64: tl.constexpr):
 
 @triton.jit
 def store_results(
-    sum_loss, sum_w, k, kth, result_ptr, denom_ptr, k_ptr, threshold_ptr, EASIEST: tl.constexpr,
+    sum_loss,
+    sum_w,
+    k,
+    kth,
+    result_ptr,
+    denom_ptr,
+    k_ptr,
+    threshold_ptr,
+    EASIEST: tl.constexpr,
     REDUCTION: tl.constexpr,
 ):
     """Write the reduced loss (the mean or the sum; "none" writes none), the backward's divisor

@@ -50,8 +50,15 @@ def grid_histogram_kernel(
     IS_FP64: tl.constexpr = loss_ptr.dtype.element_ty == tl.float64
     key_dtype: tl.constexpr = tl.int64 if IS_FP64 else tl.int32
     _, _, valid, _, key = block_keys(
-        tl.program_id(0).to(tl.int64) * BLOCK, loss_ptr, target_ptr, num_rows, ignore_index, EASIEST, BLOCK,
-        HAS_OFFSET, offset_ptr,
+        tl.program_id(0).to(tl.int64) * BLOCK,
+        loss_ptr,
+        target_ptr,
+        num_rows,
+        ignore_index,
+        EASIEST,
+        BLOCK,
+        HAS_OFFSET,
+        offset_ptr,
     )
     u = key ^ sign_bit(IS_FP64)
     prefix = tl.load(state_ptr).to(key_dtype)
@@ -114,8 +121,15 @@ def grid_ties_kernel(
     """Step 3: ``ties[pid]`` = the number of valid rows of block ``pid`` whose key is the k-th key."""
     IS_FP64: tl.constexpr = loss_ptr.dtype.element_ty == tl.float64
     _, _, valid, _, key = block_keys(
-        tl.program_id(0).to(tl.int64) * BLOCK, loss_ptr, target_ptr, num_rows, ignore_index, EASIEST, BLOCK,
-        HAS_OFFSET, offset_ptr,
+        tl.program_id(0).to(tl.int64) * BLOCK,
+        loss_ptr,
+        target_ptr,
+        num_rows,
+        ignore_index,
+        EASIEST,
+        BLOCK,
+        HAS_OFFSET,
+        offset_ptr,
     )
     tie = valid & (key == _kth_key(state_ptr, IS_FP64))
     tl.store(ties_ptr + tl.program_id(0), tl.sum(tie.to(tl.int64), 0))
@@ -158,8 +172,15 @@ def grid_keep_kernel(
     IS_FP64: tl.constexpr = loss_ptr.dtype.element_ty == tl.float64
     pid = tl.program_id(0)
     idx, in_range, valid, loss, key = block_keys(
-        tl.program_id(0).to(tl.int64) * BLOCK, loss_ptr, target_ptr, num_rows, ignore_index, EASIEST, BLOCK,
-        HAS_OFFSET, offset_ptr,
+        tl.program_id(0).to(tl.int64) * BLOCK,
+        loss_ptr,
+        target_ptr,
+        num_rows,
+        ignore_index,
+        EASIEST,
+        BLOCK,
+        HAS_OFFSET,
+        offset_ptr,
     )
     kth = _kth_key(state_ptr, IS_FP64)
     krem = tl.load(state_ptr + 2)
@@ -202,9 +223,17 @@ def grid_finish_kernel(
         sum_w += tl.sum(tl.load(partial_ptr + num_blocks + idx, mask=mask, other=0.0), 0)
     k = tl.load(state_ptr + 3)
     store_results(
-        sum_loss, sum_w, k, _kth_key(state_ptr, IS_FP64), result_ptr, denom_ptr, k_ptr, threshold_ptr, EASIEST,
+        sum_loss,
+        sum_w,
+        k,
+        _kth_key(state_ptr, IS_FP64),
+        result_ptr,
+        denom_ptr,
+        k_ptr,
+        threshold_ptr,
+        EASIEST,
         REDUCTION,
-    )  # fmt: skip
+    )
 
 
 def grid_select(
@@ -238,25 +267,75 @@ def grid_select(
     for digit in range(nbits // 8):
         shift = nbits - 8 * (digit + 1)
         wrap_triton(grid_histogram_kernel)[(blocks,)](
-            loss, target, state, hist, num_rows, ignore_index, SHIFT=shift, EASIEST=easiest, BLOCK=block,
-            HAS_OFFSET=has_offset, offset_ptr=offset, num_warps=8,
-        )  # fmt: skip
+            loss,
+            target,
+            state,
+            hist,
+            num_rows,
+            ignore_index,
+            SHIFT=shift,
+            EASIEST=easiest,
+            BLOCK=block,
+            HAS_OFFSET=has_offset,
+            offset_ptr=offset,
+            num_warps=8,
+        )
         wrap_triton(grid_pick_kernel)[(1,)](
-            state, hist, ratio_bits, ratio_ptr, SHIFT=shift, FIRST=digit == 0, IS_FP64=is_fp64,
-            RATIO_FROM_PTR=ratio_on_device, num_warps=4,
-        )  # fmt: skip
+            state,
+            hist,
+            ratio_bits,
+            ratio_ptr,
+            SHIFT=shift,
+            FIRST=digit == 0,
+            IS_FP64=is_fp64,
+            RATIO_FROM_PTR=ratio_on_device,
+            num_warps=4,
+        )
     ties = torch.empty(blocks, dtype=torch.int64, device=loss.device)
     wrap_triton(grid_ties_kernel)[(blocks,)](
-        loss, target, state, ties, num_rows, ignore_index, EASIEST=easiest, BLOCK=block, HAS_OFFSET=has_offset,
-        offset_ptr=offset, num_warps=8,
-    )  # fmt: skip
+        loss,
+        target,
+        state,
+        ties,
+        num_rows,
+        ignore_index,
+        EASIEST=easiest,
+        BLOCK=block,
+        HAS_OFFSET=has_offset,
+        offset_ptr=offset,
+        num_warps=8,
+    )
     wrap_triton(grid_scan_kernel)[(1,)](ties, blocks, BLOCK=1024, num_warps=4)
     partial = torch.empty(2 * blocks, dtype=loss.dtype, device=loss.device)
     wrap_triton(grid_keep_kernel)[(blocks,)](
-        loss, w_y, target, state, ties, kept, out, partial, num_rows, blocks, ignore_index,
-        EASIEST=easiest, REDUCTION=reduction, BLOCK=block, HAS_OFFSET=has_offset, offset_ptr=offset, num_warps=8,
-    )  # fmt: skip
+        loss,
+        w_y,
+        target,
+        state,
+        ties,
+        kept,
+        out,
+        partial,
+        num_rows,
+        blocks,
+        ignore_index,
+        EASIEST=easiest,
+        REDUCTION=reduction,
+        BLOCK=block,
+        HAS_OFFSET=has_offset,
+        offset_ptr=offset,
+        num_warps=8,
+    )
     wrap_triton(grid_finish_kernel)[(1,)](
-        partial, state, out, k, threshold, denom, blocks, EASIEST=easiest, REDUCTION=reduction, BLOCK=1024,
+        partial,
+        state,
+        out,
+        k,
+        threshold,
+        denom,
+        blocks,
+        EASIEST=easiest,
+        REDUCTION=reduction,
+        BLOCK=1024,
         num_warps=4,
-    )  # fmt: skip
+    )

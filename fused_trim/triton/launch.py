@@ -100,16 +100,47 @@ def select_rows(
     ratio_ptr = keep_ratio_t if ratio_on_device else loss
     if num_rows <= SINGLE_PROGRAM_MAX_ROWS:
         wrap_triton(select_kernel)[(1,)](
-            loss, w_y, target, kept, per_row, result, k, threshold, denom, num_rows, ignore_index, ratio_bits,
-            ratio_ptr, RATIO_FROM_PTR=ratio_on_device, KEEP_ALL=not ratio_on_device and keep_ratio == 1.0,
-            EASIEST=easiest, REDUCTION=reduction, BLOCK=select_block(num_rows), HAS_OFFSET=has_offset,
-            offset_ptr=score_offset, num_warps=4,
-        )  # fmt: skip
+            loss,
+            w_y,
+            target,
+            kept,
+            per_row,
+            result,
+            k,
+            threshold,
+            denom,
+            num_rows,
+            ignore_index,
+            ratio_bits,
+            ratio_ptr,
+            RATIO_FROM_PTR=ratio_on_device,
+            KEEP_ALL=not ratio_on_device and keep_ratio == 1.0,
+            EASIEST=easiest,
+            REDUCTION=reduction,
+            BLOCK=select_block(num_rows),
+            HAS_OFFSET=has_offset,
+            offset_ptr=score_offset,
+            num_warps=4,
+        )
     else:
         grid_select(
-            loss, w_y, target, kept, out, k, threshold, denom, ignore_index, ratio_bits, ratio_ptr,
-            ratio_on_device, easiest, reduction, GRID_BLOCK, offset=score_offset,
-        )  # fmt: skip
+            loss,
+            w_y,
+            target,
+            kept,
+            out,
+            k,
+            threshold,
+            denom,
+            ignore_index,
+            ratio_bits,
+            ratio_ptr,
+            ratio_on_device,
+            easiest,
+            reduction,
+            GRID_BLOCK,
+            offset=score_offset,
+        )
     return out, kept, k, threshold, denom
 
 

@@ -125,34 +125,77 @@ class _ChunkLogits:
 
 
 def _launch_ce_forward(
-    logits: Tensor, num_rows: int, target: Tensor, weight: Tensor | None, loss: Tensor, stats: Tensor, w_y: Tensor,
-    ignore_index: int, label_smoothing: float,
+    logits: Tensor,
+    num_rows: int,
+    target: Tensor,
+    weight: Tensor | None,
+    loss: Tensor,
+    stats: Tensor,
+    w_y: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
 ) -> None:
     """The row kernel of ``trimmed_cross_entropy`` on the first ``num_rows`` rows of a buffer of
     fp32 logits: each row's loss, ``w_y`` and stats (a row max or logit of ``+inf`` gives a NaN
     loss, as ``F.cross_entropy``)."""
     block_v, warps = row_config(logits.shape[1], logits.element_size())
     wrap_triton(ce_forward_kernel)[(num_rows,)](
-        logits, logits.stride(0), target, weight if weight is not None else loss, loss, stats, stats.stride(0), w_y,
-        logits.shape[1], ignore_index, float64_bits(label_smoothing),
-        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_C=block_v, num_warps=warps,
-    )  # fmt: skip
+        logits,
+        logits.stride(0),
+        target,
+        weight if weight is not None else loss,
+        loss,
+        stats,
+        stats.stride(0),
+        w_y,
+        logits.shape[1],
+        ignore_index,
+        float64_bits(label_smoothing),
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        BLOCK_C=block_v,
+        num_warps=warps,
+    )
 
 
 def _launch_ce_backward(
-    logits: Tensor, dlogits: Tensor, num_rows: int, target: Tensor, weight: Tensor | None, weight_sum: Tensor,
-    stats: Tensor, kept: Tensor, grad_out: Tensor, denom: Tensor, label_smoothing: float,
+    logits: Tensor,
+    dlogits: Tensor,
+    num_rows: int,
+    target: Tensor,
+    weight: Tensor | None,
+    weight_sum: Tensor,
+    stats: Tensor,
+    kept: Tensor,
+    grad_out: Tensor,
+    denom: Tensor,
+    label_smoothing: float,
 ) -> None:
     """The backward row kernel of ``trimmed_cross_entropy`` on the first ``num_rows`` rows of a
     buffer of fp32 logits: ``dlogits`` (in place when it is ``logits``), zero on rows not
     ``kept``; the per-row arguments are the chunk's (gathered)."""
     block_v, warps = row_config(logits.shape[1], logits.element_size())
     wrap_triton(ce_backward_kernel)[(num_rows,)](
-        logits, logits.stride(0), dlogits, dlogits.stride(0), target, weight if weight is not None else stats,
-        weight_sum, stats, stats.stride(0), kept, grad_out, denom, logits.shape[1], float64_bits(label_smoothing),
-        PER_ROW_GRAD=grad_out.dim() == 1, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0,
-        BLOCK_C=block_v, num_warps=warps,
-    )  # fmt: skip
+        logits,
+        logits.stride(0),
+        dlogits,
+        dlogits.stride(0),
+        target,
+        weight if weight is not None else stats,
+        weight_sum,
+        stats,
+        stats.stride(0),
+        kept,
+        grad_out,
+        denom,
+        logits.shape[1],
+        float64_bits(label_smoothing),
+        PER_ROW_GRAD=grad_out.dim() == 1,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        BLOCK_C=block_v,
+        num_warps=warps,
+    )
 
 
 class _GradAccumulator:
@@ -273,9 +316,17 @@ def linear_ce_trimmed(
     """
     with device_guard(input):
         return select_rows(
-            losses, w_y, target.contiguous(), input.dtype, keep_ratio, keep_ratio_t, easiest, ignore_index, reduction,
+            losses,
+            w_y,
+            target.contiguous(),
+            input.dtype,
+            keep_ratio,
+            keep_ratio_t,
+            easiest,
+            ignore_index,
+            reduction,
             score_offset=score_offset,
-        )  # fmt: skip
+        )
 
 
 @triton_op("fused_trim::triton_linear_ce_bwd", mutates_args=())
@@ -320,10 +371,18 @@ def linear_ce_bwd(
             x = input.index_select(0, rows).masked_fill_(~kept_c[:, None], 0)
             gemm(x)
             _launch_ce_backward(
-                gemm.logits, gemm.dlogits, x.shape[0], target.index_select(0, rows), weight, weight_sum,
-                stats.index_select(1, rows), kept_c, grad_out.index_select(0, rows) if per_row else grad_out, denom,
+                gemm.logits,
+                gemm.dlogits,
+                x.shape[0],
+                target.index_select(0, rows),
+                weight,
+                weight_sum,
+                stats.index_select(1, rows),
+                kept_c,
+                grad_out.index_select(0, rows) if per_row else grad_out,
+                denom,
                 label_smoothing,
-            )  # fmt: skip
+            )
             grads.add(rows, x, gemm.dlogits[: x.shape[0]], linear_weight, kept_c)
         return grads.d_input, grads.d_weight.to(linear_weight.dtype), grads.d_bias.to(input.dtype)
 
@@ -340,9 +399,21 @@ def _trimmed_backward(ctx, grad_out, *_unused):
     input, linear_weight, linear_bias, target, weight, stats, kept, denom = ctx.saved_tensors
     need_input, need_weight = ctx.needs_input_grad[3:5]
     d_input, d_weight, d_bias = linear_ce_bwd(
-        grad_out, input, linear_weight, linear_bias, target, weight, stats, kept, denom, ctx.label_smoothing,
-        ctx.max_kept, ctx.chunk_size, need_input, need_weight,
-    )  # fmt: skip
+        grad_out,
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        stats,
+        kept,
+        denom,
+        ctx.label_smoothing,
+        ctx.max_kept,
+        ctx.chunk_size,
+        need_input,
+        need_weight,
+    )
     grads = (d_input if need_input else None, d_weight if need_weight else None)
     return (None,) * 3 + (*grads, d_bias if linear_bias is not None else None) + (None,) * 11
 
@@ -402,9 +473,18 @@ def linear_ce_keep_all(
             x = torch.where(valid_c[:, None], input[rows], 0)
             loss_c, w_y_c, stats_c = _chunk_forward(gemm, x, target[rows], weight, ignore_index, label_smoothing)
             _launch_ce_backward(
-                gemm.logits, gemm.dlogits, x.shape[0], target[rows], weight, weight_sum, stats_c, valid_c, one, one,
+                gemm.logits,
+                gemm.dlogits,
+                x.shape[0],
+                target[rows],
+                weight,
+                weight_sum,
+                stats_c,
+                valid_c,
+                one,
+                one,
                 label_smoothing,
-            )  # fmt: skip
+            )
             grads.add(rows, x, gemm.dlogits[: x.shape[0]], linear_weight, valid_c)
             losses.append(loss_c)
             w_y.append(w_y_c)
@@ -477,9 +557,18 @@ def trimmed_linear_cross_entropy_2d(
     host_opts = opts if ratio_t is not None else opts._replace(keep_ratio=keep_ratio)
     if forms_gradient_in_forward(host_opts, params, share):
         out, losses, kept, k, threshold, *_ = linear_ce_keep_all(
-            input, linear_weight, linear_bias, target, opts.weight, easiest, *ce_args[1:], code, chunk_size,
-            input.requires_grad, linear_weight.requires_grad,
-        )  # fmt: skip
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            opts.weight,
+            easiest,
+            *ce_args[1:],
+            code,
+            chunk_size,
+            input.requires_grad,
+            linear_weight.requires_grad,
+        )
         return out, losses.detach(), kept, k, threshold.detach()
 
     detached = [None if p is None else p.detach() for p in params]
@@ -488,7 +577,21 @@ def trimmed_linear_cross_entropy_2d(
         ratio_t, keep_ratio = share(losses, target != opts.ignore_index), 1.0
     max_kept = host_k(num_rows, keep_ratio) if ratio_t is None else num_rows
     out, kept, k, threshold, _ = linear_ce_trimmed(
-        losses, w_y, stats, input, linear_weight, linear_bias, target, opts.weight, keep_ratio, ratio_t, easiest,
-        *ce_args[1:], code, max_kept, chunk_size, opts.score_offset,
-    )  # fmt: skip
+        losses,
+        w_y,
+        stats,
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        opts.weight,
+        keep_ratio,
+        ratio_t,
+        easiest,
+        *ce_args[1:],
+        code,
+        max_kept,
+        chunk_size,
+        opts.score_offset,
+    )
     return out, losses, kept, k, threshold.detach()

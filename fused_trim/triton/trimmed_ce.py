@@ -48,9 +48,17 @@ def trimmed_ce_fwd(
     """
     with device_guard(input):
         return _forward(
-            input, target, weight, keep_ratio, keep_ratio_t, easiest, ignore_index, label_smoothing, reduction,
+            input,
+            target,
+            weight,
+            keep_ratio,
+            keep_ratio_t,
+            easiest,
+            ignore_index,
+            label_smoothing,
+            reduction,
             score_offset,
-        )  # fmt: skip
+        )
 
 
 def _forward(
@@ -84,23 +92,57 @@ def _forward(
         num_pixels = input.shape[2]
         block_c, block_s, warps = spatial_config(num_classes, num_pixels, input.element_size())
         wrap_triton(ce_forward_spatial_kernel)[(input.shape[0] * triton.cdiv(num_pixels, block_s),)](
-            input, input.stride(0), input.stride(1), target, weight if has_weight else loss, loss, stats, num_rows,
-            w_y, num_classes, num_pixels, ignore_index, float64_bits(label_smoothing),
-            HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_C=block_c, BLOCK_S=block_s,
+            input,
+            input.stride(0),
+            input.stride(1),
+            target,
+            weight if has_weight else loss,
+            loss,
+            stats,
+            num_rows,
+            w_y,
+            num_classes,
+            num_pixels,
+            ignore_index,
+            float64_bits(label_smoothing),
+            HAS_WEIGHT=has_weight,
+            HAS_SMOOTHING=label_smoothing > 0.0,
+            BLOCK_C=block_c,
+            BLOCK_S=block_s,
             num_warps=warps,
-        )  # fmt: skip
+        )
     else:
         block_c, warps = row_config(num_classes, input.element_size())
         wrap_triton(ce_forward_kernel)[(num_rows,)](
-            input, input.stride(0), target, weight if has_weight else loss, loss, stats, num_rows, w_y,
-            num_classes, ignore_index, float64_bits(label_smoothing),
-            HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_C=block_c, num_warps=warps,
-        )  # fmt: skip
+            input,
+            input.stride(0),
+            target,
+            weight if has_weight else loss,
+            loss,
+            stats,
+            num_rows,
+            w_y,
+            num_classes,
+            ignore_index,
+            float64_bits(label_smoothing),
+            HAS_WEIGHT=has_weight,
+            HAS_SMOOTHING=label_smoothing > 0.0,
+            BLOCK_C=block_c,
+            num_warps=warps,
+        )
 
     out, kept, k, threshold, denom = select_rows(
-        loss, w_y, target, input.dtype, keep_ratio, keep_ratio_t, easiest, ignore_index, reduction,
+        loss,
+        w_y,
+        target,
+        input.dtype,
+        keep_ratio,
+        keep_ratio_t,
+        easiest,
+        ignore_index,
+        reduction,
         score_offset=score_offset,
-    )  # fmt: skip
+    )
     return out, loss, kept, k, threshold, stats, denom
 
 
@@ -143,22 +185,54 @@ def _backward_grad(
         num_images, num_classes, num_pixels = input.shape
         block_c, block_s, warps = spatial_config(num_classes, num_pixels, input.element_size())
         wrap_triton(ce_backward_spatial_kernel)[(num_images * triton.cdiv(num_pixels, block_s),)](
-            input, input.stride(0), input.stride(1), grad, grad.stride(0), grad.stride(1), target.contiguous(),
-            weight.contiguous() if has_weight else stats, weight_sum, stats, num_samples, kept, grad_out.contiguous(),
-            denom, num_classes, num_pixels, float64_bits(label_smoothing),
-            PER_SAMPLE_GRAD=grad_out.dim() == 1, HAS_WEIGHT=has_weight, HAS_SMOOTHING=has_smoothing,
-            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
-        )  # fmt: skip
+            input,
+            input.stride(0),
+            input.stride(1),
+            grad,
+            grad.stride(0),
+            grad.stride(1),
+            target.contiguous(),
+            weight.contiguous() if has_weight else stats,
+            weight_sum,
+            stats,
+            num_samples,
+            kept,
+            grad_out.contiguous(),
+            denom,
+            num_classes,
+            num_pixels,
+            float64_bits(label_smoothing),
+            PER_SAMPLE_GRAD=grad_out.dim() == 1,
+            HAS_WEIGHT=has_weight,
+            HAS_SMOOTHING=has_smoothing,
+            BLOCK_C=block_c,
+            BLOCK_S=block_s,
+            num_warps=warps,
+        )
         return grad
     num_rows, num_classes = input.shape
     block_c, warps = row_config(num_classes, input.element_size())
     wrap_triton(ce_backward_kernel)[(num_rows,)](
-        input, input.stride(0), grad, grad.stride(0), target.contiguous(),
-        weight.contiguous() if has_weight else stats, weight_sum, stats, num_samples, kept, grad_out.contiguous(),
-        denom, num_classes, float64_bits(label_smoothing),
-        PER_ROW_GRAD=grad_out.dim() == 1, HAS_WEIGHT=has_weight, HAS_SMOOTHING=has_smoothing,
-        BLOCK_C=block_c, num_warps=warps,
-    )  # fmt: skip
+        input,
+        input.stride(0),
+        grad,
+        grad.stride(0),
+        target.contiguous(),
+        weight.contiguous() if has_weight else stats,
+        weight_sum,
+        stats,
+        num_samples,
+        kept,
+        grad_out.contiguous(),
+        denom,
+        num_classes,
+        float64_bits(label_smoothing),
+        PER_ROW_GRAD=grad_out.dim() == 1,
+        HAS_WEIGHT=has_weight,
+        HAS_SMOOTHING=has_smoothing,
+        BLOCK_C=block_c,
+        num_warps=warps,
+    )
     return grad
 
 
@@ -192,7 +266,15 @@ def trimmed_cross_entropy_2d(
     another device only when it is floating (a ratio, read on the host)."""
     keep_ratio, ratio_t = device_ratio(opts.keep_ratio, input.device)
     out, losses, kept, k, threshold, _, _ = trimmed_ce_fwd(
-        input, target, opts.weight, float(keep_ratio), ratio_t, bool(opts.keep), opts.ignore_index,
-        opts.label_smoothing, int(opts.reduction), opts.score_offset,
-    )  # fmt: skip
+        input,
+        target,
+        opts.weight,
+        float(keep_ratio),
+        ratio_t,
+        bool(opts.keep),
+        opts.ignore_index,
+        opts.label_smoothing,
+        int(opts.reduction),
+        opts.score_offset,
+    )
     return out, losses.detach(), kept, k, threshold.detach()
