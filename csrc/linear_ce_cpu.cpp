@@ -532,7 +532,10 @@ template <typename scalar_t, typename acc_t>
 double select_and_reduce(const acc_t* loss, const int64_t* t, const acc_t* w, int64_t N, int64_t ignore_index,
                          bool easiest, double r, int64_t count, int64_t reduction, at::Tensor& out, at::Tensor& kept,
                          at::Tensor& k_t, at::Tensor& threshold, at::Tensor& rowscale, const acc_t* offset = nullptr) {
-  const Selection sel = select_kept<acc_t>(loss, t, ignore_index, N, easiest, r, count, offset);
+  KeepRule rule;  // (a threshold's k arrives as an exact count, computed from the losses in Python)
+  rule.ratio = r;
+  rule.count = count;
+  const Selection sel = select_kept<acc_t>(loss, t, ignore_index, N, easiest, rule, offset);
   const double denom = reduce_kept<scalar_t, acc_t>(loss, t, w, N, sel, reduction, out.mutable_data_ptr<scalar_t>(),
                                                     kept.mutable_data_ptr<bool>(), rowscale.mutable_data_ptr<acc_t>());
   *k_t.mutable_data_ptr<int64_t>() = sel.k;

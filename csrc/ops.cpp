@@ -21,7 +21,7 @@ using FwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Te
 
 using FwdSig = FwdOut(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double,
                       const std::optional<at::Tensor>&, bool, int64_t, double, int64_t,
-                      const std::optional<at::Tensor>&);
+                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t);
 using BwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t,
                           double);
@@ -92,12 +92,13 @@ FwdOut trimmed_ce_fwd_autograd(const at::Tensor& input, const at::Tensor& target
                                const std::optional<at::Tensor>& weight, double keep_ratio,
                                const std::optional<at::Tensor>& keep_ratio_t, bool easiest,
                                int64_t ignore_index, double label_smoothing, int64_t reduction,
-                               const std::optional<at::Tensor>& score_offset) {
+                               const std::optional<at::Tensor>& score_offset,
+                               const std::optional<at::Tensor>& keep_threshold, int64_t min_kept) {
   FwdOut res;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     res = fwd_op().call(input, target, weight, keep_ratio, keep_ratio_t, easiest, ignore_index,
-                        label_smoothing, reduction, score_offset);
+                        label_smoothing, reduction, score_offset, keep_threshold, min_kept);
   }
   // No gradient to record (evaluation, no_grad, a detached input): the outputs as they are. Only
   // `input` is differentiable (no gradient flows to target, weight, keep_ratio or score_offset).
@@ -123,7 +124,7 @@ TORCH_LIBRARY(fused_trim, m) {
   m.def(
       "trimmed_ce_fwd(Tensor input, Tensor target, Tensor? weight, float keep_ratio, "
       "Tensor? keep_ratio_t, bool easiest, int ignore_index, float label_smoothing, int reduction, "
-      "Tensor? score_offset=None) -> (Tensor out, Tensor losses, Tensor kept, Tensor k, Tensor threshold, Tensor lse, "
+      "Tensor? score_offset=None, Tensor? keep_threshold=None, int min_kept=0) -> (Tensor out, Tensor losses, Tensor kept, Tensor k, Tensor threshold, Tensor lse, "
       "Tensor rowscale)");
   m.def(
       "trimmed_ce_bwd(Tensor grad_out, Tensor input, Tensor target, Tensor? weight, Tensor lse, "

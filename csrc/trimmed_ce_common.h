@@ -118,4 +118,34 @@ FT_HOST_DEVICE int64_t compute_k(int64_t n, double keep_ratio) {
   return static_cast<int64_t>(k);
 }
 
+// The keep rule (fused_trim._common.keep_k): an exact count when count >= 0, else a threshold
+// (every valid sample strictly past it, at least min(n, min_kept)) when has_threshold, else the
+// ratio.
+struct KeepRule {
+  double ratio = 1.0;
+  int64_t count = -1;
+  bool has_threshold = false;
+  double threshold = 0.0;
+  int64_t min_kept = 0;
+};
+
+// k of the rule over n valid samples, `past` of them strictly past the threshold.
+FT_HOST_DEVICE int64_t rule_k(const KeepRule& rule, int64_t n, int64_t past) {
+  if (rule.count >= 0) return rule.count < n ? rule.count : n;
+  if (rule.has_threshold) {
+    const int64_t least = rule.min_kept < n ? rule.min_kept : n;
+    return past > least ? past : least;
+  }
+  return compute_k(n, rule.ratio);
+}
+
+// Whether a ranked value is strictly past the threshold, compared in double: above it for
+// "hardest" (NaN too: it ranks above +inf), below it for "easiest" (never NaN).
+template <typename acc_t>
+FT_HOST_DEVICE bool past_threshold(acc_t score, double threshold, bool easiest) {
+  const double s = static_cast<double>(score);
+  if (s != s) return !easiest;
+  return easiest ? s < threshold : s > threshold;
+}
+
 }  // namespace fused_trim

@@ -57,7 +57,8 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
                    const std::optional<at::Tensor>& weight_, double keep_ratio,
                    const std::optional<at::Tensor>& keep_ratio_t, bool easiest,
                    int64_t ignore_index, double label_smoothing, int64_t reduction,
-                   const std::optional<at::Tensor>& score_offset_) {
+                   const std::optional<at::Tensor>& score_offset_, const std::optional<at::Tensor>& keep_threshold,
+                   int64_t min_kept) {
   // (M, C) rows, or the spatial layout (N, C, S): M = N * S samples in n * S + s order.
   const bool spatial = input_.dim() == 3;
   TORCH_CHECK(input_.dim() == 2 || spatial, "fused_trim: input must be (M, C) or (N, C, S), got ",
@@ -75,10 +76,15 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
       weight_.has_value() && weight_->defined() ? as_contiguous(*weight_, acc_st) : at::Tensor();
   // keep_ratio_t: a 0-dim float tensor (a ratio), or an integer one: an exact count (a rank's
   // share of a global selection, see fused_trim/distributed.py).
+  // keep_threshold (a 0-dim tensor, or none): keep the samples past it, at least min_kept.
   const bool has_ratio_t = keep_ratio_t.has_value() && keep_ratio_t->defined();
   const bool exact_count = has_ratio_t && !at::isFloatingType(keep_ratio_t->scalar_type());
-  const int64_t count = exact_count ? std::max<int64_t>(0, keep_ratio_t->item<int64_t>()) : -1;
-  const double r = has_ratio_t && !exact_count ? keep_ratio_t->item<double>() : keep_ratio;
+  KeepRule rule;
+  rule.count = exact_count ? std::max<int64_t>(0, keep_ratio_t->item<int64_t>()) : -1;
+  rule.ratio = has_ratio_t && !exact_count ? keep_ratio_t->item<double>() : keep_ratio;
+  rule.has_threshold = keep_threshold.has_value() && keep_threshold->defined();
+  rule.threshold = rule.has_threshold ? keep_threshold->item<double>() : 0.0;
+  rule.min_kept = std::max<int64_t>(0, min_kept);
   // score_offset: rank loss - offset (in the accumulation type) instead of the loss.
   const at::Tensor score_offset =
       score_offset_.has_value() && score_offset_->defined() ? as_contiguous(*score_offset_, acc_st) : at::Tensor();
@@ -123,7 +129,7 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
     if (bad_target.load()) raise_bad_target(t, M, C, ignore_index);  // (the public API validates first)
 
     const acc_t* offset = score_offset.defined() ? score_offset.const_data_ptr<acc_t>() : nullptr;
-    const Selection sel = select_kept<acc_t>(loss_acc, t, ignore_index, M, easiest, r, count, offset);
+    const Selection sel = select_kept<acc_t>(loss_acc, t, ignore_index, M, easiest, rule, offset);
     reduce_kept<scalar_t, acc_t>(loss_acc, t, w, M, sel, reduction, out.mutable_data_ptr<scalar_t>(),
                                  kept.mutable_data_ptr<bool>(), rowscale.mutable_data_ptr<acc_t>());
     *k_t.mutable_data_ptr<int64_t>() = sel.k;

@@ -190,7 +190,8 @@ __global__ void __launch_bounds__(kSelectThreads)
     select_kernel(const acc_t* __restrict__ loss_acc, const int64_t* __restrict__ target, int64_t M,
                   int64_t C, int64_t ignore_index, const acc_t* __restrict__ w, double keep_ratio,
                   const double* __restrict__ keep_ratio_ptr, const int64_t* __restrict__ count_ptr,
-                  long long host_count, bool easiest, int64_t reduction,
+                  long long host_count, bool has_threshold, double host_threshold,
+                  const double* __restrict__ threshold_ptr, int64_t min_kept, bool easiest, int64_t reduction,
                   bool* __restrict__ kept, int64_t* __restrict__ k_out,
                   scalar_t* __restrict__ threshold, scalar_t* __restrict__ out,
                   acc_t* __restrict__ rowscale, const acc_t* __restrict__ offset) {
@@ -206,16 +207,27 @@ __global__ void __launch_bounds__(kSelectThreads)
   __shared__ long long s_thr_idx;
   const int tid = threadIdx.x;
 
-  // n and k.
-  long long local_n = 0;
-  for (int64_t i = tid; i < M; i += blockDim.x) local_n += target[i] != ignore_index;
-  const long long n = block_sum<long long>(local_n, llscratch);
-  const double r = keep_ratio_ptr != nullptr ? *keep_ratio_ptr : keep_ratio;
+  // n, the samples past the threshold (a threshold rule only) and k.
   // An integer keep_ratio tensor is an exact count (a rank's share of a global selection).
   // (host_count >= 0: a count read on the host from a CPU tensor.)
   const bool exact = count_ptr != nullptr || host_count >= 0;
-  const long long count = count_ptr != nullptr ? (*count_ptr > 0 ? *count_ptr : 0) : host_count;
-  const int64_t k = exact ? (count < n ? count : n) : compute_k(n, r);
+  const bool by_threshold = has_threshold && !exact;
+  const double thr = threshold_ptr != nullptr ? *threshold_ptr : host_threshold;
+  long long local_n = 0, local_past = 0;
+  for (int64_t i = tid; i < M; i += blockDim.x) {
+    const bool valid = target[i] != ignore_index;
+    local_n += valid;
+    if (by_threshold && valid) local_past += past_threshold(score_at(loss_acc, offset, i), thr, easiest);
+  }
+  const long long n = block_sum<long long>(local_n, llscratch);
+  const long long past = by_threshold ? block_sum<long long>(local_past, llscratch) : 0;
+  KeepRule rule;
+  rule.ratio = keep_ratio_ptr != nullptr ? *keep_ratio_ptr : keep_ratio;
+  rule.count = exact ? (count_ptr != nullptr ? (*count_ptr > 0 ? *count_ptr : 0) : host_count) : -1;
+  rule.has_threshold = by_threshold;
+  rule.threshold = thr;
+  rule.min_kept = min_kept;
+  const int64_t k = rule_k(rule, n, past);
 
   // Radix select of the k-th largest key, 8 bits at a time from the top.
   key_t prefix = 0, mask = 0;
@@ -372,7 +384,8 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
                     const std::optional<at::Tensor>& weight_, double keep_ratio,
                     const std::optional<at::Tensor>& keep_ratio_t, bool easiest,
                     int64_t ignore_index, double label_smoothing, int64_t reduction,
-                    const std::optional<at::Tensor>& score_offset_) {
+                    const std::optional<at::Tensor>& score_offset_, const std::optional<at::Tensor>& keep_threshold,
+                    int64_t min_kept) {
   TORCH_CHECK(input_.dim() == 2, "fused_trim: input must be (M, C), got ", input_.sizes());
   TORCH_CHECK(target_.dim() == 1 && target_.size(0) == input_.size(0),
               "fused_trim: target must be (M,), got ", target_.sizes());
@@ -400,6 +413,13 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
   const at::Tensor count_t = exact_count && !ratio_on_host
                                  ? keep_ratio_t->to(input.device(), at::kLong).contiguous()
                                  : at::Tensor();
+  // keep_threshold: read on the host from a CPU tensor (no copy), by the select kernel on the device.
+  const bool has_threshold = keep_threshold.has_value() && keep_threshold->defined();
+  const bool threshold_on_host = has_threshold && keep_threshold->is_cpu();
+  const double host_threshold = threshold_on_host ? keep_threshold->item<double>() : 0.0;
+  const at::Tensor threshold_t = has_threshold && !threshold_on_host
+                                     ? keep_threshold->to(input.device(), at::kDouble).contiguous()
+                                     : at::Tensor();
   // score_offset in the accumulation type on the device (a conversion kernel only for another dtype).
   const at::Tensor score_offset = score_offset_.has_value() && score_offset_->defined()
                                       ? score_offset_->to(input.device(), acc_st).contiguous()
@@ -438,7 +458,9 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
     select_kernel<scalar_t, acc_t><<<1, kSelectThreads, 0, stream>>>(
         loss_acc.const_data_ptr<acc_t>(), target.const_data_ptr<int64_t>(), M, C, ignore_index, w,
         keep_ratio, ratio_t.defined() ? ratio_t.const_data_ptr<double>() : nullptr,
-        count_t.defined() ? count_t.const_data_ptr<int64_t>() : nullptr, host_count, easiest,
+        count_t.defined() ? count_t.const_data_ptr<int64_t>() : nullptr, host_count, has_threshold,
+        host_threshold, threshold_t.defined() ? threshold_t.const_data_ptr<double>() : nullptr,
+        std::max<int64_t>(0, min_kept), easiest,
         reduction, kept.mutable_data_ptr<bool>(), k_t.mutable_data_ptr<int64_t>(),
         threshold.mutable_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
         rowscale.mutable_data_ptr<acc_t>(),

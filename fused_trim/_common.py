@@ -41,8 +41,13 @@ class TrimOptions(NamedTuple):
     ``keep_ratio`` is a Python float in ``(0, 1]`` or a 0-dim tensor: floating (a ratio) or, inside
     the library, int64 (an exact count, a rank's share of a global selection). ``score_offset`` is
     flat ``(M,)`` and detached. ``chunk_size`` (rows of logits at a time) is the LM head's and
-    always set there. The fields after it belong to keep rules and loss options not implemented
-    yet; their defaults mean "off" and no public function sets them.
+    always set there.
+
+    The keep rule (:func:`keep_k`): ``keep_count`` (an int >= 0 or a 0-dim int64 tensor) when not
+    ``None``, else ``keep_threshold`` (a finite float or a 0-dim floating tensor) with ``min_kept``
+    when not ``None``, else ``keep_ratio``; with a count or a threshold ``keep_ratio`` is 1.0 and
+    unused. The fields after ``min_kept`` belong to options other backends implement; their
+    defaults mean "off".
     """
 
     keep_ratio: float | Tensor = 1.0
@@ -54,7 +59,7 @@ class TrimOptions(NamedTuple):
     score_offset: Tensor | None = None
     chunk_size: int | None = None
     keep_count: int | Tensor | None = None
-    keep_threshold: float | None = None
+    keep_threshold: float | Tensor | None = None
     min_kept: int = 0
     group_ids: Tensor | None = None
     group_reduction: str = "mean"
@@ -151,17 +156,28 @@ def host_k(n: int, keep_ratio: float) -> int:
     return min(n, max(1, math.floor(keep_ratio * n + 0.5))) if n > 0 else 0
 
 
+def keeps_all(opts: TrimOptions) -> bool:
+    """Whether every valid sample is known to be kept before any loss exists: the ratio rule with a
+    Python float ratio of 1.0 (not a count, which may be below ``n``, nor a threshold). The one
+    condition of every keep-all fast path."""
+    return (
+        opts.keep_count is None
+        and opts.keep_threshold is None
+        and not isinstance(opts.keep_ratio, Tensor)
+        and opts.keep_ratio == 1.0
+    )
+
+
 def forms_gradient_in_forward(opts: TrimOptions, params: tuple[Tensor | None, ...], share) -> bool:
     """Whether an LM-head backend may form the gradient during the forward (3 matmuls, not 4).
 
-    Only when every valid row is known to be kept before the forward (a Python float ratio of 1.0,
-    no global ``share``, no ``score_offset`` whose threshold would be a score), the reduction is a
-    scalar (its upstream gradient one number to scale by in the backward), and a gradient of one
-    of ``params`` is wanted.
+    Only when every valid row is known to be kept before the forward (:func:`keeps_all`, no global
+    ``share``, no ``score_offset`` whose threshold would be a score), the reduction is a scalar (its
+    upstream gradient one number to scale by in the backward), and a gradient of one of ``params``
+    is wanted.
     """
     return (
-        not isinstance(opts.keep_ratio, Tensor)
-        and opts.keep_ratio == 1.0
+        keeps_all(opts)
         and share is None
         and opts.score_offset is None
         and opts.reduction != Reduction.NONE
@@ -188,6 +204,69 @@ def compute_k(n: Tensor, keep_ratio: float | Tensor) -> Tensor:
     k = torch.floor(r * nf + 0.5).clamp(min=1.0)
     k = torch.minimum(k, nf)
     return k.to(torch.int64)
+
+
+def past_threshold(scores: Tensor, valid: Tensor, threshold: float | Tensor, keep: Keep) -> Tensor:
+    """Which valid samples are strictly past ``threshold``: ``score > threshold`` for
+    ``keep="hardest"`` (a NaN score too: NaN ranks above +inf), ``score < threshold`` for
+    ``"easiest"`` (never a NaN), compared in float64, so a threshold between two representable
+    losses of a lower precision is not rounded onto one of them. ``-0.0 == +0.0``."""
+    s = scores.to(torch.float64)
+    t = threshold.to(device=s.device, dtype=torch.float64) if isinstance(threshold, Tensor) else float(threshold)
+    past = s < t if keep == Keep.EASIEST else (s > t) | torch.isnan(s)
+    return past & valid
+
+
+def keep_k(n: Tensor, opts: TrimOptions, past: Tensor | None = None) -> Tensor:
+    """The number of samples to keep, ``k``, as a 0-dim int64 device tensor: the one keep rule.
+
+    * ``keep_count`` set: ``k = min(n, keep_count)`` (Ordered SGD);
+    * ``keep_threshold`` set: ``k = max(min(n, min_kept), past)``, ``past`` the number of valid
+      samples strictly past the threshold (:func:`past_threshold`; OHEM);
+    * else the ratio: :func:`compute_k`.
+
+    ``n`` (and ``past``) are 0-dim integer tensors, counted over whatever is ranked (samples, or
+    groups of them); with a process group the global counts. No host synchronisation.
+    """
+    n = n.to(torch.int64)
+    if opts.keep_count is not None:
+        count = opts.keep_count
+        if isinstance(count, Tensor):
+            return torch.minimum(count.to(device=n.device, dtype=torch.int64), n)
+        return n.clamp(max=int(count))
+    if opts.keep_threshold is not None:
+        if past is None:
+            raise ValueError("the threshold rule needs the count of samples past the threshold")
+        return torch.maximum(n.clamp(max=int(opts.min_kept)), past.to(device=n.device, dtype=torch.int64))
+    return compute_k(n, opts.keep_ratio)
+
+
+def rule_k(scores: Tensor, valid: Tensor, opts: TrimOptions) -> Tensor:
+    """:func:`keep_k` over ranked values ``scores`` (``(M,)``, what the selection ranks) of which
+    ``valid`` take part: ``n`` and, for the threshold rule, ``past`` counted here."""
+    n = valid.sum()
+    past = None
+    if opts.keep_threshold is not None:
+        past = past_threshold(scores, valid, opts.keep_threshold, opts.keep).sum()
+    return keep_k(n, opts, past)
+
+
+def kernel_ratio(opts: TrimOptions) -> float | Tensor:
+    """What the kernels' ratio argument takes for the ratio or the count rule: ``keep_ratio``, or
+    ``keep_count`` as an exact int64 count tensor (a host count on the CPU). Not for a threshold,
+    whose ``k`` depends on the losses."""
+    count = opts.keep_count
+    if count is None:
+        return opts.keep_ratio
+    if isinstance(count, Tensor):
+        return count.to(torch.int64)
+    return torch.tensor(int(count), dtype=torch.int64)
+
+
+def exact_count_options(opts: TrimOptions, count: Tensor) -> TrimOptions:
+    """``opts`` with ``k`` fixed to ``count`` (a 0-dim int64 tensor: a rank's share of a global
+    selection, or a count a backend computed), passed to the kernels as an exact count."""
+    return opts._replace(keep_ratio=count, keep_count=None, keep_threshold=None, min_kept=0)
 
 
 def ranking_scores(losses: Tensor, score_offset: Tensor | None) -> Tensor:

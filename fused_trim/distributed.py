@@ -34,7 +34,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._common import INT64_MAX, Keep, Reduction, TrimOptions, acc_dtype, compute_k, ordered_keys, ranking_scores
+from ._common import (
+    INT64_MAX,
+    Keep,
+    Reduction,
+    TrimOptions,
+    acc_dtype,
+    exact_count_options,
+    keep_k,
+    ordered_keys,
+    past_threshold,
+    ranking_scores,
+)
 
 _INT64_MIN = -(2**63)
 
@@ -45,27 +56,28 @@ def _key_to_float(key: Tensor, keep: Keep) -> Tensor:
     return (key ^ ((key >> 63) & INT64_MAX)).view(torch.float64)
 
 
-def global_share(
-    losses: Tensor,
-    valid: Tensor,
-    keep_ratio: float | Tensor,
-    keep: Keep,
-    group,
-    score_offset: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+def global_share(losses: Tensor, valid: Tensor, opts: TrimOptions, group) -> tuple[Tensor, Tensor, Tensor]:
     """This rank's exact number of kept samples under a global selection.
 
-    ``losses`` are this rank's per-sample losses in the accumulation dtype; with ``score_offset``
-    (this rank's, the losses' shape) the ranking is on ``losses - score_offset`` in that dtype.
-    Returns ``(k_local, k_global, threshold)`` as 0-dim device tensors (``threshold``: the global
-    k-th loss, or score), without host synchronisation (the collectives run on the losses' device).
+    ``losses`` are this rank's per-sample losses in the accumulation dtype; with
+    ``opts.score_offset`` (this rank's, the losses' shape) the ranking is on
+    ``losses - score_offset`` in that dtype. The global ``k`` is the keep rule
+    (:func:`fused_trim._common.keep_k`) over the global ``n`` and, for a threshold, the global
+    count of samples past it. Returns ``(k_local, k_global, threshold)`` as 0-dim device tensors
+    (``threshold``: the global k-th loss, or score), without host synchronisation (the collectives
+    run on the losses' device).
     """
     dev = losses.device
-    n = valid.sum().to(torch.int64)
-    dist.all_reduce(n, group=group)
-    k = compute_k(n, keep_ratio)
+    keep = opts.keep
+    scores = ranking_scores(losses, opts.score_offset)
+    counts = valid.sum().to(torch.int64).reshape(1)
+    if opts.keep_threshold is not None:
+        past = past_threshold(scores, valid, opts.keep_threshold, keep).sum().to(torch.int64).reshape(1)
+        counts = torch.cat([counts, past])
+    dist.all_reduce(counts, group=group)
+    k = keep_k(counts[0], opts, counts[1] if opts.keep_threshold is not None else None)
 
-    keys = ordered_keys(ranking_scores(losses, score_offset), keep)
+    keys = ordered_keys(scores, keep)
     u = keys ^ _INT64_MIN  # unsigned order in the bits
     digits = torch.arange(256, device=dev)
     prefix = torch.zeros((), dtype=torch.int64, device=dev)
@@ -107,9 +119,16 @@ def trimmed_cross_entropy_global(
     """
     valid = target != opts.ignore_index
     with torch.no_grad():
-        every_row = opts._replace(keep_ratio=1.0, reduction=Reduction.NONE, score_offset=None)
+        every_row = opts._replace(
+            keep_ratio=1.0,
+            keep_count=None,
+            keep_threshold=None,
+            min_kept=0,
+            reduction=Reduction.NONE,
+            score_offset=None,
+        )
         _, losses, _, _, _ = backend_fn(input.detach(), target, every_row)
-    k_local, k_global, threshold = global_share(losses, valid, opts.keep_ratio, opts.keep, group, opts.score_offset)
+    k_local, k_global, threshold = global_share(losses, valid, opts, group)
     out, _, kept, _, _ = backend_fn(input, target, _local_options(opts, k_local))
     out, global_loss = _scale_for_averaging(out, kept, target, opts, input.dtype, group)
     return out, losses, kept, k_global, threshold.to(input.dtype), global_loss
@@ -133,22 +152,23 @@ def trimmed_linear_cross_entropy_global(
     found: dict[str, Tensor] = {}
 
     def share(losses: Tensor, valid: Tensor) -> Tensor:
-        k_local, found["k"], found["threshold"] = global_share(
-            losses, valid, opts.keep_ratio, opts.keep, group, opts.score_offset
-        )
+        k_local, found["k"], found["threshold"] = global_share(losses, valid, opts, group)
         return k_local
 
-    local = _local_options(opts, opts.keep_ratio)
+    local = _local_options(opts, None)
     out, losses, kept, _, _ = backend_fn(input, linear_weight, linear_bias, target, local, share=share)
     out, global_loss = _scale_for_averaging(out, kept, target, opts, input.dtype, group)
     return out, losses, kept, found["k"], found["threshold"].to(input.dtype), global_loss
 
 
-def _local_options(opts: TrimOptions, keep_ratio: float | Tensor) -> TrimOptions:
-    """The local op's options: this rank's exact count (or the ``share`` hook's), and the kept
-    losses summed (or per sample) for :func:`_scale_for_averaging` to scale."""
+def _local_options(opts: TrimOptions, count: Tensor | None) -> TrimOptions:
+    """The local op's options: this rank's exact ``count`` (or, ``None``, the ``share`` hook's,
+    which replaces every keep rule), and the kept losses summed (or per sample) for
+    :func:`_scale_for_averaging` to scale."""
     local_reduction = Reduction.NONE if opts.reduction == Reduction.NONE else Reduction.SUM
-    return opts._replace(keep_ratio=keep_ratio, reduction=local_reduction)
+    if count is not None:
+        opts = exact_count_options(opts, count)
+    return opts._replace(reduction=local_reduction)
 
 
 def _scale_for_averaging(

@@ -11,6 +11,7 @@ point is ``trimmed_cross_entropy_2d(input, target, opts)`` or
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ from . import native
 from . import reference as _reference
 from ._common import (
     BACKENDS,
+    INT64_MAX,
     KEEP_CHOICES,
     REDUCTIONS,
     Keep,
@@ -71,6 +73,74 @@ def _check_keep_ratio(keep_ratio: float | Tensor) -> float | Tensor:
             torch._assert_async((keep_ratio > 0) & (keep_ratio <= 1), "keep_ratio must be in (0, 1]")
         return keep_ratio
     return check_ratio("keep_ratio", keep_ratio)
+
+
+def _check_keep_count(keep_count: object) -> int | Tensor:
+    if isinstance(keep_count, Tensor):
+        if (
+            keep_count.dim() != 0
+            or keep_count.is_floating_point()
+            or keep_count.is_complex()
+            or keep_count.dtype == torch.bool
+        ):
+            raise TypeError(
+                "keep_count must be an int or a 0-dim integer tensor, got a tensor "
+                f"of shape {tuple(keep_count.shape)} and dtype {keep_count.dtype}"
+            )
+        if not _host_checkable(keep_count):
+            torch._assert_async(keep_count >= 0, "keep_count must be >= 0")
+            return keep_count
+        keep_count = int(keep_count)  # a host value, as a CPU keep_ratio tensor becomes one
+    if isinstance(keep_count, bool) or not isinstance(keep_count, int):
+        raise TypeError(f"keep_count must be an int or a 0-dim integer tensor, got {keep_count!r}")
+    if not 0 <= keep_count <= INT64_MAX:
+        raise ValueError(f"keep_count must be >= 0 (and fit in int64), got {keep_count}")
+    return keep_count
+
+
+def _check_keep_threshold(keep_threshold: object) -> float | Tensor:
+    if isinstance(keep_threshold, Tensor):
+        if keep_threshold.dim() != 0 or not keep_threshold.is_floating_point():
+            raise TypeError(
+                "keep_threshold must be a float or a 0-dim floating-point tensor, got a tensor "
+                f"of shape {tuple(keep_threshold.shape)} and dtype {keep_threshold.dtype}"
+            )
+        if not _host_checkable(keep_threshold):
+            torch._assert_async(torch.isfinite(keep_threshold), "keep_threshold must be finite")
+            return keep_threshold.detach()
+        keep_threshold = float(keep_threshold.detach())
+    if isinstance(keep_threshold, bool) or not isinstance(keep_threshold, (int, float)):
+        raise TypeError(f"keep_threshold must be a float or a 0-dim floating-point tensor, got {keep_threshold!r}")
+    if not math.isfinite(keep_threshold):
+        raise ValueError(f"keep_threshold must be finite, got {keep_threshold!r}")
+    return float(keep_threshold)
+
+
+def _check_keep_rule(
+    keep_ratio: object, keep_count: object, keep_threshold: object, min_kept: object
+) -> tuple[float | Tensor, int | Tensor | None, float | Tensor | None, int]:
+    """The validated keep rule ``(keep_ratio, keep_count, keep_threshold, min_kept)``: exactly one
+    of the first three given (``None`` is "not given"; none given is a ratio of 1.0), ``min_kept``
+    only with a threshold. With a count or a threshold the ratio comes back as 1.0 (unused)."""
+    given = [
+        name
+        for name, value in (("keep_ratio", keep_ratio), ("keep_count", keep_count), ("keep_threshold", keep_threshold))
+        if value is not None
+    ]
+    if len(given) > 1:
+        raise ValueError(f"exactly one of keep_ratio, keep_count and keep_threshold sets k, got {' and '.join(given)}")
+    if min_kept is not None and keep_threshold is None:
+        raise ValueError(f"min_kept={min_kept!r} applies only with keep_threshold, which was not given")
+    if min_kept is None:
+        min_kept = 0
+    elif isinstance(min_kept, bool) or not isinstance(min_kept, int):
+        raise TypeError(f"min_kept must be an int >= 0, got {min_kept!r}")
+    elif not 0 <= min_kept <= INT64_MAX:
+        raise ValueError(f"min_kept must be >= 0 (and fit in int64), got {min_kept}")
+    ratio = 1.0 if keep_ratio is None else _check_keep_ratio(keep_ratio)
+    count = None if keep_count is None else _check_keep_count(keep_count)
+    threshold = None if keep_threshold is None else _check_keep_threshold(keep_threshold)
+    return ratio, count, threshold, min_kept
 
 
 def _check_shapes(input: Tensor, target: Tensor) -> None:
@@ -201,10 +271,16 @@ def _options(
     reduction: str,
     score_offset: Tensor | None,
     chunk_size: int | None = None,
+    rule: tuple = (None, None, 0),
 ) -> TrimOptions:
-    """The one options record every backend receives, from validated public arguments."""
+    """The one options record every backend receives, from validated public arguments; ``rule``
+    is ``(keep_count, keep_threshold, min_kept)`` from :func:`_check_keep_rule`."""
+    keep_count, keep_threshold, min_kept = rule
     return TrimOptions(
         keep_ratio=keep_ratio,
+        keep_count=keep_count,
+        keep_threshold=keep_threshold,
+        min_kept=min_kept,
         keep=Keep[keep.upper()],
         weight=weight,
         ignore_index=ignore_index,
@@ -246,8 +322,11 @@ def _backend_fn(name: str):
 def trimmed_cross_entropy(
     input: Tensor,
     target: Tensor,
-    keep_ratio: float | Tensor = 1.0,
+    keep_ratio: float | Tensor | None = None,
     *,
+    keep_count: int | Tensor | None = None,
+    keep_threshold: float | Tensor | None = None,
+    min_kept: int | None = None,
     keep: str = "hardest",
     weight: Tensor | None = None,
     ignore_index: int = -100,
@@ -263,9 +342,12 @@ def trimmed_cross_entropy(
     The per-sample losses :math:`l_i` are exactly those of
     ``F.cross_entropy(input, target, weight, ignore_index=..., label_smoothing=..., reduction="none")``.
     Of the :math:`n` valid samples (``target != ignore_index``) the :math:`k` with the largest
-    losses (``keep="hardest"``) or smallest (``keep="easiest"``) form the kept set :math:`K`, with
-    :math:`k = \min(n, \max(1, \lfloor r n + 0.5 \rfloor))`. Ties go to the lower flat index; NaN
-    ranks above ``+inf``. The selection is a constant for autograd: the gradient is exactly zero on
+    losses (``keep="hardest"``) or smallest (``keep="easiest"``) form the kept set :math:`K`. One
+    keep rule sets :math:`k`: the ratio :math:`r` (:math:`k = \min(n, \max(1, \lfloor r n + 0.5
+    \rfloor))`, mini-batch trimming), a count (:math:`k = \min(n, c)`, Ordered SGD) or a threshold
+    (every sample whose loss is strictly past it, at least :math:`\min(n, m)`: OHEM). Ties go to the
+    lower flat index; NaN ranks above ``+inf``. :math:`k` is decided on the device (no host
+    synchronisation). The selection is a constant for autograd: the gradient is exactly zero on
     samples outside :math:`K`.
 
     Args:
@@ -274,7 +356,19 @@ def trimmed_cross_entropy(
             target position, so a segmentation map is trimmed over pixels.
         keep_ratio: fraction :math:`r \in (0, 1]` of valid samples to keep; a float or a 0-dim
             tensor (a tensor avoids recompiles under ``torch.compile``). ``1.0`` gives
-            ``F.cross_entropy``.
+            ``F.cross_entropy``. ``None`` (the default) means "not given": a ratio of 1.0 unless
+            ``keep_count`` or ``keep_threshold`` sets :math:`k`. Exactly one of the three may be given.
+        keep_count: keep :math:`k = \min(n, c)` samples, for ``c >= 0`` an int or a 0-dim integer
+            tensor (Ordered SGD's fixed count; ``0`` keeps none: a NaN mean).
+        keep_threshold: keep every valid sample whose loss (score, with ``score_offset``) is
+            strictly above this value for ``keep="hardest"`` (a NaN loss counts as above), strictly
+            below for ``"easiest"``, compared in float64; a finite float or a 0-dim floating tensor.
+            A probability threshold :math:`p` (mmsegmentation's ``OHEMPixelSampler(thresh=p)``
+            keeps pixels whose target probability is below :math:`p`) is
+            ``keep_threshold=-math.log(p)`` with ``keep="hardest"``.
+        min_kept: with ``keep_threshold`` only: keep at least :math:`\min(n, m)` samples, the ones
+            past the threshold and then the next ones in ranking order (default 0: with none past
+            the threshold nothing is kept and the mean is NaN).
         keep: ``"hardest"`` (mini-batch trimming, OHEM) or ``"easiest"`` (trimmed loss against
             noisy labels).
         weight: class weights of shape ``(C,)``, as in ``F.cross_entropy``.
@@ -307,7 +401,7 @@ def trimmed_cross_entropy(
         strided) by the native CPU and Triton kernels; the reference and the native CUDA op first
         move them to ``(N * d1 * ..., C)`` with one copy.
     """
-    keep_ratio = _check_keep_ratio(keep_ratio)
+    keep_ratio, *rule = _check_keep_rule(keep_ratio, keep_count, keep_threshold, min_kept)
     check_choice("keep", keep, KEEP_CHOICES)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKENDS)
@@ -337,7 +431,7 @@ def trimmed_cross_entropy(
     t1d = target.reshape(-1)
     if t1d.shape[0] == 0:
         name = "reference"  # an empty batch launches no kernel (a rank may still join collectives)
-    opts = _options(keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset)
+    opts = _options(keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, rule=rule)
     global_loss = None
     if process_group is None:
         out, losses, kept, k, threshold = _backend_fn(name)(x2d, t1d, opts)
@@ -426,8 +520,11 @@ def trimmed_linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
     target: Tensor,
-    keep_ratio: float | Tensor = 1.0,
+    keep_ratio: float | Tensor | None = None,
     *,
+    keep_count: int | Tensor | None = None,
+    keep_threshold: float | Tensor | None = None,
+    min_kept: int | None = None,
     linear_bias: Tensor | None = None,
     keep: str = "hardest",
     weight: Tensor | None = None,
@@ -464,7 +561,8 @@ def trimmed_linear_cross_entropy(
         input: hidden states ``(*, D)``; ``(N, D)`` for ``N`` tokens.
         linear_weight: the head's weight ``(V, D)`` (``model.lm_head.weight``), dtype of ``input``.
         target: class indices of shape ``*`` (``input.shape[:-1]``).
-        keep_ratio: fraction of the valid rows to keep, as in :func:`trimmed_cross_entropy`.
+        keep_ratio, keep_count, keep_threshold, min_kept: the keep rule, as in
+            :func:`trimmed_cross_entropy` (exactly one of the first three; ``None`` is not given).
         linear_bias: the head's bias ``(V,)`` or ``None``.
         keep, weight, ignore_index, label_smoothing, reduction, return_info, process_group,
             score_offset: as in :func:`trimmed_cross_entropy`; ``weight`` is the per-*class* weight
@@ -484,7 +582,7 @@ def trimmed_linear_cross_entropy(
 
         loss = trimmed_linear_cross_entropy(hidden, model.lm_head.weight, labels, keep_ratio=0.2)
     """
-    keep_ratio = _check_keep_ratio(keep_ratio)
+    keep_ratio, *rule = _check_keep_rule(keep_ratio, keep_count, keep_threshold, min_kept)
     check_choice("keep", keep, KEEP_CHOICES)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKENDS)
@@ -504,7 +602,7 @@ def trimmed_linear_cross_entropy(
     if t1d.shape[0] == 0:
         name = "reference"
     fn = _linear_backend_fn(name)
-    opts = _options(keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, chunk_size)
+    opts = _options(keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, chunk_size, rule)
     global_loss = None
     if process_group is None:
         out, losses, kept, k, threshold = fn(x2d, linear_weight, linear_bias, t1d, opts)

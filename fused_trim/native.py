@@ -33,7 +33,17 @@ import torch
 from torch import Tensor
 
 from ._build import build, want_cuda
-from ._common import Reduction, TrimOptions, acc_dtype, as_rows, first_equal_rows, forms_gradient_in_forward
+from ._common import (
+    Reduction,
+    TrimOptions,
+    acc_dtype,
+    as_rows,
+    first_equal_rows,
+    forms_gradient_in_forward,
+    kernel_ratio,
+    ranking_scores,
+    rule_k,
+)
 
 __all__ = [
     "build",
@@ -145,6 +155,8 @@ def _fwd_fake(
     label_smoothing,
     reduction,
     score_offset=None,
+    keep_threshold=None,
+    min_kept=0,
 ):
     m = _num_rows(input)
     acc = acc_dtype(input.dtype)
@@ -363,7 +375,10 @@ def trimmed_cross_entropy_2d(
         if input.stride(-1) != 1:
             input = input.contiguous()
     # (The CPU op takes (M, C) or (N, C, S) with any strides itself.)
-    ratio, ratio_t = _op_ratio(opts.keep_ratio)
+    ratio, ratio_t = _op_ratio(kernel_ratio(opts))
+    threshold_t = opts.keep_threshold
+    if threshold_t is not None and not isinstance(threshold_t, Tensor):
+        threshold_t = torch.tensor(threshold_t, dtype=torch.float64)  # read on the host by the op
     out, losses, kept, k, threshold, _lse, _scale = torch.ops.fused_trim.trimmed_ce_fwd.default(
         input,
         target,
@@ -375,6 +390,8 @@ def trimmed_cross_entropy_2d(
         float(opts.label_smoothing),
         int(opts.reduction),
         opts.score_offset,
+        threshold_t,
+        int(opts.min_kept),
     )
     # losses and threshold are marked non-differentiable by the op's autograd (C++): no detach.
     return out, losses, kept, k, threshold
@@ -430,7 +447,13 @@ def trimmed_linear_cross_entropy_2d(
     # Bitwise equal rows (duplicated tokens) tie, wherever BLAS placed them in a tile.
     first = first_equal_rows(input.detach(), target)
     losses, lse = losses[first], lse[first]
-    keep_ratio = opts.keep_ratio if share is None else share(losses, target != opts.ignore_index)
+    valid = target != opts.ignore_index
+    if share is not None:
+        keep_ratio = share(losses, valid)
+    elif opts.keep_threshold is not None:  # k from the losses, passed on as an exact count
+        keep_ratio = rule_k(ranking_scores(losses, opts.score_offset), valid, opts)
+    else:
+        keep_ratio = kernel_ratio(opts)
     ratio, ratio_t = _op_ratio(keep_ratio)
     out, kept, k, threshold, _ = torch.ops.fused_trim.linear_ce_trimmed.default(
         losses,

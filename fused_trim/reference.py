@@ -20,10 +20,10 @@ from ._common import (
     TrimOptions,
     acc_dtype,
     as_rows,
-    compute_k,
     first_equal_rows,
     ordered_keys,
     ranking_scores,
+    rule_k,
 )
 
 
@@ -100,13 +100,13 @@ def trimmed_cross_entropy_2d(
     ``None``): rank ``losses - score_offset`` (:func:`fused_trim._common.ranking_scores`) instead
     of the losses; ``threshold`` is then the k-th score.
     """
-    keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, score_offset = opts[:7]
+    _, keep, weight, ignore_index, label_smoothing, reduction, score_offset = opts[:7]
     input = as_rows(input)
     valid = target != ignore_index
     with torch.no_grad():
         losses, _ = per_sample_loss(input, target, weight, ignore_index, label_smoothing)
     scores = ranking_scores(losses, score_offset)
-    k = compute_k(valid.sum(), keep_ratio)
+    k = rule_k(scores, valid, opts)
     kept, order, threshold = select(scores, valid, k, keep)
 
     # Recompute the kept rows with autograd: the gradient is exactly zero everywhere else. Rows
@@ -191,14 +191,13 @@ def trimmed_linear_cross_entropy_2d(
     trimming). ``score_offset`` (``(N,)`` or ``None``): rank ``losses - score_offset``. Returns
     ``(out, losses, kept, k, threshold)`` as :func:`trimmed_cross_entropy_2d` does.
     """
-    keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, score_offset, chunk_size = opts[:8]
+    _, keep, weight, ignore_index, label_smoothing, reduction, score_offset, chunk_size = opts[:8]
     valid = target != ignore_index
     losses, _ = linear_ce_rows(
         input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, chunk_size
     )
-    ratio = keep_ratio if share is None else share(losses, valid)
-    k = compute_k(valid.sum(), ratio)
     scores = ranking_scores(losses, score_offset)
+    k = rule_k(scores, valid, opts) if share is None else share(losses, valid).minimum(valid.sum())
     kept, order, threshold = select(scores, valid, k, keep)
 
     acc = losses.dtype

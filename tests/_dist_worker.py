@@ -128,7 +128,7 @@ def ddp_matches_single_process(rank: int, backends: list[str]) -> list[str]:
 
 def world_of_one(rank: int) -> list[str]:
     """World of one: the distributed radix select is the plain selection."""
-    from fused_trim._common import Keep
+    from fused_trim._common import Keep, TrimOptions
     from fused_trim.distributed import global_share
 
     losses = torch.tensor([1.0, float("nan"), 3.0, 1.0, float("inf"), -2.0, 0.5, 3.0])
@@ -140,7 +140,8 @@ def world_of_one(rank: int) -> list[str]:
         ("easiest", 0.3, 2, 1.0),
         ("easiest", 1.0, 7, float("nan")),
     ]:
-        k_local, k, thr = global_share(losses, valid, ratio, Keep[keep.upper()], dist.group.WORLD)
+        opts = TrimOptions(keep_ratio=ratio, keep=Keep[keep.upper()])
+        k_local, k, thr = global_share(losses, valid, opts, dist.group.WORLD)
         assert int(k_local) == int(k) == expected_k, (keep, ratio, int(k_local), int(k))
         torch.testing.assert_close(thr, torch.tensor(expected_thr, dtype=torch.float64), equal_nan=True)
         lines.append(f"{keep}/{ratio}")

@@ -1,10 +1,10 @@
 // The exact-k selection over per-sample losses and the reduction over the kept set (CPU).
 //
 // API (namespace fused_trim::cpu; acc_t float or double):
-//   Selection select_kept<acc_t>(loss, t, ignore_index, M, easiest, keep_ratio, count, offset = nullptr)
+//   Selection select_kept<acc_t>(loss, t, ignore_index, M, easiest, rule, offset = nullptr)
 //       The kept set of the contract: valid samples are those with t[i] != ignore_index (n of
-//       them); k = compute_k(n, keep_ratio), or min(n, count) when count >= 0 (an exact count);
-//       the k valid samples with the largest ranking keys (KeyOf<acc_t>: "hardest" keeps the
+//       them); k = rule_k(rule, n, past) (trimmed_ce_common.h; past: the valid samples whose
+//       ranked value is past the rule's threshold, counted only for a threshold rule); the k valid samples with the largest ranking keys (KeyOf<acc_t>: "hardest" keeps the
 //       largest losses, NaN first; "easiest" the smallest; -0.0 == +0.0), ties to the lower
 //       index. With offset (M values in acc_t, or nullptr) the keys rank the scores
 //       score_of(loss, offset, i) = loss[i] - offset[i] instead of the losses. Returns n, k, the
@@ -46,17 +46,23 @@ struct Selection {
 
 template <typename acc_t>
 Selection select_kept(const acc_t* loss_acc, const int64_t* t, int64_t ignore_index, int64_t M, bool easiest,
-                      double keep_ratio, int64_t count, const acc_t* offset = nullptr) {
+                      const KeepRule& rule, const acc_t* offset = nullptr) {
   using key_t = typename KeyOf<acc_t>::type;
-  const bool exact_count = count >= 0;
   Selection sel;
+  // Valid samples past the threshold (a threshold rule only; one more pass over the scores).
+  int64_t past = 0;
+  if (rule.has_threshold && rule.count < 0) {
+    for (int64_t i = 0; i < M; ++i) {
+      past += (t[i] != ignore_index) & past_threshold(score_of(loss_acc, offset, i), rule.threshold, easiest);
+    }
+  }
   // The k candidates with the largest (key, -index). With 32-bit keys (fp32 and below) and fewer
   // than 2^32 rows, a candidate is one 64-bit integer (key above, complemented index below), so
   // the selection compares plain integers.
   bool selected = false;
   auto select = [&](auto& cands, auto better, auto index_of) {
     sel.n = static_cast<int64_t>(cands.size());
-    sel.k = exact_count ? std::min(sel.n, count) : compute_k(sel.n, keep_ratio);
+    sel.k = rule_k(rule, sel.n, past);
     const int64_t k = sel.k;
     if (k > 0 && k < sel.n) std::nth_element(cands.begin(), cands.begin() + (k - 1), cands.end(), better);
     // The k-th in ranking order is the worst of the first k.
@@ -80,7 +86,7 @@ Selection select_kept(const acc_t* loss_acc, const int64_t* t, int64_t ignore_in
         hist[key >> 16] += valid;
         n += valid;
       }
-      const int64_t k = exact_count ? std::min(n, count) : compute_k(n, keep_ratio);
+      const int64_t k = rule_k(rule, n, past);
       sel.n = n;
       sel.k = k;
       std::vector<int64_t>& kept_idx = sel.kept_idx;

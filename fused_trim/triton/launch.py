@@ -11,7 +11,7 @@ import triton
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .._common import Reduction
+from .._common import Keep, Reduction, TrimOptions, ranking_scores, rule_k
 from .grid_select import grid_select
 from .select import select_kernel
 
@@ -74,6 +74,8 @@ def select_rows(
     ignore_index: int,
     reduction: int,
     score_offset: Tensor | None = None,
+    keep_threshold: Tensor | None = None,
+    min_kept: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The exact-k select on per-row losses (one program, or the grid select past
     ``SINGLE_PROGRAM_MAX_ROWS``): ``(out, kept, k, threshold, denom)``, ``out`` and ``threshold``
@@ -81,11 +83,17 @@ def select_rows(
 
     ``score_offset`` (``(num_rows,)``, any float dtype, on the losses' device, or ``None``): rank
     ``loss - score_offset`` (formed in the losses' dtype) instead; ``threshold`` is then the k-th
-    score; ``out`` and ``denom`` are still of the plain losses."""
+    score; ``out`` and ``denom`` are still of the plain losses. ``keep_threshold`` (a 0-dim tensor
+    on the losses' device, or ``None``): the threshold rule with ``min_kept`` replaces the ratio;
+    its ``k`` (:func:`fused_trim._common.rule_k`: one elementwise pass over the scores and a sum,
+    on the device) reaches the kernels as an exact count."""
     num_rows, dev = loss.shape[0], loss.device
     has_offset = score_offset is not None
     if has_offset:
         score_offset = score_offset.contiguous()
+    if keep_threshold is not None:
+        rule = TrimOptions(keep=Keep(int(easiest)), keep_threshold=keep_threshold, min_kept=min_kept)
+        keep_ratio_t = rule_k(ranking_scores(loss, score_offset), target != ignore_index, rule)
     ratio_on_device = keep_ratio_t is not None
     kept = torch.empty(num_rows, dtype=torch.bool, device=dev)
     out = torch.empty(num_rows if reduction == Reduction.NONE else (), dtype=out_dtype, device=dev)
@@ -146,11 +154,26 @@ def select_rows(
 
 def device_ratio(keep_ratio: float | Tensor, device) -> tuple[float, Tensor | None]:
     """``(host ratio, device ratio tensor or None)``: a 0-dim tensor on ``device`` is read by the
-    kernels; a floating one elsewhere is read on the host (no synchronisation with ``device``)."""
+    kernels; a floating one elsewhere is read on the host (no synchronisation with ``device``); an
+    exact count on the CPU (a host ``keep_count``) becomes a device tensor by a fill (no copy)."""
     if isinstance(keep_ratio, Tensor):
         if keep_ratio.device == device:
             return 1.0, keep_ratio
         if not keep_ratio.is_floating_point():
-            raise ValueError(f"an exact keep count must be on {device}, got {keep_ratio.device}")
+            if keep_ratio.device.type != "cpu":
+                raise ValueError(f"an exact keep count must be on {device} or the CPU, got {keep_ratio.device}")
+            return 1.0, torch.full((), int(keep_ratio), dtype=torch.int64, device=device)
         return float(keep_ratio), None  # a host value costs no synchronisation
     return float(keep_ratio), None
+
+
+def device_threshold(keep_threshold: float | Tensor | None, device) -> Tensor | None:
+    """The threshold as the 0-dim float64 tensor on ``device`` the select reads (a host value by a
+    fill, no copy), or ``None``."""
+    if keep_threshold is None:
+        return None
+    if isinstance(keep_threshold, Tensor):
+        if keep_threshold.device == device:
+            return keep_threshold.to(torch.float64)
+        keep_threshold = float(keep_threshold)  # a CPU tensor: a host value
+    return torch.full((), keep_threshold, dtype=torch.float64, device=device)

@@ -42,7 +42,16 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .._common import TrimOptions, acc_dtype, double_backward_message, forms_gradient_in_forward, host_k
+from .._common import (
+    TrimOptions,
+    acc_dtype,
+    double_backward_message,
+    forms_gradient_in_forward,
+    host_k,
+    kernel_ratio,
+    ranking_scores,
+    rule_k,
+)
 from .ce_backward import ce_backward_kernel
 from .ce_forward import ce_forward_kernel
 from .launch import device_guard, device_ratio, float64_bits, row_config, select_rows
@@ -546,9 +555,10 @@ def trimmed_linear_cross_entropy_2d(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The contract of :func:`fused_trim.reference.trimmed_linear_cross_entropy_2d`; differences:
     the backward recomputes a number of rows bounded on the host, ``min(N, max(1, floor(r N +
-    0.5)))`` for a float ratio ``r``, all ``N`` rows for a tensor ratio or with ``share``
-    (``chunk_size`` rows at a time); rows beyond ``k`` contribute zero."""
-    keep_ratio, ratio_t = device_ratio(opts.keep_ratio, input.device)
+    0.5)))`` for a float ratio ``r``, ``min(N, c)`` for a Python int ``keep_count`` ``c``, all ``N``
+    rows for a tensor ratio or count, a threshold or with ``share`` (``chunk_size`` rows at a time);
+    rows beyond ``k`` contribute zero."""
+    keep_ratio, ratio_t = device_ratio(kernel_ratio(opts), input.device)
     code, easiest, chunk_size = int(opts.reduction), bool(opts.keep), opts.chunk_size
     ce_args = (opts.weight, opts.ignore_index, opts.label_smoothing)
     num_rows = input.shape[0]
@@ -575,7 +585,14 @@ def trimmed_linear_cross_entropy_2d(
     losses, w_y, stats = linear_ce_rows(*detached, target, *ce_args, chunk_size)
     if share is not None:
         ratio_t, keep_ratio = share(losses, target != opts.ignore_index), 1.0
-    max_kept = host_k(num_rows, keep_ratio) if ratio_t is None else num_rows
+    elif opts.keep_threshold is not None:  # k from the losses, passed on as an exact count
+        ratio_t = rule_k(ranking_scores(losses, opts.score_offset), target != opts.ignore_index, opts)
+    if ratio_t is None:
+        max_kept = host_k(num_rows, keep_ratio)
+    elif share is None and opts.keep_count is not None and not isinstance(opts.keep_count, Tensor):
+        max_kept = min(num_rows, opts.keep_count)  # a host count bounds k too
+    else:
+        max_kept = num_rows
     out, kept, k, threshold, _ = linear_ce_trimmed(
         losses,
         w_y,

@@ -14,12 +14,20 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .._common import TrimOptions, acc_dtype, double_backward_message
+from .._common import TrimOptions, acc_dtype, double_backward_message, kernel_ratio
 from .ce_backward import ce_backward_kernel
 from .ce_backward_spatial import ce_backward_spatial_kernel
 from .ce_forward import ce_forward_kernel
 from .ce_forward_spatial import ce_forward_spatial_kernel
-from .launch import device_guard, device_ratio, float64_bits, row_config, select_rows, spatial_config
+from .launch import (
+    device_guard,
+    device_ratio,
+    device_threshold,
+    float64_bits,
+    row_config,
+    select_rows,
+    spatial_config,
+)
 
 
 @triton_op("fused_trim::triton_trimmed_ce_fwd", mutates_args=())
@@ -34,6 +42,8 @@ def trimmed_ce_fwd(
     label_smoothing: float,
     reduction: int,
     score_offset: Tensor | None = None,
+    keep_threshold: Tensor | None = None,
+    min_kept: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward on ``input (M, C)`` or ``(N, C, S)``: ``(out, losses, kept, k, threshold, stats, denom)``.
 
@@ -45,6 +55,8 @@ def trimmed_ce_fwd(
     ``log sum_c exp(x_c - max)``, so that the backward keeps the relative precision of a small loss)
     and ``denom`` (the divisor of the mean) are saved for the backward. ``score_offset`` (flat
     ``(M,)`` or ``None``): rank ``losses - score_offset`` (see :func:`select_rows`).
+    ``keep_threshold`` (a 0-dim float64 tensor on the input's device, or ``None``) with
+    ``min_kept``: the threshold rule instead of the ratio (see :func:`select_rows`).
     """
     with device_guard(input):
         return _forward(
@@ -58,6 +70,8 @@ def trimmed_ce_fwd(
             label_smoothing,
             reduction,
             score_offset,
+            keep_threshold,
+            min_kept,
         )
 
 
@@ -72,6 +86,8 @@ def _forward(
     label_smoothing: float,
     reduction: int,
     score_offset: Tensor | None,
+    keep_threshold: Tensor | None,
+    min_kept: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The body of :func:`trimmed_ce_fwd`, on the input's device."""
     spatial = input.dim() == 3
@@ -142,6 +158,8 @@ def _forward(
         ignore_index,
         reduction,
         score_offset=score_offset,
+        keep_threshold=keep_threshold,
+        min_kept=min_kept,
     )
     return out, loss, kept, k, threshold, stats, denom
 
@@ -237,7 +255,8 @@ def _backward_grad(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input, target, weight, _, _, _, _, label_smoothing, _, _ = inputs
+    input, target, weight = inputs[:3]
+    label_smoothing = inputs[7]
     _, _, kept, _, _, stats, denom = output
     ctx.save_for_backward(input, target, weight, stats, kept, denom)
     ctx.label_smoothing = label_smoothing
@@ -246,7 +265,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out, *_unused):
     input, target, weight, stats, kept, denom = ctx.saved_tensors
     grad = trimmed_ce_bwd(grad_out, input, target, weight, stats, kept, denom, ctx.label_smoothing)
-    return grad, None, None, None, None, None, None, None, None, None
+    return (grad,) + (None,) * 11
 
 
 def _double_backward(ctx, *grads):
@@ -264,7 +283,7 @@ def trimmed_cross_entropy_2d(
     """The contract of :func:`fused_trim.reference.trimmed_cross_entropy_2d`; differences: the
     spatial layout ``(N, C, S)`` is read in place, and ``keep_ratio`` may be a 0-dim tensor on
     another device only when it is floating (a ratio, read on the host)."""
-    keep_ratio, ratio_t = device_ratio(opts.keep_ratio, input.device)
+    keep_ratio, ratio_t = device_ratio(kernel_ratio(opts), input.device)
     out, losses, kept, k, threshold, _, _ = trimmed_ce_fwd(
         input,
         target,
@@ -276,5 +295,7 @@ def trimmed_cross_entropy_2d(
         opts.label_smoothing,
         int(opts.reduction),
         opts.score_offset,
+        device_threshold(opts.keep_threshold, input.device),
+        int(opts.min_kept),
     )
     return out, losses.detach(), kept, k, threshold.detach()
