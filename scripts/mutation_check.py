@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIRST = [
     "tests/test_reference.py",
     "tests/test_contract.py",
+    "tests/test_keep_rules.py",
     "tests/test_score_offset.py",
     "tests/test_linear_ce.py",
     "tests/test_native_linear.py",
@@ -217,6 +218,36 @@ MUTATIONS = [
         count=2,
     ),
     Mutation("NaN rank", "native", "csrc/trimmed_ce_common.h", r"key = 0xFFFFFFFFu;", "key = 0u;"),
+    # --- the threshold rule: a sample at the threshold kept (not strictly past it) -----------------
+    Mutation(
+        "threshold not strict",
+        "reference (_common)",
+        "fused_trim/_common.py",
+        r"past = s < t if keep == Keep\.EASIEST else \(s > t\)",
+        "past = s <= t if keep == Keep.EASIEST else (s >= t)",
+    ),
+    Mutation(
+        "threshold not strict",
+        "native",
+        "csrc/trimmed_ce_common.h",
+        r"return easiest \? s < threshold : s > threshold;",
+        "return easiest ? s <= threshold : s >= threshold;",
+    ),
+    # --- min_kept ignored -----------------------------------------------------------------------------
+    Mutation(
+        "min_kept ignored",
+        "reference (_common)",
+        "fused_trim/_common.py",
+        r"n\.clamp\(max=int\(opts\.min_kept\)\)",
+        "n.clamp(max=0)",
+    ),
+    Mutation(
+        "min_kept ignored",
+        "native",
+        "csrc/trimmed_ce_common.h",
+        r"return past > least \? past : least;",
+        "return past;",
+    ),
 ]
 
 
