@@ -46,6 +46,7 @@ from .._common import (
     TrimOptions,
     acc_dtype,
     double_backward_message,
+    first_equal_rows,
     forms_gradient_in_forward,
     host_k,
     kernel_ratio,
@@ -583,6 +584,9 @@ def trimmed_linear_cross_entropy_2d(
 
     detached = [None if p is None else p.detach() for p in params]
     losses, w_y, stats = linear_ce_rows(*detached, target, *ce_args, chunk_size)
+    # Bitwise equal rows (duplicated tokens) tie, wherever cuBLAS placed them in a chunk's tile.
+    first = first_equal_rows(detached[0], target)
+    losses, w_y, stats = losses[first], w_y[first], stats[:, first]
     if share is not None:
         ratio_t, keep_ratio = share(losses, target != opts.ignore_index), 1.0
     elif opts.keep_threshold is not None:  # k from the losses, passed on as an exact count
