@@ -21,7 +21,7 @@ from ._common import (
     check_ratio,
     check_weight,
 )
-from .functional import trimmed_cross_entropy, trimmed_linear_cross_entropy
+from .functional import _check_keep_rule, trimmed_cross_entropy, trimmed_linear_cross_entropy
 from .schedules import ConstantSchedule
 
 if TYPE_CHECKING:
@@ -31,20 +31,20 @@ __all__ = ["TrimmedCrossEntropyLoss", "TrimmedLinearCrossEntropyLoss"]
 
 
 class _RatioState:
-    """The keep ratio of a module, held once.
+    """The keep ratio (or count) of a module, held once.
 
     ``value`` is the schedule's value the next forward uses. A compiled forward reads it from
-    ``on[device]``, a 0-dim float64 tensor per device that :meth:`set` fills in place, so a moving
-    schedule never recompiles the graph and no step copies the ratio from the host. float64: a
-    float32 0.7 rounds ``k = floor(0.7 * 5 + 0.5)`` down to 3. Plain tensors, not buffers, so that
-    moving the module never meets a device without float64. ``last`` is the ratio of the last
-    forward; after a compiled one it is ``value`` until :meth:`set` moves on (a compiled forward
-    runs no Python to record it).
+    ``on[device]``, a 0-dim float64 (int64 for a count) tensor per device that :meth:`set` fills in
+    place, so a moving schedule never recompiles the graph and no step copies the ratio from the
+    host. float64: a float32 0.7 rounds ``k = floor(0.7 * 5 + 0.5)`` down to 3. Plain tensors, not
+    buffers, so that moving the module never meets a device without float64. ``last`` is the value
+    of the last forward; after a compiled one it is ``value`` until :meth:`set` moves on (a compiled
+    forward runs no Python to record it).
     """
 
-    def __init__(self, value: float) -> None:
+    def __init__(self, value: float | int, dtype: torch.dtype = torch.float64) -> None:
         self.value = value
-        self.host = torch.tensor(value, dtype=torch.float64)  # what a new device's tensor is copied from
+        self.host = torch.tensor(value, dtype=dtype)  # what a new device's tensor is copied from
         self.on: dict[torch.device, Tensor] = {self.host.device: self.host}
         self._last: float | None = None
         self._last_compiled = False
@@ -80,6 +80,21 @@ class _RatioState:
         return t
 
 
+class _ConstantCount:
+    """A fixed keep count as a schedule of counts."""
+
+    gives_count = True
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __call__(self, epoch: int = 0, step: int = 0) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return repr(self.count)
+
+
 class _ScheduledLoss(nn.Module):
     """What both loss modules share: the trimming options, checked at construction, and the keep
     ratio's schedule and progress (:meth:`set_epoch`, :meth:`step`)."""
@@ -88,8 +103,11 @@ class _ScheduledLoss(nn.Module):
 
     def __init__(
         self,
-        keep_ratio: float | Callable[[int, int], float] = 1.0,
+        keep_ratio: float | Callable[[int, int], float] | None = None,
         *,
+        keep_count: int | Callable[[int, int], int] | None = None,
+        keep_threshold: float | None = None,
+        min_kept: int | None = None,
         keep: str = "hardest",
         weight: Tensor | None = None,
         ignore_index: int = -100,
@@ -99,7 +117,44 @@ class _ScheduledLoss(nn.Module):
         process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        self.schedule = keep_ratio if callable(keep_ratio) else ConstantSchedule(keep_ratio)  # validates now
+        # The rule, checked now (as the functional checks it, a schedule standing for its values).
+        given = [
+            name
+            for name, value in (
+                ("keep_ratio", keep_ratio),
+                ("keep_count", keep_count),
+                ("keep_threshold", keep_threshold),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(
+                f"exactly one of keep_ratio, keep_count and keep_threshold sets k, got {' and '.join(given)}"
+            )
+        _check_keep_rule(
+            None if callable(keep_ratio) else keep_ratio,
+            None if callable(keep_count) else keep_count,
+            keep_threshold,
+            min_kept,
+        )
+        for name, value, wants_count in (("keep_ratio", keep_ratio, False), ("keep_count", keep_count, True)):
+            # (a plain callable is taken at its word; a schedule says what it gives)
+            gives_count = getattr(value, "gives_count", None) if callable(value) else None
+            if gives_count is not None and bool(gives_count) != wants_count:
+                kind = "counts" if wants_count else "ratios"
+                raise ValueError(f"{name} takes a schedule of {kind}, got {value!r}")
+        self.keep_threshold = keep_threshold
+        self.min_kept = min_kept
+        if keep_count is not None:
+            self.rule = "keep_count"
+            self.schedule = keep_count if callable(keep_count) else _ConstantCount(keep_count)
+        elif keep_threshold is not None:
+            self.rule = "keep_threshold"
+            self.schedule = None
+        else:
+            self.rule = "keep_ratio"
+            ratio = 1.0 if keep_ratio is None else keep_ratio
+            self.schedule = ratio if callable(ratio) else ConstantSchedule(ratio)  # validates now
         # The functional checks, now rather than at the first forward (the weight's length at the
         # forward, when C is known).
         check_choice("keep", keep, KEEP_CHOICES)
@@ -118,20 +173,45 @@ class _ScheduledLoss(nn.Module):
         self.epoch = 0
         self.step_in_epoch = 0
         self.info: TrimInfo | None = None
-        self._ratio = _RatioState(self.keep_ratio)
+        counts = self.rule == "keep_count"
+        self._ratio = _RatioState(self._scheduled(), torch.int64 if counts else torch.float64)
 
-    @property
-    def keep_ratio(self) -> float:
-        """The keep ratio the next forward will use."""
-        r = float(self.schedule(self.epoch, self.step_in_epoch))
+    def _scheduled(self) -> float | int:
+        """The scheduled value the next forward will use: a ratio, a count, or (threshold rule)
+        the threshold itself, which no schedule moves."""
+        if self.schedule is None:
+            return float(self.keep_threshold)
+        value = self.schedule(self.epoch, self.step_in_epoch)
+        if self.rule == "keep_count":
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return value
+            raise ValueError(f"the keep count of schedule {self.schedule!r} must be an int >= 0, got {value!r}")
+        r = float(value)
         if 0.0 < r <= 1.0:  # read every forward: the named check (and its repr) only for a bad value
             return r
         return check_ratio(f"the keep ratio of schedule {self.schedule!r}", r)
 
     @property
+    def keep_ratio(self) -> float | None:
+        """The keep ratio the next forward will use (``None`` under a count or threshold rule)."""
+        return self._scheduled() if self.rule == "keep_ratio" else None
+
+    @property
+    def keep_count(self) -> int | None:
+        """The keep count the next forward will use (``None`` under a ratio or threshold rule)."""
+        return self._scheduled() if self.rule == "keep_count" else None
+
+    @property
     def last_keep_ratio(self) -> float | None:
-        """The keep ratio the last forward used (``None`` before the first), read on the host."""
-        return self._ratio.last
+        """The keep ratio the last forward used (``None`` before the first, and under a count or
+        threshold rule), read on the host."""
+        return self._ratio.last if self.rule == "keep_ratio" else None
+
+    @property
+    def last_keep_count(self) -> int | None:
+        """The keep count the last forward used (``None`` before the first, and under a ratio or
+        threshold rule), read on the host."""
+        return self._ratio.last if self.rule == "keep_count" else None
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` (0-based): the schedule is read at its first mini-batch."""
@@ -139,20 +219,23 @@ class _ScheduledLoss(nn.Module):
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         self.epoch = epoch
         self.step_in_epoch = 0
-        self._ratio.set(self.keep_ratio)
+        self._ratio.set(self._scheduled())
 
     def step(self) -> None:
         """Advance to the next mini-batch of the current epoch."""
         self.step_in_epoch += 1
-        self._ratio.set(self.keep_ratio)
+        self._ratio.set(self._scheduled())
 
-    def _ratio_for(self, device: torch.device) -> float | Tensor:
-        """The ratio a forward on ``device`` passes on: a float eagerly (the schedule read now), the
-        device's ratio tensor under ``torch.compile``."""
+    def _rule_for(self, device: torch.device) -> dict:
+        """The keep rule a forward on ``device`` passes on: the ratio or count as a Python number
+        eagerly (the schedule read now), the device's tensor under ``torch.compile``; or the
+        threshold and ``min_kept``."""
+        if self.rule == "keep_threshold":
+            return dict(keep_threshold=self.keep_threshold, min_kept=self.min_kept)
         if torch.compiler.is_compiling():
-            return self._ratio.used_compiled(device)
-        self._ratio.set(self.keep_ratio)
-        return self._ratio.used_eagerly()
+            return {self.rule: self._ratio.used_compiled(device)}
+        self._ratio.set(self._scheduled())
+        return {self.rule: self._ratio.used_eagerly()}
 
     def _options(self) -> dict:
         """The trimming arguments of the functional call, as this module holds them."""
@@ -168,8 +251,12 @@ class _ScheduledLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        if self.rule == "keep_threshold":
+            rule = f"keep_threshold={self.keep_threshold!r}, min_kept={self.min_kept!r}"
+        else:
+            rule = f"{self.rule}={self.schedule!r}"
         return (
-            f"keep_ratio={self.schedule!r}, keep={self.keep!r}, reduction={self.reduction!r}, "
+            f"{rule}, keep={self.keep!r}, reduction={self.reduction!r}, "
             f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
             f"backend={self.backend!r}"
         )
@@ -195,7 +282,13 @@ class TrimmedCrossEntropyLoss(_ScheduledLoss):
     :meth:`set_epoch` or :meth:`step`. Eager forwards read the schedule themselves.
 
     Args:
-        keep_ratio: a float in ``(0, 1]`` or a schedule.
+        keep_ratio: a float in ``(0, 1]`` or a schedule; ``None`` (the default): 1.0 unless
+            ``keep_count`` or ``keep_threshold`` is given. Exactly one of the three sets ``k``.
+        keep_count: keep ``min(n, c)`` samples: an int ``c >= 0`` or a schedule of counts
+            (``OrderedSGDSchedule(start_count=64)``: Ordered SGD), held like a ratio schedule.
+        keep_threshold: keep every sample whose loss is strictly past this float (fixed), at
+            least ``min_kept`` (OHEM; see :func:`~fused_trim.trimmed_cross_entropy`).
+        min_kept: with ``keep_threshold`` only.
         keep: ``"hardest"`` (mini-batch trimming) or ``"easiest"`` (noisy labels).
         weight: class weights of shape ``(C,)``; stored as a buffer.
         ignore_index: target value that is never kept.
@@ -225,8 +318,8 @@ class TrimmedCrossEntropyLoss(_ScheduledLoss):
         """The trimmed loss of ``input`` and ``target``; ``score_offset`` (the target's shape, or
         ``None``) ranks ``l_i - score_offset_i`` instead of ``l_i`` for this call (see
         :func:`~fused_trim.trimmed_cross_entropy`)."""
-        r = self._ratio_for(input.device)
-        loss, info = trimmed_cross_entropy(input, target, r, score_offset=score_offset, **self._options())
+        rule = self._rule_for(input.device)
+        loss, info = trimmed_cross_entropy(input, target, score_offset=score_offset, **rule, **self._options())
         self.info = info
         return loss
 
@@ -242,7 +335,8 @@ class TrimmedLinearCrossEntropyLoss(_ScheduledLoss):
         linear_weight: the head's weight ``(V, D)``, e.g. ``model.lm_head.weight``. Held by
             reference, not registered: it stays a parameter of the model only. ``None``: pass it
             to every forward.
-        keep_ratio: a float in ``(0, 1]`` or a schedule.
+        keep_ratio: a float in ``(0, 1]`` or a schedule (``keep_count``, ``keep_threshold`` and
+            ``min_kept``, keywords, as in :class:`TrimmedCrossEntropyLoss`).
         linear_bias: the head's bias ``(V,)`` (held like ``linear_weight``) or ``None``.
         chunk_size: rows of logits held at a time (see :func:`~fused_trim.trimmed_linear_cross_entropy`).
         keep, weight, ignore_index, reduction, label_smoothing, backend, process_group: as in
@@ -257,7 +351,7 @@ class TrimmedLinearCrossEntropyLoss(_ScheduledLoss):
     def __init__(
         self,
         linear_weight: Tensor | None = None,
-        keep_ratio: float | Callable[[int, int], float] = 1.0,
+        keep_ratio: float | Callable[[int, int], float] | None = None,
         *,
         linear_bias: Tensor | None = None,
         chunk_size: int | None = None,
@@ -287,12 +381,12 @@ class TrimmedLinearCrossEntropyLoss(_ScheduledLoss):
         bias = self.linear_bias if linear_bias is None else linear_bias
         if weight is None:
             raise ValueError("linear_weight is None: give it at construction or to forward")
-        r = self._ratio_for(input.device)
+        rule = self._rule_for(input.device)
         loss, info = trimmed_linear_cross_entropy(
             input,
             weight,
             target,
-            r,
+            **rule,
             linear_bias=bias,
             chunk_size=self.chunk_size,
             score_offset=score_offset,

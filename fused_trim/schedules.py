@@ -70,8 +70,15 @@ class KeepRatioSchedule:
 
     Subclasses implement :meth:`value`; calling the schedule validates the progress and returns
     ``value(epoch, step)``. Make a subclass a ``@dataclass(eq=False)``, as the schedules here are,
-    and its repr says what it is (the module's repr shows it).
+    and its repr says what it is (the module's repr shows it). A schedule whose :attr:`gives_count`
+    is true returns a number of samples to keep (an int >= 0, for the modules' ``keep_count``)
+    instead of a ratio.
     """
+
+    @property
+    def gives_count(self) -> bool:
+        """Whether the values are counts (``keep_count``), not ratios (``keep_ratio``)."""
+        return False
 
     def __call__(self, epoch: int = 0, step: int = 0) -> float:
         """Keep ratio at ``epoch`` (0-based) and mini-batch ``step`` (0-based, within the epoch)."""
@@ -242,22 +249,37 @@ class ConstantSchedule(KeepRatioSchedule):
 
 @dataclass(eq=False)
 class OrderedSGDSchedule(KeepRatioSchedule):
-    """Ordered-SGD-style schedule (Kawaguchi & Lu, 2020): halve the kept fraction each time the
-    training accuracy crosses a threshold.
+    """Ordered SGD's schedule (Kawaguchi & Lu, 2020): halve what is kept each time the training
+    accuracy crosses a threshold.
 
     Report the training accuracy (a fraction in ``[0, 1]``) with :meth:`update`, e.g. once per epoch;
-    the ratio is ``start * factor ** c`` where ``c`` counts the thresholds crossed so far. A
+    the value is ``start * factor ** c`` where ``c`` counts the thresholds crossed so far. A
     threshold, once crossed, stays crossed. The schedule ignores ``epoch`` and ``step``.
 
+    Two forms. The ratio form (``start``, a keep ratio) goes to ``keep_ratio``. The count form
+    (``start_count``, a number of samples, the original method: ``s = 64 -> 32 -> 16 -> 8 -> 4``
+    as the accuracy crosses 80/90/95/99.5 %) gives ``max(1, round(start_count * factor ** c))``
+    samples (``round`` being ``floor(x + 0.5)``, as for ``keep_ratio``), whatever the batch size, and
+    goes to the modules' ``keep_count``.
+
     Args:
-        start: keep ratio before any threshold is crossed.
+        start: keep ratio before any threshold is crossed (the ratio form).
         thresholds: training accuracies, as fractions, that each trigger one reduction.
         factor: factor in ``(0, 1]`` applied per threshold crossed (``0.5``: halve).
+        start_count: an int >= 1: the count form, keeping this many samples at first (``start``
+            is then unused and must stay 1.0).
+
+    Example::
+
+        >>> schedule = OrderedSGDSchedule(start_count=64)
+        >>> [schedule.update(acc) for acc in (0.5, 0.85, 0.92, 0.96, 0.999)]
+        [64, 32, 16, 8, 4]
     """
 
     start: float = 1.0
     thresholds: Sequence[float] = (0.8, 0.9, 0.95, 0.995)
     factor: float = 0.5
+    start_count: int | None = None
     crossed: int = field(default=0, init=False)  # thresholds crossed so far
 
     def __post_init__(self) -> None:
@@ -267,14 +289,25 @@ class OrderedSGDSchedule(KeepRatioSchedule):
             if not 0.0 <= t <= 1.0:
                 raise ValueError(f"thresholds are accuracies in [0, 1], got {t!r}")
         self.factor = check_ratio("factor", self.factor)
+        if self.start_count is not None:
+            self.start_count = _check_count("start_count", self.start_count, 1)
+            if self.start != 1.0:
+                raise ValueError(f"give start (a ratio) or start_count (a count), not both: start={self.start}")
 
-    def update(self, train_accuracy: float) -> float:
-        """Record a training accuracy in ``[0, 1]`` and return the new keep ratio."""
+    @property
+    def gives_count(self) -> bool:
+        return self.start_count is not None
+
+    def update(self, train_accuracy: float) -> float | int:
+        """Record a training accuracy in ``[0, 1]`` and return the new keep ratio (or count)."""
         acc = float(train_accuracy)
         if math.isnan(acc) or not 0.0 <= acc <= 1.0:
             raise ValueError(f"train_accuracy must be a fraction in [0, 1], got {train_accuracy!r}")
         self.crossed = max(self.crossed, sum(acc >= t for t in self.thresholds))
         return self.value(0, 0)
 
-    def value(self, epoch: int, step: int) -> float:
+    def value(self, epoch: int, step: int) -> float | int:
+        if self.start_count is not None:
+            # (halves rounded up, as the library rounds r * n: on full batches the ratio form's k)
+            return max(1, math.floor(self.start_count * self.factor**self.crossed + 0.5))
         return self.start * self.factor**self.crossed

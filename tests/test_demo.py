@@ -102,15 +102,22 @@ def test_cnn_learns_mnist1d(tmp_path):
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_every_schedule_runs(tmp_path, name):
     epochs = 6 if name == "osgd" else 3
-    cfg = _tiny(tmp_path, dataset="digits", model="mlp", schedule=name, epochs=epochs, train_size=200)
+    # Ordered SGD's original setting: mini-batches of 64, counts 64 -> 32 -> 16 -> 8 -> 4.
+    size, batch = (192, 64) if name == "osgd" else (200, 100)
+    cfg = _tiny(
+        tmp_path, dataset="digits", model="mlp", schedule=name, epochs=epochs, train_size=size, batch_size=batch
+    )
     schedule = make_schedule(cfg, steps_per_epoch=2)
-    assert 0.0 < schedule(0) <= 1.0
-    rows = train_run(load_data("digits", 200), cfg, "trimmed", seed=0)
+    if name == "osgd":
+        assert schedule.gives_count and schedule(0) == 64
+    else:
+        assert 0.0 < schedule(0) <= 1.0
+    rows = train_run(load_data("digits", size), cfg, "trimmed", seed=0)
     ratios = [r["keep_ratio"] for r in rows]
-    if name == "osgd":  # halved per threshold crossed by the previous epochs' training accuracy
+    if name == "osgd":  # the count halved per threshold crossed by the previous epochs' training accuracy
         crossed = 0
         for row, ratio in zip(rows, ratios, strict=True):
-            assert ratio == 0.5**crossed
+            assert ratio == row["kept_fraction"] == 64 * 0.5**crossed / 64
             crossed = max(crossed, sum(1 - row["train_error"] >= t for t in (0.8, 0.9, 0.95, 0.995)))
         assert ratios[0] == 1.0 and ratios[-1] <= 0.5  # it did halve
     elif name == "linear-step":  # 2 steps per epoch: 1.0, 0.84 | 0.68, 0.52 | 0.36, 0.2

@@ -79,7 +79,10 @@ def train_run(data: Data, cfg: DemoConfig, arm: str, seed: int, bar: Any | None 
     model = build_model(cfg.model, data)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     schedule = ConstantSchedule(1.0) if schedule_name is None else make_schedule(cfg, steps, schedule_name)
-    criterion = TrimmedCrossEntropyLoss(schedule, keep=cfg.keep)
+    if schedule.gives_count:  # Ordered SGD's fixed counts
+        criterion = TrimmedCrossEntropyLoss(keep_count=schedule, keep=cfg.keep)
+    else:
+        criterion = TrimmedCrossEntropyLoss(schedule, keep=cfg.keep)
     order = torch.Generator().manual_seed(seed)  # the same mini-batches in both arms
     rows: list[dict[str, object]] = []
     total_steps, global_step = cfg.epochs * steps, 0
@@ -99,7 +102,9 @@ def train_run(data: Data, cfg: DemoConfig, arm: str, seed: int, bar: Any | None 
             global_step += 1
             criterion.step()
             info = criterion.info
-            ratio_sum += criterion.last_keep_ratio
+            count = criterion.last_keep_count
+            # (a count's ratio: of the mini-batch it was applied to)
+            ratio_sum += criterion.last_keep_ratio if count is None else min(1.0, count / len(idx))
             objective_sum += loss.item()
             kept += int(info.k)
             seen += len(idx)

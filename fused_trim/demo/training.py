@@ -18,7 +18,8 @@ from .config import DemoConfig
 
 
 def make_schedule(cfg: DemoConfig, steps_per_epoch: int, name: str | None = None) -> KeepRatioSchedule:
-    """The keep-ratio schedule ``name`` (default ``cfg.schedule``) from ``keep_start`` to the keep end."""
+    """The keep-ratio schedule ``name`` (default ``cfg.schedule``) from ``keep_start`` to the keep end;
+    ``"osgd"`` gives a schedule of counts (``gives_count``) starting at ``keep_start * batch_size``."""
     name = cfg.schedule if name is None else name
     start, end, epochs = cfg.keep_start, cfg.resolved_keep_end(), cfg.epochs
     if name == "linear":
@@ -40,7 +41,9 @@ def make_schedule(cfg: DemoConfig, steps_per_epoch: int, name: str | None = None
         return StepSchedule(milestones, gamma=(end / start) ** (1 / len(milestones)), start=start)
     if name == "constant":
         return ConstantSchedule(end)
-    return OrderedSGDSchedule(start)
+    # Ordered SGD as published: a fixed count of samples per mini-batch (at batch size 64 and
+    # --keep-start 1.0: 64 -> 32 -> 16 -> 8 -> 4), a keep_count schedule.
+    return OrderedSGDSchedule(start_count=max(1, round(start * cfg.batch_size)))
 
 
 def lr_factor(name: str, step: int, total_steps: int) -> float:
