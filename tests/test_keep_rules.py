@@ -341,3 +341,90 @@ def test_no_rule_given_is_a_ratio_of_one_and_positional_ratios_still_work():
     torch.testing.assert_close(trimmed_cross_entropy(x, t, backend="reference"), plain)
     half = trimmed_cross_entropy(x, t, 0.5, backend="reference")
     torch.testing.assert_close(trimmed_cross_entropy(x, t, keep_ratio=0.5, backend="reference"), half)
+
+
+# ------------------------------------------------------------------------------------------------
+# The modules and the count form of Ordered SGD's schedule
+# ------------------------------------------------------------------------------------------------
+
+
+def test_ordered_sgd_count_form_halves_the_count_per_threshold():
+    from fused_trim.schedules import OrderedSGDSchedule
+
+    schedule = OrderedSGDSchedule(start_count=64)
+    assert schedule.gives_count and not OrderedSGDSchedule().gives_count
+    assert [schedule.update(a) for a in (0.5, 0.85, 0.92, 0.96, 0.999, 0.2)] == [64, 32, 16, 8, 4, 4]
+    assert OrderedSGDSchedule(start_count=100).update(0.96) == 13  # 12.5 rounds up, as k does
+    assert OrderedSGDSchedule(start_count=3, factor=0.1).update(1.0) == 1  # never below one sample
+    with pytest.raises(ValueError, match="start_count must be >= 1"):
+        OrderedSGDSchedule(start_count=0)
+    with pytest.raises(ValueError, match="not both"):
+        OrderedSGDSchedule(start=0.5, start_count=8)
+
+
+def test_module_keep_count_schedule_and_threshold_equal_the_functional():
+    from fused_trim import TrimmedCrossEntropyLoss, TrimmedLinearCrossEntropyLoss
+    from fused_trim.schedules import OrderedSGDSchedule
+
+    x, t = _batch(7)
+    schedule = OrderedSGDSchedule(start_count=12)
+    crit = TrimmedCrossEntropyLoss(keep_count=schedule, backend="reference")
+    assert "keep_count=OrderedSGDSchedule" in repr(crit)
+    for accuracy, count in ((0.5, 12), (0.85, 6), (0.93, 3)):
+        schedule.update(accuracy)
+        crit.step()
+        loss = crit(x, t)
+        assert int(crit.info.k) == count and crit.last_keep_count == count and crit.last_keep_ratio is None
+        torch.testing.assert_close(loss, trimmed_cross_entropy(x, t, keep_count=count, backend="reference"))
+
+    crit = TrimmedCrossEntropyLoss(keep_threshold=1.5, min_kept=4, keep="easiest", backend="reference")
+    expected = trimmed_cross_entropy(x, t, keep_threshold=1.5, min_kept=4, keep="easiest", backend="reference")
+    torch.testing.assert_close(crit(x, t), expected)
+
+    xh, w, b, th = make_head(19, 6, 9, seed=1)
+    head = TrimmedLinearCrossEntropyLoss(w, keep_count=5, linear_bias=b, backend="reference")
+    expected = trimmed_linear_cross_entropy(xh, w, th, keep_count=5, linear_bias=b, backend="reference")
+    torch.testing.assert_close(head(xh, th), expected)
+    assert int(head.info.k) == 5
+
+
+def test_compiled_module_follows_a_count_schedule_without_recompiling():
+    from torch._dynamo.testing import CompileCounter
+
+    from fused_trim import TrimmedCrossEntropyLoss
+    from fused_trim.schedules import OrderedSGDSchedule
+
+    x, t = _batch(8)
+    schedule = OrderedSGDSchedule(start_count=16)
+    crit = TrimmedCrossEntropyLoss(keep_count=schedule, backend="reference")
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    step = torch.compile(lambda x, t: crit(x, t), fullgraph=True, backend=counter)
+    for accuracy in (0.5, 0.85, 0.92, 0.96):
+        count = schedule.update(accuracy)
+        crit.step()
+        torch.testing.assert_close(step(x, t), trimmed_cross_entropy(x, t, keep_count=count, backend="reference"))
+    # The first compiled call copies the count to the input's device once, the next reads it.
+    assert counter.frame_count <= 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(keep_ratio=0.5, keep_count=3), "got keep_ratio and keep_count"),
+        (dict(keep_count=4, keep_threshold=1.0), "got keep_count and keep_threshold"),
+        (dict(keep_count=-3), "keep_count must be >= 0"),
+        (dict(min_kept=2), "min_kept=2 applies only with keep_threshold"),
+        (dict(keep_threshold=float("nan")), "keep_threshold must be finite"),
+        (dict(keep_ratio="counts"), "takes a schedule of ratios"),
+        (dict(keep_count="ratios"), "takes a schedule of counts"),
+    ],
+)
+def test_module_keep_rule_errors(kwargs, match):
+    from fused_trim import TrimmedCrossEntropyLoss
+    from fused_trim.schedules import OrderedSGDSchedule
+
+    schedules = {"counts": OrderedSGDSchedule(start_count=8), "ratios": OrderedSGDSchedule()}
+    kwargs = {key: schedules.get(v, v) if isinstance(v, str) else v for key, v in kwargs.items()}
+    with pytest.raises(ValueError, match=match):
+        TrimmedCrossEntropyLoss(**kwargs)
