@@ -298,6 +298,13 @@ class OrderedSGDSchedule(KeepRatioSchedule):
     def gives_count(self) -> bool:
         return self.start_count is not None
 
+    def __repr__(self) -> str:
+        first = f"start={self.start!r}" if self.start_count is None else f"start_count={self.start_count!r}"
+        return (
+            f"OrderedSGDSchedule({first}, thresholds={self.thresholds!r}, factor={self.factor!r}, "
+            f"crossed={self.crossed!r})"
+        )
+
     def update(self, train_accuracy: float) -> float | int:
         """Record a training accuracy in ``[0, 1]`` and return the new keep ratio (or count)."""
         acc = float(train_accuracy)

@@ -230,7 +230,13 @@ def test_bad_progress_raises():
 def test_schedules_are_dataclasses_and_a_subclass_can_be_one():
     """The fields are the constructor's arguments (and OrderedSGD's progress); a user's dataclass
     subclass gets the same repr; schedules compare by identity, as any callable."""
-    assert [f.name for f in dataclasses.fields(OrderedSGDSchedule)] == ["start", "thresholds", "factor", "crossed"]
+    assert [f.name for f in dataclasses.fields(OrderedSGDSchedule)] == [
+        "start",
+        "thresholds",
+        "factor",
+        "start_count",
+        "crossed",
+    ]
     assert [f.name for f in dataclasses.fields(StepSchedule)] == ["milestones", "gamma", "start"]
 
     @dataclasses.dataclass(eq=False)
