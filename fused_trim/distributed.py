@@ -34,7 +34,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._common import INT64_MAX, Keep, Reduction, TrimOptions, acc_dtype, compute_k, ordered_keys, ranking_scores
+from ._common import (
+    INT64_MAX,
+    Keep,
+    Reduction,
+    TrimOptions,
+    acc_dtype,
+    compute_k,
+    ordered_keys,
+    out_dtype,
+    ranking_scores,
+)
 
 _INT64_MIN = -(2**63)
 
@@ -111,8 +121,9 @@ def trimmed_cross_entropy_global(
         _, losses, _, _, _ = backend_fn(input.detach(), target, every_row)
     k_local, k_global, threshold = global_share(losses, valid, opts.keep_ratio, opts.keep, group, opts.score_offset)
     out, _, kept, _, _ = backend_fn(input, target, _local_options(opts, k_local))
-    out, global_loss = _scale_for_averaging(out, kept, target, opts, input.dtype, group)
-    return out, losses, kept, k_global, threshold.to(input.dtype), global_loss
+    dtype = out_dtype(opts, input.dtype)
+    out, global_loss = _scale_for_averaging(out, kept, target, opts, dtype, group)
+    return out, losses, kept, k_global, threshold.to(dtype), global_loss
 
 
 def trimmed_linear_cross_entropy_global(
@@ -140,8 +151,9 @@ def trimmed_linear_cross_entropy_global(
 
     local = _local_options(opts, opts.keep_ratio)
     out, losses, kept, _, _ = backend_fn(input, linear_weight, linear_bias, target, local, share=share)
-    out, global_loss = _scale_for_averaging(out, kept, target, opts, input.dtype, group)
-    return out, losses, kept, found["k"], found["threshold"].to(input.dtype), global_loss
+    dtype = out_dtype(opts, input.dtype)
+    out, global_loss = _scale_for_averaging(out, kept, target, opts, dtype, group)
+    return out, losses, kept, found["k"], found["threshold"].to(dtype), global_loss
 
 
 def _local_options(opts: TrimOptions, keep_ratio: float | Tensor) -> TrimOptions:

@@ -11,6 +11,7 @@ point is ``trimmed_cross_entropy_2d(input, target, opts)`` or
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,9 @@ from ._common import (
     Reduction,
     TrimInfo,
     TrimOptions,
+    autocast_cast,
+    autocast_dtype,
+    autocast_result_dtype,
     check_choice,
     check_chunk_size,
     check_ignore_index,
@@ -34,6 +38,7 @@ from ._common import (
     check_ratio,
     check_weight,
     default_chunk_size,
+    out_dtype,
     ranking_scores,
 )
 
@@ -201,6 +206,7 @@ def _options(
     reduction: str,
     score_offset: Tensor | None,
     chunk_size: int | None = None,
+    result_dtype: torch.dtype | None = None,
 ) -> TrimOptions:
     """The one options record every backend receives, from validated public arguments."""
     return TrimOptions(
@@ -212,7 +218,15 @@ def _options(
         reduction=Reduction[reduction.upper()],
         score_offset=score_offset,
         chunk_size=chunk_size,
+        result_dtype=result_dtype,
     )
+
+
+def _backend_context(cast_to: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """Where a backend runs: with autocast off for ``device``'s type when it was on (``cast_to``),
+    so that no op inside a backend is cast again: the dispatch layer has applied autocast's rule
+    once, for every backend (see :func:`trimmed_linear_cross_entropy`)."""
+    return contextlib.nullcontext() if cast_to is None else torch.autocast(device.type, enabled=False)
 
 
 def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu") -> str:
@@ -337,17 +351,23 @@ def trimmed_cross_entropy(
     t1d = target.reshape(-1)
     if t1d.shape[0] == 0:
         name = "reference"  # an empty batch launches no kernel (a rank may still join collectives)
-    opts = _options(keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset)
+    # Under autocast F.cross_entropy forms bf16/fp16 logits' loss in fp32: so do the backends (their
+    # statistics are fp32 anyway), and the loss comes back in fp32; the logits are read as they are.
+    cast_to = autocast_dtype(input.device)
+    result_dtype = None if cast_to is None else autocast_result_dtype(input.dtype)
+    opts = _options(keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, None, result_dtype)
     global_loss = None
-    if process_group is None:
-        out, losses, kept, k, threshold = _backend_fn(name)(x2d, t1d, opts)
-    else:
-        from .distributed import trimmed_cross_entropy_global
+    with _backend_context(cast_to, input.device):
+        if process_group is None:
+            out, losses, kept, k, threshold = _backend_fn(name)(x2d, t1d, opts)
+        else:
+            from .distributed import trimmed_cross_entropy_global
 
-        out, losses, kept, k, threshold, global_loss = trimmed_cross_entropy_global(
-            _backend_fn(name), x2d, t1d, opts, process_group
-        )
-    return _result(out, losses, kept, k, threshold, global_loss, offset, target, input.dtype, return_info)
+            out, losses, kept, k, threshold, global_loss = trimmed_cross_entropy_global(
+                _backend_fn(name), x2d, t1d, opts, process_group
+            )
+    dtype = out_dtype(opts, input.dtype)
+    return _result(out, losses, kept, k, threshold, global_loss, offset, target, dtype, return_info)
 
 
 def _result(
@@ -398,7 +418,10 @@ def _check_linear_shapes(input: Tensor, linear_weight: Tensor, linear_bias: Tens
         if value is None:
             continue
         if value.dtype != input.dtype:
-            raise TypeError(f"{name} has dtype {value.dtype} but input has dtype {input.dtype}")
+            raise TypeError(
+                f"{name} has dtype {value.dtype} but input has dtype {input.dtype}: convert one of them, "
+                "or call under torch.autocast, which casts both as F.linear does"
+            )
         if value.device != input.device:
             raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -489,6 +512,13 @@ def trimmed_linear_cross_entropy(
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKENDS)
     chunk_size = check_chunk_size(chunk_size)
+    cast_to = autocast_dtype(input.device) if isinstance(input, Tensor) else None
+    if cast_to is not None:
+        # Autocast's rule for F.linear: its floating operands (fp64 excepted) in the autocast dtype,
+        # differentiably, so each parameter's gradient comes back in its own dtype.
+        input, linear_weight, linear_bias = (
+            autocast_cast(t, cast_to) if isinstance(t, Tensor) else t for t in (input, linear_weight, linear_bias)
+        )
     _check_linear_shapes(input, linear_weight, linear_bias, target)
     _check_scalar_options(ignore_index, label_smoothing)
     num_classes, in_features = linear_weight.shape
@@ -504,14 +534,20 @@ def trimmed_linear_cross_entropy(
     if t1d.shape[0] == 0:
         name = "reference"
     fn = _linear_backend_fn(name)
-    opts = _options(keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, chunk_size)
+    # ... and F.cross_entropy's: the loss of those (never rounded) logits formed and returned in fp32.
+    result_dtype = None if cast_to is None else autocast_result_dtype(input.dtype)
+    opts = _options(
+        keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, chunk_size, result_dtype
+    )
     global_loss = None
-    if process_group is None:
-        out, losses, kept, k, threshold = fn(x2d, linear_weight, linear_bias, t1d, opts)
-    else:
-        from .distributed import trimmed_linear_cross_entropy_global
+    with _backend_context(cast_to, input.device):
+        if process_group is None:
+            out, losses, kept, k, threshold = fn(x2d, linear_weight, linear_bias, t1d, opts)
+        else:
+            from .distributed import trimmed_linear_cross_entropy_global
 
-        out, losses, kept, k, threshold, global_loss = trimmed_linear_cross_entropy_global(
-            fn, x2d, linear_weight, linear_bias, t1d, opts, process_group
-        )
-    return _result(out, losses, kept, k, threshold, global_loss, offset, target, input.dtype, return_info)
+            out, losses, kept, k, threshold, global_loss = trimmed_linear_cross_entropy_global(
+                fn, x2d, linear_weight, linear_bias, t1d, opts, process_group
+            )
+    dtype = out_dtype(opts, input.dtype)
+    return _result(out, losses, kept, k, threshold, global_loss, offset, target, dtype, return_info)

@@ -34,6 +34,7 @@ def trimmed_ce_fwd(
     label_smoothing: float,
     reduction: int,
     score_offset: Tensor | None = None,
+    result_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward on ``input (M, C)`` or ``(N, C, S)``: ``(out, losses, kept, k, threshold, stats, denom)``.
 
@@ -44,7 +45,8 @@ def trimmed_ce_fwd(
     tensor (an exact count), read on the device. ``stats`` (``(2, M)``: each sample's max logit and
     ``log sum_c exp(x_c - max)``, so that the backward keeps the relative precision of a small loss)
     and ``denom`` (the divisor of the mean) are saved for the backward. ``score_offset`` (flat
-    ``(M,)`` or ``None``): rank ``losses - score_offset`` (see :func:`select_rows`).
+    ``(M,)`` or ``None``): rank ``losses - score_offset`` (see :func:`select_rows`). ``out`` and
+    ``threshold`` are in ``result_dtype`` (``None``: the input's).
     """
     with device_guard(input):
         return _forward(
@@ -58,6 +60,7 @@ def trimmed_ce_fwd(
             label_smoothing,
             reduction,
             score_offset,
+            input.dtype if result_dtype is None else result_dtype,
         )
 
 
@@ -72,6 +75,7 @@ def _forward(
     label_smoothing: float,
     reduction: int,
     score_offset: Tensor | None,
+    result_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The body of :func:`trimmed_ce_fwd`, on the input's device."""
     spatial = input.dim() == 3
@@ -135,7 +139,7 @@ def _forward(
         loss,
         w_y,
         target,
-        input.dtype,
+        result_dtype,
         keep_ratio,
         keep_ratio_t,
         easiest,
@@ -237,7 +241,7 @@ def _backward_grad(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input, target, weight, _, _, _, _, label_smoothing, _, _ = inputs
+    input, target, weight, _, _, _, _, label_smoothing = inputs[:8]
     _, _, kept, _, _, stats, denom = output
     ctx.save_for_backward(input, target, weight, stats, kept, denom)
     ctx.label_smoothing = label_smoothing
@@ -246,7 +250,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out, *_unused):
     input, target, weight, stats, kept, denom = ctx.saved_tensors
     grad = trimmed_ce_bwd(grad_out, input, target, weight, stats, kept, denom, ctx.label_smoothing)
-    return grad, None, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None, None
 
 
 def _double_backward(ctx, *grads):
@@ -276,5 +280,6 @@ def trimmed_cross_entropy_2d(
         opts.label_smoothing,
         int(opts.reduction),
         opts.score_offset,
+        opts.result_dtype,
     )
     return out, losses.detach(), kept, k, threshold.detach()
