@@ -1,0 +1,118 @@
+"""Both ops under ``torch.autocast`` against the unfused ``F.linear`` + cross-entropy under the same
+autocast, and against a float64 oracle of the operands autocast hands ``F.linear``.
+
+Under autocast ``F.linear`` casts its operands to the autocast dtype and ``F.cross_entropy`` forms
+the loss of its bf16/fp16 logits in fp32. The fused ops must do the same: their GEMM operands are
+the cast ones, their loss fp32, and each gradient comes back in its parameter's own dtype. The
+oracle is the float64 loss of exactly those cast operands (the cast is the identity for the
+gradient), trimmed by the reference selection. The fused ops never round the logits, so their
+error against it is far below the unfused path's; the fp32 operands' own result is not (it differs
+by the operands' rounding), which is what each backend returned before autocast was handled.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from .helpers import BACKENDS, split
+
+from fused_trim import TrimmedLinearCrossEntropyLoss, trimmed_cross_entropy, trimmed_linear_cross_entropy
+
+# The LM head has no native CUDA kernel.
+LINEAR_BACKENDS = [b for b in BACKENDS if b != "native@cuda"]
+
+# Covering set of the LM head: keep-all (the gradient formed in the forward) and trimmed, each
+# reduction, both directions, bias or not, fp32 or bf16 hidden states with an fp32 head (the mixed
+# dtypes a mixed-precision model hands over), class weights, smoothing, ignored rows.
+LINEAR_CASES = {
+    "keep_all-mean-fp32-bias": dict(keep_ratio=1.0, reduction="mean", x_dtype=torch.float32, bias=True),
+    "keep_all-sum-bf16x-smooth": dict(
+        keep_ratio=1.0, reduction="sum", x_dtype=torch.bfloat16, bias=False, label_smoothing=0.1
+    ),
+    "hardest-mean-bf16x-bias-weight": dict(
+        keep_ratio=0.5, reduction="mean", x_dtype=torch.bfloat16, bias=True, class_weight=True
+    ),
+    "easiest-none-fp32": dict(keep_ratio=0.3, reduction="none", x_dtype=torch.float32, bias=False, keep="easiest"),
+}
+
+
+def _autocast(dev: torch.device, enabled: bool = True):
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _linear_problem(dev, x_dtype, bias, class_weight=False, n=37, d=24, v=53, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g).to(x_dtype)
+    w = torch.randn(v, d, generator=g) * 0.4
+    b = torch.randn(v, generator=g) * 0.5 if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    t[::7] = -100
+    cw = torch.rand(v, generator=g) + 0.5 if class_weight else None
+    upstream = torch.randn(n, generator=g)
+    to = (lambda a: None if a is None else a.to(dev)) if dev.type != "cpu" else (lambda a: a)
+    return to(x), to(w), to(b), to(t), to(cw), to(upstream)
+
+
+def _leaves(*tensors):
+    return [None if a is None else a.detach().clone().requires_grad_(True) for a in tensors]
+
+
+def _grads(out, upstream, params):
+    g = upstream.to(out.dtype) if out.dim() == 1 else torch.ones_like(out)
+    out.backward(g)
+    return [None if p is None else p.grad for p in params]
+
+
+def _max_err(a, b):
+    return 0.0 if a is None else float((a.detach().double() - b.detach().double()).abs().max())
+
+
+def _oracle(x, w, b, t, kw, upstream):
+    """float64 of the autocast-cast operands (``F.linear``'s casts; straight through for the
+    gradient), trimmed by the reference selection: ``(out, [d x, d w, d b])``."""
+    cast = [None if a is None else a.detach().to(torch.bfloat16).double().requires_grad_(True) for a in (x, w, b)]
+    out = trimmed_cross_entropy(F.linear(cast[0], cast[1], cast[2]), t, backend="reference", **kw)
+    return out.detach(), _grads(out, upstream.double(), cast)
+
+
+@pytest.mark.parametrize("case", list(LINEAR_CASES))
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+def test_linear_under_autocast_is_the_unfused_path_without_its_rounding(backend, case):
+    name, dev = split(backend)
+    spec = dict(LINEAR_CASES[case])
+    x_dtype, bias, class_weight = spec.pop("x_dtype"), spec.pop("bias"), spec.pop("class_weight", False)
+    x, w, b, t, cw, upstream = _linear_problem(dev, x_dtype, bias, class_weight)
+    kw = dict(spec, weight=cw)
+    want, want_grads = _oracle(x, w, b, t, kw, upstream)
+
+    params = _leaves(x, w, b)
+    with _autocast(dev):
+        out = trimmed_linear_cross_entropy(params[0], params[1], t, linear_bias=params[2], backend=name, **kw)
+    got_grads = _grads(out, upstream, params)
+
+    unfused_params = _leaves(x, w, b)
+    with _autocast(dev):
+        logits = F.linear(*unfused_params)
+        assert logits.dtype == torch.bfloat16
+        unfused = trimmed_cross_entropy(logits, t, backend="reference", **kw)
+    unfused_grads = _grads(unfused, upstream, unfused_params)
+
+    # The loss of bf16 logits is fp32 under autocast (F.cross_entropy's), each gradient in its
+    # parameter's own dtype.
+    assert out.dtype == unfused.dtype == torch.float32
+    for p, g in zip(params, got_grads, strict=True):
+        if p is not None:
+            assert g is not None and g.dtype == p.dtype and torch.isfinite(g).all()
+    # The GEMM ran on the cast operands, accumulated in fp32 and never rounded: fp32 precision
+    # against the oracle (the fp32 operands' loss is ~1e-3 away from it; so is the unfused path).
+    scale = 1.0 + float(want.abs().max())
+    assert _max_err(out, want) <= 2e-5 * scale, (_max_err(out, want), _max_err(unfused, want))
+    assert _max_err(out, want) <= _max_err(unfused, want) + 1e-6 * scale
+    # Gradients: rounded once to bf16 where the unfused path rounds the logits' gradient and then
+    # the GEMM's result: no worse (a margin for the one rounding both share).
+    for got, unf, ref, label in zip(got_grads, unfused_grads, want_grads, ("input", "weight", "bias"), strict=True):
+        if ref is None:
+            continue
+        err, err_unfused = _max_err(got, ref), _max_err(unf, ref)
+        assert err <= 1.25 * err_unfused + 1e-6 * (1.0 + float(ref.abs().max())), (label, err, err_unfused)
