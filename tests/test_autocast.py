@@ -116,3 +116,61 @@ def test_linear_under_autocast_is_the_unfused_path_without_its_rounding(backend,
             continue
         err, err_unfused = _max_err(got, ref), _max_err(unf, ref)
         assert err <= 1.25 * err_unfused + 1e-6 * (1.0 + float(ref.abs().max())), (label, err, err_unfused)
+
+
+# Covering set of the cross-entropy op: bf16 and fp16 logits (fp32 loss under autocast), keep-all
+# and trimmed, each reduction, a segmentation map, smoothing and class weights.
+CE_CASES = {
+    "bf16-keep_all-mean": dict(dtype=torch.bfloat16, keep_ratio=1.0, reduction="mean"),
+    "fp16-hardest-sum-smooth": dict(dtype=torch.float16, keep_ratio=0.4, reduction="sum", label_smoothing=0.1),
+    "bf16-map-easiest-none-weight": dict(
+        dtype=torch.bfloat16, keep_ratio=0.5, reduction="none", keep="easiest", class_weight=True, spatial=True
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CE_CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_under_autocast_gives_the_fp32_loss_of_the_logits(backend, case):
+    """As ``F.cross_entropy`` under autocast: the loss of bf16/fp16 logits formed and returned in
+    fp32, the gradient in the logits' dtype; values to fp32 precision of the float64 loss of the
+    same logits (rounded to bf16/fp16, a loss is off by ~1e-3)."""
+    name, dev = split(backend)
+    spec = dict(CE_CASES[case])
+    dtype, class_weight, spatial = spec.pop("dtype"), spec.pop("class_weight", False), spec.pop("spatial", False)
+    g = torch.Generator().manual_seed(1)
+    shape = (3, 11, 5, 4) if spatial else (41, 13)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype).to(dev)
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g).to(dev)
+    t.view(-1)[::6] = -100
+    kw = dict(spec, weight=(torch.rand(shape[1], generator=g) + 0.5).to(dev) if class_weight else None)
+
+    x64 = x.detach().double().requires_grad_(True)
+    want = trimmed_cross_entropy(x64, t, backend="reference", **kw)
+    upstream = torch.randn(want.shape, generator=torch.Generator().manual_seed(2)).to(dev)
+    (want_grad,) = _grads(want, upstream.double(), [x64])
+
+    leaf = x.detach().clone().requires_grad_(True)
+    with _autocast(dev):
+        out, info = trimmed_cross_entropy(leaf, t, backend=name, return_info=True, **kw)
+    (grad,) = _grads(out, upstream, [leaf])
+
+    assert out.dtype == info.threshold.dtype == info.losses.dtype == torch.float32
+    assert grad.dtype == dtype
+    scale = 1.0 + float(want.detach().abs().max())
+    assert _max_err(out, want) <= 2e-5 * scale
+    per_sample = F.cross_entropy(
+        x64.detach(),
+        t,
+        weight=None if kw["weight"] is None else kw["weight"].double(),
+        reduction="none",
+        label_smoothing=kw.get("label_smoothing", 0.0),
+    )
+    assert _max_err(info.losses, per_sample) <= 2e-5 * (1.0 + float(per_sample.abs().max()))
+    # The gradient rounded once to the logits' dtype, as F.cross_entropy's under autocast.
+    torch.testing.assert_close(grad.double(), want_grad, **_rounding_tolerance(dtype))
+
+
+def _rounding_tolerance(dtype: torch.dtype) -> dict:
+    eps = torch.finfo(dtype).eps
+    return dict(rtol=eps, atol=eps * 1e-3)
