@@ -174,3 +174,84 @@ def test_cross_entropy_under_autocast_gives_the_fp32_loss_of_the_logits(backend,
 def _rounding_tolerance(dtype: torch.dtype) -> dict:
     eps = torch.finfo(dtype).eps
     return dict(rtol=eps, atol=eps * 1e-3)
+
+
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32])
+def test_mixed_dtypes_outside_autocast_raise_naming_the_argument(bias_dtype):
+    x, w, b, t, _, _ = _linear_problem(torch.device("cpu"), torch.bfloat16, bias_dtype is not None)
+    name = "linear_weight"
+    if bias_dtype is not None:  # a matching head, a bias of another dtype
+        w = w.to(torch.bfloat16)
+        name = "linear_bias"
+    with pytest.raises(
+        TypeError, match=rf"{name} has dtype torch.float32 but input has dtype torch.bfloat16.*autocast"
+    ):
+        trimmed_linear_cross_entropy(x, w, t, linear_bias=b, backend="reference")
+    # ... and inside a region where autocast is switched off again.
+    with _autocast(x.device), _autocast(x.device, enabled=False):
+        with pytest.raises(TypeError, match=f"{name} has dtype"):
+            trimmed_linear_cross_entropy(x, w, t, linear_bias=b, backend="reference")
+
+
+@pytest.mark.parametrize("backend", [b for b in LINEAR_BACKENDS if "@" not in b])
+def test_disabled_region_and_fp64_are_the_plain_op_bitwise(backend):
+    """Autocast switched off inside an enabled region, and fp64 operands (which autocast leaves
+    alone), give bitwise the result and gradients of a call outside autocast."""
+    dev = torch.device("cpu")
+    for dtype, enabled in ((torch.float32, False), (torch.float64, True)):
+        x, w, b, t, _, upstream = _linear_problem(dev, dtype, bias=True)
+        w, b = w.to(dtype), b.to(dtype)
+        plain_params = _leaves(x, w, b)
+        plain = trimmed_linear_cross_entropy(*plain_params[:2], t, 0.5, linear_bias=plain_params[2], backend=backend)
+        plain_grads = _grads(plain, upstream, plain_params)
+        params = _leaves(x, w, b)
+        with _autocast(dev), _autocast(dev, enabled=enabled):
+            out = trimmed_linear_cross_entropy(*params[:2], t, 0.5, linear_bias=params[2], backend=backend)
+        grads = _grads(out, upstream, params)
+        assert out.dtype == dtype and torch.equal(out, plain)
+        for a, c in zip(grads, plain_grads, strict=True):
+            assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+def test_backward_inside_the_autocast_region_equals_backward_outside(backend, keep_ratio):
+    """A backward called inside the region (``loss.backward()`` under the ``with``): the native and
+    Triton backward ops run as outside it, bitwise. The reference's backward is made of autograd
+    ops, which autocast casts again there as it does any PyTorch code's: equal within bf16."""
+    name, dev = split(backend)
+    x, w, b, t, _, upstream = _linear_problem(dev, torch.bfloat16, bias=True)
+    results = []
+    for inside in (False, True):
+        params = _leaves(x, w, b)
+        with _autocast(dev):
+            out = trimmed_linear_cross_entropy(*params[:2], t, keep_ratio, linear_bias=params[2], backend=name)
+            if inside:
+                grads = _grads(out, upstream, params)
+        if not inside:
+            grads = _grads(out, upstream, params)
+        results.append(grads)
+    for a, c in zip(*results, strict=True):
+        if name == "reference":
+            torch.testing.assert_close(a, c, rtol=2**-7, atol=2**-7 * float(c.abs().max()))
+        else:
+            assert torch.equal(a, c)
+
+
+def test_module_with_a_bf16_backbone_and_an_fp32_head():
+    """TrimmedLinearCrossEntropyLoss on bf16 hidden states with the model's fp32 head parameter
+    inside autocast: the head's gradient in fp32, as the unfused path gives it."""
+    dev = torch.device("cpu")
+    x, w, _, t, _, _ = _linear_problem(dev, torch.bfloat16, bias=False)
+    head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    criterion = TrimmedLinearCrossEntropyLoss(head.weight, 0.5, backend="reference")
+    with _autocast(dev):
+        loss = criterion(x, t)
+        unfused = trimmed_cross_entropy(head(x), t, 0.5, backend="reference")
+    assert loss.dtype == torch.float32 and criterion.info.losses.dtype == torch.float32
+    (grad,) = torch.autograd.grad(loss, head.weight)
+    (want,) = torch.autograd.grad(unfused, head.weight)
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad, want, rtol=2e-2, atol=2e-3)
