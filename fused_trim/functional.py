@@ -314,12 +314,19 @@ def trimmed_cross_entropy(
             per-token losses as the offset this is Rho-1's excess-loss token selection.
 
     Returns:
-        The loss, in ``input``'s dtype; with ``return_info=True`` the pair ``(loss, info)``.
+        The loss, in ``input``'s dtype (fp32 for bf16/fp16 input under ``torch.autocast``); with
+        ``return_info=True`` the pair ``(loss, info)``.
 
     Note:
         Inputs with spatial dimensions ``(N, C, d1, ...)`` are read in place (the class dimension
         strided) by the native CPU and Triton kernels; the reference and the native CUDA op first
         move them to ``(N * d1 * ..., C)`` with one copy.
+
+    Note:
+        Under ``torch.autocast`` (for the input's device type) the op behaves as ``F.cross_entropy``
+        does there: the loss of bf16/fp16 logits is formed and returned in fp32 (as are
+        ``info.losses`` and ``info.threshold``), the gradient comes back in the logits' dtype. The
+        logits are read as they are (the native backend first widens them to fp32: one copy).
     """
     keep_ratio = _check_keep_ratio(keep_ratio)
     check_choice("keep", keep, KEEP_CHOICES)
@@ -485,7 +492,8 @@ def trimmed_linear_cross_entropy(
 
     Args:
         input: hidden states ``(*, D)``; ``(N, D)`` for ``N`` tokens.
-        linear_weight: the head's weight ``(V, D)`` (``model.lm_head.weight``), dtype of ``input``.
+        linear_weight: the head's weight ``(V, D)`` (``model.lm_head.weight``), of ``input``'s
+            dtype (under ``torch.autocast`` any floating dtype: both are cast, see below).
         target: class indices of shape ``*`` (``input.shape[:-1]``).
         keep_ratio: fraction of the valid rows to keep, as in :func:`trimmed_cross_entropy`.
         linear_bias: the head's bias ``(V,)`` or ``None``.
@@ -500,8 +508,17 @@ def trimmed_linear_cross_entropy(
             a chunk of fp32 logits about the size of the input, and at least 16 MiB.
 
     Returns:
-        The loss in ``input``'s dtype (``"none"``: of ``target``'s shape); with ``return_info=True``
-        the pair ``(loss, info)``.
+        The loss in ``input``'s dtype (``"none"``: of ``target``'s shape; fp32 under autocast, see
+        below); with ``return_info=True`` the pair ``(loss, info)``.
+
+    Note:
+        Under ``torch.autocast`` (for the input's device type) the op behaves as ``F.linear``
+        followed by ``F.cross_entropy`` does there: ``input``, ``linear_weight`` and ``linear_bias``
+        are cast to the autocast dtype as ``F.linear`` casts them (floating tensors other than
+        fp64), so bf16 hidden states with an fp32 head work; the loss is formed and returned in
+        fp32, and each gradient comes back in its parameter's own dtype. The logits themselves are
+        accumulated in fp32 and never rounded to bf16 (the unfused path rounds them), so the result
+        is closer to float64. Outside autocast ``input`` and the head must share a dtype.
 
     Example::
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from .helpers import BACKENDS, split
 
 from fused_trim import TrimmedLinearCrossEntropyLoss, trimmed_cross_entropy, trimmed_linear_cross_entropy
+
+from .helpers import BACKENDS, split
 
 # The LM head has no native CUDA kernel.
 LINEAR_BACKENDS = [b for b in BACKENDS if b != "native@cuda"]
@@ -255,3 +256,39 @@ def test_module_with_a_bf16_backbone_and_an_fp32_head():
     (want,) = torch.autograd.grad(unfused, head.weight)
     assert grad.dtype == torch.float32
     torch.testing.assert_close(grad, want, rtol=2e-2, atol=2e-3)
+
+
+COMPILE_BACKENDS = [b for b in LINEAR_BACKENDS if b in ("native", "triton@cuda")]
+
+
+@pytest.mark.skipif(not COMPILE_BACKENDS, reason="no compiled backend here (native not built, no CUDA)")
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_fullgraph_compile_under_autocast(backend):
+    """The autocast rule is read while tracing: one graph (no break) with the casts, the custom
+    ops' fake kernels for the bf16 operands and the fp32 result; the eager values and gradients."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    name, dev = split(backend)
+    x, w, b, t, _, _ = _linear_problem(dev, torch.bfloat16, bias=True)
+
+    def step(x, w, b, t, logits):
+        with _autocast(dev):
+            head = trimmed_linear_cross_entropy(x, w, t, 0.5, linear_bias=b, backend=name)
+            ce = trimmed_cross_entropy(logits, t, 0.5, backend=name, reduction="sum")
+        return head + ce
+
+    logits = torch.randn(t.shape[0], 9, device=dev).to(torch.bfloat16)
+    t_ce = t.clamp(max=8)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    results = []
+    for fn in (step, compiled):
+        params = _leaves(x, w, b, logits)
+        out = fn(*params[:3], t_ce, params[3])
+        out.backward()
+        results.append([out.detach(), *(p.grad for p in params)])
+    assert counter.frame_count == 1
+    assert results[1][0].dtype == torch.float32
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want)
