@@ -292,3 +292,38 @@ def test_fullgraph_compile_under_autocast(backend):
     assert results[1][0].dtype == torch.float32
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_triton_ops_give_the_result_dtype_under_fake_tensors(monkeypatch):
+    """What ``torch.compile`` traces of the Triton ops (launches stubbed: on the CPU they would
+    hand fake tensors to the interpreter): bf16 operands, an fp32 ``out`` and ``threshold``."""
+    pytest.importorskip("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fused_trim.triton import launch, linear_ce, trimmed_ce
+
+    class _NoLaunch:
+        def __init__(self, kernel):
+            pass
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    for module in (linear_ce, launch, trimmed_ce):
+        monkeypatch.setattr(module, "wrap_triton", _NoLaunch)
+    f32, bf16 = torch.float32, torch.bfloat16
+    with FakeTensorMode():
+        x = torch.empty(40, 16, dtype=bf16)
+        w = torch.empty(30, 16, dtype=bf16)
+        t = torch.empty(40, dtype=torch.int64)
+        res = trimmed_ce.trimmed_ce_fwd(x, t, None, 0.5, None, False, -100, 0.0, 1, None, f32)
+        assert res[0].dtype == res[4].dtype == f32 and res[1].dtype == f32
+        loss, w_y, stats = linear_ce.linear_ce_rows(x, w, None, t, None, -100, 0.0, 32)
+        res = linear_ce.linear_ce_trimmed(loss, w_y, stats, x, w, None, t, None, 0.5, None, False, -100, 0.0, 0, 20, 32)
+        assert res[0].dtype == res[3].dtype == bf16  # the input's without a result dtype
+        res = linear_ce.linear_ce_trimmed(
+            loss, w_y, stats, x, w, None, t, None, 0.5, None, False, -100, 0.0, 0, 20, 32, None, f32
+        )
+        assert res[0].shape == (40,) and res[0].dtype == res[3].dtype == f32
+        res = linear_ce.linear_ce_keep_all(x, w, None, t, None, False, -100, 0.0, 1, 32, True, True, f32)
+        assert res[0].dtype == res[4].dtype == f32 and res[6].dtype == f32

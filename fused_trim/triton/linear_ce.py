@@ -443,10 +443,10 @@ def linear_ce_keep_all(
     ignore_index: int,
     label_smoothing: float,
     reduction: int,
-    result_dtype: torch.dtype | None,
     chunk_size: int,
     need_input: bool,
     need_weight: bool,
+    result_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Every valid row kept (``keep_ratio == 1``, ``reduction`` mean or sum): the losses and the
     unscaled gradient in one pass over chunks of rows, 3 GEMMs a chunk (the row kernels of
@@ -511,7 +511,7 @@ def linear_ce_keep_all(
 
 def _keep_all_setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = inputs[2] is not None
-    ctx.need = inputs[-2:]
+    ctx.need = inputs[10:12]
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
     _, _, _, k, _, denom, d_input, d_weight, d_bias = output
     ctx.save_for_backward(k, denom, d_input, d_weight, d_bias)
@@ -577,10 +577,10 @@ def trimmed_linear_cross_entropy_2d(
             easiest,
             *ce_args[1:],
             code,
-            opts.result_dtype,
             chunk_size,
             input.requires_grad,
             linear_weight.requires_grad,
+            opts.result_dtype,
         )
         return out, losses.detach(), kept, k, threshold.detach()
 
