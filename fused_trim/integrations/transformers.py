@@ -23,6 +23,13 @@ so the micro-batches of one step sum to the token-weighted mean of their trimmed
 micro-batch gives the trimmed mean exactly, keep 1.0 gives transformers' own loss exactly, and a
 micro-batch without valid tokens contributes 0.
 
+**FSDP2 and global trimming.** The head's parameters are read inside the head module's call, where
+FSDP2 has gathered them, with the head in the root's unit or its own (see :class:`_HeadCall`).
+``process_group=`` (the data-parallel group) trims over the global batch: ``n`` and ``k`` above are
+then those of all ranks' micro-batch, ``num_items_in_batch`` must count all ranks' tokens (the
+Trainer's ``average_tokens_across_devices``), and each rank returns its share, which the Trainer
+multiplies by the number of processes, as it does transformers' own loss.
+
 Tested with transformers 5.25 (``pyproject.toml``'s ``hf`` extra states the range).
 """
 
@@ -447,7 +454,9 @@ def apply_fused_trim(
             losses (keep 1.0, ``reduction="none"``, no grad) become ``score_offset``: tokens are
             ranked by their excess loss over the reference (Rho-1).
         backend: as in :func:`~fused_trim.trimmed_linear_cross_entropy`.
-        **op_kwargs: further options of the op (``label_smoothing``, ``chunk_size``, keep rules).
+        **op_kwargs: further options of the op (``label_smoothing``, ``chunk_size``, keep rules,
+            ``process_group``: trim over the global batch of this data-parallel group, e.g. the
+            FSDP2 mesh's; see the module docstring).
 
     Returns:
         ``model``, patched. :func:`remove_fused_trim` undoes it.
