@@ -215,7 +215,7 @@ def ordered_keys(scores: Tensor, keep: Keep) -> Tensor:
     return -1 - key if keep == Keep.EASIEST else key
 
 
-def first_equal_rows(input: Tensor, target: Tensor) -> Tensor:
+def first_equal_rows(input: Tensor, target: Tensor, block_elems: int = 1 << 22) -> Tensor:
     """For each row ``i`` of ``input (N, D)``, the lowest index ``j`` whose row and target are
     bitwise equal to row ``i``'s (``i`` itself when none comes before it); ``(N,)`` int64.
 
@@ -225,18 +225,25 @@ def first_equal_rows(input: Tensor, target: Tensor) -> Tensor:
     loss from its first occurrence makes equal rows tie whatever the BLAS and the chunking.
     Static shapes only (a hash sort, then exact comparison of neighbours), so it traces under
     ``torch.compile``; a hash collision can only leave a duplicate unmatched, never match unequal rows.
+    The hash and the comparison run over blocks of rows of about ``block_elems`` elements.
     """
-    n = input.shape[0]
+    n, d = input.shape
     if n < 2:
         return torch.arange(n, device=input.device)
     width = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[input.element_size()]
-    bits = input.contiguous().view(width)
-    cols = torch.arange(1, input.shape[1] + 1, device=input.device, dtype=torch.int64)
+    bits = input.view(width) if input.stride(-1) == 1 else input.contiguous().view(width)
+    cols = torch.arange(1, d + 1, device=input.device, dtype=torch.int64)
     mult = (cols * -7046029254386353131) ^ (cols << 29)  # odd-ish per-column multipliers (wrapping)
-    h = (bits.to(torch.int64) * mult).sum(1) * -4658895280553007687 + target.to(torch.int64)
+    # Row blocks bound the temporaries to about ``block_elems`` elements (the input may be GiBs).
+    step = max(1, block_elems // max(d, 1))
+    blocks = [(bits[i : i + step].to(torch.int64) * mult).sum(1) for i in range(0, n, step)]
+    h = torch.cat(blocks) * -4658895280553007687 + target.to(torch.int64)
     order = torch.sort(h, stable=True).indices
-    xs, ts, hs = bits[order], target[order], h[order]
-    same = (hs[1:] == hs[:-1]) & (ts[1:] == ts[:-1]) & (xs[1:] == xs[:-1]).all(1)
+    hs, ts = h[order], target[order]
+    same = (hs[1:] == hs[:-1]) & (ts[1:] == ts[:-1])
+    lo, hi = order[:-1], order[1:]  # sorted neighbours, compared exactly a block of pairs at a time
+    equal = [(bits[hi[i : i + step]] == bits[lo[i : i + step]]).all(1) for i in range(0, n - 1, step)]
+    same = same & torch.cat(equal)
     pos = torch.arange(n, device=input.device)
     start = torch.cat([pos[:1], torch.where(same, torch.zeros_like(pos[1:]), pos[1:])]).cummax(0).values
     first = torch.empty_like(order).scatter_(0, order, order[start])

@@ -42,7 +42,14 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .._common import TrimOptions, acc_dtype, double_backward_message, forms_gradient_in_forward, host_k
+from .._common import (
+    TrimOptions,
+    acc_dtype,
+    double_backward_message,
+    first_equal_rows,
+    forms_gradient_in_forward,
+    host_k,
+)
 from .ce_backward import ce_backward_kernel
 from .ce_forward import ce_forward_kernel
 from .launch import device_guard, device_ratio, float64_bits, row_config, select_rows
@@ -573,6 +580,9 @@ def trimmed_linear_cross_entropy_2d(
 
     detached = [None if p is None else p.detach() for p in params]
     losses, w_y, stats = linear_ce_rows(*detached, target, *ce_args, chunk_size)
+    # Bitwise equal rows (duplicated tokens) tie, wherever cuBLAS placed them in a chunk's tile.
+    first = first_equal_rows(detached[0], target)
+    losses, w_y, stats = losses[first], w_y[first], stats[:, first]
     if share is not None:
         ratio_t, keep_ratio = share(losses, target != opts.ignore_index), 1.0
     max_kept = host_k(num_rows, keep_ratio) if ratio_t is None else num_rows
