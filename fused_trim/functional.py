@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,6 +47,43 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["resolve_backend", "trimmed_cross_entropy", "trimmed_linear_cross_entropy"]
+
+
+def _dtensor_class() -> type | None:
+    """``DTensor`` once ``torch.distributed.tensor`` is loaded. No DTensor exists before that, and
+    importing it here would add its import time to the first call of every program."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+def _reject_dtensors(**named: object) -> None:
+    """A clear error for a DTensor where the op takes this rank's own rows (or a constant)."""
+    dtensor = _dtensor_class()
+    if dtensor is None:
+        return
+    for name, value in named.items():
+        if isinstance(value, dtensor):
+            raise TypeError(
+                f"{name} must be a plain tensor, got a DTensor with placements {tuple(value.placements)}: pass "
+                f"this rank's local tensor ({name}.to_local()); the op trims the rows it is given, and "
+                "process_group= trims over the rows of every rank"
+            )
+
+
+def _gathered(value: Tensor | None) -> Tensor | None:
+    """A DTensor head parameter as the full tensor, gathered over its device mesh for this call.
+
+    The gradient goes back to the DTensor in its own placements (a reduce-scatter for ``Shard``, an
+    all-reduce for ``Replicate``) as the *mean* over the mesh of each rank's gradient: what FSDP2
+    (and DDP) make of data-parallel gradients, and each rank's own gradient where every rank holds
+    the same input. A plain tensor comes back as it is.
+    """
+    dtensor = _dtensor_class()
+    if dtensor is None or not isinstance(value, dtensor):
+        return value
+    from torch.distributed.tensor import Partial
+
+    return value.full_tensor(grad_placements=[Partial("avg")] * value.device_mesh.ndim)
 
 
 def _host_checkable(t: Tensor) -> bool:
@@ -332,6 +370,7 @@ def trimmed_cross_entropy(
     check_choice("keep", keep, KEEP_CHOICES)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKENDS)
+    _reject_dtensors(input=input, target=target, weight=weight, score_offset=score_offset)
     _check_shapes(input, target)
     _check_scalar_options(ignore_index, label_smoothing)
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
@@ -490,10 +529,21 @@ def trimmed_linear_cross_entropy(
     the host; rows beyond ``k`` contribute zero), with a tensor ratio all ``N`` rows. The CPU
     backends gather exactly the kept rows.
 
+    A ``DTensor`` ``linear_weight`` or ``linear_bias`` (the parameter of an FSDP2 ``fully_shard``-ed
+    head read outside the head's forward, or any sharded or replicated DTensor) is gathered over its
+    device mesh for the call (one all-gather; the full tensor is held for the backward, as FSDP2
+    holds an unsharded parameter), and its gradient comes back as a DTensor in the parameter's
+    placements holding the mean over the mesh of each rank's gradient (a reduce-scatter), as FSDP2
+    and DDP average data-parallel gradients. Inside the head module's forward FSDP2 has gathered the
+    parameter itself (a plain tensor there) and its own hooks reduce the gradient; the Hugging Face
+    integration calls the op there. ``input``, ``target``, ``weight`` and ``score_offset`` are this
+    rank's plain tensors (a DTensor raises).
+
     Args:
         input: hidden states ``(*, D)``; ``(N, D)`` for ``N`` tokens.
         linear_weight: the head's weight ``(V, D)`` (``model.lm_head.weight``), of ``input``'s
-            dtype (under ``torch.autocast`` any floating dtype: both are cast, see below).
+            dtype (under ``torch.autocast`` any floating dtype: both are cast, see below); a plain
+            tensor or a DTensor (see above).
         target: class indices of shape ``*`` (``input.shape[:-1]``).
         keep_ratio: fraction of the valid rows to keep, as in :func:`trimmed_cross_entropy`.
         linear_bias: the head's bias ``(V,)`` or ``None``.
@@ -529,6 +579,8 @@ def trimmed_linear_cross_entropy(
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKENDS)
     chunk_size = check_chunk_size(chunk_size)
+    _reject_dtensors(input=input, target=target, weight=weight, score_offset=score_offset)
+    linear_weight, linear_bias = _gathered(linear_weight), _gathered(linear_bias)
     cast_to = autocast_dtype(input.device) if isinstance(input, Tensor) else None
     if cast_to is not None:
         # Autocast's rule for F.linear: its floating operands (fp64 excepted) in the autocast dtype,
