@@ -41,7 +41,9 @@ class TrimOptions(NamedTuple):
     ``keep_ratio`` is a Python float in ``(0, 1]`` or a 0-dim tensor: floating (a ratio) or, inside
     the library, int64 (an exact count, a rank's share of a global selection). ``score_offset`` is
     flat ``(M,)`` and detached. ``chunk_size`` (rows of logits at a time) is the LM head's and
-    always set there.
+    always set there. ``result_dtype`` is the dtype of ``out`` and ``threshold`` (``None``: the
+    input's); under ``torch.autocast`` the dispatch layer sets it to fp32 for bf16/fp16 inputs
+    (:func:`autocast_dtype`).
 
     The keep rule (:func:`keep_k`): ``keep_count`` (an int >= 0 or a 0-dim int64 tensor) when not
     ``None``, else ``keep_threshold`` (a finite float or a 0-dim floating tensor) with ``min_kept``
@@ -65,11 +67,39 @@ class TrimOptions(NamedTuple):
     group_reduction: str = "mean"
     logit_softcap: float | None = None
     z_loss: float = 0.0
+    result_dtype: torch.dtype | None = None
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype of every sum, max and exp: fp64 for fp64 input, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def out_dtype(opts: TrimOptions, input_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a backend's ``out`` and ``threshold``: ``opts.result_dtype``, else the input's."""
+    return input_dtype if opts.result_dtype is None else opts.result_dtype
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (what ``F.linear`` casts its operands to) when ``torch.autocast`` is on
+    for ``device``'s type, else ``None``. ``torch.compile`` reads it as the state it traces under."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def autocast_cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``t`` as autocast casts an operand of a lower-precision op: floating tensors other than
+    fp64 go to ``dtype`` (differentiably: the gradient comes back in ``t``'s own dtype)."""
+    if t is None or not t.is_floating_point() or t.dtype in (torch.float64, dtype):
+        return t
+    return t.to(dtype)
+
+
+def autocast_result_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The loss dtype ``F.cross_entropy`` gives under autocast for logits of ``dtype``: fp32 for
+    bf16/fp16 (the op is on autocast's fp32 list), else ``None`` (the input's own dtype)."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else None
 
 
 def double_backward_message(op: str) -> str:

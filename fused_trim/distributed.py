@@ -43,6 +43,7 @@ from ._common import (
     exact_count_options,
     keep_k,
     ordered_keys,
+    out_dtype,
     past_threshold,
     ranking_scores,
 )
@@ -130,8 +131,9 @@ def trimmed_cross_entropy_global(
         _, losses, _, _, _ = backend_fn(input.detach(), target, every_row)
     k_local, k_global, threshold = global_share(losses, valid, opts, group)
     out, _, kept, _, _ = backend_fn(input, target, _local_options(opts, k_local))
-    out, global_loss = _scale_for_averaging(out, kept, target, opts, input.dtype, group)
-    return out, losses, kept, k_global, threshold.to(input.dtype), global_loss
+    dtype = out_dtype(opts, input.dtype)
+    out, global_loss = _scale_for_averaging(out, kept, target, opts, dtype, group)
+    return out, losses, kept, k_global, threshold.to(dtype), global_loss
 
 
 def trimmed_linear_cross_entropy_global(
@@ -157,8 +159,9 @@ def trimmed_linear_cross_entropy_global(
 
     local = _local_options(opts, None)
     out, losses, kept, _, _ = backend_fn(input, linear_weight, linear_bias, target, local, share=share)
-    out, global_loss = _scale_for_averaging(out, kept, target, opts, input.dtype, group)
-    return out, losses, kept, found["k"], found["threshold"].to(input.dtype), global_loss
+    dtype = out_dtype(opts, input.dtype)
+    out, global_loss = _scale_for_averaging(out, kept, target, opts, dtype, group)
+    return out, losses, kept, found["k"], found["threshold"].to(dtype), global_loss
 
 
 def _local_options(opts: TrimOptions, count: Tensor | None) -> TrimOptions:

@@ -11,8 +11,10 @@ point is ``trimmed_cross_entropy_2d(input, target, opts)`` or
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +31,9 @@ from ._common import (
     Reduction,
     TrimInfo,
     TrimOptions,
+    autocast_cast,
+    autocast_dtype,
+    autocast_result_dtype,
     check_choice,
     check_chunk_size,
     check_ignore_index,
@@ -36,6 +41,7 @@ from ._common import (
     check_ratio,
     check_weight,
     default_chunk_size,
+    out_dtype,
     ranking_scores,
 )
 
@@ -43,6 +49,43 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["resolve_backend", "trimmed_cross_entropy", "trimmed_linear_cross_entropy"]
+
+
+def _dtensor_class() -> type | None:
+    """``DTensor`` once ``torch.distributed.tensor`` is loaded. No DTensor exists before that, and
+    importing it here would add its import time to the first call of every program."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+def _reject_dtensors(**named: object) -> None:
+    """A clear error for a DTensor where the op takes this rank's own rows (or a constant)."""
+    dtensor = _dtensor_class()
+    if dtensor is None:
+        return
+    for name, value in named.items():
+        if isinstance(value, dtensor):
+            raise TypeError(
+                f"{name} must be a plain tensor, got a DTensor with placements {tuple(value.placements)}: pass "
+                f"this rank's local tensor ({name}.to_local()); the op trims the rows it is given, and "
+                "process_group= trims over the rows of every rank"
+            )
+
+
+def _gathered(value: Tensor | None) -> Tensor | None:
+    """A DTensor head parameter as the full tensor, gathered over its device mesh for this call.
+
+    The gradient goes back to the DTensor in its own placements (a reduce-scatter for ``Shard``, an
+    all-reduce for ``Replicate``) as the *mean* over the mesh of each rank's gradient: what FSDP2
+    (and DDP) make of data-parallel gradients, and each rank's own gradient where every rank holds
+    the same input. A plain tensor comes back as it is.
+    """
+    dtensor = _dtensor_class()
+    if dtensor is None or not isinstance(value, dtensor):
+        return value
+    from torch.distributed.tensor import Partial
+
+    return value.full_tensor(grad_placements=[Partial("avg")] * value.device_mesh.ndim)
 
 
 def _host_checkable(t: Tensor) -> bool:
@@ -271,6 +314,7 @@ def _options(
     reduction: str,
     score_offset: Tensor | None,
     chunk_size: int | None = None,
+    result_dtype: torch.dtype | None = None,
     rule: tuple = (None, None, 0),
 ) -> TrimOptions:
     """The one options record every backend receives, from validated public arguments; ``rule``
@@ -288,7 +332,15 @@ def _options(
         reduction=Reduction[reduction.upper()],
         score_offset=score_offset,
         chunk_size=chunk_size,
+        result_dtype=result_dtype,
     )
+
+
+def _backend_context(cast_to: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """Where a backend runs: with autocast off for ``device``'s type when it was on (``cast_to``),
+    so that no op inside a backend is cast again: the dispatch layer has applied autocast's rule
+    once, for every backend (see :func:`trimmed_linear_cross_entropy`)."""
+    return contextlib.nullcontext() if cast_to is None else torch.autocast(device.type, enabled=False)
 
 
 def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu") -> str:
@@ -394,17 +446,25 @@ def trimmed_cross_entropy(
             per-token losses as the offset this is Rho-1's excess-loss token selection.
 
     Returns:
-        The loss, in ``input``'s dtype; with ``return_info=True`` the pair ``(loss, info)``.
+        The loss, in ``input``'s dtype (fp32 for bf16/fp16 input under ``torch.autocast``); with
+        ``return_info=True`` the pair ``(loss, info)``.
 
     Note:
         Inputs with spatial dimensions ``(N, C, d1, ...)`` are read in place (the class dimension
         strided) by the native CPU and Triton kernels; the reference and the native CUDA op first
         move them to ``(N * d1 * ..., C)`` with one copy.
+
+    Note:
+        Under ``torch.autocast`` (for the input's device type) the op behaves as ``F.cross_entropy``
+        does there: the loss of bf16/fp16 logits is formed and returned in fp32 (as are
+        ``info.losses`` and ``info.threshold``), the gradient comes back in the logits' dtype. The
+        logits are read as they are (the native backend first widens them to fp32: one copy).
     """
     keep_ratio, *rule = _check_keep_rule(keep_ratio, keep_count, keep_threshold, min_kept)
     check_choice("keep", keep, KEEP_CHOICES)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKENDS)
+    _reject_dtensors(input=input, target=target, weight=weight, score_offset=score_offset)
     _check_shapes(input, target)
     _check_scalar_options(ignore_index, label_smoothing)
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
@@ -431,17 +491,23 @@ def trimmed_cross_entropy(
     t1d = target.reshape(-1)
     if t1d.shape[0] == 0:
         name = "reference"  # an empty batch launches no kernel (a rank may still join collectives)
-    opts = _options(keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, rule=rule)
+    # Under autocast F.cross_entropy forms bf16/fp16 logits' loss in fp32: so do the backends (their
+    # statistics are fp32 anyway), and the loss comes back in fp32; the logits are read as they are.
+    cast_to = autocast_dtype(input.device)
+    result_dtype = None if cast_to is None else autocast_result_dtype(input.dtype)
+    opts = _options(keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, None, result_dtype, rule)
     global_loss = None
-    if process_group is None:
-        out, losses, kept, k, threshold = _backend_fn(name)(x2d, t1d, opts)
-    else:
-        from .distributed import trimmed_cross_entropy_global
+    with _backend_context(cast_to, input.device):
+        if process_group is None:
+            out, losses, kept, k, threshold = _backend_fn(name)(x2d, t1d, opts)
+        else:
+            from .distributed import trimmed_cross_entropy_global
 
-        out, losses, kept, k, threshold, global_loss = trimmed_cross_entropy_global(
-            _backend_fn(name), x2d, t1d, opts, process_group
-        )
-    return _result(out, losses, kept, k, threshold, global_loss, offset, target, input.dtype, return_info)
+            out, losses, kept, k, threshold, global_loss = trimmed_cross_entropy_global(
+                _backend_fn(name), x2d, t1d, opts, process_group
+            )
+    dtype = out_dtype(opts, input.dtype)
+    return _result(out, losses, kept, k, threshold, global_loss, offset, target, dtype, return_info)
 
 
 def _result(
@@ -492,7 +558,10 @@ def _check_linear_shapes(input: Tensor, linear_weight: Tensor, linear_bias: Tens
         if value is None:
             continue
         if value.dtype != input.dtype:
-            raise TypeError(f"{name} has dtype {value.dtype} but input has dtype {input.dtype}")
+            raise TypeError(
+                f"{name} has dtype {value.dtype} but input has dtype {input.dtype}: convert one of them, "
+                "or call under torch.autocast, which casts both as F.linear does"
+            )
         if value.device != input.device:
             raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -557,9 +626,21 @@ def trimmed_linear_cross_entropy(
     the host; rows beyond ``k`` contribute zero), with a tensor ratio all ``N`` rows. The CPU
     backends gather exactly the kept rows.
 
+    A ``DTensor`` ``linear_weight`` or ``linear_bias`` (the parameter of an FSDP2 ``fully_shard``-ed
+    head read outside the head's forward, or any sharded or replicated DTensor) is gathered over its
+    device mesh for the call (one all-gather; the full tensor is held for the backward, as FSDP2
+    holds an unsharded parameter), and its gradient comes back as a DTensor in the parameter's
+    placements holding the mean over the mesh of each rank's gradient (a reduce-scatter), as FSDP2
+    and DDP average data-parallel gradients. Inside the head module's forward FSDP2 has gathered the
+    parameter itself (a plain tensor there) and its own hooks reduce the gradient; the Hugging Face
+    integration calls the op there. ``input``, ``target``, ``weight`` and ``score_offset`` are this
+    rank's plain tensors (a DTensor raises).
+
     Args:
         input: hidden states ``(*, D)``; ``(N, D)`` for ``N`` tokens.
-        linear_weight: the head's weight ``(V, D)`` (``model.lm_head.weight``), dtype of ``input``.
+        linear_weight: the head's weight ``(V, D)`` (``model.lm_head.weight``), of ``input``'s
+            dtype (under ``torch.autocast`` any floating dtype: both are cast, see below); a plain
+            tensor or a DTensor (see above).
         target: class indices of shape ``*`` (``input.shape[:-1]``).
         keep_ratio, keep_count, keep_threshold, min_kept: the keep rule, as in
             :func:`trimmed_cross_entropy` (exactly one of the first three; ``None`` is not given).
@@ -575,8 +656,17 @@ def trimmed_linear_cross_entropy(
             a chunk of fp32 logits about the size of the input, and at least 16 MiB.
 
     Returns:
-        The loss in ``input``'s dtype (``"none"``: of ``target``'s shape); with ``return_info=True``
-        the pair ``(loss, info)``.
+        The loss in ``input``'s dtype (``"none"``: of ``target``'s shape; fp32 under autocast, see
+        below); with ``return_info=True`` the pair ``(loss, info)``.
+
+    Note:
+        Under ``torch.autocast`` (for the input's device type) the op behaves as ``F.linear``
+        followed by ``F.cross_entropy`` does there: ``input``, ``linear_weight`` and ``linear_bias``
+        are cast to the autocast dtype as ``F.linear`` casts them (floating tensors other than
+        fp64), so bf16 hidden states with an fp32 head work; the loss is formed and returned in
+        fp32, and each gradient comes back in its parameter's own dtype. The logits themselves are
+        accumulated in fp32 and never rounded to bf16 (the unfused path rounds them), so the result
+        is closer to float64. Outside autocast ``input`` and the head must share a dtype.
 
     Example::
 
@@ -587,6 +677,15 @@ def trimmed_linear_cross_entropy(
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKENDS)
     chunk_size = check_chunk_size(chunk_size)
+    _reject_dtensors(input=input, target=target, weight=weight, score_offset=score_offset)
+    linear_weight, linear_bias = _gathered(linear_weight), _gathered(linear_bias)
+    cast_to = autocast_dtype(input.device) if isinstance(input, Tensor) else None
+    if cast_to is not None:
+        # Autocast's rule for F.linear: its floating operands (fp64 excepted) in the autocast dtype,
+        # differentiably, so each parameter's gradient comes back in its own dtype.
+        input, linear_weight, linear_bias = (
+            autocast_cast(t, cast_to) if isinstance(t, Tensor) else t for t in (input, linear_weight, linear_bias)
+        )
     _check_linear_shapes(input, linear_weight, linear_bias, target)
     _check_scalar_options(ignore_index, label_smoothing)
     num_classes, in_features = linear_weight.shape
@@ -602,14 +701,20 @@ def trimmed_linear_cross_entropy(
     if t1d.shape[0] == 0:
         name = "reference"
     fn = _linear_backend_fn(name)
-    opts = _options(keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, chunk_size, rule)
+    # ... and F.cross_entropy's: the loss of those (never rounded) logits formed and returned in fp32.
+    result_dtype = None if cast_to is None else autocast_result_dtype(input.dtype)
+    opts = _options(
+        keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, chunk_size, result_dtype, rule
+    )
     global_loss = None
-    if process_group is None:
-        out, losses, kept, k, threshold = fn(x2d, linear_weight, linear_bias, t1d, opts)
-    else:
-        from .distributed import trimmed_linear_cross_entropy_global
+    with _backend_context(cast_to, input.device):
+        if process_group is None:
+            out, losses, kept, k, threshold = fn(x2d, linear_weight, linear_bias, t1d, opts)
+        else:
+            from .distributed import trimmed_linear_cross_entropy_global
 
-        out, losses, kept, k, threshold, global_loss = trimmed_linear_cross_entropy_global(
-            fn, x2d, linear_weight, linear_bias, t1d, opts, process_group
-        )
-    return _result(out, losses, kept, k, threshold, global_loss, offset, target, input.dtype, return_info)
+            out, losses, kept, k, threshold, global_loss = trimmed_linear_cross_entropy_global(
+                fn, x2d, linear_weight, linear_bias, t1d, opts, process_group
+            )
+    dtype = out_dtype(opts, input.dtype)
+    return _result(out, losses, kept, k, threshold, global_loss, offset, target, dtype, return_info)

@@ -363,12 +363,26 @@ def _check_loaded(input: Tensor) -> None:
             raise RuntimeError(f"backend='native' cannot run here: {reason}")
 
 
+def _widened(opts: TrimOptions, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The ops' operands for ``opts.result_dtype``: the C++ ops return ``out`` in their input's
+    dtype, so a wider result (fp32 for bf16/fp16 operands under autocast) comes from operands
+    widened to it (differentiably: the gradient is rounded back once, as autocast's casts do).
+    Exact: the statistics are fp32 either way, and a GEMM of widened bf16/fp16 values in fp32 is
+    one of the narrow values with fp32 accumulation. It costs a widened copy of each operand."""
+    dtype = tensors[0].dtype
+    if opts.result_dtype is None or opts.result_dtype == dtype:
+        return tensors
+    return tuple(None if t is None else t.to(opts.result_dtype) for t in tensors)
+
+
 def trimmed_cross_entropy_2d(
     input: Tensor, target: Tensor, opts: TrimOptions
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The contract of :func:`fused_trim.reference.trimmed_cross_entropy_2d`; differences: the
-    CPU op reads ``(N, C, S)`` in place, the CUDA op first copies it to ``(M, C)`` rows."""
+    CPU op reads ``(N, C, S)`` in place, the CUDA op first copies it to ``(M, C)`` rows; a wider
+    ``result_dtype`` widens the input first (:func:`_widened`)."""
     _check_loaded(input)
+    (input,) = _widened(opts, input)
     if not input.is_cpu:
         # The CUDA op reads (M, C) rows with unit class stride: spatial inputs cost one copy.
         input = as_rows(input)
@@ -415,7 +429,8 @@ def trimmed_linear_cross_entropy_2d(
     ``gradient_in_forward`` is true, ``linear_ce_keep_all`` instead forms the unscaled gradient
     during the forward (3 GEMMs; each chunk's logits held tile-major, so a tile's three GEMMs run
     on one dense block) and the backward only scales it by the upstream scalar (and
-    ``1 / denominator`` for "mean"). ``gradient_in_forward=False`` always recomputes.
+    ``1 / denominator`` for "mean"). ``gradient_in_forward=False`` always recomputes. A wider
+    ``result_dtype`` widens the operands first (:func:`_widened`).
     """
     if not input.is_cpu:
         raise RuntimeError(
@@ -423,6 +438,7 @@ def trimmed_linear_cross_entropy_2d(
             "native op has CPU kernels only (use backend='triton' or 'auto' on CUDA)"
         )
     _check_loaded(input)
+    input, linear_weight, linear_bias = _widened(opts, input, linear_weight, linear_bias)
     code = int(opts.reduction)
     ce_args = (opts.weight, int(opts.ignore_index), float(opts.label_smoothing))
     chunk_size = int(opts.chunk_size)

@@ -334,7 +334,10 @@ class TrimmedLinearCrossEntropyLoss(_ScheduledLoss):
     Args:
         linear_weight: the head's weight ``(V, D)``, e.g. ``model.lm_head.weight``. Held by
             reference, not registered: it stays a parameter of the model only. ``None``: pass it
-            to every forward.
+            to every forward. Under FSDP2 build the module after ``fully_shard`` (which replaces
+            the parameters): it then holds the sharded DTensor, which the op gathers (see
+            :func:`~fused_trim.trimmed_linear_cross_entropy`); or pass the head's parameters to
+            a forward called inside the model's, where FSDP2 has gathered them.
         keep_ratio: a float in ``(0, 1]`` or a schedule (``keep_count``, ``keep_threshold`` and
             ``min_kept``, keywords, as in :class:`TrimmedCrossEntropyLoss`).
         linear_bias: the head's bias ``(V,)`` (held like ``linear_weight``) or ``None``.

@@ -22,6 +22,7 @@ from ._common import (
     as_rows,
     first_equal_rows,
     ordered_keys,
+    out_dtype,
     ranking_scores,
     rule_k,
 )
@@ -96,7 +97,8 @@ def trimmed_cross_entropy_2d(
     Returns ``(out, losses, kept, k, threshold)``; ``out`` is 0-dim for ``"mean"``/``"sum"`` and
     ``(M,)`` for ``"none"``. Only ``out`` carries gradient, and only through the kept rows.
     ``losses`` are the per-sample losses in the accumulation dtype (fp32; fp64 for fp64 input), as
-    every backend returns them; the rest is in the input dtype. ``score_offset`` (``(M,)``, or
+    every backend returns them; ``out`` and ``threshold`` are in ``opts.result_dtype`` (default: the
+    input dtype; fp32 under autocast). ``score_offset`` (``(M,)``, or
     ``None``): rank ``losses - score_offset`` (:func:`fused_trim._common.ranking_scores`) instead
     of the losses; ``threshold`` is then the k-th score.
     """
@@ -123,13 +125,8 @@ def trimmed_cross_entropy_2d(
         out = kept_loss.sum()
     else:
         out = kept_loss.sum() / kept_w.sum()
-    return (
-        out.to(input.dtype),
-        losses,
-        kept,
-        k,
-        threshold.to(input.dtype),
-    )
+    dtype = out_dtype(opts, input.dtype)
+    return out.to(dtype), losses, kept, k, threshold.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,4 +222,5 @@ def trimmed_linear_cross_entropy_2d(
         out = kept_loss.sum()
     else:
         out = kept_loss.sum() / kept_w.sum()
-    return out.to(input.dtype), losses, kept, k, threshold.to(input.dtype)
+    dtype = out_dtype(opts, input.dtype)
+    return out.to(dtype), losses, kept, k, threshold.to(dtype)

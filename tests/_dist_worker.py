@@ -327,6 +327,295 @@ def signed_zeros(rank: int, backends: list[str]) -> list[str]:
     return lines
 
 
+def _full_grads_close(
+    case: str, model: torch.nn.Module, single: torch.nn.Module, atol: float = 1e-12, rtol: float = 1e-9
+) -> None:
+    """Every parameter's gradient, gathered from its shards, equals one process's (by name)."""
+    expected = dict(single.named_parameters())
+    names = [name for name, _ in model.named_parameters()]
+    assert names == list(expected), case
+    for name, p in model.named_parameters():
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        torch.testing.assert_close(grad, expected[name].grad, rtol=rtol, atol=atol, msg=f"{case}: {name}")
+
+
+class _BodyHead(torch.nn.Module):
+    """A body and an LM head; the forward returns the body's hidden states, or with a criterion the
+    loss computed inside the forward (where FSDP2 has gathered the root's parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(6, 8)
+        self.head = torch.nn.Linear(8, 13)  # 13 rows: uneven shards (7 and 6) on two ranks
+
+    def forward(self, feats, target=None, criterion=None):
+        hidden = self.body(feats)
+        if criterion is None:
+            return hidden
+        return criterion(hidden, target, self.head.weight, self.head.bias)
+
+
+def sharded_head(rank: int, backends: list[str]) -> list[str]:
+    """DTensor head parameters passed to the op directly: gathered for the call, their gradients
+    DTensors in the parameter's placements holding the mean of the ranks' gradients; a DTensor
+    input is an error saying what to pass."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from fused_trim import TrimmedLinearCrossEntropyLoss, trimmed_linear_cross_entropy
+
+    world = dist.get_world_size()
+    rows, split = 22, 9
+    feats, target = _batch(5, rows)
+    target = target.clamp(max=12)
+    part = slice(0, split) if rank == 0 else slice(split, rows)
+    torch.manual_seed(3)
+    base = _BodyHead().double()
+    upstream = 1.7  # a non-unit upstream gradient
+    lines = []
+    for backend in backends:
+        for keep, group in (("hardest", dist.group.WORLD), ("easiest", None)):
+            case = f"direct/{backend}/{keep}/{'global' if group else 'local'}"
+            kw = dict(keep=keep, backend=backend, chunk_size=4)
+            # Every rank runs the one-process oracle: with a group, the whole batch trimmed at once;
+            # without, each rank's own trimmed loss, whose gradients FSDP2 would average.
+            single = copy.deepcopy(base.head)
+            hidden_all = base.body(feats).detach().requires_grad_(True)
+            parts = [slice(None)] if group is not None else [slice(0, split), slice(split, rows)]
+            for p in parts:
+                ref = trimmed_linear_cross_entropy(
+                    hidden_all[p], single.weight, target[p], 0.4, linear_bias=single.bias, **kw
+                )
+                (ref * upstream / len(parts)).backward()
+
+            head = copy.deepcopy(base.head)
+            fully_shard(head)
+            assert type(head.weight).__name__ == "DTensor", case
+            hidden = hidden_all.detach()[part].clone().requires_grad_(True)
+            loss = trimmed_linear_cross_entropy(
+                hidden, head.weight, target[part], 0.4, linear_bias=head.bias, process_group=group, **kw
+            )
+            (loss * upstream).backward()
+            for p in (head.weight, head.bias):
+                assert type(p.grad).__name__ == "DTensor" and p.grad.placements == p.placements, case
+            _full_grads_close(case, head, single)
+            # The rank's own input gradient: world x its rows' share under a group (averaging
+            # follows), its own loss's otherwise.
+            scale = world if group is not None else len(parts)
+            torch.testing.assert_close(hidden.grad, hidden_all.grad[part] * scale, rtol=1e-9, atol=1e-12, msg=case)
+            lines.append(case)
+
+    # A replicated DTensor weight: an all-reduce brings back the mean of the ranks' gradients.
+    mesh = init_device_mesh("cpu", (world,))
+    weight = distribute_tensor(base.head.weight.detach(), mesh, [Replicate()]).requires_grad_(True)
+    hidden = base.body(feats).detach()
+    mine = trimmed_linear_cross_entropy(hidden[part], weight, target[part], 0.5, keep="easiest")
+    mine.backward()
+    assert weight.grad.placements == (Replicate(),)
+    single = base.head.weight.detach().clone().requires_grad_(True)
+    for p in (slice(0, split), slice(split, rows)):
+        (trimmed_linear_cross_entropy(hidden[p], single, target[p], 0.5, keep="easiest") / world).backward()
+    torch.testing.assert_close(weight.grad.to_local(), single.grad, rtol=1e-9, atol=1e-12)
+    lines.append("replicate")
+
+    # The loss module with a sharded head: holding the sharded parameters (built after
+    # fully_shard) and called outside the forward, or given the head's parameters inside it.
+    for inside in (False, True):
+        case = f"module/{'inside' if inside else 'outside'}-forward"
+        single = copy.deepcopy(base)
+        ref = trimmed_linear_cross_entropy(
+            single.body(feats), single.head.weight, target, 0.4, linear_bias=single.head.bias, chunk_size=4
+        )
+        ref.backward()
+        model = copy.deepcopy(base)
+        fully_shard(model.body)
+        fully_shard(model)
+        if inside:
+            criterion = TrimmedLinearCrossEntropyLoss(None, 0.4, chunk_size=4, process_group=dist.group.WORLD)
+            loss = model(feats[part], target[part], criterion)
+        else:
+            criterion = TrimmedLinearCrossEntropyLoss(
+                model.head.weight, 0.4, linear_bias=model.head.bias, chunk_size=4, process_group=dist.group.WORLD
+            )
+            loss = criterion(model(feats[part]), target[part])
+        loss.backward()
+        torch.testing.assert_close(criterion.info.global_loss, ref.detach(), rtol=1e-9, atol=1e-12, msg=case)
+        _full_grads_close(case, model, single)
+        lines.append(case)
+
+    try:
+        trimmed_linear_cross_entropy(distribute_tensor(hidden, mesh, [Replicate()]), weight, target, 0.5)
+    except TypeError as exc:
+        assert "input must be a plain tensor" in str(exc) and "to_local()" in str(exc), exc
+    else:
+        raise AssertionError("a DTensor input did not raise")
+    lines.append("dtensor-input")
+    return lines
+
+
+def _tiny_lm(kind: str, vocab: int, positions: int, dtype: torch.dtype) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=positions,
+            tie_word_embeddings=False,
+        )
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+        )
+        model = transformers.GPT2LMHeadModel(cfg)
+    return model.to(dtype).train()
+
+
+def _fully_shard_lm(model: torch.nn.Module, head_unit: bool) -> None:
+    """Each decoder layer and the root their own FSDP2 unit; the head in the root's, or its own."""
+    from torch.distributed.fsdp import fully_shard
+
+    llama = hasattr(model, "model")
+    for block in model.model.layers if llama else model.transformer.h:
+        fully_shard(block)
+    if head_unit:
+        # A tied head shares its weight with the input embedding, so one unit holds both.
+        fully_shard(model.lm_head if llama else [model.transformer.wte, model.lm_head])
+    fully_shard(model)
+
+
+def _tokens(rows: int, length: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, length), generator=gen)
+    labels = ids.clone()
+    labels[torch.rand(rows, length, generator=gen) < 0.3] = -100
+    return ids, labels
+
+
+def hf_fsdp(rank: int) -> list[str]:
+    """The Hugging Face patch on FSDP2-sharded tiny causal LMs (Llama; GPT-2 with tied embeddings),
+    the head in the root's unit or its own, with global trimming over the two ranks: every
+    parameter's gradient equals one process's trimming the whole batch with the unpatched model's
+    logits, and at keep 1.0 the loss is the unpatched model's own; the patched step never holds the
+    ``(N, V)`` logits."""
+    from fused_trim import trimmed_cross_entropy
+    from fused_trim.integrations.transformers import apply_fused_trim, get_trim_state
+
+    world, group = dist.get_world_size(), dist.group.WORLD
+    vocab = 97
+    ids, labels = _tokens(4, 13, vocab, seed=1)
+    n_valid = int((labels[:, 1:] != -100).sum())  # the Trainer's num_items_in_batch over all ranks
+    part = slice(0, 1) if rank == 0 else slice(1, 4)  # uneven: 1 and 3 sequences
+    lines = []
+    # (model, head in its own unit, keep ratio, keep, num_items_in_batch, patch before sharding)
+    for kind, head_unit, ratio, keep, with_items, patch_first in (
+        ("llama", False, 0.5, "hardest", False, False),
+        ("llama", True, 0.5, "easiest", True, True),
+        ("gpt2", False, 0.5, "hardest", True, True),
+        ("gpt2", True, 0.5, "hardest", False, False),
+        ("llama", True, 1.0, "hardest", True, False),
+        ("gpt2", False, 1.0, "hardest", True, False),
+    ):
+        case = f"hf/{kind}/{'head-unit' if head_unit else 'root-unit'}/{ratio}/{keep}/items={with_items}"
+        base = _tiny_lm(kind, vocab, 32, torch.float64)
+        items = {"num_items_in_batch": torch.tensor(n_valid)} if with_items else {}
+        single = copy.deepcopy(base)
+        if ratio == 1.0:  # the unpatched model's own loss
+            ref = single(input_ids=ids, labels=labels, **items).loss
+        else:
+            logits = single(input_ids=ids).logits
+            shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+            ref = trimmed_cross_entropy(logits.reshape(-1, vocab), shifted.reshape(-1), ratio, keep=keep)
+        ref.backward()
+
+        model = copy.deepcopy(base)
+        patch = dict(keep=keep, process_group=group)
+        if patch_first:
+            apply_fused_trim(model, ratio, **patch)
+            assert get_trim_state(copy.deepcopy(model)).op_kwargs["process_group"] is group, case
+            _fully_shard_lm(model, head_unit)
+        else:
+            _fully_shard_lm(model, head_unit)
+            apply_fused_trim(model, ratio, **patch)
+        out = model(input_ids=ids[part], labels=labels[part], **items)
+        assert out.logits is None, case
+        # transformers' own loss upcasts the logits to fp32: its precision bounds the comparison.
+        atol, rtol = (1e-6, 1e-6) if ratio == 1.0 else (1e-10, 1e-9)
+        if ratio == 1.0:
+            own = copy.deepcopy(base)(input_ids=ids[part], labels=labels[part], **items).loss
+            torch.testing.assert_close(out.loss, own.to(out.loss.dtype), rtol=rtol, atol=atol, msg=case)
+        # The Trainer multiplies a loss normalised by the global num_items_in_batch by the number
+        # of processes; FSDP2 averages the gradients.
+        (out.loss * (world if with_items else 1)).backward()
+        _full_grads_close(case, model, single, atol=atol, rtol=rtol)
+        lines.append(case)
+    lines.append(_hf_fsdp_memory(rank))
+    return lines
+
+
+def _peak_rss_rise(step) -> int:
+    """Bytes the resident set's high-water mark rises over the resident set during ``step()``."""
+
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current resident set
+    before = status("VmRSS")
+    step()
+    return status("VmHWM") - before
+
+
+def _hf_fsdp_memory(rank: int) -> str:
+    """The patched step's peak stays below one copy of the rank's fp32 logits; the unpatched
+    step's (the meter's own check) does not."""
+    from fused_trim.integrations.transformers import apply_fused_trim
+
+    vocab, rows, length = 16384, 4, 128
+    logits_bytes = rows * length * vocab * 4
+    ids, labels = _tokens(rows, length, vocab, seed=2 + rank)
+    rise = {}
+    models = {}
+    for patched in (True, False):
+        model = _tiny_lm("llama", vocab, length, torch.float32)
+        _fully_shard_lm(model, head_unit=True)
+        if patched:
+            apply_fused_trim(model, 0.5, process_group=dist.group.WORLD, chunk_size=64)
+        model(input_ids=ids[:1, :8], labels=labels[:1, :8]).loss.backward()  # warm-up, small
+        models[patched] = model
+    for patched in (True, False):  # patched first: nothing large has been freed before it
+        rise[patched] = _peak_rss_rise(lambda m=models[patched]: m(input_ids=ids, labels=labels).loss.backward())
+    assert rise[True] < logits_bytes / 2 and rise[False] > logits_bytes, (rise, logits_bytes)
+    return f"memory/rank{rank}: patched {rise[True] / 2**20:.1f} MiB, unpatched {rise[False] / 2**20:.1f} MiB"
+
+
+def fsdp2(rank: int, backends: list[str]) -> list[str]:
+    """FSDP2: the op with DTensor head parameters, then (with transformers) the Hugging Face patch,
+    in one spawn."""
+    lines = sharded_head(rank, backends)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return lines
+    return lines + hf_fsdp(rank)
+
+
 _JOBS = {
     "signed-zeros": signed_zeros,
     "ddp": ddp_matches_single_process,
@@ -334,4 +623,5 @@ _JOBS = {
     "one": world_of_one,
     "near-ties": near_ties_in_low_precision,
     "lm-head": lm_head_ddp,
+    "fsdp2": fsdp2,
 }

@@ -6,6 +6,7 @@ that never completes fails the test instead of hanging the suite.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -79,3 +80,15 @@ def test_a_failing_rank_fails_the_test_with_its_traceback(tmp_path):
     """The harness itself: an assertion in a rank must surface, not hang or pass."""
     with pytest.raises(pytest.fail.Exception, match="KeyError"):
         _spawn(tmp_path, "no-such-job", 2)
+
+
+def test_fsdp2_sharded_head_and_hf_patch_equal_one_process_without_the_logits(tmp_path, monkeypatch):
+    """FSDP2 on two gloo ranks: DTensor head parameters passed to the op directly (and to
+    TrimmedLinearCrossEntropyLoss), and the Hugging Face patch on sharded Llama and tied GPT-2
+    models, the head in the root's unit or its own (see ``_dist_worker.fsdp2``)."""
+    # A fixed mmap threshold: every large block is mapped and unmapped, so the resident set follows
+    # the live tensors (glibc raises the threshold dynamically otherwise, and keeps freed blocks).
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    backends = [b for b in CPU_BACKENDS if b in LM_BACKENDS]
+    cases = _spawn(tmp_path, "fsdp2", 2, backends)
+    assert len(cases) == len(backends) * 2 + 4 + (7 if importlib.util.find_spec("transformers") else 0), cases

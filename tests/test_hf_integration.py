@@ -418,3 +418,24 @@ def test_the_package_imports_without_transformers(monkeypatch):
         importlib.import_module("fused_trim.integrations.transformers")
     monkeypatch.undo()
     assert importlib.import_module("fused_trim.integrations.transformers").apply_fused_trim is apply_fused_trim
+
+
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
+def test_autocast_head_path_is_the_unpatched_models(keep_ratio):
+    """Under bf16 autocast the patched head gets the backbone's hidden states and the fp32
+    ``lm_head.weight`` as they are, casts them as the unpatched ``lm_head`` does and returns an
+    fp32 loss: the unpatched loss within its bf16 logits' rounding, fp32 gradients."""
+    base, patched = pair("llama", keep_ratio=keep_ratio, backend="reference")
+    ids, labels = batch(seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = patched(input_ids=ids, labels=labels)
+        logits = base(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16
+    expected = trimmed_cross_entropy(logits.reshape(-1, VOCAB).float(), shifted(labels).reshape(-1), keep_ratio)
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, expected, atol=2e-3, rtol=2e-3)
+    out.loss.backward()
+    expected.backward()
+    head, base_head = patched.get_output_embeddings().weight, base.get_output_embeddings().weight
+    assert head.grad.dtype == torch.float32
+    torch.testing.assert_close(head.grad, base_head.grad, rtol=3e-2, atol=3e-3)

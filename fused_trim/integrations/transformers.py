@@ -23,11 +23,19 @@ so the micro-batches of one step sum to the token-weighted mean of their trimmed
 micro-batch gives the trimmed mean exactly, keep 1.0 gives transformers' own loss exactly, and a
 micro-batch without valid tokens contributes 0.
 
+**FSDP2 and global trimming.** The head's parameters are read inside the head module's call, where
+FSDP2 has gathered them, with the head in the root's unit or its own (see :class:`_HeadCall`).
+``process_group=`` (the data-parallel group) trims over the global batch: ``n`` and ``k`` above are
+then those of all ranks' micro-batch, ``num_items_in_batch`` must count all ranks' tokens (the
+Trainer's ``average_tokens_across_devices``), and each rank returns its share, which the Trainer
+multiplies by the number of processes, as it does transformers' own loss.
+
 Tested with transformers 5.25 (``pyproject.toml``'s ``hf`` extra states the range).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import types
@@ -78,10 +86,6 @@ def _check_op_kwargs(op_kwargs: dict[str, Any]) -> None:
     for name in _RESERVED:
         if name in op_kwargs:
             raise ValueError(f"{name}= is set by the integration and cannot be passed, got {name}={op_kwargs[name]!r}")
-    if op_kwargs.get("process_group") is not None:
-        raise NotImplementedError(
-            "process_group= (global trimming across ranks) is not supported by this integration yet"
-        )
 
 
 def _shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -106,13 +110,27 @@ def sequence_group_ids(shape: tuple[int, ...], position_ids: Tensor | None, devi
 
 
 def _normalised(
-    loss: Tensor, info: Any, target: Tensor, num_items_in_batch: Tensor | int | None, ignore_index: int
+    loss: Tensor,
+    info: Any,
+    target: Tensor,
+    num_items_in_batch: Tensor | int | None,
+    ignore_index: int,
+    group: Any = None,
 ) -> Tensor:
     """The loss of one micro-batch: ``loss`` is the trimmed mean without ``num_items_in_batch``,
-    else the kept sum, scaled by ``n / k`` and divided by ``num_items_in_batch`` (see the module)."""
+    else the kept sum, scaled by ``n / k`` and divided by ``num_items_in_batch`` (see the module).
+
+    With a process ``group`` the micro-batch is that of all its ranks: ``n`` and ``k`` are global,
+    and the op's kept sum, which it scales by the world size for gradient averaging, is this rank's
+    share again, since the Trainer multiplies by the number of processes itself."""
     if num_items_in_batch is None:
         return loss
     n = (target != ignore_index).sum()
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(n, group=group)
+        loss = loss / dist.get_world_size(group)
     # n / k is 1 exactly at keep 1.0 and finite (0) for a micro-batch without valid tokens.
     scale = (n.to(torch.float64) / info.k.clamp_min(1).to(torch.float64)).to(loss.dtype)
     if torch.is_tensor(num_items_in_batch):
@@ -159,7 +177,7 @@ class TrimState:
     def record(self, info: Any, target: Tensor, ignore_index: int) -> None:
         """Accumulate the kept and valid counts on the device (no host synchronisation)."""
         n = (target != ignore_index).sum()
-        k = info.k.to(n.device)
+        k = info.kept.sum()  # this rank's (info.k is global under a process_group)
         self._kept = k if self._kept is None else self._kept + k
         self._valid = n if self._valid is None else self._valid + n
         self._threshold = info.threshold.detach()
@@ -193,6 +211,16 @@ class _PatchState(TrimState):
         self.backend = backend
         self.op_kwargs = op_kwargs
         self.prior_forward = prior_forward
+
+    def __deepcopy__(self, memo: dict) -> _PatchState:
+        # A process group cannot be copied: a copy of the model trims over the same ranks.
+        group = self.op_kwargs.get("process_group")
+        if group is not None:
+            memo.setdefault(id(group), group)
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
 
 
 def get_trim_state(model: nn.Module) -> TrimState:
@@ -258,6 +286,12 @@ class _HeadCall:
     run as usual); only its ``forward`` is swapped for the duration, and the loss is computed from
     the head's own ``weight``/``bias`` read at that moment. It returns a placeholder of 0 positions,
     so whatever the model does to the logits afterwards costs nothing, and is detected.
+
+    Under FSDP2 the head's own unit (``fully_shard(model.lm_head)``) gathers its parameters for
+    the backward through a hook on the head's *outputs*, and frees them after the forward. The
+    loss is not an output of the head, so the placeholder is made from the loss and added back to
+    it, empty (:meth:`loss`): the loss's backward then waits for the placeholder's gradient, whose
+    hook gathers the parameters first.
     """
 
     def __init__(self, head: nn.Linear, compute: Callable[[Tensor, nn.Linear], Any]) -> None:
@@ -272,8 +306,19 @@ class _HeadCall:
         if self._calls > 1:
             raise RuntimeError("the output embedding was called more than once in one forward")
         self.result = self.compute(hidden, self.head)
-        self.placeholder = hidden.new_empty((*hidden.shape[:-2], 0, self.head.out_features))
-        return self.placeholder
+        placeholder = hidden.new_zeros((*hidden.shape[:-2], 0, self.head.out_features))
+        if self.result.requires_grad:
+            placeholder = placeholder * self.result  # still empty; not a view (FSDP2 warns on those)
+        self.placeholder = placeholder
+        return placeholder
+
+    def loss(self) -> Tensor:
+        """The loss, exactly (plus an empty sum), its backward ordered after the head's output's."""
+        if self.placeholder is None:
+            raise RuntimeError("the patched model's forward never called its output embedding")
+        if not self.result.requires_grad:
+            return self.result
+        return self.result + self.placeholder.sum()
 
     def __enter__(self) -> _HeadCall:
         self._prior = self.head.__dict__.get("forward")
@@ -287,10 +332,9 @@ class _HeadCall:
             self.head.forward = self._prior
 
 
-def _original_output(outputs: Any, call: _HeadCall, loss: Tensor) -> Any:
+def _original_output(outputs: Any, call: _HeadCall) -> Any:
     """The model's own output with ``loss`` set and ``logits=None``."""
-    if call.placeholder is None:
-        raise RuntimeError("the patched model's forward never called its output embedding")
+    loss = call.loss()
     if isinstance(outputs, ModelOutput):
         if outputs.get("logits") is not call.placeholder:
             raise RuntimeError(
@@ -370,12 +414,12 @@ def _patched_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
             **op_kwargs,
         )
         state.record(info, t, IGNORE_INDEX)
-        return _normalised(loss, info, t, num_items_in_batch, IGNORE_INDEX)
+        return _normalised(loss, info, t, num_items_in_batch, IGNORE_INDEX, op_kwargs.get("process_group"))
 
     head = _linear_head(model, "model")
     with _HeadCall(head, compute) as call:
         outputs = original(**flat)
-    return _original_output(outputs, call, call.result)
+    return _original_output(outputs, call)
 
 
 def apply_fused_trim(
@@ -410,7 +454,9 @@ def apply_fused_trim(
             losses (keep 1.0, ``reduction="none"``, no grad) become ``score_offset``: tokens are
             ranked by their excess loss over the reference (Rho-1).
         backend: as in :func:`~fused_trim.trimmed_linear_cross_entropy`.
-        **op_kwargs: further options of the op (``label_smoothing``, ``chunk_size``, keep rules).
+        **op_kwargs: further options of the op (``label_smoothing``, ``chunk_size``, keep rules,
+            ``process_group``: trim over the global batch of this data-parallel group, e.g. the
+            FSDP2 mesh's; see the module docstring).
 
     Returns:
         ``model``, patched. :func:`remove_fused_trim` undoes it.
@@ -522,7 +568,7 @@ class TrimmedCausalLMLoss:
             **self.op_kwargs,
         )
         self.state.record(info, t, IGNORE_INDEX)
-        return _normalised(loss, info, t, num_items_in_batch, IGNORE_INDEX)
+        return _normalised(loss, info, t, num_items_in_batch, IGNORE_INDEX, self.op_kwargs.get("process_group"))
 
 
 def trimmed_loss_func(

@@ -317,19 +317,21 @@ def linear_ce_trimmed(
     max_kept: int,
     chunk_size: int,
     score_offset: Tensor | None = None,
+    result_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Selection and reduction on the rows op's losses: ``(out, kept, k, threshold, denom)``.
 
     ``input``, ``linear_weight`` and ``linear_bias`` are read only by the backward, which
     recomputes at most ``max_kept`` rows, ``chunk_size`` at a time. ``score_offset``: rank
-    ``losses - score_offset`` (the select reads it in its one pass).
+    ``losses - score_offset`` (the select reads it in its one pass). ``out`` and ``threshold`` are
+    in ``result_dtype`` (``None``: the input's).
     """
     with device_guard(input):
         return select_rows(
             losses,
             w_y,
             target.contiguous(),
-            input.dtype,
+            input.dtype if result_dtype is None else result_dtype,
             keep_ratio,
             keep_ratio_t,
             easiest,
@@ -425,7 +427,7 @@ def _trimmed_backward(ctx, grad_out, *_unused):
         need_weight,
     )
     grads = (d_input if need_input else None, d_weight if need_weight else None)
-    return (None,) * 3 + (*grads, d_bias if linear_bias is not None else None) + (None,) * 11
+    return (None,) * 3 + (*grads, d_bias if linear_bias is not None else None) + (None,) * 12
 
 
 DOUBLE_BACKWARD_MESSAGE = double_backward_message("trimmed_linear_cross_entropy")
@@ -454,13 +456,15 @@ def linear_ce_keep_all(
     chunk_size: int,
     need_input: bool,
     need_weight: bool,
+    result_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Every valid row kept (``keep_ratio == 1``, ``reduction`` mean or sum): the losses and the
     unscaled gradient in one pass over chunks of rows, 3 GEMMs a chunk (the row kernels of
     ``trimmed_cross_entropy`` on each chunk's fp32 logits).
 
-    Returns ``(out, losses, kept, k, threshold, denom, d_input, d_weight, d_bias)``, the gradients
-    in the accumulation dtype and unscaled (the backward multiplies them by ``grad_out / denom``).
+    Returns ``(out, losses, kept, k, threshold, denom, d_input, d_weight, d_bias)`` (``out`` and
+    ``threshold`` in ``result_dtype``, ``None``: the input's), the gradients in the accumulation
+    dtype and unscaled (the backward multiplies them by ``grad_out / denom``).
     """
     with device_guard(input):
         num_rows = input.shape[0]
@@ -502,14 +506,22 @@ def linear_ce_keep_all(
         losses = _cat(losses, empty)
         w_y = _cat(w_y, empty)
         out, kept, k, threshold, denom = select_rows(
-            losses, w_y, target, input.dtype, 1.0, None, easiest, ignore_index, reduction
+            losses,
+            w_y,
+            target,
+            input.dtype if result_dtype is None else result_dtype,
+            1.0,
+            None,
+            easiest,
+            ignore_index,
+            reduction,
         )
         return out, losses, kept, k, threshold, denom, grads.d_input, grads.d_weight, grads.d_bias
 
 
 def _keep_all_setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = inputs[2] is not None
-    ctx.need = inputs[-2:]
+    ctx.need = inputs[10:12]
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
     _, _, _, k, _, denom, d_input, d_weight, d_bias = output
     ctx.save_for_backward(k, denom, d_input, d_weight, d_bias)
@@ -535,7 +547,7 @@ def _keep_all_backward(ctx, grad_out, *_unused):
     d_input = _scaled(d_input, scale, in_dtype) if need_input else None
     d_weight = _scaled(d_weight, scale, w_dtype) if need_weight else None
     d_bias = _scaled(d_bias, scale, w_dtype) if ctx.has_bias else None
-    return d_input, d_weight, d_bias, *(None,) * 9
+    return d_input, d_weight, d_bias, *(None,) * 10
 
 
 linear_ce_keep_all.register_autograd(_keep_all_backward, setup_context=_keep_all_setup_context)
@@ -579,6 +591,7 @@ def trimmed_linear_cross_entropy_2d(
             chunk_size,
             input.requires_grad,
             linear_weight.requires_grad,
+            opts.result_dtype,
         )
         return out, losses.detach(), kept, k, threshold.detach()
 
@@ -614,5 +627,6 @@ def trimmed_linear_cross_entropy_2d(
         max_kept,
         chunk_size,
         opts.score_offset,
+        opts.result_dtype,
     )
     return out, losses, kept, k, threshold.detach()

@@ -42,6 +42,7 @@ def trimmed_ce_fwd(
     label_smoothing: float,
     reduction: int,
     score_offset: Tensor | None = None,
+    result_dtype: torch.dtype | None = None,
     keep_threshold: Tensor | None = None,
     min_kept: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -54,7 +55,8 @@ def trimmed_ce_fwd(
     tensor (an exact count), read on the device. ``stats`` (``(2, M)``: each sample's max logit and
     ``log sum_c exp(x_c - max)``, so that the backward keeps the relative precision of a small loss)
     and ``denom`` (the divisor of the mean) are saved for the backward. ``score_offset`` (flat
-    ``(M,)`` or ``None``): rank ``losses - score_offset`` (see :func:`select_rows`).
+    ``(M,)`` or ``None``): rank ``losses - score_offset`` (see :func:`select_rows`). ``out`` and
+    ``threshold`` are in ``result_dtype`` (``None``: the input's).
     ``keep_threshold`` (a 0-dim float64 tensor on the input's device, or ``None``) with
     ``min_kept``: the threshold rule instead of the ratio (see :func:`select_rows`).
     """
@@ -70,6 +72,7 @@ def trimmed_ce_fwd(
             label_smoothing,
             reduction,
             score_offset,
+            input.dtype if result_dtype is None else result_dtype,
             keep_threshold,
             min_kept,
         )
@@ -86,6 +89,7 @@ def _forward(
     label_smoothing: float,
     reduction: int,
     score_offset: Tensor | None,
+    result_dtype: torch.dtype,
     keep_threshold: Tensor | None,
     min_kept: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -151,7 +155,7 @@ def _forward(
         loss,
         w_y,
         target,
-        input.dtype,
+        result_dtype,
         keep_ratio,
         keep_ratio_t,
         easiest,
@@ -255,8 +259,7 @@ def _backward_grad(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input, target, weight = inputs[:3]
-    label_smoothing = inputs[7]
+    input, target, weight, _, _, _, _, label_smoothing = inputs[:8]
     _, _, kept, _, _, stats, denom = output
     ctx.save_for_backward(input, target, weight, stats, kept, denom)
     ctx.label_smoothing = label_smoothing
@@ -265,7 +268,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out, *_unused):
     input, target, weight, stats, kept, denom = ctx.saved_tensors
     grad = trimmed_ce_bwd(grad_out, input, target, weight, stats, kept, denom, ctx.label_smoothing)
-    return (grad,) + (None,) * 11
+    return (grad,) + (None,) * 12
 
 
 def _double_backward(ctx, *grads):
@@ -295,6 +298,7 @@ def trimmed_cross_entropy_2d(
         opts.label_smoothing,
         int(opts.reduction),
         opts.score_offset,
+        opts.result_dtype,
         device_threshold(opts.keep_threshold, input.device),
         int(opts.min_kept),
     )
