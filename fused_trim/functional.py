@@ -495,7 +495,9 @@ def trimmed_cross_entropy(
     # statistics are fp32 anyway), and the loss comes back in fp32; the logits are read as they are.
     cast_to = autocast_dtype(input.device)
     result_dtype = None if cast_to is None else autocast_result_dtype(input.dtype)
-    opts = _options(keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, None, result_dtype, rule)
+    opts = _options(
+        keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, None, result_dtype, rule
+    )
     global_loss = None
     with _backend_context(cast_to, input.device):
         if process_group is None:
