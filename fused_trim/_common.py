@@ -125,6 +125,11 @@ class TrimInfo(NamedTuple):
         scores: with a ``score_offset``, the ranked scores ``l_i - score_offset_i`` (detached,
             the target's shape, in the accumulation dtype: fp32, fp64 for fp64 input; ignored
             samples hold ``-score_offset_i`` and are never kept); ``None`` otherwise.
+        lse: per-sample logsumexp of the (soft-capped) logits (detached, the target's shape, the
+            accumulation dtype); 0 on ignored samples.
+        z_loss: the z term ``z_loss * lse_i**2`` reduced over the kept set as the loss is (its
+            mean over ``sum w[y_i]``, its sum, or per sample), included in the loss; ``None``
+            without ``z_loss``.
     """
 
     losses: Tensor
@@ -133,6 +138,8 @@ class TrimInfo(NamedTuple):
     threshold: Tensor
     global_loss: Tensor | None = None
     scores: Tensor | None = None
+    lse: Tensor | None = None
+    z_loss: Tensor | None = None
 
 
 def check_ratio(name: str, value: object) -> float:
@@ -393,3 +400,44 @@ def check_chunk_size(chunk_size: object) -> int | None:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return chunk_size
+
+
+def check_logit_softcap(value: object) -> float | None:
+    """``None`` or a finite Python float (or int) ``> 0``, else a ``TypeError``/``ValueError``
+    naming ``logit_softcap``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"logit_softcap must be None or a float > 0, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"logit_softcap must be a finite float > 0, got {value!r}")
+    return float(value)
+
+
+def check_z_loss(value: object) -> float:
+    """A finite Python float (or int) ``>= 0``, else a ``TypeError``/``ValueError`` naming ``z_loss``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"z_loss must be a float >= 0, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"z_loss must be a finite float >= 0, got {value!r}")
+    return float(value)
+
+
+def reduced_z_loss(lse: Tensor, kept: Tensor, target: Tensor, opts: TrimOptions, dtype: torch.dtype) -> Tensor | None:
+    """``TrimInfo.z_loss``: the z terms ``opts.z_loss * lse_i**2`` of the kept samples, reduced as
+    the loss is (``opts.reduction``; the mean over the kept ``sum w[y_i]``), in ``dtype``; ``None``
+    when ``opts.z_loss`` is 0. ``lse``, ``kept`` and ``target`` are flat ``(M,)``."""
+    if opts.z_loss == 0.0:
+        return None
+    acc = lse.dtype
+    z = torch.where(kept, opts.z_loss * lse * lse, 0)
+    if opts.reduction == Reduction.NONE:
+        return z.to(dtype)
+    if opts.reduction == Reduction.SUM:
+        return z.sum().to(dtype)
+    if opts.weight is None:
+        denom = kept.sum().to(acc)
+    else:
+        w = opts.weight.detach().to(device=lse.device, dtype=acc)
+        denom = torch.where(kept, w[target.clamp(0, w.shape[0] - 1).long()], 0).sum()
+    return (z.sum() / denom).to(dtype)

@@ -112,11 +112,11 @@ def global_share(losses: Tensor, valid: Tensor, opts: TrimOptions, group) -> tup
 
 def trimmed_cross_entropy_global(
     backend_fn: Callable, input: Tensor, target: Tensor, opts: TrimOptions, group
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:
     """Global trimming on the normalised ``(M, C)`` problem with one backend's 2-D entry point.
 
     With ``opts.score_offset`` the ranks rank ``l_i - score_offset_i`` (see :func:`global_share`).
-    Returns ``(out, losses, kept, k_global, threshold, global_loss)``.
+    Returns ``(out, losses, kept, k_global, threshold, lse, global_loss)``.
     """
     valid = target != opts.ignore_index
     with torch.no_grad():
@@ -128,12 +128,12 @@ def trimmed_cross_entropy_global(
             reduction=Reduction.NONE,
             score_offset=None,
         )
-        _, losses, _, _, _ = backend_fn(input.detach(), target, every_row)
+        _, losses, _, _, _, lse = backend_fn(input.detach(), target, every_row)
     k_local, k_global, threshold = global_share(losses, valid, opts, group)
-    out, _, kept, _, _ = backend_fn(input, target, _local_options(opts, k_local))
+    out, _, kept, _, _, _ = backend_fn(input, target, _local_options(opts, k_local))
     dtype = out_dtype(opts, input.dtype)
     out, global_loss = _scale_for_averaging(out, kept, target, opts, dtype, group)
-    return out, losses, kept, k_global, threshold.to(dtype), global_loss
+    return out, losses, kept, k_global, threshold.to(dtype), lse, global_loss
 
 
 def trimmed_linear_cross_entropy_global(
@@ -144,12 +144,12 @@ def trimmed_linear_cross_entropy_global(
     target: Tensor,
     opts: TrimOptions,
     group,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:
     """Global trimming of the LM head with one backend's 2-D entry point.
 
     The backend computes every row's loss once (one pass over ``V``) and hands the losses to
     :func:`global_share` through its ``share`` hook; it then keeps exactly this rank's share.
-    Returns ``(out, losses, kept, k_global, threshold, global_loss)``.
+    Returns ``(out, losses, kept, k_global, threshold, lse, global_loss)``.
     """
     found: dict[str, Tensor] = {}
 
@@ -158,10 +158,10 @@ def trimmed_linear_cross_entropy_global(
         return k_local
 
     local = _local_options(opts, None)
-    out, losses, kept, _, _ = backend_fn(input, linear_weight, linear_bias, target, local, share=share)
+    out, losses, kept, _, _, lse = backend_fn(input, linear_weight, linear_bias, target, local, share=share)
     dtype = out_dtype(opts, input.dtype)
     out, global_loss = _scale_for_averaging(out, kept, target, opts, dtype, group)
-    return out, losses, kept, found["k"], found["threshold"].to(dtype), global_loss
+    return out, losses, kept, found["k"], found["threshold"].to(dtype), lse, global_loss
 
 
 def _local_options(opts: TrimOptions, count: Tensor | None) -> TrimOptions:

@@ -38,11 +38,14 @@ from ._common import (
     check_chunk_size,
     check_ignore_index,
     check_label_smoothing,
+    check_logit_softcap,
     check_ratio,
     check_weight,
+    check_z_loss,
     default_chunk_size,
     out_dtype,
     ranking_scores,
+    reduced_z_loss,
 )
 
 if TYPE_CHECKING:
@@ -316,11 +319,15 @@ def _options(
     chunk_size: int | None = None,
     result_dtype: torch.dtype | None = None,
     rule: tuple = (None, None, 0),
+    head: tuple = (None, 0.0),
 ) -> TrimOptions:
     """The one options record every backend receives, from validated public arguments; ``rule``
-    is ``(keep_count, keep_threshold, min_kept)`` from :func:`_check_keep_rule`."""
+    is ``(keep_count, keep_threshold, min_kept)`` from :func:`_check_keep_rule`, ``head``
+    ``(logit_softcap, z_loss)``."""
     keep_count, keep_threshold, min_kept = rule
     return TrimOptions(
+        logit_softcap=head[0],
+        z_loss=head[1],
         keep_ratio=keep_ratio,
         keep_count=keep_count,
         keep_threshold=keep_threshold,
@@ -333,6 +340,22 @@ def _options(
         score_offset=score_offset,
         chunk_size=chunk_size,
         result_dtype=result_dtype,
+    )
+
+
+# Backends whose kernels implement logit_softcap and z_loss.
+_HEAD_OPTION_BACKENDS = ("reference",)
+
+
+def _head_backend(name: str, requested: str, head: tuple) -> str:
+    """``name``, or the reference for ``backend="auto"`` when ``head`` (``(logit_softcap,
+    z_loss)``) turns on an option ``name``'s kernels lack; an explicit such backend raises."""
+    if (head[0] is None and head[1] == 0.0) or name in _HEAD_OPTION_BACKENDS:
+        return name
+    if requested == "auto":
+        return "reference"
+    raise NotImplementedError(
+        f"backend={name!r} does not implement logit_softcap / z_loss yet; use backend='reference'"
     )
 
 
@@ -388,6 +411,8 @@ def trimmed_cross_entropy(
     return_info: bool = False,
     process_group: ProcessGroup | None = None,
     score_offset: Tensor | None = None,
+    logit_softcap: float | None = None,
+    z_loss: float = 0.0,
 ) -> Tensor | tuple[Tensor, TrimInfo]:
     r"""Cross-entropy over only the hardest (or easiest) samples of a mini-batch.
 
@@ -444,6 +469,14 @@ def trimmed_cross_entropy(
             autograd: an offset that requires grad is used detached. ``info.threshold`` is then
             the k-th score and ``info.scores`` holds every score. With a frozen reference model's
             per-token losses as the offset this is Rho-1's excess-loss token selection.
+        logit_softcap: ``c > 0`` (finite) or ``None``: every logit :math:`z` becomes
+            :math:`c \tanh(z / c)` before the softmax, the smoothing and the loss (Gemma 2's final
+            logit soft-capping, ``c = 30``); the gradient gains the factor :math:`1 - \tanh^2(z/c)`.
+        z_loss: :math:`\lambda \ge 0`: each valid sample's loss becomes
+            :math:`l_i + \lambda\, \mathrm{lse}_i^2` (PaLM's z-loss; :math:`\mathrm{lse}_i` the
+            logsumexp of the capped logits; the term is not multiplied by the class weight). The
+            ranking, the reduction and the gradient use this total; ``info.z_loss`` is its z part
+            reduced over :math:`K`. ``0`` (the default) is exactly the plain loss.
 
     Returns:
         The loss, in ``input``'s dtype (fp32 for bf16/fp16 input under ``torch.autocast``); with
@@ -467,10 +500,11 @@ def trimmed_cross_entropy(
     _reject_dtensors(input=input, target=target, weight=weight, score_offset=score_offset)
     _check_shapes(input, target)
     _check_scalar_options(ignore_index, label_smoothing)
+    head = (check_logit_softcap(logit_softcap), check_z_loss(z_loss))
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     _check_weight(weight, num_classes, input)
     offset = _check_score_offset(score_offset, target, input)
-    name = _resolve_backend(backend, input.device)
+    name = _head_backend(_resolve_backend(backend, input.device), backend, head)
     if not (name == "native" and input.device.type == "cpu"):
         # The native CPU op checks the class range in its own pass over the targets, before any
         # result exists, and raises the same ValueError: a second pass here would cost more than
@@ -496,20 +530,20 @@ def trimmed_cross_entropy(
     cast_to = autocast_dtype(input.device)
     result_dtype = None if cast_to is None else autocast_result_dtype(input.dtype)
     opts = _options(
-        keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, None, result_dtype, rule
+        keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, None, result_dtype, rule, head
     )
     global_loss = None
     with _backend_context(cast_to, input.device):
         if process_group is None:
-            out, losses, kept, k, threshold = _backend_fn(name)(x2d, t1d, opts)
+            out, losses, kept, k, threshold, lse = _backend_fn(name)(x2d, t1d, opts)
         else:
             from .distributed import trimmed_cross_entropy_global
 
-            out, losses, kept, k, threshold, global_loss = trimmed_cross_entropy_global(
+            out, losses, kept, k, threshold, lse, global_loss = trimmed_cross_entropy_global(
                 _backend_fn(name), x2d, t1d, opts, process_group
             )
     dtype = out_dtype(opts, input.dtype)
-    return _result(out, losses, kept, k, threshold, global_loss, offset, target, dtype, return_info)
+    return _result(out, losses, kept, k, threshold, lse, global_loss, opts, t1d, target, dtype, return_info)
 
 
 def _result(
@@ -518,8 +552,10 @@ def _result(
     kept: Tensor,
     k: Tensor,
     threshold: Tensor,
+    lse: Tensor | None,
     global_loss: Tensor | None,
-    offset: Tensor | None,
+    opts: TrimOptions,
+    t1d: Tensor,
     target: Tensor,
     dtype: torch.dtype,
     return_info: bool,
@@ -529,9 +565,14 @@ def _result(
         out = out.reshape(target.shape)
     if not return_info:
         return out
-    scores = None if offset is None else ranking_scores(losses, offset).reshape(target.shape)
-    losses = losses.to(dtype).reshape(target.shape)  # (the backends rank them in fp32 / fp64)
-    return out, TrimInfo(losses, kept.reshape(target.shape), k, threshold, global_loss, scores)
+    offset, shape = opts.score_offset, target.shape
+    scores = None if offset is None else ranking_scores(losses, offset).reshape(shape)
+    z = None if lse is None else reduced_z_loss(lse, kept, t1d, opts, dtype)
+    if z is not None and z.dim() == 1:
+        z = z.reshape(shape)
+    lse = None if lse is None else lse.reshape(shape)
+    losses = losses.to(dtype).reshape(shape)  # (the backends rank them in fp32 / fp64)
+    return out, TrimInfo(losses, kept.reshape(shape), k, threshold, global_loss, scores, lse, z)
 
 
 def _check_linear_shapes(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor) -> None:
@@ -607,6 +648,8 @@ def trimmed_linear_cross_entropy(
     process_group: ProcessGroup | None = None,
     chunk_size: int | None = None,
     score_offset: Tensor | None = None,
+    logit_softcap: float | None = None,
+    z_loss: float = 0.0,
 ) -> Tensor | tuple[Tensor, TrimInfo]:
     r"""The LM head fused with trimming: ``trimmed_cross_entropy(F.linear(input, linear_weight,
     linear_bias), target, keep_ratio, ...)`` without ever holding the ``(N, V)`` logits.
@@ -651,6 +694,9 @@ def trimmed_linear_cross_entropy(
             score_offset: as in :func:`trimmed_cross_entropy`; ``weight`` is the per-*class* weight
             ``(V,)``; ``score_offset`` has the target's shape (one value per token: rank by
             ``l_i - score_offset_i``, e.g. Rho-1's excess loss over a reference model).
+        logit_softcap, z_loss: as in :func:`trimmed_cross_entropy`, on the logits
+            ``F.linear(input, linear_weight, linear_bias)`` (the cap after the bias; no capped
+            logits are stored).
         backend: ``"auto"`` (Triton for CUDA tensors, the native op on the CPU), ``"triton"``,
             ``"native"`` or ``"reference"``.
         chunk_size: rows of logits held at a time (forward and backward). ``None`` picks
@@ -690,10 +736,11 @@ def trimmed_linear_cross_entropy(
         )
     _check_linear_shapes(input, linear_weight, linear_bias, target)
     _check_scalar_options(ignore_index, label_smoothing)
+    head = (check_logit_softcap(logit_softcap), check_z_loss(z_loss))
     num_classes, in_features = linear_weight.shape
     _check_weight(weight, num_classes, input)
     offset = _check_score_offset(score_offset, target, input)
-    name = _resolve_backend(backend, input.device)
+    name = _head_backend(_resolve_backend(backend, input.device), backend, head)
     _check_target_range(target, num_classes, ignore_index)
 
     x2d = input.reshape(-1, in_features)
@@ -706,17 +753,17 @@ def trimmed_linear_cross_entropy(
     # ... and F.cross_entropy's: the loss of those (never rounded) logits formed and returned in fp32.
     result_dtype = None if cast_to is None else autocast_result_dtype(input.dtype)
     opts = _options(
-        keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, chunk_size, result_dtype, rule
+        keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, chunk_size, result_dtype, rule, head
     )
     global_loss = None
     with _backend_context(cast_to, input.device):
         if process_group is None:
-            out, losses, kept, k, threshold = fn(x2d, linear_weight, linear_bias, t1d, opts)
+            out, losses, kept, k, threshold, lse = fn(x2d, linear_weight, linear_bias, t1d, opts)
         else:
             from .distributed import trimmed_linear_cross_entropy_global
 
-            out, losses, kept, k, threshold, global_loss = trimmed_linear_cross_entropy_global(
+            out, losses, kept, k, threshold, lse, global_loss = trimmed_linear_cross_entropy_global(
                 fn, x2d, linear_weight, linear_bias, t1d, opts, process_group
             )
     dtype = out_dtype(opts, input.dtype)
-    return _result(out, losses, kept, k, threshold, global_loss, offset, target, dtype, return_info)
+    return _result(out, losses, kept, k, threshold, lse, global_loss, opts, t1d, target, dtype, return_info)

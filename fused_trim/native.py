@@ -377,7 +377,7 @@ def _widened(opts: TrimOptions, *tensors: Tensor | None) -> tuple[Tensor | None,
 
 def trimmed_cross_entropy_2d(
     input: Tensor, target: Tensor, opts: TrimOptions
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """The contract of :func:`fused_trim.reference.trimmed_cross_entropy_2d`; differences: the
     CPU op reads ``(N, C, S)`` in place, the CUDA op first copies it to ``(M, C)`` rows; a wider
     ``result_dtype`` widens the input first (:func:`_widened`)."""
@@ -393,7 +393,7 @@ def trimmed_cross_entropy_2d(
     threshold_t = opts.keep_threshold
     if threshold_t is not None and not isinstance(threshold_t, Tensor):
         threshold_t = torch.tensor(threshold_t, dtype=torch.float64)  # read on the host by the op
-    out, losses, kept, k, threshold, _lse, _scale = torch.ops.fused_trim.trimmed_ce_fwd.default(
+    out, losses, kept, k, threshold, lse, _scale = torch.ops.fused_trim.trimmed_ce_fwd.default(
         input,
         target,
         opts.weight,
@@ -408,7 +408,7 @@ def trimmed_cross_entropy_2d(
         int(opts.min_kept),
     )
     # losses and threshold are marked non-differentiable by the op's autograd (C++): no detach.
-    return out, losses, kept, k, threshold
+    return out, losses, kept, k, threshold, torch.where(target != opts.ignore_index, lse.detach(), 0)
 
 
 def trimmed_linear_cross_entropy_2d(
@@ -419,7 +419,7 @@ def trimmed_linear_cross_entropy_2d(
     opts: TrimOptions,
     share: Callable[[Tensor, Tensor], Tensor] | None = None,
     gradient_in_forward: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """The contract of :func:`fused_trim.reference.trimmed_linear_cross_entropy_2d`; differences:
 
     CPU tensors only. The forward (``linear_ce_rows``) computes every row's loss ``chunk_size``
@@ -457,7 +457,7 @@ def trimmed_linear_cross_entropy_2d(
             chunk_size,
             _grad_mask(needs, linear_bias is not None),
         )
-        return out, losses, kept, k, threshold
+        return out, losses, kept, k, threshold, None
     detached = [None if p is None else p.detach() for p in params]
     losses, lse = torch.ops.fused_trim.linear_ce_rows.default(*detached, target, *ce_args, chunk_size)
     # Bitwise equal rows (duplicated tokens) tie, wherever BLAS placed them in a tile.
@@ -487,4 +487,4 @@ def trimmed_linear_cross_entropy_2d(
         chunk_size,
         opts.score_offset,
     )
-    return out, losses, kept, k, threshold
+    return out, losses, kept, k, threshold, lse

@@ -18,8 +18,10 @@ from ._common import (
     check_chunk_size,
     check_ignore_index,
     check_label_smoothing,
+    check_logit_softcap,
     check_ratio,
     check_weight,
+    check_z_loss,
 )
 from .functional import _check_keep_rule, trimmed_cross_entropy, trimmed_linear_cross_entropy
 from .schedules import ConstantSchedule
@@ -115,6 +117,8 @@ class _ScheduledLoss(nn.Module):
         label_smoothing: float = 0.0,
         backend: str = "auto",
         process_group: ProcessGroup | None = None,
+        logit_softcap: float | None = None,
+        z_loss: float = 0.0,
     ) -> None:
         super().__init__()
         # The rule, checked now (as the functional checks it, a schedule standing for its values).
@@ -163,6 +167,8 @@ class _ScheduledLoss(nn.Module):
         check_ignore_index(ignore_index)
         check_label_smoothing(label_smoothing)
         check_weight(weight)
+        self.logit_softcap = check_logit_softcap(logit_softcap)
+        self.z_loss = check_z_loss(z_loss)
         self.keep = keep
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
@@ -248,6 +254,8 @@ class _ScheduledLoss(nn.Module):
             backend=self.backend,
             return_info=True,
             process_group=self.process_group,
+            logit_softcap=self.logit_softcap,
+            z_loss=self.z_loss,
         )
 
     def extra_repr(self) -> str:
@@ -259,6 +267,8 @@ class _ScheduledLoss(nn.Module):
             f"{rule}, keep={self.keep!r}, reduction={self.reduction!r}, "
             f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
             f"backend={self.backend!r}"
+            + ("" if self.logit_softcap is None else f", logit_softcap={self.logit_softcap}")
+            + ("" if self.z_loss == 0.0 else f", z_loss={self.z_loss}")
         )
 
 
@@ -297,6 +307,8 @@ class TrimmedCrossEntropyLoss(_ScheduledLoss):
         backend: ``"auto"``, ``"triton"``, ``"native"`` or ``"reference"``.
         process_group: trim over the global batch of this ``torch.distributed`` group (see
             :mod:`fused_trim.distributed`); ``info.global_loss`` is then the value to log.
+        logit_softcap, z_loss: soft-capping of the logits and the z-loss weight (see
+            :func:`~fused_trim.trimmed_cross_entropy`).
 
     Attributes:
         info: the :class:`~fused_trim.TrimInfo` of the last forward (``None`` before the first).
@@ -342,8 +354,9 @@ class TrimmedLinearCrossEntropyLoss(_ScheduledLoss):
             ``min_kept``, keywords, as in :class:`TrimmedCrossEntropyLoss`).
         linear_bias: the head's bias ``(V,)`` (held like ``linear_weight``) or ``None``.
         chunk_size: rows of logits held at a time (see :func:`~fused_trim.trimmed_linear_cross_entropy`).
-        keep, weight, ignore_index, reduction, label_smoothing, backend, process_group: as in
-            :class:`TrimmedCrossEntropyLoss`; ``weight`` is the class weight ``(V,)``.
+        keep, weight, ignore_index, reduction, label_smoothing, backend, process_group,
+            logit_softcap, z_loss: as in :class:`TrimmedCrossEntropyLoss`; ``weight`` is the class
+            weight ``(V,)``.
 
     Example::
 

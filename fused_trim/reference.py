@@ -29,14 +29,25 @@ from ._common import (
 
 
 def per_sample_loss(
-    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float
-) -> tuple[Tensor, Tensor]:
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    logit_softcap: float | None = None,
+    z_loss: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row cross-entropy of ``input (M, C)`` as ``F.cross_entropy(reduction="none")`` defines it.
 
-    Computed in float32 (float64 for float64 input). Returns ``(loss, w_y)``: the loss and the
-    class weight of each row's target (1 without ``weight``), both 0 on ignored rows.
+    Computed in float32 (float64 for float64 input). With ``logit_softcap`` ``c`` every logit
+    ``z`` is first ``c * tanh(z / c)``; with ``z_loss`` ``λ`` each loss gains ``λ * lse**2`` (the
+    logsumexp of the capped logits; not weighted by the class weight). Returns ``(loss, w_y,
+    lse)``: the loss, the class weight of each row's target (1 without ``weight``) and the row's
+    logsumexp, all 0 on ignored rows.
     """
     x = input.to(acc_dtype(input.dtype))
+    if logit_softcap is not None:
+        x = logit_softcap * torch.tanh(x / logit_softcap)
     num_classes = x.shape[1]
     valid = target != ignore_index
     safe_t = torch.where(valid, target, torch.zeros_like(target)).long()
@@ -48,8 +59,11 @@ def per_sample_loss(
     if label_smoothing > 0.0:
         smooth = -(logp.sum(1) if w is None else (logp * w).sum(1))
         loss = (1.0 - label_smoothing) * loss + (label_smoothing / num_classes) * smooth
+    lse = torch.logsumexp(x, dim=1)
+    if z_loss != 0.0:
+        loss = loss + z_loss * lse * lse
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    return torch.where(valid, loss, zero), torch.where(valid, w_y, zero)
+    return torch.where(valid, loss, zero), torch.where(valid, w_y, zero), torch.where(valid, lse, zero).detach()
 
 
 def select(scores: Tensor, valid: Tensor, k: Tensor, keep: Keep) -> tuple[Tensor, Tensor, Tensor]:
@@ -74,6 +88,11 @@ def select(scores: Tensor, valid: Tensor, k: Tensor, keep: Keep) -> tuple[Tensor
     return kept, order, torch.where(k > 0, last, nan)
 
 
+def _ce_options(opts: TrimOptions) -> tuple:
+    """``per_sample_loss``'s options from ``opts``: weight, ignore index, smoothing, cap, z."""
+    return opts.weight, opts.ignore_index, opts.label_smoothing, opts.logit_softcap, opts.z_loss
+
+
 def _gather_bound(k: Tensor, rows: int) -> int:
     """How many rows of the ranking order the backward recomputes: exactly ``k`` in eager mode;
     under ``torch.compile`` every row (``k`` is a device value there, and a bound computed from a
@@ -91,22 +110,25 @@ def _kept_rows(order: Tensor, kept: Tensor, bound: int) -> tuple[Tensor, Tensor]
 
 def trimmed_cross_entropy_2d(
     input: Tensor, target: Tensor, opts: TrimOptions
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The whole contract on ``input (M, C)`` or ``(N, C, S)``, ``target (M,)``.
 
-    Returns ``(out, losses, kept, k, threshold)``; ``out`` is 0-dim for ``"mean"``/``"sum"`` and
-    ``(M,)`` for ``"none"``. Only ``out`` carries gradient, and only through the kept rows.
-    ``losses`` are the per-sample losses in the accumulation dtype (fp32; fp64 for fp64 input), as
-    every backend returns them; ``out`` and ``threshold`` are in ``opts.result_dtype`` (default: the
-    input dtype; fp32 under autocast). ``score_offset`` (``(M,)``, or
-    ``None``): rank ``losses - score_offset`` (:func:`fused_trim._common.ranking_scores`) instead
-    of the losses; ``threshold`` is then the k-th score.
+    Returns ``(out, losses, kept, k, threshold, lse)``; ``out`` is 0-dim for ``"mean"``/``"sum"``
+    and ``(M,)`` for ``"none"``. Only ``out`` carries gradient, and only through the kept rows.
+    ``losses`` (with ``opts.z_loss``, the z term included) and ``lse`` (the rows' logsumexp of the
+    capped logits, 0 on ignored rows; ``None`` where a backend path cannot give it) are per sample in
+    the accumulation dtype (fp32; fp64 for fp64 input), as every backend returns them; ``out`` and
+    ``threshold`` are in ``opts.result_dtype`` (default: the input dtype; fp32 under autocast).
+    ``score_offset`` (``(M,)``, or ``None``): rank ``losses - score_offset``
+    (:func:`fused_trim._common.ranking_scores`) instead of the losses; ``threshold`` is then the
+    k-th score.
     """
     _, keep, weight, ignore_index, label_smoothing, reduction, score_offset = opts[:7]
+    ce = _ce_options(opts)
     input = as_rows(input)
     valid = target != ignore_index
     with torch.no_grad():
-        losses, _ = per_sample_loss(input, target, weight, ignore_index, label_smoothing)
+        losses, _, lse = per_sample_loss(input, target, *ce)
     scores = ranking_scores(losses, score_offset)
     k = rule_k(scores, valid, opts)
     kept, order, threshold = select(scores, valid, k, keep)
@@ -117,7 +139,7 @@ def trimmed_cross_entropy_2d(
     rows, mask = _kept_rows(order, kept, _gather_bound(k, target.shape[0]))
     x = torch.where(mask[:, None], input[rows], 0)
     t = torch.where(mask, target[rows], ignore_index)
-    kept_loss, kept_w = per_sample_loss(x, t, weight, ignore_index, label_smoothing)
+    kept_loss, kept_w, _ = per_sample_loss(x, t, *ce)
     if reduction == Reduction.NONE:
         out = torch.zeros(target.shape, dtype=kept_loss.dtype, device=input.device)
         out = out.index_put((rows,), kept_loss)
@@ -126,7 +148,7 @@ def trimmed_cross_entropy_2d(
     else:
         out = kept_loss.sum() / kept_w.sum()
     dtype = out_dtype(opts, input.dtype)
-    return out.to(dtype), losses, kept, k, threshold.to(dtype)
+    return out.to(dtype), losses, kept, k, threshold.to(dtype), lse
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,23 +172,29 @@ def linear_ce_rows(
     ignore_index: int,
     label_smoothing: float,
     chunk_size: int,
-) -> tuple[Tensor, Tensor]:
+    logit_softcap: float | None = None,
+    z_loss: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Every row's loss of ``F.linear(input, linear_weight, linear_bias)``, ``chunk_size`` rows of
-    logits at a time (detached). Returns ``(loss, w_y)`` in the accumulation dtype, ``(N,)``.
-    Bitwise equal rows with equal targets get the same loss (:func:`fused_trim._common.first_equal_rows`)."""
-    losses, wys = [], []
+    logits at a time (detached). Returns ``(loss, w_y, lse)`` in the accumulation dtype, ``(N,)``
+    (:func:`per_sample_loss`). Bitwise equal rows with equal targets get the same loss and lse
+    (:func:`fused_trim._common.first_equal_rows`)."""
+    losses, wys, lses = [], [], []
+    ce = (weight, ignore_index, label_smoothing, logit_softcap, z_loss)
     with torch.no_grad():
         for start in range(0, input.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             logits = _linear_logits(input[rows], linear_weight, linear_bias)
-            loss, w_y = per_sample_loss(logits, target[rows], weight, ignore_index, label_smoothing)
+            loss, w_y, lse = per_sample_loss(logits, target[rows], *ce)
             losses.append(loss)
             wys.append(w_y)
+            lses.append(lse)
     if not losses:
         acc = acc_dtype(input.dtype)
         empty = input.new_empty((0,), dtype=acc)
-        return empty, empty
-    return torch.cat(losses)[first_equal_rows(input, target)], torch.cat(wys)
+        return empty, empty, empty
+    first = first_equal_rows(input, target)
+    return torch.cat(losses)[first], torch.cat(wys), torch.cat(lses)[first]
 
 
 def trimmed_linear_cross_entropy_2d(
@@ -176,7 +204,7 @@ def trimmed_linear_cross_entropy_2d(
     target: Tensor,
     opts: TrimOptions,
     share: Callable[[Tensor, Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The LM-head contract on ``input (N, D)``, ``linear_weight (V, D)``, ``target (N,)``.
 
     The forward computes every row's loss in chunks of ``chunk_size`` rows, selects the kept set
@@ -186,13 +214,12 @@ def trimmed_linear_cross_entropy_2d(
     chunks in fp32 (bf16/fp16 heads) and rounded once. ``share``, when given, maps
     ``(losses, valid)`` to the exact number of rows to keep (a 0-dim int64 tensor; global
     trimming). ``score_offset`` (``(N,)`` or ``None``): rank ``losses - score_offset``. Returns
-    ``(out, losses, kept, k, threshold)`` as :func:`trimmed_cross_entropy_2d` does.
+    ``(out, losses, kept, k, threshold, lse)`` as :func:`trimmed_cross_entropy_2d` does.
     """
     _, keep, weight, ignore_index, label_smoothing, reduction, score_offset, chunk_size = opts[:8]
     valid = target != ignore_index
-    losses, _ = linear_ce_rows(
-        input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, chunk_size
-    )
+    ce = _ce_options(opts)
+    losses, _, lse = linear_ce_rows(input, linear_weight, linear_bias, target, *ce[:3], chunk_size, *ce[3:])
     scores = ranking_scores(losses, score_offset)
     k = rule_k(scores, valid, opts) if share is None else share(losses, valid).minimum(valid.sum())
     kept, order, threshold = select(scores, valid, k, keep)
@@ -202,7 +229,8 @@ def trimmed_linear_cross_entropy_2d(
     bias = None if linear_bias is None else linear_bias.to(acc)
 
     def kept_rows(x: Tensor, t: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
-        return per_sample_loss(F.linear(x.to(acc), w, b), t, weight, ignore_index, label_smoothing)
+        loss, w_y, _ = per_sample_loss(F.linear(x.to(acc), w, b), t, *ce)
+        return loss, w_y
 
     # Rows gathered beyond k (under compile) become zeros with an ignored target: a NaN hidden
     # state outside K reaches no gradient, not even as 0 * NaN.
@@ -223,4 +251,4 @@ def trimmed_linear_cross_entropy_2d(
     else:
         out = kept_loss.sum() / kept_w.sum()
     dtype = out_dtype(opts, input.dtype)
-    return out.to(dtype), losses, kept, k, threshold.to(dtype)
+    return out.to(dtype), losses, kept, k, threshold.to(dtype), lse

@@ -103,7 +103,7 @@ class _Net(torch.nn.Module):
 
     def forward(self, x, t, keep_ratio):
         logits = self.body(x)
-        out, _losses, kept, k, _thr = native.trimmed_cross_entropy_2d(
+        out, _losses, kept, k, _thr, _ = native.trimmed_cross_entropy_2d(
             logits, t, TrimOptions(keep_ratio, label_smoothing=0.05)
         )
         return out, kept, k

@@ -55,7 +55,7 @@ def test_grid_select_tensor_ratio_count_and_all_ignored(grid_select):
     from fused_trim._common import Reduction, TrimOptions
     from fused_trim.triton import trimmed_cross_entropy_2d
 
-    _, _, kept, k, _ = trimmed_cross_entropy_2d(x, t, TrimOptions(torch.tensor(17), reduction=Reduction.SUM))
+    _, _, kept, k, _, _ = trimmed_cross_entropy_2d(x, t, TrimOptions(torch.tensor(17), reduction=Reduction.SUM))
     assert int(k) == 17 and int(kept.sum()) == 17
     out, info, grad = run(TRITON, x, torch.full_like(t, -100), 0.5)
     assert torch.isnan(out) and int(info.k) == 0 and not info.kept.any() and torch.all(grad == 0)

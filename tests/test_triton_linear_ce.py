@@ -50,7 +50,7 @@ def expected_rows(x, w, b, t, weight=None, ignore_index=-100, label_smoothing=0.
     """Float64 ``(loss, w_y, row max, log s)`` of ``F.linear`` (0 on ignored rows)."""
     logits = F.linear(x.double(), w.double(), None if b is None else b.double())
     wd = None if weight is None else weight.double()
-    loss, w_y = reference.per_sample_loss(logits, t, wd, ignore_index, label_smoothing)
+    loss, w_y, _ = reference.per_sample_loss(logits, t, wd, ignore_index, label_smoothing)
     valid = t != ignore_index
     m = logits.max(1).values
     log_s = torch.log(torch.exp(logits - m[:, None]).sum(1))
@@ -226,7 +226,7 @@ def test_tensor_ratio_exact_count_and_share():
 
     xg = x.clone().requires_grad_(True)
     opts = TrimOptions(keep_ratio=torch.tensor(5), keep=Keep.EASIEST, reduction=Reduction.SUM, chunk_size=8)
-    out, losses, kept, k, _ = trimmed_linear_cross_entropy_2d(xg, w, b, t, opts._replace(keep_ratio=0.9), share=share)
+    out, losses, kept, k, *_ = trimmed_linear_cross_entropy_2d(xg, w, b, t, opts._replace(keep_ratio=0.9), share=share)
     assert len(calls) == 1 and torch.equal(calls[0][1], t != -100) and torch.equal(calls[0][0], losses)
     assert int(k) == 5 and int(kept.sum()) == 5
     order = torch.sort(torch.where(t != -100, losses, float("inf")), stable=True).indices[:5]

@@ -565,7 +565,7 @@ def trimmed_linear_cross_entropy_2d(
     target: Tensor,
     opts: TrimOptions,
     share: Callable[[Tensor, Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """The contract of :func:`fused_trim.reference.trimmed_linear_cross_entropy_2d`; differences:
     the backward recomputes a number of rows bounded on the host, ``min(N, max(1, floor(r N +
     0.5)))`` for a float ratio ``r``, ``min(N, c)`` for a Python int ``keep_count`` ``c``, all ``N``
@@ -593,7 +593,7 @@ def trimmed_linear_cross_entropy_2d(
             linear_weight.requires_grad,
             opts.result_dtype,
         )
-        return out, losses.detach(), kept, k, threshold.detach()
+        return out, losses.detach(), kept, k, threshold.detach(), None
 
     detached = [None if p is None else p.detach() for p in params]
     losses, w_y, stats = linear_ce_rows(*detached, target, *ce_args, chunk_size)
@@ -629,4 +629,4 @@ def trimmed_linear_cross_entropy_2d(
         opts.score_offset,
         opts.result_dtype,
     )
-    return out, losses, kept, k, threshold.detach()
+    return out, losses, kept, k, threshold.detach(), stats[0] + stats[1]

@@ -282,12 +282,12 @@ trimmed_ce_bwd.register_autograd(_double_backward)
 
 def trimmed_cross_entropy_2d(
     input: Tensor, target: Tensor, opts: TrimOptions
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The contract of :func:`fused_trim.reference.trimmed_cross_entropy_2d`; differences: the
     spatial layout ``(N, C, S)`` is read in place, and ``keep_ratio`` may be a 0-dim tensor on
     another device only when it is floating (a ratio, read on the host)."""
     keep_ratio, ratio_t = device_ratio(kernel_ratio(opts), input.device)
-    out, losses, kept, k, threshold, _, _ = trimmed_ce_fwd(
+    out, losses, kept, k, threshold, stats, _ = trimmed_ce_fwd(
         input,
         target,
         opts.weight,
@@ -302,4 +302,4 @@ def trimmed_cross_entropy_2d(
         device_threshold(opts.keep_threshold, input.device),
         int(opts.min_kept),
     )
-    return out, losses.detach(), kept, k, threshold.detach()
+    return out, losses.detach(), kept, k, threshold.detach(), (stats[0] + stats[1]).detach()

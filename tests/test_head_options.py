@@ -1,0 +1,263 @@
+"""``logit_softcap`` and ``z_loss`` on both ops, and ``info.lse`` / ``info.z_loss``, against a
+float64 oracle of the unfused formula:
+``F.cross_entropy(c * tanh(z / c), ...) + λ * logsumexp(c * tanh(z / c))**2``, trimmed by the
+reference selection of those losses, reduced over the kept set (the mean over ``Σ_K w[y]``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_trim import TrimmedCrossEntropyLoss, trimmed_cross_entropy, trimmed_linear_cross_entropy
+from fused_trim._common import Keep, compute_k, ranking_scores
+from fused_trim.reference import select
+
+from .helpers import BACKENDS, split
+
+# Backends whose kernels implement the options (the others: see test_unimplemented_backend_raises).
+IMPLEMENTED = ("reference",)
+HEAD_BACKENDS = [b for b in BACKENDS if split(b)[0] in IMPLEMENTED]
+LINEAR_BACKENDS = [b for b in HEAD_BACKENDS if b != "native@cuda"]
+
+
+def _capped(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return z if cap is None else cap * torch.tanh(z / cap)
+
+
+def oracle(logits, t, keep_ratio, *, cap, z, weight=None, ignore_index=-100, label_smoothing=0.0, **kw):
+    """The unfused float64 loss (differentiable in ``logits``, ``(M, C)``), its kept mask and its
+    z part reduced over the kept set."""
+    keep = Keep[kw.get("keep", "hardest").upper()]
+    reduction = kw.get("reduction", "mean")
+    capped = _capped(logits.double(), cap)
+    w = None if weight is None else weight.double()
+    ce = F.cross_entropy(
+        capped, t, weight=w, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none"
+    )
+    valid = t != ignore_index
+    lse = torch.logsumexp(capped, 1)
+    zterm = torch.where(valid, z * lse**2, 0)
+    losses = torch.where(valid, ce + zterm, 0)
+    offset = kw.get("score_offset")
+    scores = ranking_scores(losses.detach(), None if offset is None else offset.double())
+    k = compute_k(valid.sum(), keep_ratio)
+    kept, _, _ = select(scores, valid, k, keep)
+    w_y = torch.ones_like(ce) if w is None else w[t.clamp(min=0)]
+    denom = torch.where(kept, w_y, 0).sum()
+    if reduction == "none":
+        return torch.where(kept, losses, 0), kept, torch.where(kept, zterm, 0).detach(), lse.detach()
+    total, ztot = torch.where(kept, losses, 0).sum(), torch.where(kept, zterm, 0).sum().detach()
+    if reduction == "sum":
+        return total, kept, ztot, lse.detach()
+    return total / denom, kept, ztot / denom, lse.detach()
+
+
+CE_CASES = {
+    "cap-mean-hardest": dict(shape=(37, 7), keep_ratio=0.5, cap=2.0, z=0.0),
+    "z-sum-easiest-smooth": dict(shape=(41, 257), keep_ratio=0.3, cap=None, z=1e-2, reduction="sum",
+                                 keep="easiest", label_smoothing=0.1),
+    "both-none-weight": dict(shape=(29, 13), keep_ratio=0.6, cap=3.0, z=1e-3, reduction="none", weight=True),
+    "both-keep_all-mean-weight-smooth": dict(shape=(33, 11), keep_ratio=1.0, cap=1.5, z=1e-1, weight=True,
+                                             label_smoothing=0.2),
+    "both-offset": dict(shape=(31, 9), keep_ratio=0.4, cap=4.0, z=1e-2, offset=True),
+    "one-class": dict(shape=(17, 1), keep_ratio=0.5, cap=2.0, z=1e-2),
+    "spatial": dict(shape=(2, 7, 3, 5), keep_ratio=0.5, cap=2.0, z=1e-2, weight=True),
+}  # fmt: skip
+
+
+def _ce_problem(shape, weight=False, offset=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    c = shape[1]
+    tshape = (shape[0], *shape[2:])
+    t = torch.randint(0, c, tshape, generator=g)
+    t.view(-1)[::5] = -100
+    w = torch.rand(c, generator=g, dtype=torch.float64) + 0.5 if weight else None
+    o = torch.randn(tshape, generator=g, dtype=torch.float64) if offset else None
+    return x, t, w, o
+
+
+def _rows(x):
+    return x if x.dim() == 2 else x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+@pytest.mark.parametrize("case", CE_CASES, ids=list(CE_CASES))
+def test_cross_entropy_against_unfused_oracle(backend, case):
+    spec = dict(CE_CASES[case])
+    x, t, w, o = _ce_problem(spec.pop("shape"), spec.pop("weight", False), spec.pop("offset", False))
+    keep_ratio, cap, z = spec.pop("keep_ratio"), spec.pop("cap"), spec.pop("z")
+    name, dev = split(backend)
+    kw = dict(spec, weight=w, score_offset=o)
+    xg = x.clone().to(dev).requires_grad_(True)
+    dkw = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    out, info = trimmed_cross_entropy(
+        xg, t.to(dev), keep_ratio, logit_softcap=cap, z_loss=z, backend=name, return_info=True, **dkw
+    )
+    xo = x.clone().requires_grad_(True)
+    flat_o = None if o is None else o.reshape(-1)
+    want, kept, zwant, lse = oracle(_rows(xo), t.reshape(-1), keep_ratio, cap=cap, z=z, **dict(kw, score_offset=flat_o))
+    assert torch.equal(info.kept.cpu().reshape(-1), kept)
+    torch.testing.assert_close(out.cpu().reshape(want.shape), want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(info.lse.cpu().reshape(-1), torch.where(t.reshape(-1) != -100, lse, 0))
+    if z == 0.0:
+        assert info.z_loss is None
+    else:
+        torch.testing.assert_close(info.z_loss.cpu().reshape(zwant.shape), zwant)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out.backward(upstream.to(dev))
+    want.backward(upstream.reshape(want.shape))
+    torch.testing.assert_close(xg.grad.cpu(), xo.grad, rtol=1e-9, atol=1e-12)
+    outside = ~info.kept.cpu()
+    rows_grad = _rows(xg.grad.cpu())
+    assert torch.all(rows_grad[outside.reshape(-1)] == 0)
+
+
+LINEAR_CASES = {
+    "keep_all-mean-bias": dict(keep_ratio=1.0, cap=2.0, z=1e-2, bias=True),
+    "keep_all-sum-smooth-weight": dict(keep_ratio=1.0, cap=None, z=1e-1, reduction="sum", label_smoothing=0.1,
+                                       weight=True),
+    "hardest-mean-cap": dict(keep_ratio=0.4, cap=1.5, z=0.0, bias=True),
+    "easiest-none-both": dict(keep_ratio=0.5, cap=3.0, z=1e-2, reduction="none", keep="easiest"),
+    "offset-both-weight": dict(keep_ratio=0.3, cap=2.5, z=1e-3, offset=True, weight=True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=list(LINEAR_CASES))
+def test_linear_against_unfused_oracle(backend, case):
+    spec = dict(LINEAR_CASES[case])
+    keep_ratio, cap, z = spec.pop("keep_ratio"), spec.pop("cap"), spec.pop("z")
+    g = torch.Generator().manual_seed(3)
+    n, d, v = 37, 16, 29
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64)
+    b = torch.randn(v, generator=g, dtype=torch.float64) if spec.pop("bias", False) else None
+    t = torch.randint(0, v, (n,), generator=g)
+    t[::6] = -100
+    cw = torch.rand(v, generator=g, dtype=torch.float64) + 0.5 if spec.pop("weight", False) else None
+    o = torch.randn(n, generator=g, dtype=torch.float64) if spec.pop("offset", False) else None
+    name, dev = split(backend)
+    leaves = [None if a is None else a.clone().to(dev).requires_grad_(True) for a in (x, w, b)]
+    ref_leaves = [None if a is None else a.clone().requires_grad_(True) for a in (x, w, b)]
+    to = lambda a: None if a is None else a.to(dev)  # noqa: E731
+    out, info = trimmed_linear_cross_entropy(
+        leaves[0], leaves[1], t.to(dev), keep_ratio, linear_bias=leaves[2], weight=to(cw), score_offset=to(o),
+        logit_softcap=cap, z_loss=z, backend=name, return_info=True, chunk_size=8, **spec,
+    )  # fmt: skip
+    logits = F.linear(ref_leaves[0], ref_leaves[1], ref_leaves[2])
+    want, kept, zwant, lse = oracle(logits, t, keep_ratio, cap=cap, z=z, weight=cw, score_offset=o, **spec)
+    assert torch.equal(info.kept.cpu(), kept)
+    torch.testing.assert_close(out.cpu(), want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(info.lse.cpu(), torch.where(t != -100, lse, 0))
+    if z:
+        torch.testing.assert_close(info.z_loss.cpu(), zwant)
+    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    out.backward(upstream.to(dev))
+    want.backward(upstream)
+    for got, ref in zip(leaves, ref_leaves, strict=True):
+        if got is not None:
+            torch.testing.assert_close(got.grad.cpu(), ref.grad, rtol=1e-9, atol=1e-11)
+    assert torch.all(leaves[0].grad.cpu()[~info.kept.cpu()] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_off_is_off_bitwise(backend):
+    """``z_loss=0.0`` and ``logit_softcap=None`` given explicitly are the plain op, bitwise (the
+    z term is never added, not even as ``+ 0 * lse**2``)."""
+    x, t, w, _ = _ce_problem((23, 9), weight=True, seed=4)
+    x = x.float()
+    name, dev = split(backend)
+    a, ia = trimmed_cross_entropy(x.to(dev), t.to(dev), 0.5, weight=w.float().to(dev), backend=name, return_info=True)
+    b, ib = trimmed_cross_entropy(
+        x.to(dev), t.to(dev), 0.5, weight=w.float().to(dev), backend=name, return_info=True, z_loss=0.0,
+        logit_softcap=None,
+    )  # fmt: skip
+    assert torch.equal(a, b) and torch.equal(ia.losses, ib.losses) and ib.z_loss is None
+    h = torch.randn(19, 8)
+    hw = torch.randn(13, 8)
+    ht = torch.randint(0, 13, (19,))
+    if name == "native" and dev.type == "cuda":
+        return
+    a = trimmed_linear_cross_entropy(h.to(dev), hw.to(dev), ht.to(dev), 0.5, backend=name)
+    b = trimmed_linear_cross_entropy(h.to(dev), hw.to(dev), ht.to(dev), 0.5, backend=name, z_loss=0.0)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+def test_softcap_at_huge_logits_is_finite(backend):
+    """``|z| >> c``: tanh saturates, the capped logits tie at ``±c``; the derivative underflows to 0
+    without a NaN."""
+    name, dev = split(backend)
+    x = (torch.randn(16, 5, generator=torch.Generator().manual_seed(5)) * 1e6).to(dev).requires_grad_(True)
+    t = torch.arange(16).remainder(5).to(dev)
+    out = trimmed_cross_entropy(x, t, 0.5, logit_softcap=30.0, z_loss=1e-4, backend=name)
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(x.grad).all()
+    want = oracle(x.detach().cpu(), t.cpu(), 0.5, cap=30.0, z=1e-4)[0]
+    assert math.isclose(float(out.detach()), float(want), rel_tol=1e-5)
+
+
+def test_reference_gradcheck():
+    x, t, w, _ = _ce_problem((7, 4), weight=True, seed=6)
+    x.requires_grad_(True)
+
+    def f(a):
+        return trimmed_cross_entropy(a, t, 0.6, weight=w, logit_softcap=2.0, z_loss=0.1, backend="reference")
+
+    assert torch.autograd.gradcheck(f, (x,))
+    h = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    hw = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    ht = torch.tensor([0, 1, 2, 3, 4, -100])
+
+    def g(a, b):
+        return trimmed_linear_cross_entropy(a, b, ht, 0.5, logit_softcap=1.5, z_loss=0.1, backend="reference")
+
+    assert torch.autograd.gradcheck(g, (h, hw))
+
+
+def test_module_passes_options():
+    x, t, _, _ = _ce_problem((21, 6), seed=7)
+    crit = TrimmedCrossEntropyLoss(0.5, logit_softcap=2.0, z_loss=1e-2, backend="reference")
+    got = crit(x, t)
+    assert torch.equal(got, trimmed_cross_entropy(x, t, 0.5, logit_softcap=2.0, z_loss=1e-2, backend="reference"))
+    assert "logit_softcap=2.0" in repr(crit) and "z_loss=0.01" in repr(crit)
+    assert crit.info.z_loss is not None
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(logit_softcap=0.0), ValueError, "logit_softcap must be a finite float > 0, got 0.0"),
+        (dict(logit_softcap=-1.0), ValueError, "logit_softcap"),
+        (dict(logit_softcap=float("inf")), ValueError, "logit_softcap"),
+        (dict(logit_softcap=float("nan")), ValueError, "logit_softcap"),
+        (dict(logit_softcap="30"), TypeError, "logit_softcap must be None or a float > 0, got '30'"),
+        (dict(logit_softcap=True), TypeError, "logit_softcap"),
+        (dict(z_loss=-1e-4), ValueError, r"z_loss must be a finite float >= 0, got -0.0001"),
+        (dict(z_loss=float("nan")), ValueError, "z_loss"),
+        (dict(z_loss=None), TypeError, "z_loss must be a float >= 0, got None"),
+    ],
+)
+def test_bad_options_raise(kw, exc, match):
+    x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(exc, match=match):
+        trimmed_cross_entropy(x, t, **kw)
+    with pytest.raises(exc, match=match):
+        trimmed_linear_cross_entropy(torch.randn(4, 2), torch.randn(3, 2), t, **kw)
+    with pytest.raises(exc, match=match):
+        TrimmedCrossEntropyLoss(**kw)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if split(b)[0] not in IMPLEMENTED and "@" not in b])
+def test_unimplemented_backend_raises(backend):
+    x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(NotImplementedError, match=f"backend='{backend}' does not implement logit_softcap"):
+        trimmed_cross_entropy(x, t, logit_softcap=2.0, backend=backend)
+    # "auto" takes the reference instead.
+    got = trimmed_cross_entropy(x, t, z_loss=0.1)
+    assert torch.equal(got, trimmed_cross_entropy(x, t, z_loss=0.1, backend="reference"))
