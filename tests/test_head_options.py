@@ -58,15 +58,17 @@ def oracle(logits, t, keep_ratio, *, cap, z, weight=None, ignore_index=-100, lab
 
 CE_CASES = {
     "cap-mean-hardest": dict(shape=(37, 7), keep_ratio=0.5, cap=2.0, z=0.0),
-    "z-sum-easiest-smooth": dict(shape=(41, 257), keep_ratio=0.3, cap=None, z=1e-2, reduction="sum",
-                                 keep="easiest", label_smoothing=0.1),
+    "z-sum-easiest-smooth": dict(
+        shape=(41, 257), keep_ratio=0.3, cap=None, z=1e-2, reduction="sum", keep="easiest", label_smoothing=0.1
+    ),
     "both-none-weight": dict(shape=(29, 13), keep_ratio=0.6, cap=3.0, z=1e-3, reduction="none", weight=True),
-    "both-keep_all-mean-weight-smooth": dict(shape=(33, 11), keep_ratio=1.0, cap=1.5, z=1e-1, weight=True,
-                                             label_smoothing=0.2),
+    "both-keep_all-mean-weight-smooth": dict(
+        shape=(33, 11), keep_ratio=1.0, cap=1.5, z=1e-1, weight=True, label_smoothing=0.2
+    ),
     "both-offset": dict(shape=(31, 9), keep_ratio=0.4, cap=4.0, z=1e-2, offset=True),
     "one-class": dict(shape=(17, 1), keep_ratio=0.5, cap=2.0, z=1e-2),
     "spatial": dict(shape=(2, 7, 3, 5), keep_ratio=0.5, cap=2.0, z=1e-2, weight=True),
-}  # fmt: skip
+}
 
 
 def _ce_problem(shape, weight=False, offset=False, seed=0):
@@ -119,12 +121,13 @@ def test_cross_entropy_against_unfused_oracle(backend, case):
 
 LINEAR_CASES = {
     "keep_all-mean-bias": dict(keep_ratio=1.0, cap=2.0, z=1e-2, bias=True),
-    "keep_all-sum-smooth-weight": dict(keep_ratio=1.0, cap=None, z=1e-1, reduction="sum", label_smoothing=0.1,
-                                       weight=True),
+    "keep_all-sum-smooth-weight": dict(
+        keep_ratio=1.0, cap=None, z=1e-1, reduction="sum", label_smoothing=0.1, weight=True
+    ),
     "hardest-mean-cap": dict(keep_ratio=0.4, cap=1.5, z=0.0, bias=True),
     "easiest-none-both": dict(keep_ratio=0.5, cap=3.0, z=1e-2, reduction="none", keep="easiest"),
     "offset-both-weight": dict(keep_ratio=0.3, cap=2.5, z=1e-3, offset=True, weight=True),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
@@ -146,9 +149,20 @@ def test_linear_against_unfused_oracle(backend, case):
     ref_leaves = [None if a is None else a.clone().requires_grad_(True) for a in (x, w, b)]
     to = lambda a: None if a is None else a.to(dev)  # noqa: E731
     out, info = trimmed_linear_cross_entropy(
-        leaves[0], leaves[1], t.to(dev), keep_ratio, linear_bias=leaves[2], weight=to(cw), score_offset=to(o),
-        logit_softcap=cap, z_loss=z, backend=name, return_info=True, chunk_size=8, **spec,
-    )  # fmt: skip
+        leaves[0],
+        leaves[1],
+        t.to(dev),
+        keep_ratio,
+        linear_bias=leaves[2],
+        weight=to(cw),
+        score_offset=to(o),
+        logit_softcap=cap,
+        z_loss=z,
+        backend=name,
+        return_info=True,
+        chunk_size=8,
+        **spec,
+    )
     logits = F.linear(ref_leaves[0], ref_leaves[1], ref_leaves[2])
     want, kept, zwant, lse = oracle(logits, t, keep_ratio, cap=cap, z=z, weight=cw, score_offset=o, **spec)
     assert torch.equal(info.kept.cpu(), kept)
@@ -174,9 +188,15 @@ def test_off_is_off_bitwise(backend):
     name, dev = split(backend)
     a, ia = trimmed_cross_entropy(x.to(dev), t.to(dev), 0.5, weight=w.float().to(dev), backend=name, return_info=True)
     b, ib = trimmed_cross_entropy(
-        x.to(dev), t.to(dev), 0.5, weight=w.float().to(dev), backend=name, return_info=True, z_loss=0.0,
+        x.to(dev),
+        t.to(dev),
+        0.5,
+        weight=w.float().to(dev),
+        backend=name,
+        return_info=True,
+        z_loss=0.0,
         logit_softcap=None,
-    )  # fmt: skip
+    )
     assert torch.equal(a, b) and torch.equal(ia.losses, ib.losses) and ib.z_loss is None
     h = torch.randn(19, 8)
     hw = torch.randn(13, 8)
