@@ -19,7 +19,7 @@ from fused_trim.reference import select
 from .helpers import BACKENDS, split
 
 # Backends whose kernels implement the options (the others: see test_unimplemented_backend_raises).
-IMPLEMENTED = ("reference",)
+IMPLEMENTED = ("reference", "triton")
 HEAD_BACKENDS = [b for b in BACKENDS if split(b)[0] in IMPLEMENTED]
 LINEAR_BACKENDS = [b for b in HEAD_BACKENDS if b != "native@cuda"]
 
@@ -220,6 +220,16 @@ def test_softcap_at_huge_logits_is_finite(backend):
     assert torch.isfinite(out) and torch.isfinite(x.grad).all()
     want = oracle(x.detach().cpu(), t.cpu(), 0.5, cap=30.0, z=1e-4)[0]
     assert math.isclose(float(out.detach()), float(want), rel_tol=1e-5)
+    # The LM head, both paths (the trimmed one recomputes in the backward, keep 1.0 forms the
+    # gradient in the forward).
+    h = torch.randn(16, 4, generator=torch.Generator().manual_seed(6)).to(dev).requires_grad_(True)
+    w = (torch.randn(5, 4, generator=torch.Generator().manual_seed(7)) * 1e6).to(dev).requires_grad_(True)
+    for ratio in (0.5, 1.0):
+        out = trimmed_linear_cross_entropy(h, w, t, ratio, logit_softcap=30.0, z_loss=1e-4, backend=name, chunk_size=8)
+        out.backward()
+        assert torch.isfinite(out) and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+        want = oracle(F.linear(h, w).detach().cpu(), t.cpu(), ratio, cap=30.0, z=1e-4)[0]
+        assert math.isclose(float(out.detach()), float(want), rel_tol=1e-5)
 
 
 def test_reference_gradcheck():
@@ -281,3 +291,85 @@ def test_unimplemented_backend_raises(backend):
     # "auto" takes the reference instead.
     got = trimmed_cross_entropy(x, t, z_loss=0.1)
     assert torch.equal(got, trimmed_cross_entropy(x, t, z_loss=0.1, backend="reference"))
+
+
+def _unfused_rows(logits, t, cap, z, label_smoothing):
+    """The unfused per-row losses (``reduction="none"`` plus the z term) in ``logits``' dtype."""
+    capped = _capped(logits, cap)
+    ce = F.cross_entropy(capped, t, label_smoothing=label_smoothing, reduction="none")
+    return ce + z * torch.logsumexp(capped, 1) ** 2
+
+
+def _kept_mean(rows, kept):
+    return torch.where(kept, rows, 0).sum() / kept.sum()
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+@pytest.mark.parametrize("op", ["ce", "linear"])
+@pytest.mark.parametrize("keep_ratio", [0.5, 1.0])
+def test_bf16_no_worse_than_unfused_bf16(backend, op, keep_ratio):
+    """bf16 inputs with both options: the loss and the gradients are no further from the float64
+    unfused formula than the unfused formula evaluated in bf16 (over the same kept set, so that a
+    near-tie ranked differently in bf16 does not count)."""
+    name, dev = split(backend)
+    g = torch.Generator().manual_seed(8)
+    cap, z, ls = 5.0, 1e-2, 0.1
+    t = torch.randint(0, 40, (48,), generator=g)
+    t[::7] = -100
+    if op == "ce":
+        leaves = [(torch.randn(48, 40, generator=g) * 4).bfloat16()]
+    else:
+        leaves = [torch.randn(48, 32, generator=g).bfloat16(), (torch.randn(40, 32, generator=g) / 2).bfloat16()]
+
+    def logits(ps):
+        return ps[0] if op == "ce" else F.linear(*ps)
+
+    fused = [p.clone().to(dev).requires_grad_(True) for p in leaves]
+    kw = dict(logit_softcap=cap, z_loss=z, label_smoothing=ls, backend=name, return_info=True)
+    if op == "ce":
+        out, info = trimmed_cross_entropy(fused[0], t.to(dev), keep_ratio, **kw)
+    else:
+        out, info = trimmed_linear_cross_entropy(*fused, t.to(dev), keep_ratio, chunk_size=16, **kw)
+    out.backward()
+    kept = info.kept.cpu()
+    assert out.dtype == torch.bfloat16 and kept.sum() == (21 if keep_ratio == 0.5 else 41)
+    errors = []
+    for dtype in (torch.float64, torch.bfloat16):
+        ps = [p.clone().to(dtype).requires_grad_(True) for p in leaves]
+        want = _kept_mean(_unfused_rows(logits(ps), t, cap, z, ls), kept)
+        want.backward()
+        errors.append((want.detach().double(), [p.grad.double() for p in ps]))
+    (ref, ref_grads), (unfused, unfused_grads) = errors
+    ulp = 2.0**-8 * abs(float(ref))
+    assert abs(float(out.detach()) - float(ref)) <= max(abs(float(unfused) - float(ref)), ulp)
+    for got, want, bf16 in zip(fused, ref_grads, unfused_grads, strict=True):
+        assert torch.linalg.norm(got.grad.cpu().double() - want) <= torch.linalg.norm(bf16 - want)
+
+
+COMPILE_BACKENDS = [b for b in HEAD_BACKENDS if b == "reference" or b.endswith("@cuda")]
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_compiles_fullgraph_with_options(backend):
+    """Both ops with both options trace into one graph (``fullgraph=True``) and give the eager
+    values and gradients."""
+    name, dev = split(backend)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(24, 16, generator=g).to(dev)
+    w = torch.randn(11, 16, generator=g).to(dev)
+    t = torch.randint(0, 11, (24,), generator=g).to(dev)
+    kw = dict(logit_softcap=3.0, z_loss=1e-2, backend=name)
+
+    def step(x, w):
+        a = trimmed_cross_entropy(x @ w.t(), t, 0.5, **kw)
+        return a + trimmed_linear_cross_entropy(x, w, t, 0.5, **kw)
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        leaves = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss.detach(), *(p.grad for p in leaves)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
