@@ -210,10 +210,12 @@ def test_off_is_off_bitwise(backend):
 
 @pytest.mark.parametrize("backend", HEAD_BACKENDS)
 def test_softcap_at_huge_logits_is_finite(backend):
-    """``|z| >> c``: tanh saturates, the capped logits tie at ``±c``; the derivative underflows to 0
-    without a NaN."""
+    """``|z| >> c`` (and ``±inf``): tanh saturates, the capped logits tie at ``±c``; the derivative
+    underflows to 0 without a NaN."""
     name, dev = split(backend)
-    x = (torch.randn(16, 5, generator=torch.Generator().manual_seed(5)) * 1e6).to(dev).requires_grad_(True)
+    x = torch.randn(16, 5, generator=torch.Generator().manual_seed(5)) * 1e6
+    x[0, 1], x[1, 2] = float("inf"), float("-inf")  # capped to ±c as well
+    x = x.to(dev).requires_grad_(True)
     t = torch.arange(16).remainder(5).to(dev)
     out = trimmed_cross_entropy(x, t, 0.5, logit_softcap=30.0, z_loss=1e-4, backend=name)
     out.backward()
@@ -230,6 +232,30 @@ def test_softcap_at_huge_logits_is_finite(backend):
         assert torch.isfinite(out) and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
         want = oracle(F.linear(h, w).detach().cpu(), t.cpu(), ratio, cap=30.0, z=1e-4)[0]
         assert math.isclose(float(out.detach()), float(want), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+def test_softcap_float32_accuracy(backend):
+    """fp32 logits from ``1e-4 c`` to ``1e3 c``, both signs: with one class the loss is
+    ``λ (c tanh(x / c))**2`` and ``info.lse`` the capped logit itself, so that both branches of a
+    kernel's tanh (and its derivative) are held to a few ulp of the float64 formula."""
+    name, dev = split(backend)
+    cap, lam = 4.0, 0.25
+    mag = torch.logspace(-4, 3, 301, dtype=torch.float64) * cap
+    x = torch.cat([mag, -mag]).float()[:, None]
+    t = torch.zeros(x.shape[0], dtype=torch.int64)
+    xg = x.clone().to(dev).requires_grad_(True)
+    out, info = trimmed_cross_entropy(
+        xg, t.to(dev), reduction="none", logit_softcap=cap, z_loss=lam, backend=name, return_info=True
+    )
+    out.backward(torch.ones_like(out))
+    u = x[:, 0].double() / cap
+    capped = cap * torch.tanh(u)
+    e = torch.exp(-2 * u.abs())
+    torch.testing.assert_close(info.lse.cpu().double(), capped, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.detach().cpu().double(), lam * capped**2, rtol=3e-6, atol=0)
+    grad = 2 * lam * capped * 4 * e / (1 + e) ** 2
+    torch.testing.assert_close(xg.grad.cpu()[:, 0].double(), grad, rtol=1e-5, atol=1e-6 * float(grad.abs().max()))
 
 
 def test_reference_gradcheck():

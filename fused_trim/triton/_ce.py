@@ -92,18 +92,32 @@ def softcap(x, cap):
     """The soft-capped logits ``c * tanh(x / c)`` and their derivative ``1 - tanh(x / c)**2``, in
     ``x``'s dtype (``cap``: ``c`` in that dtype).
 
-    With ``e = exp(-2|u|)``, ``u = x / c``: ``tanh|u| = -expm1(-2|u|) / (2 + expm1(-2|u|))`` (to a
-    few ulp also for small ``|u|``) and ``1 - tanh**2 = 4 e / (1 + e)**2``, which keeps its
+    With ``u = x / c`` and ``e = exp(-2|u|)``: ``1 - tanh**2 = 4 e / (1 + e)**2``, which keeps its
     relative precision where ``tanh`` rounds to 1 and underflows to exactly 0 at ``|x| >> c`` (or
-    ``±inf``), never NaN; a NaN logit stays NaN in both.
+    ``±inf``), never NaN; a NaN logit stays NaN in both. ``tanh|u|`` is ``(1 - e) / (1 + e)`` from
+    ``|u| = 0.6`` up (no cancellation there) and an odd polynomial below (fp32: CUDA ``tanhf``'s,
+    within an ulp); fp64 takes ``-expm1(-2|u|) / (2 + expm1(-2|u|))`` throughout.
     """
-    u = x / cap
-    y = -2.0 * tl.abs(u)
-    em = expm1_neg(y)
-    e = tl.exp(y)
-    t = -em / (2.0 + em)
+    if x.dtype == tl.float64:
+        u = x / cap
+    else:
+        u = x * (1.0 / cap)  # one division per row, not per logit
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    r = 1.0 / (1.0 + e)
+    if x.dtype == tl.float64:
+        em = expm1_neg(-2.0 * a)
+        t = -em / (2.0 + em)
+    else:
+        a_small = tl.minimum(a, 0.6)  # (an infinite |u| would make the unused polynomial inf - inf)
+        s = a_small * a_small
+        q = -5.70498872745e-3 * s + 2.06390887954e-2
+        q = q * s - 5.37397155531e-2
+        q = q * s + 1.33314422036e-1
+        q = q * s - 3.33332819422e-1
+        t = tl.where(a < 0.6, (q * s) * a_small + a_small, (1.0 - e) * r)
     capped = cap * tl.where(u < 0.0, -t, t)
-    return capped, 4.0 * e / ((1.0 + e) * (1.0 + e))
+    return capped, (4.0 * e) * (r * r)
 
 
 @triton.jit
