@@ -19,7 +19,7 @@ from fused_trim.reference import select
 from .helpers import BACKENDS, split
 
 # Backends whose kernels implement the options (the others: see test_unimplemented_backend_raises).
-IMPLEMENTED = ("reference",)
+IMPLEMENTED = ("reference", "native")
 HEAD_BACKENDS = [b for b in BACKENDS if split(b)[0] in IMPLEMENTED]
 LINEAR_BACKENDS = [b for b in HEAD_BACKENDS if b != "native@cuda"]
 
