@@ -68,6 +68,8 @@ CE_CASES = {
     "both-offset": dict(shape=(31, 9), keep_ratio=0.4, cap=4.0, z=1e-2, offset=True),
     "one-class": dict(shape=(17, 1), keep_ratio=0.5, cap=2.0, z=1e-2),
     "spatial": dict(shape=(2, 7, 3, 5), keep_ratio=0.5, cap=2.0, z=1e-2, weight=True),
+    "cap-rows-weight-smooth": dict(shape=(19, 300), keep_ratio=0.5, cap=2.5, z=1e-2, weight=True, label_smoothing=0.1),
+    "cap-blocks-sum": dict(shape=(5, 2100), keep_ratio=0.6, cap=3.0, z=1e-3, reduction="sum"),
 }
 
 
@@ -127,6 +129,8 @@ LINEAR_CASES = {
     "hardest-mean-cap": dict(keep_ratio=0.4, cap=1.5, z=0.0, bias=True),
     "easiest-none-both": dict(keep_ratio=0.5, cap=3.0, z=1e-2, reduction="none", keep="easiest"),
     "offset-both-weight": dict(keep_ratio=0.3, cap=2.5, z=1e-3, offset=True, weight=True),
+    "tiles-hardest-both": dict(keep_ratio=0.5, cap=2.0, z=1e-2, bias=True, v=1100),
+    "tiles-keep_all-both": dict(keep_ratio=1.0, cap=2.0, z=1e-2, v=1100, label_smoothing=0.1),
 }
 
 
@@ -136,7 +140,7 @@ def test_linear_against_unfused_oracle(backend, case):
     spec = dict(LINEAR_CASES[case])
     keep_ratio, cap, z = spec.pop("keep_ratio"), spec.pop("cap"), spec.pop("z")
     g = torch.Generator().manual_seed(3)
-    n, d, v = 37, 16, 29
+    n, d, v = 37, 16, spec.pop("v", 29)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     w = torch.randn(v, d, generator=g, dtype=torch.float64)
     b = torch.randn(v, generator=g, dtype=torch.float64) if spec.pop("bias", False) else None
@@ -278,6 +282,127 @@ def test_unimplemented_backend_raises(backend):
     x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     with pytest.raises(NotImplementedError, match=f"backend='{backend}' does not implement logit_softcap"):
         trimmed_cross_entropy(x, t, logit_softcap=2.0, backend=backend)
-    # "auto" takes the reference instead.
+    # "auto" takes a backend that has them instead.
     got = trimmed_cross_entropy(x, t, z_loss=0.1)
-    assert torch.equal(got, trimmed_cross_entropy(x, t, z_loss=0.1, backend="reference"))
+    torch.testing.assert_close(got, trimmed_cross_entropy(x, t, z_loss=0.1, backend="reference"))
+
+
+def _bf16_errors(got, want):
+    """Largest absolute error of ``got`` against ``want`` (float64), and the scale it is judged by."""
+    return (got.double() - want).abs().max().item(), want.abs().max().item()
+
+
+def _assert_no_worse(got, unfused, want, what):
+    """``got`` no further from ``want`` than the unfused bf16 computation, or than one bf16 rounding
+    of the result (the fused paths round once, at the end)."""
+    err, scale = _bf16_errors(got, want)
+    err_u, _ = _bf16_errors(unfused, want)
+    assert err <= max(err_u, scale * 2.0**-8), f"{what}: fused error {err:.3g}, unfused bf16 {err_u:.3g}"
+
+
+BF16_CE_SHAPES = {"few-classes": (64, 7), "rows": (48, 300), "spatial": (2, 5, 4, 6)}
+
+
+@pytest.mark.parametrize("backend", [b for b in HEAD_BACKENDS if split(b)[0] != "reference"])
+@pytest.mark.parametrize("case", BF16_CE_SHAPES, ids=list(BF16_CE_SHAPES))
+def test_cross_entropy_bf16_no_worse_than_unfused(backend, case):
+    """bf16 logits with both options: value and gradient no further from the float64 oracle (of the
+    same bf16 values) than ``c * tanh(x / c)``, ``F.cross_entropy`` and ``logsumexp`` in bf16. A
+    steep ``score_offset`` fixes the kept set, so that every computation reduces the same rows."""
+    shape = BF16_CE_SHAPES[case]
+    x, t, _, _ = _ce_problem(shape, seed=8)
+    xb = x.to(torch.bfloat16)
+    cap, z = 4.0, 1e-2
+    m = t.numel()
+    offset = (-1e4 * torch.arange(m, dtype=torch.float64)).reshape(t.shape)
+    name, dev = split(backend)
+    xg = xb.clone().to(dev).requires_grad_(True)
+    out = trimmed_cross_entropy(
+        xg, t.to(dev), 0.5, logit_softcap=cap, z_loss=z, score_offset=offset.float().to(dev), backend=name
+    )
+    out.backward()
+    xo = xb.double().requires_grad_(True)
+    want, kept, _, _ = oracle(_rows(xo), t.reshape(-1), 0.5, cap=cap, z=z, score_offset=offset.reshape(-1))
+    want.backward()
+    xu = xb.clone().requires_grad_(True)
+    capped = _rows(cap * torch.tanh(xu / cap))
+    valid = t.reshape(-1) != -100
+    losses = F.cross_entropy(capped, t.reshape(-1), reduction="none") + z * torch.logsumexp(capped, 1) ** 2
+    unfused = torch.where(kept & valid, losses, 0).sum() / kept.sum()
+    unfused.backward()
+    _assert_no_worse(out.detach().cpu(), unfused.detach(), want.detach(), "loss")
+    _assert_no_worse(xg.grad.cpu(), xu.grad, xo.grad, "gradient")
+
+
+@pytest.mark.parametrize("backend", [b for b in LINEAR_BACKENDS if split(b)[0] != "reference"])
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
+def test_linear_bf16_no_worse_than_unfused(backend, keep_ratio):
+    """The LM head on bf16 operands with both options (keep 1.0: the keep-all path that forms the
+    gradient in the forward): no worse than ``F.linear`` and the capped loss in bf16."""
+    g = torch.Generator().manual_seed(9)
+    n, d, v = 40, 32, 1100
+    x = torch.randn(n, d, generator=g).to(torch.bfloat16)
+    w = (torch.randn(v, d, generator=g) * 0.5).to(torch.bfloat16)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[::7] = -100
+    offset = -1e4 * torch.arange(n, dtype=torch.float64)
+    cap, z = 5.0, 1e-3
+    name, dev = split(backend)
+    kw = dict(logit_softcap=cap, z_loss=z)
+    if keep_ratio < 1.0:
+        kw["score_offset"] = offset.float().to(dev)
+    xg, wg = x.clone().to(dev).requires_grad_(True), w.clone().to(dev).requires_grad_(True)
+    out = trimmed_linear_cross_entropy(xg, wg, t.to(dev), keep_ratio, backend=name, chunk_size=16, **kw)
+    out.backward()
+    xo, wo = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    want, kept, _, _ = oracle(
+        F.linear(xo, wo), t, keep_ratio, cap=cap, z=z, score_offset=offset if keep_ratio < 1.0 else None
+    )
+    want.backward()
+    xu, wu = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    capped = cap * torch.tanh(F.linear(xu, wu) / cap)
+    losses = F.cross_entropy(capped, t, reduction="none") + z * torch.logsumexp(capped, 1) ** 2
+    unfused = torch.where(kept & (t != -100), losses, 0).sum() / kept.sum()
+    unfused.backward()
+    _assert_no_worse(out.detach().cpu(), unfused.detach(), want.detach(), "loss")
+    _assert_no_worse(xg.grad.cpu(), xu.grad, xo.grad, "input gradient")
+    _assert_no_worse(wg.grad.cpu(), wu.grad, wo.grad, "weight gradient")
+
+
+COMPILE_BACKENDS = [b for b in LINEAR_BACKENDS if b in ("native", "triton@cuda") and split(b)[0] in IMPLEMENTED]
+
+
+@pytest.mark.skipif(not COMPILE_BACKENDS, reason="no compiled backend implements the options here")
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_fullgraph_compile_with_the_options(backend):
+    """Both ops with ``logit_softcap`` and ``z_loss`` in one ``torch.compile(fullgraph=True)`` graph
+    (the ops' fake kernels take the options): the eager values, gradients and ``info.lse``."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    name, dev = split(backend)
+    g = torch.Generator().manual_seed(10)
+    x, w = torch.randn(24, 8, generator=g), torch.randn(50, 8, generator=g)
+    t = torch.randint(0, 50, (24,), generator=g)
+    t[::5] = -100
+    logits = torch.randn(24, 9, generator=g)
+    t_ce = t.clamp(max=8)
+
+    def step(x, w, logits):
+        head, info = trimmed_linear_cross_entropy(
+            x, w, t.to(dev), 0.5, logit_softcap=3.0, z_loss=1e-2, backend=name, return_info=True
+        )
+        ce = trimmed_cross_entropy(logits, t_ce.to(dev), 0.5, logit_softcap=2.0, z_loss=1e-3, backend=name)
+        return head + ce, info.lse
+
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    results = []
+    for fn in (step, compiled):
+        params = [a.clone().to(dev).requires_grad_(True) for a in (x, w, logits)]
+        out, lse = fn(*params)
+        out.backward()
+        results.append([out.detach(), lse, *(p.grad for p in params)])
+    assert counter.frame_count == 1
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want)
