@@ -22,7 +22,6 @@ from fused_trim.schedules import LinearSchedule  # noqa: E402
 
 VOCAB = 97
 HAS_GROUP_IDS = "group_ids" in inspect.signature(trimmed_linear_cross_entropy).parameters
-HAS_SOFTCAP = "logit_softcap" in inspect.signature(trimmed_linear_cross_entropy).parameters
 
 
 def tiny(kind: str, vocab: int = VOCAB, seed: int = 0) -> torch.nn.Module:
@@ -281,18 +280,79 @@ def test_sequence_group_without_group_ids_raises():
         apply_fused_trim(tiny("llama"), 0.5, group="sequence")
 
 
-def test_gemma2_softcapping_is_never_silently_dropped():
-    model = tiny("gemma2")
-    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
-        apply_fused_trim(model, 0.5)
-    assert "forward" not in model.__dict__
-
-
-@pytest.mark.skipif(not HAS_SOFTCAP, reason="Gemma 2 soft-capping needs the op's logit_softcap= option, not available")
-def test_gemma2_softcapping_equals_unpatched():
-    base, patched = pair("gemma2", keep_ratio=1.0, backend="reference")
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
+def test_gemma2_softcapping_is_the_unpatched_models(keep_ratio):
+    """Gemma 2 soft-caps its logits (final_logit_softcapping=30): the patch passes the cap to the op,
+    so keep 1.0 is the model's own loss and gradients, and 0.5 the trimmed loss of its capped logits.
+    The hidden states are scaled up so that the cap bends the logits (|z| of order c)."""
+    base = tiny("gemma2")
+    with torch.no_grad():
+        base.lm_head.weight.mul_(400.0)
+    patched = apply_fused_trim(copy.deepcopy(base), keep_ratio)
     ids, labels = batch(seed=15)
-    torch.testing.assert_close(patched(input_ids=ids, labels=labels).loss, base(input_ids=ids, labels=labels).loss)
+    logits = base(input_ids=ids).logits
+    assert logits.abs().max() > 15.0  # the cap is active: tanh(z / 30) is far from z / 30
+    expected = trimmed_cross_entropy(logits.reshape(-1, VOCAB), shifted(labels).reshape(-1), keep_ratio)
+    out = patched(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+    if keep_ratio == 1.0:
+        torch.testing.assert_close(out.loss, base(input_ids=ids, labels=labels).loss, atol=1e-5, rtol=1e-5)
+    expected.backward()
+    out.loss.backward()
+    assert_grads_close(grads(patched), grads(base), atol=1e-4)
+    with pytest.raises(ValueError, match="logit_softcap= is set by the integration"):
+        apply_fused_trim(tiny("llama"), 0.5, logit_softcap=30.0)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [dict(keep_count=7), dict(keep_threshold=4.5, min_kept=3), dict(keep_threshold=4.5)],
+    ids=["count", "threshold-min", "threshold"],
+)
+def test_keep_rules_equal_trimmed_ce_of_unpatched_logits(rule):
+    base, patched = pair("llama", backend="reference", **rule)
+    ids, labels = batch(seed=16)
+    logits = base(input_ids=ids).logits
+    expected = trimmed_cross_entropy(logits.reshape(-1, VOCAB), shifted(labels).reshape(-1), **rule)
+    out = patched(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=1e-6)
+    state = get_trim_state(patched)
+    stats = state.pop_stats()
+    name = next(iter(rule))
+    assert stats[name] == rule[name] and state.keep_ratio is None
+    expected.backward()
+    out.loss.backward()
+    assert_grads_close(grads(patched), grads(base))
+
+
+def test_count_schedule_is_stepped_and_logged():
+    from fused_trim.schedules import OrderedSGDSchedule
+
+    model = apply_fused_trim(tiny("llama"), keep_count=OrderedSGDSchedule(start_count=8), backend="reference")
+    state = get_trim_state(model)
+    assert state.rule == "keep_count" and state.keep_count == 8 and state.set_progress(0, 0) == 8
+    state.keep_count = 3
+    ids, labels = batch(seed=17)
+    loss = model(input_ids=ids, labels=labels).loss
+    assert torch.isfinite(loss) and state.pop_stats()["keep_count"] == 3
+    with pytest.raises(ValueError, match="keep_ratio cannot be set: this state keeps by keep_count"):
+        state.keep_ratio = 0.5
+    with pytest.raises(ValueError, match="keep_count must be an int >= 0"):
+        state.keep_count = -1
+
+
+def test_conflicting_keep_rules_raise():
+    with pytest.raises(
+        ValueError,
+        match="exactly one of keep_ratio, keep_count and keep_threshold sets k, got keep_ratio and keep_count",
+    ):
+        apply_fused_trim(tiny("llama"), 0.5, keep_count=4)
+    with pytest.raises(ValueError, match="min_kept is used with keep_threshold only"):
+        apply_fused_trim(tiny("llama"), 0.5, min_kept=4)
+    with pytest.raises(ValueError, match="keep_threshold"):
+        apply_fused_trim(tiny("llama"), keep_threshold=float("nan"))
+    with pytest.raises(ValueError, match="exactly one of"):
+        trimmed_loss_func(0.5, keep_threshold=1.0)
 
 
 def test_logit_transform_after_the_head_is_detected():

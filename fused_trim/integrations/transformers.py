@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import trimmed_cross_entropy, trimmed_linear_cross_entropy
+from ..functional import _check_keep_rule
 from ..schedules import KeepRatioSchedule
 
 # A KeepRatioSchedule, or any callable (epoch, step) -> ratio, as the nn modules accept.
@@ -73,7 +74,7 @@ _STATE_ATTR = "_fused_trim_state"
 _GROUPS = ("token", "sequence")
 # Arguments the integration sets itself: a user value would be silently overridden or change the
 # normalisation (class weights make the mean a weighted one, which num_items_in_batch does not count).
-_RESERVED = ("reduction", "return_info", "score_offset", "weight", "ignore_index", "group_ids")
+_RESERVED = ("reduction", "return_info", "score_offset", "weight", "ignore_index", "group_ids", "logit_softcap")
 # Config attributes of models that transform the head's logits before the loss.
 _SOFTCAP_ATTRS = ("final_logit_softcapping", "logits_soft_cap", "logit_softcapping")
 
@@ -141,38 +142,89 @@ def _normalised(
 class TrimState:
     """What a patched model (or :func:`trimmed_loss_func`) trims with, and what it last kept.
 
-    Set :attr:`keep_ratio` directly, or call :meth:`set_progress` to evaluate the schedule given at
-    patch time. :meth:`pop_stats` returns (and resets) the kept fraction and last threshold since
-    the previous call, synchronising with the device once.
+    One keep rule, as the op takes it: ``keep_ratio`` (a ratio or a schedule of ratios; 1.0 when no
+    rule is given), ``keep_count`` (a count or a schedule of counts, e.g.
+    ``OrderedSGDSchedule(start_count=64)``) or ``keep_threshold`` with ``min_kept`` (fixed). Set
+    :attr:`keep_ratio` / :attr:`keep_count` directly, or call :meth:`set_progress` to evaluate the
+    schedule. :meth:`pop_stats` returns (and resets) the kept fraction and last threshold since the
+    previous call, synchronising with the device once.
     """
 
-    def __init__(self, keep_ratio: float | Schedule) -> None:
-        if callable(keep_ratio):
-            self.schedule: Schedule | None = keep_ratio
-            ratio = keep_ratio(0, 0)
-        else:
-            self.schedule = None
-            ratio = keep_ratio
-        self.keep_ratio = ratio
+    def __init__(
+        self,
+        keep_ratio: float | Schedule | None = None,
+        keep_count: int | Schedule | None = None,
+        keep_threshold: float | None = None,
+        min_kept: int | None = None,
+    ) -> None:
+        given = [n for n, v in (("keep_ratio", keep_ratio), ("keep_count", keep_count)) if v is not None]
+        if keep_threshold is not None:
+            given.append("keep_threshold")
+        if len(given) > 1:
+            raise ValueError(
+                f"exactly one of keep_ratio, keep_count and keep_threshold sets k, got {' and '.join(given)}"
+            )
+        self.rule = given[0] if given else "keep_ratio"
+        value = {"keep_ratio": keep_ratio, "keep_count": keep_count}.get(self.rule)
+        self.schedule: Schedule | None = value if callable(value) else None
+        self._keep_ratio: float | None = None
+        self._keep_count: int | None = None
+        if self.rule == "keep_threshold":
+            _check_keep_rule(None, None, keep_threshold, min_kept)  # (names the bad argument)
+        elif min_kept is not None:
+            raise ValueError(f"min_kept is used with keep_threshold only, got min_kept={min_kept!r}")
+        self.keep_threshold, self.min_kept = keep_threshold, min_kept
+        if self.rule == "keep_ratio":
+            self.keep_ratio = 1.0 if keep_ratio is None else (keep_ratio(0, 0) if self.schedule else keep_ratio)
+        elif self.rule == "keep_count":
+            self.keep_count = keep_count(0, 0) if self.schedule else keep_count
         self._kept: Tensor | None = None
         self._valid: Tensor | None = None
         self._threshold: Tensor | None = None
 
     @property
-    def keep_ratio(self) -> float:
+    def keep_ratio(self) -> float | None:
+        """The ratio the next step keeps (``None`` under a count or threshold rule)."""
         return self._keep_ratio
 
     @keep_ratio.setter
     def keep_ratio(self, value: float) -> None:
+        if self.rule != "keep_ratio":
+            raise ValueError(f"keep_ratio cannot be set: this state keeps by {self.rule}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
             raise ValueError(f"keep_ratio must be a float in (0, 1] or a KeepRatioSchedule, got {value!r}")
         self._keep_ratio = float(value)
 
-    def set_progress(self, epoch: int, step: int = 0) -> float:
+    @property
+    def keep_count(self) -> int | None:
+        """The count the next step keeps (``None`` under a ratio or threshold rule)."""
+        return self._keep_count
+
+    @keep_count.setter
+    def keep_count(self, value: int) -> None:
+        if self.rule != "keep_count":
+            raise ValueError(f"keep_count cannot be set: this state keeps by {self.rule}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"keep_count must be an int >= 0 or a schedule of counts, got {value!r}")
+        self._keep_count = value
+
+    def rule_kwargs(self) -> dict[str, Any]:
+        """The keep rule as the op's keyword arguments."""
+        if self.rule == "keep_threshold":
+            return {"keep_threshold": self.keep_threshold, "min_kept": self.min_kept}
+        return {self.rule: getattr(self, self.rule)}
+
+    def set_value(self, value: float | int) -> None:
+        """Set the scheduled value (a ratio or a count, by the rule)."""
+        if self.rule == "keep_threshold":
+            raise ValueError("a keep_threshold rule has no schedule to step")
+        setattr(self, self.rule, value)
+
+    def set_progress(self, epoch: int, step: int = 0) -> float | int | None:
         """Evaluate the schedule at ``epoch`` / ``step`` (0-based, step within the epoch)."""
         if self.schedule is not None:
-            self.keep_ratio = self.schedule(epoch, step)
-        return self.keep_ratio
+            self.set_value(self.schedule(epoch, step))
+        return getattr(self, self.rule)
 
     def record(self, info: Any, target: Tensor, ignore_index: int) -> None:
         """Accumulate the kept and valid counts on the device (no host synchronisation)."""
@@ -183,9 +235,10 @@ class TrimState:
         self._threshold = info.threshold.detach()
 
     def pop_stats(self) -> dict[str, float]:
-        """``keep_ratio``, ``kept_fraction`` (kept over valid tokens since the last call) and
-        ``trim_threshold`` (the last micro-batch's threshold loss)."""
-        stats = {"keep_ratio": self.keep_ratio}
+        """The rule's value (``keep_ratio``, ``keep_count`` or ``keep_threshold``), ``kept_fraction``
+        (kept over valid tokens since the last call) and ``trim_threshold`` (the last micro-batch's
+        threshold loss)."""
+        stats = {self.rule: getattr(self, self.rule)}
         if self._kept is not None:
             stats["kept_fraction"] = float(self._kept) / max(float(self._valid), 1.0)
             stats["trim_threshold"] = float(self._threshold)
@@ -196,7 +249,7 @@ class TrimState:
 class _PatchState(TrimState):
     def __init__(
         self,
-        keep_ratio: float | Schedule,
+        rule: dict[str, Any],
         keep: str,
         group: str,
         reference_model: nn.Module | None,
@@ -204,7 +257,7 @@ class _PatchState(TrimState):
         op_kwargs: dict[str, Any],
         prior_forward: Any,
     ) -> None:
-        super().__init__(keep_ratio)
+        super().__init__(**rule)
         self.keep = keep
         self.group = group
         self.reference_model = reference_model
@@ -332,18 +385,25 @@ class _HeadCall:
             self.head.forward = self._prior
 
 
-def _original_output(outputs: Any, call: _HeadCall) -> Any:
-    """The model's own output with ``loss`` set and ``logits=None``."""
+def _original_output(outputs: Any, call: _HeadCall, softcaps: bool) -> Any:
+    """The model's own output with ``loss`` set and ``logits=None``. A model that ``softcaps`` its
+    logits (the op caps them itself) returns the capped placeholder: empty, of its shape."""
     loss = call.loss()
+
+    def untransformed(logits: Any) -> bool:
+        if logits is call.placeholder:
+            return True
+        return softcaps and isinstance(logits, Tensor) and logits.shape == call.placeholder.shape
+
     if isinstance(outputs, ModelOutput):
-        if outputs.get("logits") is not call.placeholder:
+        if not untransformed(outputs.get("logits")):
             raise RuntimeError(
                 f"{type(outputs).__name__}: the model transforms its head's logits before the loss (scaling, "
                 "soft-capping or slicing them); fused_trim cannot reproduce that, remove the patch"
             )
         fields = {key: value for key, value in outputs.items() if key not in ("loss", "logits")}
         return type(outputs)(loss=loss, logits=None, **fields)
-    if not isinstance(outputs, tuple) or not outputs or outputs[0] is not call.placeholder:
+    if not isinstance(outputs, tuple) or not outputs or not untransformed(outputs[0]):
         raise RuntimeError("the model transforms its head's logits before the loss; fused_trim cannot reproduce that")
     return (loss, None) + tuple(outputs[1:])
 
@@ -364,6 +424,7 @@ def _reference_losses(
             linear_bias=module.bias,
             reduction="none",
             backend=backend,
+            logit_softcap=_softcap(ref),
             **{k: v for k, v in op_kwargs.items() if k in ("label_smoothing", "chunk_size")},
         )
 
@@ -391,7 +452,7 @@ def _patched_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         raise ValueError(f"logits_to_keep must be 0 when training with labels under fused_trim, got {logits_to_keep!r}")
     target = (shift_labels if shift_labels is not None else _shift_labels(labels)).contiguous()
-    keep_ratio = state.keep_ratio
+    rule = state.rule_kwargs()
     op_kwargs = dict(state.op_kwargs)
     if state.group == "sequence":
         op_kwargs["group_ids"] = sequence_group_ids(target.shape, flat.get("position_ids"), target.device)
@@ -404,7 +465,7 @@ def _patched_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
             hidden,
             head.weight,
             t,
-            keep_ratio,
+            **rule,
             linear_bias=head.bias,
             keep=state.keep,
             ignore_index=IGNORE_INDEX,
@@ -419,13 +480,16 @@ def _patched_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     head = _linear_head(model, "model")
     with _HeadCall(head, compute) as call:
         outputs = original(**flat)
-    return _original_output(outputs, call)
+    return _original_output(outputs, call, "logit_softcap" in state.op_kwargs)
 
 
 def apply_fused_trim(
     model: nn.Module,
-    keep_ratio: float | Schedule = 1.0,
+    keep_ratio: float | Schedule | None = None,
     *,
+    keep_count: int | Schedule | None = None,
+    keep_threshold: float | None = None,
+    min_kept: int | None = None,
     keep: str = "hardest",
     group: str = "token",
     reference_model: nn.Module | None = None,
@@ -446,7 +510,11 @@ def apply_fused_trim(
     Args:
         model: the causal LM to patch (in place).
         keep_ratio: a fixed ratio in ``(0, 1]`` or a :class:`~fused_trim.schedules.KeepRatioSchedule`
-            (stepped by :class:`TrimScheduleCallback`, or :meth:`TrimState.set_progress`).
+            (stepped by :class:`TrimScheduleCallback`, or :meth:`TrimState.set_progress`); ``None``
+            (the default): 1.0 unless another keep rule is given.
+        keep_count, keep_threshold, min_kept: the other keep rules (exactly one rule), as in
+            :func:`~fused_trim.trimmed_linear_cross_entropy`: a fixed count of tokens (or sequences)
+            or a schedule of counts (Ordered SGD), or a loss threshold with a minimum (OHEM).
         keep: ``"hardest"`` or ``"easiest"``.
         group: ``"token"`` ranks tokens; ``"sequence"`` ranks whole sequences (documents of a packed
             row where ``position_ids`` restart at 0), which needs the op's ``group_ids=`` option.
@@ -454,9 +522,10 @@ def apply_fused_trim(
             losses (keep 1.0, ``reduction="none"``, no grad) become ``score_offset``: tokens are
             ranked by their excess loss over the reference (Rho-1).
         backend: as in :func:`~fused_trim.trimmed_linear_cross_entropy`.
-        **op_kwargs: further options of the op (``label_smoothing``, ``chunk_size``, keep rules,
+        **op_kwargs: further options of the op (``label_smoothing``, ``chunk_size``, ``z_loss``,
             ``process_group``: trim over the global batch of this data-parallel group, e.g. the
-            FSDP2 mesh's; see the module docstring).
+            FSDP2 mesh's; see the module docstring). A model that soft-caps its logits (Gemma 2's
+            ``final_logit_softcapping``) passes its cap as ``logit_softcap``.
 
     Returns:
         ``model``, patched. :func:`remove_fused_trim` undoes it.
@@ -481,14 +550,11 @@ def apply_fused_trim(
             "group='sequence' needs the group_ids= option of trimmed_linear_cross_entropy, "
             "which this version of fused_trim does not have"
         )
+    _check_op_kwargs(op_kwargs)
+    op_kwargs = dict(op_kwargs)
     cap = _softcap(model)
     if cap is not None:
-        # Even where the op has logit_softcap=, the patch would have to pass it; never train silently without it.
-        raise NotImplementedError(
-            f"{type(model).__name__} soft-caps its logits (final_logit_softcapping={cap}); the fused op's "
-            "logit_softcap= option is not supported by this integration yet, so the loss would differ"
-        )
-    _check_op_kwargs(op_kwargs)
+        op_kwargs["logit_softcap"] = float(cap)
     if reference_model is not None:
         ref_head = _linear_head(reference_model, "reference_model")
         if ref_head.out_features != head.out_features:
@@ -496,15 +562,12 @@ def apply_fused_trim(
                 f"reference_model must have the model's vocabulary size {head.out_features}, "
                 f"got {ref_head.out_features}"
             )
-        if _softcap(reference_model) is not None:
-            raise NotImplementedError("reference_model soft-caps its logits; the integration does not support that yet")
         reference_model.eval()
         reference_model.requires_grad_(False)
 
     prior = model.__dict__.get("forward")
-    state = _PatchState(  # validates keep_ratio
-        keep_ratio, keep, group, reference_model, backend, dict(op_kwargs), prior
-    )
+    rule = dict(keep_ratio=keep_ratio, keep_count=keep_count, keep_threshold=keep_threshold, min_kept=min_kept)
+    state = _PatchState(rule, keep, group, reference_model, backend, op_kwargs, prior)  # validates the rule
 
     # A method bound to this instance (not a closure over it), so that copy.deepcopy of the patched
     # model gives a patched copy; it carries the original's signature, which the Trainer inspects.
@@ -534,14 +597,14 @@ class TrimmedCausalLMLoss:
     """A ``compute_loss_func`` for the Trainer that keeps the logits: the trimmed cross-entropy of
     the model's ``outputs.logits`` against the shifted labels, normalised as the module states.
 
-    Built by :func:`trimmed_loss_func`; its :attr:`state` carries the keep ratio.
+    Built by :func:`trimmed_loss_func`; its :attr:`state` carries the keep rule.
     """
 
-    def __init__(self, keep_ratio: float | Schedule, keep: str, backend: str, op_kwargs: dict) -> None:
+    def __init__(self, rule: dict[str, Any], keep: str, backend: str, op_kwargs: dict) -> None:
         if keep not in ("hardest", "easiest"):
             raise ValueError(f"keep must be 'hardest' or 'easiest', got {keep!r}")
         _check_op_kwargs(op_kwargs)
-        self.state = TrimState(keep_ratio)
+        self.state = TrimState(**rule)
         self.keep = keep
         self.backend = backend
         self.op_kwargs = op_kwargs
@@ -559,7 +622,7 @@ class TrimmedCausalLMLoss:
         loss, info = trimmed_cross_entropy(
             flat,
             t,
-            self.state.keep_ratio,
+            **self.state.rule_kwargs(),
             keep=self.keep,
             ignore_index=IGNORE_INDEX,
             reduction="mean" if num_items_in_batch is None else "sum",
@@ -572,22 +635,32 @@ class TrimmedCausalLMLoss:
 
 
 def trimmed_loss_func(
-    keep_ratio: float | Schedule = 1.0, *, keep: str = "hardest", backend: str = "auto", **op_kwargs: Any
+    keep_ratio: float | Schedule | None = None,
+    *,
+    keep_count: int | Schedule | None = None,
+    keep_threshold: float | None = None,
+    min_kept: int | None = None,
+    keep: str = "hardest",
+    backend: str = "auto",
+    **op_kwargs: Any,
 ) -> TrimmedCausalLMLoss:
     """A ``Trainer(compute_loss_func=...)`` for models that keep their logits (no patch): called as
     ``(outputs, labels, num_items_in_batch)``, it shifts the labels as ``ForCausalLMLoss`` does and
     returns the trimmed loss, normalised as :func:`apply_fused_trim`'s. The logits are upcast to
-    fp32 first, as transformers does. Pass it to :class:`TrimScheduleCallback` to schedule it."""
-    return TrimmedCausalLMLoss(keep_ratio, keep, backend, dict(op_kwargs))
+    fp32 first, as transformers does. The keep rule as in :func:`apply_fused_trim`. Pass it to
+    :class:`TrimScheduleCallback` to schedule it."""
+    rule = dict(keep_ratio=keep_ratio, keep_count=keep_count, keep_threshold=keep_threshold, min_kept=min_kept)
+    return TrimmedCausalLMLoss(rule, keep, backend, dict(op_kwargs))
 
 
 class TrimScheduleCallback(TrainerCallback):
-    """Steps a keep-ratio schedule during ``Trainer.train()`` and logs what was kept.
+    """Steps a keep-ratio (or keep-count) schedule during ``Trainer.train()`` and logs what was kept.
 
-    At each optimizer step the ratio becomes ``schedule(epoch, step)`` (0-based epoch, 0-based
-    optimizer step within the epoch, counted by this callback), so epoch schedules change once per
-    epoch and step schedules every step. Each training log gets ``keep_ratio``, ``kept_fraction``
-    (kept over valid tokens since the last log) and ``trim_threshold`` (the last threshold loss).
+    At each optimizer step the ratio (count) becomes ``schedule(epoch, step)`` (0-based epoch,
+    0-based optimizer step within the epoch, counted by this callback), so epoch schedules change
+    once per epoch and step schedules every step. Each training log gets the rule's value
+    (``keep_ratio``, ``keep_count`` or ``keep_threshold``), ``kept_fraction`` (kept over valid
+    tokens since the last log) and ``trim_threshold`` (the last threshold loss).
 
     Args:
         schedule: the schedule; ``None`` uses the one given to :func:`apply_fused_trim`.
@@ -622,7 +695,7 @@ class TrimScheduleCallback(TrainerCallback):
         schedule = self.schedule if self.schedule is not None else trim.schedule
         if schedule is None:
             raise ValueError("TrimScheduleCallback has no schedule: pass one, or patch the model with one")
-        trim.keep_ratio = schedule(max(self.epoch, 0), self.step)
+        trim.set_value(schedule(max(self.epoch, 0), self.step))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         self.step += 1
