@@ -18,7 +18,9 @@ matmuls alone). Rows:
 - ``linear+trimmed``: ``F.linear`` then ``trimmed_cross_entropy`` (trimming, logits materialised);
 - ``fused/<backend>``: ``trimmed_linear_cross_entropy(backend=<backend>)``; ``fused/<backend>+offset``
   the same ranked by ``l_i - score_offset_i`` (a random offset: the cost of selective language
-  modelling's ranking, for the default kernel backend);
+  modelling's ranking, for the default kernel backend); ``fused/<backend>+softcap_z`` the same with
+  ``logit_softcap=30.0`` (Gemma 2) and ``z_loss=1e-4`` (PaLM), for the default kernel backend once
+  its kernels have the options: their cost next to the plain row;
 - CUDA, when installed: ``liger`` (Liger-Kernel's fused linear cross-entropy, no trimming) and
   ``cce`` (Cut Cross-Entropy's ``linear_cross_entropy``, no trimming).
 
@@ -44,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_trim import trimmed_cross_entropy, trimmed_linear_cross_entropy
+from fused_trim.functional import _HEAD_OPTION_BACKENDS
 
 from . import cases as C
 
@@ -51,6 +54,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_SHAPES = [(2048, 512, 32000), (4096, 1024, 32000)]
 CUDA_SHAPES = [(16384, 4096, 128256)]
 KEEPS = (0.2, 0.5, 1.0)
+# The "+softcap_z" rows: Gemma 2's final-logit cap and PaLM's z-loss coefficient.
+HEAD_OPTIONS = {"logit_softcap": 30.0, "z_loss": 1e-4}
 UNTRIMMED = ("linear+cross_entropy", "torch_chunked", "liger", "cce")
 
 
@@ -109,10 +114,12 @@ def make_step(name: str, case: LMCase, x, w, t) -> Callable[[], torch.Tensor] | 
     if name == "linear+trimmed":
         return lambda: trimmed_cross_entropy(F.linear(x, w), t, r)
     if name.startswith("fused/"):
-        backend, _, with_offset = name.split("/", 1)[1].partition("+")
+        backend, _, variant = name.split("/", 1)[1].partition("+")
         # "+offset": ranked by l_i - score_offset_i (selective language modelling), to show its cost.
+        with_offset = variant == "offset"
         offset = torch.randn(t.shape, generator=torch.Generator().manual_seed(1)).to(x.device) if with_offset else None
-        return lambda: trimmed_linear_cross_entropy(x, w, t, r, backend=backend, score_offset=offset)
+        head = HEAD_OPTIONS if variant == "softcap_z" else {}
+        return lambda: trimmed_linear_cross_entropy(x, w, t, r, backend=backend, score_offset=offset, **head)
     if name == "liger":
         mod = _optional("liger_kernel.transformers")
         if mod is None or x.device.type != "cuda":
@@ -249,7 +256,10 @@ def run(device: str, cases: list[LMCase], repeats: int, budget_s: float, backend
     """Every row at every case; prints each case's table as it finishes."""
     fused = [f"fused/{b}" for b in fused_backends(device) if backends is None or b in backends]
     if len(fused) > 1:
-        fused.append(f"{fused[-1]}+offset")
+        kernels = fused[-1]
+        fused.append(f"{kernels}+offset")
+        if kernels.split("/")[1] in _HEAD_OPTION_BACKENDS:
+            fused.append(f"{kernels}+softcap_z")
     rows_names = ["linear+cross_entropy", "torch_chunked", "linear+trimmed", *fused]
     if device == "cuda":
         rows_names += ["liger", "cce"]

@@ -385,7 +385,7 @@ def _options(
 
 
 # Backends whose kernels implement logit_softcap and z_loss.
-_HEAD_OPTION_BACKENDS = ("reference",)
+_HEAD_OPTION_BACKENDS = ("reference", "native", "triton")
 
 
 def _head_backend(name: str, requested: str, head: tuple) -> str:

@@ -158,6 +158,8 @@ def _fwd_fake(
     score_offset=None,
     keep_threshold=None,
     min_kept=0,
+    logit_softcap=0.0,
+    z_loss=0.0,
 ):
     m = _num_rows(input)
     acc = acc_dtype(input.dtype)
@@ -173,7 +175,9 @@ def _fwd_fake(
     )
 
 
-def _bwd_fake(grad_out, input, target, weight, lse, rowscale, ignore_index, label_smoothing):
+def _bwd_fake(
+    grad_out, input, target, weight, lse, rowscale, ignore_index, label_smoothing, logit_softcap=0.0, z_loss=0.0
+):
     _num_rows(input)
     return input.new_empty(input.shape)  # contiguous, as the CPU and CUDA ops return it
 
@@ -191,7 +195,18 @@ def _grad_mask(needs: tuple[bool, bool, bool], has_bias: bool) -> int:
     )
 
 
-def _linear_rows_fake(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, chunk_size):
+def _linear_rows_fake(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    ignore_index,
+    label_smoothing,
+    chunk_size,
+    logit_softcap=0.0,
+    z_loss=0.0,
+):
     acc = acc_dtype(input.dtype)
     return input.new_empty((input.shape[0],), dtype=acc), input.new_empty((input.shape[0],), dtype=acc)
 
@@ -212,6 +227,8 @@ def _linear_trimmed_fake(
     reduction,
     chunk_size,
     score_offset=None,
+    logit_softcap=0.0,
+    z_loss=0.0,
 ):
     n = input.shape[0]
     return (
@@ -237,6 +254,8 @@ def _linear_bwd_fake(
     label_smoothing,
     chunk_size,
     grad_mask,
+    logit_softcap=0.0,
+    z_loss=0.0,
 ):
     has_bias = linear_bias is not None and grad_mask & _GRAD_BIAS
     return (
@@ -258,6 +277,8 @@ def _linear_keep_all_fake(
     reduction,
     chunk_size,
     grad_mask,
+    logit_softcap=0.0,
+    z_loss=0.0,
 ):
     (n, d), v = input.shape, linear_weight.shape[0]
     acc = acc_dtype(input.dtype)
@@ -272,6 +293,7 @@ def _linear_keep_all_fake(
         input.new_empty((n, d) if grad_mask & _GRAD_INPUT else (0,), dtype=acc),
         input.new_empty((v, d) if grad_mask & _GRAD_WEIGHT else (0,), dtype=acc),
         input.new_empty((v,) if has_bias else (0,), dtype=acc),
+        input.new_empty((n,), dtype=acc),
     )
 
 
@@ -281,10 +303,11 @@ def _linear_scale_fake(grad, factor, dtype):
 
 def _linear_trimmed_setup_context(ctx, inputs, output) -> None:
     _, lse, input, linear_weight, linear_bias, target, weight = inputs[:7]
-    ignore_index, label_smoothing, _, chunk_size = inputs[10:14]
+    ignore_index, label_smoothing, _, chunk_size, _, logit_softcap, z_loss = inputs[10:17]
     _, kept, _, _, rowscale = output
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, kept, rowscale)
     ctx.args = (ignore_index, label_smoothing, chunk_size)
+    ctx.head = (logit_softcap, z_loss)
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -294,20 +317,20 @@ def _linear_trimmed_backward(ctx, grad_out, *_unused):
     needs = ctx.needs_input_grad[2:5]
     mask = _grad_mask(needs, linear_bias is not None)
     d_input, d_weight, d_bias = torch.ops.fused_trim.linear_ce_bwd.default(
-        grad_out, input, linear_weight, linear_bias, target, weight, lse, kept, rowscale, *ctx.args, mask
+        grad_out, input, linear_weight, linear_bias, target, weight, lse, kept, rowscale, *ctx.args, mask, *ctx.head
     )
     grads = (
         d_input if mask & _GRAD_INPUT else None,
         d_weight if mask & _GRAD_WEIGHT else None,
         d_bias if mask & _GRAD_BIAS else None,
     )
-    return (None, None, *grads) + (None,) * 10
+    return (None, None, *grads) + (None,) * 12
 
 
 def _linear_keep_all_setup_context(ctx, inputs, output) -> None:
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, None if inputs[2] is None else inputs[2].dtype)
     ctx.mask = inputs[10]
-    ctx.save_for_backward(*output[5:])  # gscale and the unscaled gradients
+    ctx.save_for_backward(*output[5:9])  # gscale and the unscaled gradients
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -321,7 +344,7 @@ def _linear_keep_all_backward(ctx, grad_out, *_unused):
         scale(g, factor, dtype) if ctx.mask & bit else None
         for g, dtype, bit in zip((d_input, d_weight, d_bias), ctx.dtypes, bits, strict=True)
     ]
-    return (*grads,) + (None,) * 8
+    return (*grads,) + (None,) * 10
 
 
 def _register_python_parts() -> None:
@@ -354,6 +377,11 @@ def _op_ratio(keep_ratio: float | Tensor) -> tuple[float, Tensor | None]:
     if isinstance(keep_ratio, Tensor):
         return 0.0, keep_ratio
     return float(keep_ratio), None
+
+
+def _head_args(opts: TrimOptions) -> tuple[float, float]:
+    """The ops' ``(logit_softcap, z_loss)`` arguments: the cap as a float, 0 when off."""
+    return (0.0 if opts.logit_softcap is None else float(opts.logit_softcap)), float(opts.z_loss)
 
 
 def _check_loaded(input: Tensor) -> None:
@@ -448,6 +476,7 @@ def trimmed_cross_entropy_2d(
         opts.score_offset,
         threshold_t,
         int(opts.min_kept),
+        *_head_args(opts),
     )
     # losses and threshold are marked non-differentiable by the op's autograd (C++): no detach.
     return out, losses, kept, k, threshold, torch.where(target != opts.ignore_index, lse.detach(), 0)
@@ -484,10 +513,11 @@ def trimmed_linear_cross_entropy_2d(
     code = int(opts.reduction)
     ce_args = (opts.weight, int(opts.ignore_index), float(opts.label_smoothing))
     chunk_size = int(opts.chunk_size)
+    head = _head_args(opts)
     params = (input, linear_weight, linear_bias)
     needs = tuple(p is not None and p.requires_grad for p in params)
     if gradient_in_forward and forms_gradient_in_forward(opts, params, share):
-        out, losses, kept, k, threshold, *_ = torch.ops.fused_trim.linear_ce_keep_all.default(
+        out, losses, kept, k, threshold, *_, lse = torch.ops.fused_trim.linear_ce_keep_all.default(
             input,
             linear_weight,
             linear_bias,
@@ -498,10 +528,11 @@ def trimmed_linear_cross_entropy_2d(
             code,
             chunk_size,
             _grad_mask(needs, linear_bias is not None),
+            *head,
         )
-        return out, losses, kept, k, threshold, None
+        return out, losses, kept, k, threshold, lse
     detached = [None if p is None else p.detach() for p in params]
-    losses, lse = torch.ops.fused_trim.linear_ce_rows.default(*detached, target, *ce_args, chunk_size)
+    losses, lse = torch.ops.fused_trim.linear_ce_rows.default(*detached, target, *ce_args, chunk_size, *head)
     # Bitwise equal rows (duplicated tokens) tie, wherever BLAS placed them in a tile.
     first = first_equal_rows(input.detach(), target)
     losses, lse = losses[first], lse[first]
@@ -534,6 +565,7 @@ def trimmed_linear_cross_entropy_2d(
         code,
         chunk_size,
         opts.score_offset,
+        *head,
     )
     if groups is not None:
         k, threshold = groups[1], groups[2].to(threshold.dtype)

@@ -37,7 +37,16 @@ TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
-def _forward_case(dtype, has_weight, has_smoothing, block_c, warps):
+# The soft cap and z-loss arguments of the four cross-entropy kernels, and their constexpr flags.
+HEAD_SIG = {"softcap_bits": "i64", "z_loss_bits": "i64", "HAS_CAP": "constexpr", "HAS_Z": "constexpr"}
+
+
+def _head(cap, z):
+    """The flags' constexprs, and a name tag when any is on."""
+    return {"HAS_CAP": cap, "HAS_Z": z}, (f",cap={cap},z={z}" if cap or z else "")
+
+
+def _forward_case(dtype, has_weight, has_smoothing, block_c, warps, cap=False, z=False):
     sig = {
         "logits_ptr": f"*{dtype}",
         "stride_row": "i32",
@@ -50,12 +59,14 @@ def _forward_case(dtype, has_weight, has_smoothing, block_c, warps):
         "num_classes": "i32",
         "ignore_index": "i32",
         "label_smoothing_bits": "i64",
+        **HEAD_SIG,
         "HAS_WEIGHT": "constexpr",
         "HAS_SMOOTHING": "constexpr",
         "BLOCK_C": "constexpr",
     }
-    const = {"HAS_WEIGHT": has_weight, "HAS_SMOOTHING": has_smoothing, "BLOCK_C": block_c}
-    name = f"ce_forward[{dtype},w={has_weight},ls={has_smoothing},BLOCK_C={block_c},warps={warps}]"
+    head, tag = _head(cap, z)
+    const = {"HAS_WEIGHT": has_weight, "HAS_SMOOTHING": has_smoothing, "BLOCK_C": block_c, **head}
+    name = f"ce_forward[{dtype},w={has_weight},ls={has_smoothing},BLOCK_C={block_c},warps={warps}{tag}]"
     return name, ce_forward.ce_forward_kernel, sig, const, warps
 
 
@@ -100,7 +111,7 @@ def _select_case(loss_dtype, out_dtype, keep_all, easiest, reduction, from_ptr, 
     return name, select.select_kernel, sig, const, 4
 
 
-def _backward_case(dtype, per_row, has_weight, has_smoothing, block_c, warps):
+def _backward_case(dtype, per_row, has_weight, has_smoothing, block_c, warps, cap=False, z=False):
     sig = {
         "logits_ptr": f"*{dtype}",
         "stride_row": "i32",
@@ -116,17 +127,25 @@ def _backward_case(dtype, per_row, has_weight, has_smoothing, block_c, warps):
         "denom_ptr": "*fp32",
         "num_classes": "i32",
         "label_smoothing_bits": "i64",
+        **HEAD_SIG,
         "PER_ROW_GRAD": "constexpr",
         "HAS_WEIGHT": "constexpr",
         "HAS_SMOOTHING": "constexpr",
         "BLOCK_C": "constexpr",
     }
-    const = {"PER_ROW_GRAD": per_row, "HAS_WEIGHT": has_weight, "HAS_SMOOTHING": has_smoothing, "BLOCK_C": block_c}
-    name = f"ce_backward[{dtype},row_grad={per_row},w={has_weight},ls={has_smoothing},BLOCK_C={block_c}]"
+    head, tag = _head(cap, z)
+    const = {
+        "PER_ROW_GRAD": per_row,
+        "HAS_WEIGHT": has_weight,
+        "HAS_SMOOTHING": has_smoothing,
+        "BLOCK_C": block_c,
+        **head,
+    }
+    name = f"ce_backward[{dtype},row_grad={per_row},w={has_weight},ls={has_smoothing},BLOCK_C={block_c}{tag}]"
     return name, ce_backward.ce_backward_kernel, sig, const, warps
 
 
-def _forward_spatial_case(dtype, has_weight, has_smoothing, block_c, block_s, warps):
+def _forward_spatial_case(dtype, has_weight, has_smoothing, block_c, block_s, warps, cap=False, z=False):
     acc = "fp64" if dtype == "fp64" else "fp32"
     sig = {
         "logits_ptr": f"*{dtype}",
@@ -142,21 +161,24 @@ def _forward_spatial_case(dtype, has_weight, has_smoothing, block_c, block_s, wa
         "num_pixels": "i32",
         "ignore_index": "i32",
         "label_smoothing_bits": "i64",
+        **HEAD_SIG,
         "HAS_WEIGHT": "constexpr",
         "HAS_SMOOTHING": "constexpr",
         "BLOCK_C": "constexpr",
         "BLOCK_S": "constexpr",
     }
-    const = {"HAS_WEIGHT": has_weight, "HAS_SMOOTHING": has_smoothing, "BLOCK_C": block_c, "BLOCK_S": block_s}
+    head, tag = _head(cap, z)
+    const = {"HAS_WEIGHT": has_weight, "HAS_SMOOTHING": has_smoothing, "BLOCK_C": block_c, "BLOCK_S": block_s, **head}
     name = (
         f"ce_forward_spatial[{dtype},w={has_weight},ls={has_smoothing},BLOCK_C={block_c},"
-        f"BLOCK_S={block_s},warps={warps}]"
+        f"BLOCK_S={block_s},warps={warps}{tag}]"
     )
     return name, ce_forward_spatial.ce_forward_spatial_kernel, sig, const, warps
 
 
-def _backward_spatial_case(dtype, per_sample, has_weight, has_smoothing, block_c, block_s, warps):
+def _backward_spatial_case(dtype, per_sample, has_weight, has_smoothing, block_c, block_s, warps, cap=False, z=False):
     acc = "fp64" if dtype == "fp64" else "fp32"
+    head, tag = _head(cap, z)
     sig = {
         "logits_ptr": f"*{dtype}",
         "stride_n": "i64",
@@ -175,6 +197,7 @@ def _backward_spatial_case(dtype, per_sample, has_weight, has_smoothing, block_c
         "num_classes": "i32",
         "num_pixels": "i32",
         "label_smoothing_bits": "i64",
+        **HEAD_SIG,
         "PER_SAMPLE_GRAD": "constexpr",
         "HAS_WEIGHT": "constexpr",
         "HAS_SMOOTHING": "constexpr",
@@ -187,10 +210,11 @@ def _backward_spatial_case(dtype, per_sample, has_weight, has_smoothing, block_c
         "HAS_SMOOTHING": has_smoothing,
         "BLOCK_C": block_c,
         "BLOCK_S": block_s,
+        **head,
     }
     name = (
         f"ce_backward_spatial[{dtype},sample_grad={per_sample},w={has_weight},ls={has_smoothing},"
-        f"BLOCK_C={block_c},BLOCK_S={block_s},warps={warps}]"
+        f"BLOCK_C={block_c},BLOCK_S={block_s},warps={warps}{tag}]"
     )
     return name, ce_backward_spatial.ce_backward_spatial_kernel, sig, const, warps
 
@@ -301,9 +325,9 @@ def _grid_cases(loss_dtype, out_dtype, easiest, reduction, offset=None):
     ]
 
 
-def _chunk_backward_case(grad_dtype, per_row, has_weight, has_smoothing, block_c, warps):
+def _chunk_backward_case(grad_dtype, per_row, has_weight, has_smoothing, block_c, warps, cap=False, z=False):
     """The row backward on the LM head's fp32 logits chunk, rounding ``dlogits`` to ``grad_dtype``."""
-    name, fn, sig, const, warps = _backward_case("fp32", per_row, has_weight, has_smoothing, block_c, warps)
+    name, fn, sig, const, warps = _backward_case("fp32", per_row, has_weight, has_smoothing, block_c, warps, cap, z)
     sig = {**sig, "grad_ptr": f"*{grad_dtype}", "grad_out_ptr": "*fp32"}
     return name.replace("[fp32,", f"[fp32->{grad_dtype},", 1), fn, sig, const, warps
 
@@ -349,6 +373,21 @@ CASES = [
     # at 4096 and 8192 columns above), the backward rounding dlogits to bf16/fp16.
     _chunk_backward_case("bf16", False, True, True, 4096, 8),
     _chunk_backward_case("fp16", True, False, False, 4096, 8),
+    # logit_softcap / z_loss (HAS_CAP, HAS_Z): each kernel with both, and each flag alone somewhere;
+    # the LM head's fp32 chunks (4096-column blocks), bf16/fp64 logits of the CE op.
+    _forward_case("fp32", False, False, 4096, 8, cap=True, z=True),
+    _forward_case("bf16", True, True, 8192, 8, cap=True),
+    _forward_case("fp64", False, False, 2048, 4, z=True),
+    _backward_case("fp32", False, False, False, 4096, 8, cap=True, z=True),
+    _backward_case("bf16", True, True, True, 8192, 8, cap=True),
+    _backward_case("fp64", False, False, False, 2048, 4, z=True),
+    _chunk_backward_case("bf16", False, True, True, 4096, 8, cap=True, z=True),
+    _forward_spatial_case("fp32", True, True, 16, 128, 4, cap=True, z=True),
+    _forward_spatial_case("fp64", False, False, 16, 128, 8, cap=True),
+    _forward_spatial_case("bf16", False, False, 1, 256, 4, z=True),
+    _backward_spatial_case("fp32", False, True, True, 16, 128, 4, cap=True, z=True),
+    _backward_spatial_case("fp64", True, False, False, 16, 128, 8, cap=True),
+    _backward_spatial_case("bf16", False, False, False, 1, 256, 4, z=True),
 ]
 
 

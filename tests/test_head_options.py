@@ -19,7 +19,7 @@ from fused_trim.reference import select
 from .helpers import BACKENDS, split
 
 # Backends whose kernels implement the options (the others: see test_unimplemented_backend_raises).
-IMPLEMENTED = ("reference",)
+IMPLEMENTED = ("reference", "native", "triton")
 HEAD_BACKENDS = [b for b in BACKENDS if split(b)[0] in IMPLEMENTED]
 LINEAR_BACKENDS = [b for b in HEAD_BACKENDS if b != "native@cuda"]
 
@@ -68,6 +68,8 @@ CE_CASES = {
     "both-offset": dict(shape=(31, 9), keep_ratio=0.4, cap=4.0, z=1e-2, offset=True),
     "one-class": dict(shape=(17, 1), keep_ratio=0.5, cap=2.0, z=1e-2),
     "spatial": dict(shape=(2, 7, 3, 5), keep_ratio=0.5, cap=2.0, z=1e-2, weight=True),
+    "cap-rows-weight-smooth": dict(shape=(19, 300), keep_ratio=0.5, cap=2.5, z=1e-2, weight=True, label_smoothing=0.1),
+    "cap-blocks-sum": dict(shape=(5, 2100), keep_ratio=0.6, cap=3.0, z=1e-3, reduction="sum"),
 }
 
 
@@ -127,6 +129,8 @@ LINEAR_CASES = {
     "hardest-mean-cap": dict(keep_ratio=0.4, cap=1.5, z=0.0, bias=True),
     "easiest-none-both": dict(keep_ratio=0.5, cap=3.0, z=1e-2, reduction="none", keep="easiest"),
     "offset-both-weight": dict(keep_ratio=0.3, cap=2.5, z=1e-3, offset=True, weight=True),
+    "tiles-hardest-both": dict(keep_ratio=0.5, cap=2.0, z=1e-2, bias=True, v=1100),
+    "tiles-keep_all-both": dict(keep_ratio=1.0, cap=2.0, z=1e-2, v=1100, label_smoothing=0.1),
 }
 
 
@@ -136,7 +140,7 @@ def test_linear_against_unfused_oracle(backend, case):
     spec = dict(LINEAR_CASES[case])
     keep_ratio, cap, z = spec.pop("keep_ratio"), spec.pop("cap"), spec.pop("z")
     g = torch.Generator().manual_seed(3)
-    n, d, v = 37, 16, 29
+    n, d, v = 37, 16, spec.pop("v", 29)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     w = torch.randn(v, d, generator=g, dtype=torch.float64)
     b = torch.randn(v, generator=g, dtype=torch.float64) if spec.pop("bias", False) else None
@@ -210,16 +214,52 @@ def test_off_is_off_bitwise(backend):
 
 @pytest.mark.parametrize("backend", HEAD_BACKENDS)
 def test_softcap_at_huge_logits_is_finite(backend):
-    """``|z| >> c``: tanh saturates, the capped logits tie at ``±c``; the derivative underflows to 0
-    without a NaN."""
+    """``|z| >> c`` (and ``±inf``): tanh saturates, the capped logits tie at ``±c``; the derivative
+    underflows to 0 without a NaN."""
     name, dev = split(backend)
-    x = (torch.randn(16, 5, generator=torch.Generator().manual_seed(5)) * 1e6).to(dev).requires_grad_(True)
+    x = torch.randn(16, 5, generator=torch.Generator().manual_seed(5)) * 1e6
+    x[0, 1], x[1, 2] = float("inf"), float("-inf")  # capped to ±c as well
+    x = x.to(dev).requires_grad_(True)
     t = torch.arange(16).remainder(5).to(dev)
     out = trimmed_cross_entropy(x, t, 0.5, logit_softcap=30.0, z_loss=1e-4, backend=name)
     out.backward()
     assert torch.isfinite(out) and torch.isfinite(x.grad).all()
     want = oracle(x.detach().cpu(), t.cpu(), 0.5, cap=30.0, z=1e-4)[0]
     assert math.isclose(float(out.detach()), float(want), rel_tol=1e-5)
+    # The LM head, both paths (the trimmed one recomputes in the backward, keep 1.0 forms the
+    # gradient in the forward).
+    h = torch.randn(16, 4, generator=torch.Generator().manual_seed(6)).to(dev).requires_grad_(True)
+    w = (torch.randn(5, 4, generator=torch.Generator().manual_seed(7)) * 1e6).to(dev).requires_grad_(True)
+    for ratio in (0.5, 1.0):
+        out = trimmed_linear_cross_entropy(h, w, t, ratio, logit_softcap=30.0, z_loss=1e-4, backend=name, chunk_size=8)
+        out.backward()
+        assert torch.isfinite(out) and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+        want = oracle(F.linear(h, w).detach().cpu(), t.cpu(), ratio, cap=30.0, z=1e-4)[0]
+        assert math.isclose(float(out.detach()), float(want), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+def test_softcap_float32_accuracy(backend):
+    """fp32 logits from ``1e-4 c`` to ``1e3 c``, both signs: with one class the loss is
+    ``λ (c tanh(x / c))**2`` and ``info.lse`` the capped logit itself, so that both branches of a
+    kernel's tanh (and its derivative) are held to a few ulp of the float64 formula."""
+    name, dev = split(backend)
+    cap, lam = 4.0, 0.25
+    mag = torch.logspace(-4, 3, 301, dtype=torch.float64) * cap
+    x = torch.cat([mag, -mag]).float()[:, None]
+    t = torch.zeros(x.shape[0], dtype=torch.int64)
+    xg = x.clone().to(dev).requires_grad_(True)
+    out, info = trimmed_cross_entropy(
+        xg, t.to(dev), reduction="none", logit_softcap=cap, z_loss=lam, backend=name, return_info=True
+    )
+    out.backward(torch.ones_like(out))
+    u = x[:, 0].double() / cap
+    capped = cap * torch.tanh(u)
+    e = torch.exp(-2 * u.abs())
+    torch.testing.assert_close(info.lse.cpu().double(), capped, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.detach().cpu().double(), lam * capped**2, rtol=3e-6, atol=0)
+    grad = 2 * lam * capped * 4 * e / (1 + e) ** 2
+    torch.testing.assert_close(xg.grad.cpu()[:, 0].double(), grad, rtol=1e-5, atol=1e-6 * float(grad.abs().max()))
 
 
 def test_reference_gradcheck():
@@ -278,6 +318,136 @@ def test_unimplemented_backend_raises(backend):
     x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     with pytest.raises(NotImplementedError, match=f"backend='{backend}' does not implement logit_softcap"):
         trimmed_cross_entropy(x, t, logit_softcap=2.0, backend=backend)
-    # "auto" takes the reference instead.
+    # "auto" takes a backend that has them instead.
     got = trimmed_cross_entropy(x, t, z_loss=0.1)
-    assert torch.equal(got, trimmed_cross_entropy(x, t, z_loss=0.1, backend="reference"))
+    torch.testing.assert_close(got, trimmed_cross_entropy(x, t, z_loss=0.1, backend="reference"))
+
+
+def _unfused_rows(logits, t, cap, z, label_smoothing):
+    """The unfused per-row losses (``reduction="none"`` plus the z term) in ``logits``' dtype."""
+    capped = _capped(logits, cap)
+    ce = F.cross_entropy(capped, t, label_smoothing=label_smoothing, reduction="none")
+    return ce + z * torch.logsumexp(capped, 1) ** 2
+
+
+def _kept_mean(rows, kept):
+    return torch.where(kept, rows, 0).sum() / kept.sum()
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+@pytest.mark.parametrize("op", ["ce", "linear"])
+@pytest.mark.parametrize("keep_ratio", [0.5, 1.0])
+def test_bf16_no_worse_than_unfused_bf16(backend, op, keep_ratio):
+    """bf16 inputs with both options: the loss and the gradients are no further from the float64
+    unfused formula than the unfused formula evaluated in bf16 (over the same kept set, so that a
+    near-tie ranked differently in bf16 does not count)."""
+    name, dev = split(backend)
+    g = torch.Generator().manual_seed(8)
+    cap, z, ls = 5.0, 1e-2, 0.1
+    t = torch.randint(0, 40, (48,), generator=g)
+    t[::7] = -100
+    if op == "ce":
+        leaves = [(torch.randn(48, 40, generator=g) * 4).bfloat16()]
+    else:
+        leaves = [torch.randn(48, 32, generator=g).bfloat16(), (torch.randn(40, 32, generator=g) / 2).bfloat16()]
+
+    def logits(ps):
+        return ps[0] if op == "ce" else F.linear(*ps)
+
+    fused = [p.clone().to(dev).requires_grad_(True) for p in leaves]
+    kw = dict(logit_softcap=cap, z_loss=z, label_smoothing=ls, backend=name, return_info=True)
+    if op == "ce":
+        out, info = trimmed_cross_entropy(fused[0], t.to(dev), keep_ratio, **kw)
+    else:
+        out, info = trimmed_linear_cross_entropy(*fused, t.to(dev), keep_ratio, chunk_size=16, **kw)
+    out.backward()
+    kept = info.kept.cpu()
+    assert out.dtype == torch.bfloat16 and kept.sum() == (21 if keep_ratio == 0.5 else 41)
+    errors = []
+    for dtype in (torch.float64, torch.bfloat16):
+        ps = [p.clone().to(dtype).requires_grad_(True) for p in leaves]
+        want = _kept_mean(_unfused_rows(logits(ps), t, cap, z, ls), kept)
+        want.backward()
+        errors.append((want.detach().double(), [p.grad.double() for p in ps]))
+    (ref, ref_grads), (unfused, unfused_grads) = errors
+    ulp = 2.0**-8 * abs(float(ref))
+    assert abs(float(out.detach()) - float(ref)) <= max(abs(float(unfused) - float(ref)), ulp)
+    for got, want, bf16 in zip(fused, ref_grads, unfused_grads, strict=True):
+        assert torch.linalg.norm(got.grad.cpu().double() - want) <= torch.linalg.norm(bf16 - want)
+
+
+def _bf16_errors(got, want):
+    """Largest absolute error of ``got`` against ``want`` (float64), and the scale it is judged by."""
+    return (got.double() - want).abs().max().item(), want.abs().max().item()
+
+
+def _assert_no_worse(got, unfused, want, what):
+    """``got`` no further from ``want`` than the unfused bf16 computation, or than one bf16 rounding
+    of the result (the fused paths round once, at the end)."""
+    err, scale = _bf16_errors(got, want)
+    err_u, _ = _bf16_errors(unfused, want)
+    assert err <= max(err_u, scale * 2.0**-8), f"{what}: fused error {err:.3g}, unfused bf16 {err_u:.3g}"
+
+
+# The CE paths test_bf16_no_worse_than_unfused_bf16 (rows of 40 classes) does not reach.
+BF16_CE_SHAPES = {"few-classes": (64, 7), "spatial": (2, 5, 4, 6)}
+
+
+@pytest.mark.parametrize("backend", [b for b in HEAD_BACKENDS if split(b)[0] != "reference"])
+@pytest.mark.parametrize("case", BF16_CE_SHAPES, ids=list(BF16_CE_SHAPES))
+def test_bf16_few_classes_and_spatial_no_worse_than_unfused(backend, case):
+    """bf16 logits with both options: value and gradient no further from the float64 oracle (of the
+    same bf16 values) than ``c * tanh(x / c)``, ``F.cross_entropy`` and ``logsumexp`` in bf16. A
+    steep ``score_offset`` fixes the kept set, so that every computation reduces the same rows."""
+    shape = BF16_CE_SHAPES[case]
+    x, t, _, _ = _ce_problem(shape, seed=8)
+    xb = x.to(torch.bfloat16)
+    cap, z = 4.0, 1e-2
+    m = t.numel()
+    offset = (-1e4 * torch.arange(m, dtype=torch.float64)).reshape(t.shape)
+    name, dev = split(backend)
+    xg = xb.clone().to(dev).requires_grad_(True)
+    out = trimmed_cross_entropy(
+        xg, t.to(dev), 0.5, logit_softcap=cap, z_loss=z, score_offset=offset.float().to(dev), backend=name
+    )
+    out.backward()
+    xo = xb.double().requires_grad_(True)
+    want, kept, _, _ = oracle(_rows(xo), t.reshape(-1), 0.5, cap=cap, z=z, score_offset=offset.reshape(-1))
+    want.backward()
+    xu = xb.clone().requires_grad_(True)
+    capped = _rows(cap * torch.tanh(xu / cap))
+    valid = t.reshape(-1) != -100
+    losses = F.cross_entropy(capped, t.reshape(-1), reduction="none") + z * torch.logsumexp(capped, 1) ** 2
+    unfused = torch.where(kept & valid, losses, 0).sum() / kept.sum()
+    unfused.backward()
+    _assert_no_worse(out.detach().cpu(), unfused.detach(), want.detach(), "loss")
+    _assert_no_worse(xg.grad.cpu(), xu.grad, xo.grad, "gradient")
+
+
+COMPILE_BACKENDS = [b for b in HEAD_BACKENDS if b in ("reference", "native") or b.endswith("@cuda")]
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_compiles_fullgraph_with_options(backend):
+    """Both ops with both options trace into one graph (``fullgraph=True``) and give the eager
+    values and gradients."""
+    name, dev = split(backend)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(24, 16, generator=g).to(dev)
+    w = torch.randn(11, 16, generator=g).to(dev)
+    t = torch.randint(0, 11, (24,), generator=g).to(dev)
+    kw = dict(logit_softcap=3.0, z_loss=1e-2, backend=name)
+
+    def step(x, w):
+        a = trimmed_cross_entropy(x @ w.t(), t, 0.5, **kw)
+        return a + trimmed_linear_cross_entropy(x, w, t, 0.5, **kw)
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        leaves = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss.detach(), *(p.grad for p in leaves)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)

@@ -21,10 +21,10 @@ def pixel_block(num_pixels, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def smoothing_eps(label_smoothing_bits):
-    """The label smoothing ``eps``, passed as its float64 bits (the interpreter would round a
-    Python float to fp32), as fp64."""
-    return label_smoothing_bits.to(tl.int64).to(tl.float64, bitcast=True)
+def float_arg(bits):
+    """A host float (the label smoothing ``eps``, the soft cap ``c``, the z-loss ``λ``) passed as
+    its float64 bits (the interpreter would round a Python float to fp32), as fp64."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
 
 
 @triton.jit
@@ -88,14 +88,63 @@ def expm1_neg(y):
 
 
 @triton.jit
-def weighted_loss(m, log_s, x_t, w_t, sum_w, d, eps, num_classes, HAS_SMOOTHING: tl.constexpr):
+def softcap(x, cap):
+    """The soft-capped logits ``c * tanh(x / c)`` and their derivative ``1 - tanh(x / c)**2``, in
+    ``x``'s dtype (``cap``: ``c`` in that dtype).
+
+    With ``u = x / c`` and ``e = exp(-2|u|)``: ``1 - tanh**2 = 4 e / (1 + e)**2``, which keeps its
+    relative precision where ``tanh`` rounds to 1 and underflows to exactly 0 at ``|x| >> c`` (or
+    ``±inf``), never NaN; a NaN logit stays NaN in both. ``tanh|u|`` is ``(1 - e) / (1 + e)`` from
+    ``|u| = 0.6`` up (no cancellation there) and an odd polynomial below (fp32: CUDA ``tanhf``'s,
+    within an ulp); fp64 takes ``-expm1(-2|u|) / (2 + expm1(-2|u|))`` throughout.
+    """
+    if x.dtype == tl.float64:
+        u = x / cap
+    else:
+        u = x * (1.0 / cap)  # one division per row, not per logit
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    r = 1.0 / (1.0 + e)
+    if x.dtype == tl.float64:
+        em = expm1_neg(-2.0 * a)
+        t = -em / (2.0 + em)
+    else:
+        a_small = tl.minimum(a, 0.6)  # (an infinite |u| would make the unused polynomial inf - inf)
+        s = a_small * a_small
+        q = -5.70498872745e-3 * s + 2.06390887954e-2
+        q = q * s - 5.37397155531e-2
+        q = q * s + 1.33314422036e-1
+        q = q * s - 3.33332819422e-1
+        t = tl.where(a < 0.6, (q * s) * a_small + a_small, (1.0 - e) * r)
+    capped = cap * tl.where(u < 0.0, -t, t)
+    return capped, (4.0 * e) * (r * r)
+
+
+@triton.jit
+def weighted_loss(
+    m,
+    log_s,
+    x_t,
+    w_t,
+    sum_w,
+    d,
+    eps,
+    num_classes,
+    z_loss,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z: tl.constexpr,
+):
     """``F.cross_entropy``'s per-sample loss from the row max ``m`` and ``log s`` (``s = sum_c
     exp(x_c - m)``), never from an absolute logsumexp: ``w_t * ((m - x_t) + log s)``, with label
     smoothing mixed with ``eps / C * (d + sum_w * log s)`` (``d = sum_c w_c (m - x_c)``, ``sum_w``:
-    the class weights' sum, or ``C``)."""
+    the class weights' sum, or ``C``); with ``HAS_Z`` plus ``z_loss * lse**2`` (``lse = m + log
+    s``, not weighted)."""
     loss = w_t * ((m - x_t) + log_s)
     if HAS_SMOOTHING:
         loss = (1.0 - eps) * loss + (eps / num_classes) * (d + sum_w * log_s)
+    if HAS_Z:
+        lse = m + log_s
+        loss += z_loss * (lse * lse)
     return loss
 
 
@@ -108,9 +157,21 @@ def target_grad(p_t, pm1_t, true_coef, p_coef):
 
 
 @triton.jit
-def grad_coefs(w_t, eps, weight_sum_ptr, num_classes, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+def grad_coefs(
+    w_t,
+    eps,
+    weight_sum_ptr,
+    num_classes,
+    m,
+    log_s,
+    z_loss,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z: tl.constexpr,
+):
     """``(true_coef, p_coef)`` of ``dl/dx_c = p_coef * p_c - [c == y] * true_coef - eps / C * w_c``
-    (the last term only with label smoothing), in ``w_t``'s dtype."""
+    (the last term only with label smoothing), in ``w_t``'s dtype; with ``HAS_Z`` the z term's
+    ``2 z_loss lse`` (``lse = m + log s``) is part of ``p_coef``."""
     true_coef = (1.0 - eps) * w_t
     if HAS_SMOOTHING:
         if HAS_WEIGHT:
@@ -120,6 +181,8 @@ def grad_coefs(w_t, eps, weight_sum_ptr, num_classes, HAS_WEIGHT: tl.constexpr, 
         p_coef = true_coef + eps / num_classes * sum_w
     else:
         p_coef = true_coef
+    if HAS_Z:
+        p_coef += 2.0 * z_loss * (m + log_s)
     return true_coef, p_coef
 
 

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from ._ce import expm1_neg, grad_coefs, smoothing_eps, target_grad, to_output
+from ._ce import expm1_neg, float_arg, grad_coefs, softcap, target_grad, to_output
 
 
 @triton.jit
@@ -22,10 +22,14 @@ def ce_backward_kernel(
     denom_ptr,
     num_classes,
     label_smoothing_bits,
+    softcap_bits,
+    z_loss_bits,
     PER_ROW_GRAD: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    HAS_CAP: tl.constexpr = False,
+    HAS_Z: tl.constexpr = False,
 ):
     """One program per row writes ``d loss / d logits[row, :]``.
 
@@ -35,6 +39,9 @@ def ce_backward_kernel(
     ``p_y - 1`` formed from those relative quantities (see :func:`._ce.target_grad`). Rows outside
     the kept set write exact zeros without reading their logits. Everything is formed in the
     accumulation dtype (fp32; fp64 for fp64) before the one rounding to the gradient's dtype.
+
+    ``HAS_Z``: ``dl/dx_c`` gains ``2 λ lse p_c``; ``HAS_CAP``: ``x`` is capped first (the stats
+    are the capped logits') and the whole gradient is multiplied by ``1 - tanh(x_c / c)**2``.
     """
     row = tl.program_id(0).to(tl.int64)
     acc_dtype = stats_ptr.dtype.element_ty
@@ -51,17 +58,26 @@ def ce_backward_kernel(
         w_t = tl.load(weight_ptr + tgt, mask=reads_t, other=0.0).to(acc_dtype)
     else:
         w_t = tl.full((), 1.0, acc_dtype)
-    eps = smoothing_eps(label_smoothing_bits).to(acc_dtype)
-    true_coef, p_coef = grad_coefs(w_t, eps, weight_sum_ptr, num_classes, HAS_WEIGHT, HAS_SMOOTHING)
+    eps = float_arg(label_smoothing_bits).to(acc_dtype)
+    z_loss = float_arg(z_loss_bits).to(acc_dtype)
+    true_coef, p_coef = grad_coefs(
+        w_t, eps, weight_sum_ptr, num_classes, m, log_s, z_loss, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z
+    )
+    cap = float_arg(softcap_bits).to(acc_dtype)
 
     cols_read = tl.where(kept, num_classes, 0)  # a row outside K reads nothing
     in_row = logits_ptr + row * stride_row
-    pm1_t = expm1_neg(-((m - tl.load(in_row + tgt, mask=reads_t, other=0.0).to(acc_dtype)) + log_s))  # p_y - 1
+    x_t = tl.load(in_row + tgt, mask=reads_t, other=0.0).to(acc_dtype)
+    if HAS_CAP:
+        x_t, _ = softcap(x_t, cap)
+    pm1_t = expm1_neg(-((m - x_t) + log_s))  # p_y - 1
     out_row = grad_ptr + row * stride_grad
     for start in range(0, num_classes, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         mask = cols < num_classes
         x = tl.load(in_row + cols, mask=cols < cols_read, other=0.0).to(acc_dtype)
+        if HAS_CAP:
+            x, dcap = softcap(x, cap)
         p = tl.exp(-((m - x) + log_s))
         grad = tl.where(cols == tgt, target_grad(p, pm1_t, true_coef, p_coef), p_coef * p)
         if HAS_SMOOTHING:
@@ -71,4 +87,6 @@ def ce_backward_kernel(
             else:
                 grad -= eps / num_classes
         grad = tl.where(kept, g * grad, 0.0)
+        if HAS_CAP:
+            grad *= dcap
         tl.store(out_row + cols, to_output(grad, grad_ptr.dtype.element_ty), mask=mask)

@@ -4,7 +4,7 @@ max and log-sum for kept pixels only, the gradient written in the same layout.""
 import triton
 import triton.language as tl
 
-from ._ce import expm1_neg, grad_coefs, pixel_block, smoothing_eps, target_grad, to_output
+from ._ce import expm1_neg, float_arg, grad_coefs, pixel_block, softcap, target_grad, to_output
 
 
 @triton.jit
@@ -26,11 +26,15 @@ def ce_backward_spatial_kernel(
     num_classes,
     num_pixels,
     label_smoothing_bits,
+    softcap_bits,
+    z_loss_bits,
     PER_SAMPLE_GRAD: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    HAS_CAP: tl.constexpr = False,
+    HAS_Z: tl.constexpr = False,
 ):
     """One program per ``(n, block of BLOCK_S pixels)`` writes ``d loss / d logits[n, :, s]``.
 
@@ -39,7 +43,8 @@ def ce_backward_spatial_kernel(
     "none"), as :func:`ce_backward_kernel` forms it per row (the true class from relative
     quantities). Pixels outside the kept set store exact zeros without reading their logits.
     Everything is formed in the accumulation dtype (fp32; fp64 for fp64) before the one rounding
-    to the gradient's dtype. Both layouts have unit stride along ``s``.
+    to the gradient's dtype. Both layouts have unit stride along ``s``. ``HAS_CAP`` / ``HAS_Z``:
+    the soft cap's factor and the z term's gradient, as :func:`ce_backward_kernel` forms them.
     """
     acc_dtype = stats_ptr.dtype.element_ty
     n, s, in_image, flat = pixel_block(num_pixels, BLOCK_S)
@@ -57,19 +62,28 @@ def ce_backward_spatial_kernel(
         w_t = tl.load(weight_ptr + tgt, mask=reads_t, other=0.0).to(acc_dtype)
     else:
         w_t = tl.full((BLOCK_S,), 1.0, acc_dtype)
-    eps = smoothing_eps(label_smoothing_bits).to(acc_dtype)
-    true_coef, p_coef = grad_coefs(w_t, eps, weight_sum_ptr, num_classes, HAS_WEIGHT, HAS_SMOOTHING)
+    eps = float_arg(label_smoothing_bits).to(acc_dtype)
+    z_loss = float_arg(z_loss_bits).to(acc_dtype)
+    true_coef, p_coef = grad_coefs(
+        w_t, eps, weight_sum_ptr, num_classes, m, log_s, z_loss, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z
+    )
+    cap = float_arg(softcap_bits).to(acc_dtype)
 
     in_ptr = logits_ptr + n * stride_n
     out_ptr = grad_ptr + n * stride_grad_n
     x_t = tl.load(in_ptr + tgt * stride_c + s, mask=reads_t, other=0.0).to(acc_dtype)
+    if HAS_CAP:
+        x_t, _ = softcap(x_t, cap)
     pm1_t = expm1_neg(-((m - x_t) + log_s))  # p_y - 1
     for start in range(0, num_classes, BLOCK_C):
         cls = start + tl.arange(0, BLOCK_C)
         cls_in = cls < num_classes
         cls64 = cls.to(tl.int64)[:, None]
         x = tl.load(in_ptr + cls64 * stride_c + s[None, :], mask=cls_in[:, None] & kept[None, :], other=0.0)
-        p = tl.exp(-((m[None, :] - x.to(acc_dtype)) + log_s[None, :]))
+        x = x.to(acc_dtype)
+        if HAS_CAP:
+            x, dcap = softcap(x, cap)
+        p = tl.exp(-((m[None, :] - x) + log_s[None, :]))
         grad = tl.where(
             cls[:, None] == tgt[None, :],
             target_grad(p, pm1_t[None, :], true_coef[None, :], p_coef[None, :]),
@@ -82,6 +96,8 @@ def ce_backward_spatial_kernel(
             else:
                 grad -= eps / num_classes
         grad = tl.where(kept[None, :], g[None, :] * grad, 0.0)
+        if HAS_CAP:
+            grad *= dcap
         tl.store(
             out_ptr + cls64 * stride_grad_c + s[None, :],
             to_output(grad, grad_ptr.dtype.element_ty),

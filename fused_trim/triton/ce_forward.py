@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._ce import log_sum, smoothing_block, smoothing_eps, softmax_block, weighted_loss
+from ._ce import float_arg, log_sum, smoothing_block, softcap, softmax_block, weighted_loss
 
 
 @triton.jit
@@ -21,9 +21,13 @@ def ce_forward_kernel(
     num_classes,
     ignore_index,
     label_smoothing_bits,
+    softcap_bits,
+    z_loss_bits,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    HAS_CAP: tl.constexpr = False,
+    HAS_Z: tl.constexpr = False,
 ):
     """One program per row: online softmax over column blocks of ``BLOCK_C``.
 
@@ -33,6 +37,10 @@ def ce_forward_kernel(
     or fp64 for fp64 logits). The loss is formed relative to the row max (see
     :func:`._ce.weighted_loss`). Ignored rows do not read their logits; a target outside ``[0, C)``
     that is not ignored reads nothing either and gets a NaN loss and stats (a NaN gradient).
+
+    ``HAS_CAP``: every logit is first ``c * tanh(x / c)`` (``c`` from ``softcap_bits``, its float64
+    bits), the stats are those of the capped logits; ``HAS_Z``: the loss gains ``λ (m + log s)**2``
+    (``λ`` from ``z_loss_bits``).
     """
     row = tl.program_id(0).to(tl.int64)
     acc_dtype = loss_ptr.dtype.element_ty
@@ -42,6 +50,7 @@ def ce_forward_kernel(
     # A target outside [0, C) that is not ignore_index is never read through: its loss is NaN.
     scored = valid & (tgt >= 0) & (tgt < num_classes)
     n_cols = tl.where(scored, num_classes, 0)
+    cap = float_arg(softcap_bits).to(acc_dtype)
 
     m = tl.full((), float("-inf"), acc_dtype)
     sm1 = tl.full((), -1.0, acc_dtype)  # sum_c exp(x_c - m) - 1
@@ -51,6 +60,9 @@ def ce_forward_kernel(
         cols = start + tl.arange(0, BLOCK_C)
         mask = cols < n_cols
         x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(acc_dtype)
+        if HAS_CAP:
+            capped, _ = softcap(x, cap)
+            x = tl.where(mask, capped, float("-inf"))
         m_new, sm1 = softmax_block(m, sm1, x)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
@@ -63,12 +75,15 @@ def ce_forward_kernel(
 
     safe_t = tl.where(scored, tgt, 0)
     x_t = tl.load(row_ptr + safe_t, mask=scored, other=0.0).to(acc_dtype)
+    if HAS_CAP:
+        x_t, _ = softcap(x_t, cap)
     if HAS_WEIGHT:
         w_t = tl.load(weight_ptr + safe_t, mask=scored, other=0.0).to(acc_dtype)
     else:
         w_t = tl.full((), 1.0, acc_dtype)
-    eps = smoothing_eps(label_smoothing_bits).to(acc_dtype)
-    loss = weighted_loss(m, log_s, x_t, w_t, sum_w, d, eps, num_classes, HAS_SMOOTHING)
+    eps = float_arg(label_smoothing_bits).to(acc_dtype)
+    z_loss = float_arg(z_loss_bits).to(acc_dtype)
+    loss = weighted_loss(m, log_s, x_t, w_t, sum_w, d, eps, num_classes, z_loss, HAS_SMOOTHING, HAS_Z)
     zero = tl.zeros((), acc_dtype)
     nan = tl.full((), float("nan"), acc_dtype)
     tl.store(loss_ptr + row, tl.where(scored, loss, tl.where(valid, nan, zero)))

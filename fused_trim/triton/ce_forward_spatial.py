@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._ce import log_sum, pixel_block, smoothing_block, smoothing_eps, softmax_block, weighted_loss
+from ._ce import float_arg, log_sum, pixel_block, smoothing_block, softcap, softmax_block, weighted_loss
 
 
 @triton.jit
@@ -24,10 +24,14 @@ def ce_forward_spatial_kernel(
     num_pixels,
     ignore_index,
     label_smoothing_bits,
+    softcap_bits,
+    z_loss_bits,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    HAS_CAP: tl.constexpr = False,
+    HAS_Z: tl.constexpr = False,
 ):
     """One program per ``(n, block of BLOCK_S pixels)``; a flat grid, ``n`` major.
 
@@ -37,6 +41,7 @@ def ce_forward_spatial_kernel(
     0 when ignored) and the backward's ``stats`` (max, log-sum) at the sample index ``n * S + s``,
     exactly as :func:`ce_forward_kernel` does per row, in the accumulation dtype of ``loss_ptr``.
     Ignored pixels do not read their logits, nor do targets outside ``[0, C)`` (NaN loss and stats).
+    ``HAS_CAP`` / ``HAS_Z``: the soft cap and the z term, as :func:`ce_forward_kernel` forms them.
     """
     acc_dtype = loss_ptr.dtype.element_ty
     n, s, in_image, flat = pixel_block(num_pixels, BLOCK_S)
@@ -47,6 +52,7 @@ def ce_forward_spatial_kernel(
     safe_t = tl.where(scored, tgt, 0)
 
     image_ptr = logits_ptr + n * stride_n
+    cap = float_arg(softcap_bits).to(acc_dtype)
     m = tl.full((BLOCK_S,), float("-inf"), acc_dtype)
     sm1 = tl.full((BLOCK_S,), -1.0, acc_dtype)  # sum_c exp(x_c - m) - 1
     x_t = tl.zeros((BLOCK_S,), acc_dtype)  # the target's logit, picked up as its block passes
@@ -58,6 +64,9 @@ def ce_forward_spatial_kernel(
         tile = cls_in[:, None] & scored[None, :]
         ptrs = image_ptr + cls.to(tl.int64)[:, None] * stride_c + s[None, :]
         x = tl.load(ptrs, mask=tile, other=float("-inf")).to(acc_dtype)
+        if HAS_CAP:
+            capped, _ = softcap(x, cap)
+            x = tl.where(tile, capped, float("-inf"))
         m_new, sm1 = softmax_block(m, sm1, x)
         x_t += tl.sum(tl.where(cls[:, None] == safe_t[None, :], x, 0.0), 0)
         if HAS_SMOOTHING:
@@ -73,8 +82,9 @@ def ce_forward_spatial_kernel(
         w_t = tl.load(weight_ptr + safe_t, mask=scored, other=0.0).to(acc_dtype)
     else:
         w_t = tl.full((BLOCK_S,), 1.0, acc_dtype)
-    eps = smoothing_eps(label_smoothing_bits).to(acc_dtype)
-    loss = weighted_loss(m, log_s, x_t, w_t, sum_w, d, eps, num_classes, HAS_SMOOTHING)
+    eps = float_arg(label_smoothing_bits).to(acc_dtype)
+    z_loss = float_arg(z_loss_bits).to(acc_dtype)
+    loss = weighted_loss(m, log_s, x_t, w_t, sum_w, d, eps, num_classes, z_loss, HAS_SMOOTHING, HAS_Z)
     zero = tl.zeros((BLOCK_S,), acc_dtype)
     unscored = tl.where(valid, float("nan"), zero)  # NaN for a target outside [0, C), else 0
     tl.store(loss_ptr + flat, tl.where(scored, loss, unscored), mask=in_image)

@@ -28,6 +28,13 @@ def float64_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
+def head_args(logit_softcap: float | None, z_loss: float) -> tuple[tuple[int, int], dict[str, bool]]:
+    """The row kernels' soft-cap and z-loss arguments: ``((softcap_bits, z_loss_bits), {HAS_CAP,
+    HAS_Z})``; both flags off when the options are (the plain kernels)."""
+    bits = (float64_bits(1.0 if logit_softcap is None else logit_softcap), float64_bits(z_loss))
+    return bits, {"HAS_CAP": logit_softcap is not None, "HAS_Z": z_loss != 0.0}
+
+
 def row_config(num_classes: int, element_size: int) -> tuple[int, int]:
     """``(BLOCK_C, num_warps)`` of the row kernels: the column block and its warps."""
     max_block = 16384 // max(element_size, 2)  # 32 KiB of logits in flight per program

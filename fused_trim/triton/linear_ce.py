@@ -56,7 +56,7 @@ from .._common import (
 from .._groups import group_rows_bound, keep_positions_options, masked_target, select_groups
 from .ce_backward import ce_backward_kernel
 from .ce_forward import ce_forward_kernel
-from .launch import device_guard, device_ratio, float64_bits, row_config, select_rows
+from .launch import device_guard, device_ratio, float64_bits, head_args, row_config, select_rows
 
 # ------------------------------------------------------------------------------------------------
 # Launchers
@@ -145,10 +145,13 @@ def _launch_ce_forward(
     w_y: Tensor,
     ignore_index: int,
     label_smoothing: float,
+    head: tuple[float | None, float],
 ) -> None:
     """The row kernel of ``trimmed_cross_entropy`` on the first ``num_rows`` rows of a buffer of
     fp32 logits: each row's loss, ``w_y`` and stats (a row max or logit of ``+inf`` gives a NaN
-    loss, as ``F.cross_entropy``)."""
+    loss, as ``F.cross_entropy``). ``head``: ``(logit_softcap, z_loss)``, applied in the kernel
+    (the buffer holds the uncapped logits)."""
+    head_bits, head_flags = head_args(*head)
     block_v, warps = row_config(logits.shape[1], logits.element_size())
     wrap_triton(ce_forward_kernel)[(num_rows,)](
         logits,
@@ -162,9 +165,11 @@ def _launch_ce_forward(
         logits.shape[1],
         ignore_index,
         float64_bits(label_smoothing),
+        *head_bits,
         HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=label_smoothing > 0.0,
         BLOCK_C=block_v,
+        **head_flags,
         num_warps=warps,
     )
 
@@ -181,10 +186,13 @@ def _launch_ce_backward(
     grad_out: Tensor,
     denom: Tensor,
     label_smoothing: float,
+    head: tuple[float | None, float],
 ) -> None:
     """The backward row kernel of ``trimmed_cross_entropy`` on the first ``num_rows`` rows of a
     buffer of fp32 logits: ``dlogits`` (in place when it is ``logits``), zero on rows not
-    ``kept``; the per-row arguments are the chunk's (gathered)."""
+    ``kept``; the per-row arguments are the chunk's (gathered). ``head``: ``(logit_softcap,
+    z_loss)``: the z term's gradient and the cap's ``1 - tanh**2`` factor, formed in the kernel."""
+    head_bits, head_flags = head_args(*head)
     block_v, warps = row_config(logits.shape[1], logits.element_size())
     wrap_triton(ce_backward_kernel)[(num_rows,)](
         logits,
@@ -201,10 +209,12 @@ def _launch_ce_backward(
         denom,
         logits.shape[1],
         float64_bits(label_smoothing),
+        *head_bits,
         PER_ROW_GRAD=grad_out.dim() == 1,
         HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=label_smoothing > 0.0,
         BLOCK_C=block_v,
+        **head_flags,
         num_warps=warps,
     )
 
@@ -248,7 +258,13 @@ class _GradAccumulator:
 
 
 def _chunk_forward(
-    gemm: _ChunkLogits, x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float
+    gemm: _ChunkLogits,
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    head: tuple[float | None, float],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk's logits into ``gemm``'s buffer, then its rows' ``(loss, w_y, stats)`` (chunk-sized)."""
     gemm(x)
@@ -256,7 +272,7 @@ def _chunk_forward(
     loss = torch.empty(rows, dtype=acc, device=dev)
     w_y = torch.empty(rows, dtype=acc, device=dev)
     stats = torch.empty(2, rows, dtype=acc, device=dev)
-    _launch_ce_forward(gemm.logits, rows, target, weight, loss, stats, w_y, ignore_index, label_smoothing)
+    _launch_ce_forward(gemm.logits, rows, target, weight, loss, stats, w_y, ignore_index, label_smoothing, head)
     return loss, w_y, stats
 
 
@@ -274,9 +290,12 @@ def linear_ce_rows(
     ignore_index: int,
     label_smoothing: float,
     chunk_size: int,
+    logit_softcap: float | None = None,
+    z_loss: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Every row's ``(loss, w_y, stats)`` of ``F.linear(input, linear_weight, linear_bias)``:
-    ``(N,)``, ``(N,)`` and ``(2, N)`` (row max, ``log s``), in the accumulation dtype.
+    ``(N,)``, ``(N,)`` and ``(2, N)`` (row max, ``log s``), in the accumulation dtype. With
+    ``logit_softcap`` / ``z_loss`` the row kernel caps the logits it reads and adds the z term.
 
     The logits exist one chunk of rows at a time (:func:`chunk_rows` of ``chunk_size``): a cuBLAS
     GEMM into one reused buffer, then the row kernel of ``trimmed_cross_entropy`` on it. Operands
@@ -293,7 +312,8 @@ def linear_ce_rows(
         parts = []
         for start in range(0, num_rows, rows):
             part = slice(start, min(start + rows, num_rows))
-            parts.append(_chunk_forward(gemm, input[part], target[part], weight, ignore_index, label_smoothing))
+            head = (logit_softcap, z_loss)
+            parts.append(_chunk_forward(gemm, input[part], target[part], weight, ignore_index, label_smoothing, head))
         empty = torch.empty(0, dtype=acc, device=dev)
         loss, w_y, stats = (list(p) for p in zip(*parts, strict=True)) if parts else ([], [], [])
         return _cat(loss, empty), _cat(w_y, empty), _cat(stats, empty.view(2, 0), dim=1)
@@ -319,8 +339,11 @@ def linear_ce_trimmed(
     chunk_size: int,
     score_offset: Tensor | None = None,
     result_dtype: torch.dtype | None = None,
+    logit_softcap: float | None = None,
+    z_loss: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Selection and reduction on the rows op's losses: ``(out, kept, k, threshold, denom)``.
+    ``logit_softcap`` and ``z_loss`` are those of the losses, for the backward.
 
     ``input``, ``linear_weight`` and ``linear_bias`` are read only by the backward, which
     recomputes at most ``max_kept`` rows, ``chunk_size`` at a time. ``score_offset``: rank
@@ -358,6 +381,8 @@ def linear_ce_bwd(
     chunk_size: int,
     need_input: bool,
     need_weight: bool,
+    logit_softcap: float | None = None,
+    z_loss: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(d input, d linear_weight, d linear_bias)``, each empty when not needed (no bias).
 
@@ -395,6 +420,7 @@ def linear_ce_bwd(
                 grad_out.index_select(0, rows) if per_row else grad_out,
                 denom,
                 label_smoothing,
+                (logit_softcap, z_loss),
             )
             grads.add(rows, x, gemm.dlogits[: x.shape[0]], linear_weight, kept_c)
         return grads.d_input, grads.d_weight.to(linear_weight.dtype), grads.d_bias.to(input.dtype)
@@ -406,6 +432,7 @@ def _trimmed_setup_context(ctx, inputs, output) -> None:
     _, kept, _, _, denom = output
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, stats, kept, denom)
     ctx.label_smoothing, ctx.max_kept, ctx.chunk_size = label_smoothing, max_kept, chunk_size
+    ctx.head = inputs[18:20]
 
 
 def _trimmed_backward(ctx, grad_out, *_unused):
@@ -426,9 +453,10 @@ def _trimmed_backward(ctx, grad_out, *_unused):
         ctx.chunk_size,
         need_input,
         need_weight,
+        *ctx.head,
     )
     grads = (d_input if need_input else None, d_weight if need_weight else None)
-    return (None,) * 3 + (*grads, d_bias if linear_bias is not None else None) + (None,) * 12
+    return (None,) * 3 + (*grads, d_bias if linear_bias is not None else None) + (None,) * 14
 
 
 DOUBLE_BACKWARD_MESSAGE = double_backward_message("trimmed_linear_cross_entropy")
@@ -458,14 +486,17 @@ def linear_ce_keep_all(
     need_input: bool,
     need_weight: bool,
     result_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    logit_softcap: float | None = None,
+    z_loss: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Every valid row kept (``keep_ratio == 1``, ``reduction`` mean or sum): the losses and the
     unscaled gradient in one pass over chunks of rows, 3 GEMMs a chunk (the row kernels of
     ``trimmed_cross_entropy`` on each chunk's fp32 logits).
 
-    Returns ``(out, losses, kept, k, threshold, denom, d_input, d_weight, d_bias)`` (``out`` and
-    ``threshold`` in ``result_dtype``, ``None``: the input's), the gradients in the accumulation
-    dtype and unscaled (the backward multiplies them by ``grad_out / denom``).
+    Returns ``(out, losses, kept, k, threshold, denom, d_input, d_weight, d_bias, lse)`` (``out``
+    and ``threshold`` in ``result_dtype``, ``None``: the input's), the gradients in the accumulation
+    dtype and unscaled (the backward multiplies them by ``grad_out / denom``), ``lse`` the rows'
+    logsumexp (0 on ignored rows). ``logit_softcap`` / ``z_loss``: in the losses and the gradient.
     """
     with device_guard(input):
         num_rows = input.shape[0]
@@ -480,13 +511,14 @@ def linear_ce_keep_all(
         grads = _GradAccumulator(input, linear_weight, linear_bias is not None, d_input, need_weight)
         rows_per_chunk = chunk_rows(num_rows, chunk_size, dev)
         gemm = _ChunkLogits(rows_per_chunk, linear_weight, linear_bias, input.dtype, dlogits=True)
-        losses, w_y = [], []
+        losses, w_y, lse = [], [], []
+        head = (logit_softcap, z_loss)
         for start in range(0, num_rows, rows_per_chunk):
             rows = slice(start, min(start + rows_per_chunk, num_rows))
             valid_c = valid[rows]
             # Ignored rows contribute nothing: zeroed before the GEMMs (0 * NaN would reach d W).
             x = torch.where(valid_c[:, None], input[rows], 0)
-            loss_c, w_y_c, stats_c = _chunk_forward(gemm, x, target[rows], weight, ignore_index, label_smoothing)
+            loss_c, w_y_c, stats_c = _chunk_forward(gemm, x, target[rows], weight, ignore_index, label_smoothing, head)
             _launch_ce_backward(
                 gemm.logits,
                 gemm.dlogits,
@@ -499,13 +531,16 @@ def linear_ce_keep_all(
                 one,
                 one,
                 label_smoothing,
+                head,
             )
             grads.add(rows, x, gemm.dlogits[: x.shape[0]], linear_weight, valid_c)
             losses.append(loss_c)
             w_y.append(w_y_c)
+            lse.append(stats_c[0] + stats_c[1])
         empty = torch.empty(0, dtype=acc, device=dev)
         losses = _cat(losses, empty)
         w_y = _cat(w_y, empty)
+        lse = _cat(lse, empty)
         out, kept, k, threshold, denom = select_rows(
             losses,
             w_y,
@@ -517,14 +552,14 @@ def linear_ce_keep_all(
             ignore_index,
             reduction,
         )
-        return out, losses, kept, k, threshold, denom, grads.d_input, grads.d_weight, grads.d_bias
+        return out, losses, kept, k, threshold, denom, grads.d_input, grads.d_weight, grads.d_bias, lse
 
 
 def _keep_all_setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = inputs[2] is not None
     ctx.need = inputs[10:12]
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
-    _, _, _, k, _, denom, d_input, d_weight, d_bias = output
+    _, _, _, k, _, denom, d_input, d_weight, d_bias, _ = output
     ctx.save_for_backward(k, denom, d_input, d_weight, d_bias)
 
 
@@ -548,7 +583,7 @@ def _keep_all_backward(ctx, grad_out, *_unused):
     d_input = _scaled(d_input, scale, in_dtype) if need_input else None
     d_weight = _scaled(d_weight, scale, w_dtype) if need_weight else None
     d_bias = _scaled(d_bias, scale, w_dtype) if ctx.has_bias else None
-    return d_input, d_weight, d_bias, *(None,) * 10
+    return d_input, d_weight, d_bias, *(None,) * 12
 
 
 linear_ce_keep_all.register_autograd(_keep_all_backward, setup_context=_keep_all_setup_context)
@@ -575,12 +610,13 @@ def trimmed_linear_cross_entropy_2d(
     keep_ratio, ratio_t = device_ratio(kernel_ratio(opts), input.device)
     code, easiest, chunk_size = int(opts.reduction), bool(opts.keep), opts.chunk_size
     ce_args = (opts.weight, opts.ignore_index, opts.label_smoothing)
+    head = (opts.logit_softcap, float(opts.z_loss))
     num_rows = input.shape[0]
     params = (input, linear_weight, linear_bias)
     # (a CPU ratio tensor is a host float by now)
     host_opts = opts if ratio_t is not None else opts._replace(keep_ratio=keep_ratio)
     if forms_gradient_in_forward(host_opts, params, share):
-        out, losses, kept, k, threshold, *_ = linear_ce_keep_all(
+        out, losses, kept, k, threshold, *_, lse = linear_ce_keep_all(
             input,
             linear_weight,
             linear_bias,
@@ -593,11 +629,12 @@ def trimmed_linear_cross_entropy_2d(
             input.requires_grad,
             linear_weight.requires_grad,
             opts.result_dtype,
+            *head,
         )
-        return out, losses.detach(), kept, k, threshold.detach(), None
+        return out, losses.detach(), kept, k, threshold.detach(), lse
 
     detached = [None if p is None else p.detach() for p in params]
-    losses, w_y, stats = linear_ce_rows(*detached, target, *ce_args, chunk_size)
+    losses, w_y, stats = linear_ce_rows(*detached, target, *ce_args, chunk_size, *head)
     # Bitwise equal rows (duplicated tokens) tie, wherever cuBLAS placed them in a chunk's tile.
     first = first_equal_rows(detached[0], target)
     losses, w_y, stats = losses[first], w_y[first], stats[:, first]
@@ -639,6 +676,7 @@ def trimmed_linear_cross_entropy_2d(
         chunk_size,
         opts.score_offset,
         opts.result_dtype,
+        *head,
     )
     if groups is not None:
         k, threshold = groups[1], groups[2].to(threshold.dtype)

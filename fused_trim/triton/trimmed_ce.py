@@ -25,6 +25,7 @@ from .launch import (
     device_ratio,
     device_threshold,
     float64_bits,
+    head_args,
     row_config,
     select_rows,
     spatial_config,
@@ -46,6 +47,8 @@ def trimmed_ce_fwd(
     result_dtype: torch.dtype | None = None,
     keep_threshold: Tensor | None = None,
     min_kept: int = 0,
+    logit_softcap: float | None = None,
+    z_loss: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward on ``input (M, C)`` or ``(N, C, S)``: ``(out, losses, kept, k, threshold, stats, denom)``.
 
@@ -60,6 +63,8 @@ def trimmed_ce_fwd(
     ``threshold`` are in ``result_dtype`` (``None``: the input's).
     ``keep_threshold`` (a 0-dim float64 tensor on the input's device, or ``None``) with
     ``min_kept``: the threshold rule instead of the ratio (see :func:`select_rows`).
+    ``logit_softcap`` (``c`` or ``None``) and ``z_loss`` (``λ``): every logit is ``c * tanh(x /
+    c)`` first, each loss gains ``λ lse**2``; ``stats`` are then the capped logits'.
     """
     with device_guard(input):
         return _forward(
@@ -76,6 +81,8 @@ def trimmed_ce_fwd(
             input.dtype if result_dtype is None else result_dtype,
             keep_threshold,
             min_kept,
+            logit_softcap,
+            z_loss,
         )
 
 
@@ -93,8 +100,11 @@ def _forward(
     result_dtype: torch.dtype,
     keep_threshold: Tensor | None,
     min_kept: int,
+    logit_softcap: float | None,
+    z_loss: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The body of :func:`trimmed_ce_fwd`, on the input's device."""
+    head_bits, head_flags = head_args(logit_softcap, z_loss)
     spatial = input.dim() == 3
     if input.stride(-1) != 1:
         input = input.contiguous()
@@ -126,10 +136,12 @@ def _forward(
             num_pixels,
             ignore_index,
             float64_bits(label_smoothing),
+            *head_bits,
             HAS_WEIGHT=has_weight,
             HAS_SMOOTHING=label_smoothing > 0.0,
             BLOCK_C=block_c,
             BLOCK_S=block_s,
+            **head_flags,
             num_warps=warps,
         )
     else:
@@ -146,9 +158,11 @@ def _forward(
             num_classes,
             ignore_index,
             float64_bits(label_smoothing),
+            *head_bits,
             HAS_WEIGHT=has_weight,
             HAS_SMOOTHING=label_smoothing > 0.0,
             BLOCK_C=block_c,
+            **head_flags,
             num_warps=warps,
         )
 
@@ -179,11 +193,15 @@ def trimmed_ce_bwd(
     kept: Tensor,
     denom: Tensor,
     label_smoothing: float,
+    logit_softcap: float | None = None,
+    z_loss: float = 0.0,
 ) -> Tensor:
     """Gradient of ``out`` with respect to ``input`` (``(M, C)`` or ``(N, C, S)``, the gradient
     in the same shape); exact zeros on samples outside the kept set."""
     with device_guard(input):
-        return _backward_grad(grad_out, input, target, weight, stats, kept, denom, label_smoothing)
+        return _backward_grad(
+            grad_out, input, target, weight, stats, kept, denom, label_smoothing, logit_softcap, z_loss
+        )
 
 
 def _backward_grad(
@@ -195,8 +213,11 @@ def _backward_grad(
     kept: Tensor,
     denom: Tensor,
     label_smoothing: float,
+    logit_softcap: float | None,
+    z_loss: float,
 ) -> Tensor:
     """The body of :func:`trimmed_ce_bwd`, on the input's device."""
+    head_bits, head_flags = head_args(logit_softcap, z_loss)
     if input.stride(-1) != 1:
         input = input.contiguous()
     grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
@@ -225,11 +246,13 @@ def _backward_grad(
             num_classes,
             num_pixels,
             float64_bits(label_smoothing),
+            *head_bits,
             PER_SAMPLE_GRAD=grad_out.dim() == 1,
             HAS_WEIGHT=has_weight,
             HAS_SMOOTHING=has_smoothing,
             BLOCK_C=block_c,
             BLOCK_S=block_s,
+            **head_flags,
             num_warps=warps,
         )
         return grad
@@ -250,10 +273,12 @@ def _backward_grad(
         denom,
         num_classes,
         float64_bits(label_smoothing),
+        *head_bits,
         PER_ROW_GRAD=grad_out.dim() == 1,
         HAS_WEIGHT=has_weight,
         HAS_SMOOTHING=has_smoothing,
         BLOCK_C=block_c,
+        **head_flags,
         num_warps=warps,
     )
     return grad
@@ -264,12 +289,13 @@ def _setup_context(ctx, inputs, output) -> None:
     _, _, kept, _, _, stats, denom = output
     ctx.save_for_backward(input, target, weight, stats, kept, denom)
     ctx.label_smoothing = label_smoothing
+    ctx.head = inputs[13:15]
 
 
 def _backward(ctx, grad_out, *_unused):
     input, target, weight, stats, kept, denom = ctx.saved_tensors
-    grad = trimmed_ce_bwd(grad_out, input, target, weight, stats, kept, denom, ctx.label_smoothing)
-    return (grad,) + (None,) * 12
+    grad = trimmed_ce_bwd(grad_out, input, target, weight, stats, kept, denom, ctx.label_smoothing, *ctx.head)
+    return (grad,) + (None,) * 14
 
 
 def _double_backward(ctx, *grads):
@@ -342,5 +368,7 @@ def trimmed_cross_entropy_2d(
         opts.result_dtype,
         device_threshold(opts.keep_threshold, input.device),
         int(opts.min_kept),
+        opts.logit_softcap,
+        float(opts.z_loss),
     )
     return out, losses.detach(), kept, k, threshold.detach(), (stats[0] + stats[1]).detach()
