@@ -410,9 +410,9 @@ class _KeptRowsLoss(torch.autograd.Function):
     kept rows; 0 elsewhere: exact zeros without reading those rows' logits)."""
 
     @staticmethod
-    def forward(ctx, input, out, target, weight, lse, rowscale, ignore_index, label_smoothing):  # noqa: D102
+    def forward(ctx, input, out, target, weight, lse, rowscale, ignore_index, label_smoothing, softcap, z_loss):  # noqa: D102
         ctx.save_for_backward(input, target, weight, lse, rowscale)
-        ctx.args = (ignore_index, label_smoothing)
+        ctx.args = (ignore_index, label_smoothing, softcap, z_loss)
         ctx.mark_non_differentiable(target, lse, rowscale)
         return out.clone()
 
@@ -420,7 +420,7 @@ class _KeptRowsLoss(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: D102
         input, target, weight, lse, rowscale = ctx.saved_tensors
         grad = torch.ops.fused_trim.trimmed_ce_bwd.default(grad_out, input, target, weight, lse, rowscale, *ctx.args)
-        return grad, None, None, None, None, None, None, None
+        return (grad,) + (None,) * 9
 
 
 def _grouped_cross_entropy_2d(
@@ -433,13 +433,15 @@ def _grouped_cross_entropy_2d(
     with torch.no_grad():
         _, losses, _, _, _, lse, _ = torch.ops.fused_trim.trimmed_ce_fwd.default(
             input.detach(), target, opts.weight, 1.0, None, bool(opts.keep), ignore_index, label_smoothing,
-            int(Reduction.NONE), None, None, 0,
+            int(Reduction.NONE), None, None, 0, *_head_args(opts),
         )  # fmt: skip
     valid = target != opts.ignore_index
     kept, k, threshold = select_groups(losses, valid, opts)
     out, kept_f, scale = reduce_kept(losses, kept, target, opts, input.dtype)
     rowscale = torch.where(kept, kept_f / scale, 0.0)  # (0, not NaN, when nothing is kept)
-    out = _KeptRowsLoss.apply(input, out, target, opts.weight, lse, rowscale, ignore_index, label_smoothing)
+    out = _KeptRowsLoss.apply(
+        input, out, target, opts.weight, lse, rowscale, ignore_index, label_smoothing, *_head_args(opts)
+    )
     return out, losses, kept, k, threshold.to(input.dtype), torch.where(valid, lse, 0)
 
 

@@ -313,17 +313,18 @@ class _KeptRowsLoss(torch.autograd.Function):
     a scalar upstream gradient is divided by ``denom``)."""
 
     @staticmethod
-    def forward(ctx, input, out, target, weight, stats, kept, denom, label_smoothing):  # noqa: D102
+    def forward(ctx, input, out, target, weight, stats, kept, denom, label_smoothing, logit_softcap, z_loss):  # noqa: D102
         ctx.save_for_backward(input, target, weight, stats, kept, denom)
         ctx.label_smoothing = label_smoothing
+        ctx.head = (logit_softcap, z_loss)
         ctx.mark_non_differentiable(target, stats, kept, denom)
         return out.clone()
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         input, target, weight, stats, kept, denom = ctx.saved_tensors
-        grad = trimmed_ce_bwd(grad_out, input, target, weight, stats, kept, denom, ctx.label_smoothing)
-        return grad, None, None, None, None, None, None, None
+        grad = trimmed_ce_bwd(grad_out, input, target, weight, stats, kept, denom, ctx.label_smoothing, *ctx.head)
+        return (grad,) + (None,) * 9
 
 
 def _grouped_cross_entropy_2d(
@@ -336,12 +337,14 @@ def _grouped_cross_entropy_2d(
     with torch.no_grad():
         _, losses, _, _, _, stats, _ = trimmed_ce_fwd(
             input.detach(), target, opts.weight, 1.0, None, bool(opts.keep), opts.ignore_index,
-            opts.label_smoothing, int(Reduction.NONE), None, opts.result_dtype, None, 0,
+            opts.label_smoothing, int(Reduction.NONE), None, opts.result_dtype, None, 0, opts.logit_softcap,
+            float(opts.z_loss),
         )  # fmt: skip
     kept, k, threshold = select_groups(losses, target != opts.ignore_index, opts)
     dtype = out_dtype(opts, input.dtype)
     out, _, denom = reduce_kept(losses, kept, target, opts, dtype)
-    out = _KeptRowsLoss.apply(input, out, target, opts.weight, stats, kept, denom, opts.label_smoothing)
+    head = (opts.logit_softcap, float(opts.z_loss))
+    out = _KeptRowsLoss.apply(input, out, target, opts.weight, stats, kept, denom, opts.label_smoothing, *head)
     return out, losses, kept, k, threshold.to(dtype), stats[0] + stats[1]
 
 
