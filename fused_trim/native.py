@@ -44,6 +44,7 @@ from ._common import (
     ranking_scores,
     rule_k,
 )
+from ._groups import keep_positions_options, masked_target, reduce_kept, select_groups
 
 __all__ = [
     "build",
@@ -403,6 +404,47 @@ def _widened(opts: TrimOptions, *tensors: Tensor | None) -> tuple[Tensor | None,
     return tuple(None if t is None else t.to(opts.result_dtype) for t in tensors)
 
 
+class _KeptRowsLoss(torch.autograd.Function):
+    """A loss formed outside the op over a given kept set, with the op's backward
+    (``trimmed_ce_bwd``) fed the per-row scale (``1 / sum_K w[y_i]`` for "mean", else 1, on the
+    kept rows; 0 elsewhere: exact zeros without reading those rows' logits)."""
+
+    @staticmethod
+    def forward(ctx, input, out, target, weight, lse, rowscale, ignore_index, label_smoothing, softcap, z_loss):  # noqa: D102
+        ctx.save_for_backward(input, target, weight, lse, rowscale)
+        ctx.args = (ignore_index, label_smoothing, softcap, z_loss)
+        ctx.mark_non_differentiable(target, lse, rowscale)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        input, target, weight, lse, rowscale = ctx.saved_tensors
+        grad = torch.ops.fused_trim.trimmed_ce_bwd.default(grad_out, input, target, weight, lse, rowscale, *ctx.args)
+        return (grad,) + (None,) * 9
+
+
+def _grouped_cross_entropy_2d(
+    input: Tensor, target: Tensor, opts: TrimOptions
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Group trimming (``opts.group_ids``): every row's loss from the op (keep all, no reduction,
+    one read of the logits), the groups' selection (:func:`fused_trim._groups.select_groups`), the
+    reduction over the kept rows, and the op's backward over them."""
+    ignore_index, label_smoothing = int(opts.ignore_index), float(opts.label_smoothing)
+    with torch.no_grad():
+        _, losses, _, _, _, lse, _ = torch.ops.fused_trim.trimmed_ce_fwd.default(
+            input.detach(), target, opts.weight, 1.0, None, bool(opts.keep), ignore_index, label_smoothing,
+            int(Reduction.NONE), None, None, 0, *_head_args(opts),
+        )  # fmt: skip
+    valid = target != opts.ignore_index
+    kept, k, threshold = select_groups(losses, valid, opts)
+    out, kept_f, scale = reduce_kept(losses, kept, target, opts, input.dtype)
+    rowscale = torch.where(kept, kept_f / scale, 0.0)  # (0, not NaN, when nothing is kept)
+    out = _KeptRowsLoss.apply(
+        input, out, target, opts.weight, lse, rowscale, ignore_index, label_smoothing, *_head_args(opts)
+    )
+    return out, losses, kept, k, threshold.to(input.dtype), torch.where(valid, lse, 0)
+
+
 def trimmed_cross_entropy_2d(
     input: Tensor, target: Tensor, opts: TrimOptions
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
@@ -417,6 +459,8 @@ def trimmed_cross_entropy_2d(
         if input.stride(-1) != 1:
             input = input.contiguous()
     # (The CPU op takes (M, C) or (N, C, S) with any strides itself.)
+    if opts.group_ids is not None:
+        return _grouped_cross_entropy_2d(input, target, opts)
     ratio, ratio_t = _op_ratio(kernel_ratio(opts))
     threshold_t = opts.keep_threshold
     if threshold_t is not None and not isinstance(threshold_t, Tensor):
@@ -495,7 +539,13 @@ def trimmed_linear_cross_entropy_2d(
     first = first_equal_rows(input.detach(), target)
     losses, lse = losses[first], lse[first]
     valid = target != opts.ignore_index
-    if share is not None:
+    groups = None
+    if opts.group_ids is not None:
+        # The groups' selection, then every valid row of the kept groups (the target masked to them).
+        groups = select_groups(losses, valid, opts, share)
+        target = masked_target(target, groups[0], opts.ignore_index)
+        opts = keep_positions_options(opts)
+    if share is not None and groups is None:
         keep_ratio = share(losses, valid)
     elif opts.keep_threshold is not None:  # k from the losses, passed on as an exact count
         keep_ratio = rule_k(ranking_scores(losses, opts.score_offset), valid, opts)
@@ -519,4 +569,6 @@ def trimmed_linear_cross_entropy_2d(
         opts.score_offset,
         *head,
     )
+    if groups is not None:
+        k, threshold = groups[1], groups[2].to(threshold.dtype)
     return out, losses, kept, k, threshold, lse
