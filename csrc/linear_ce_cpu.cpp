@@ -25,6 +25,11 @@
 // accumulated in the accumulation type, chunk after chunk, each tile by one thread: the gradients
 // are bitwise repeatable run to run and across thread counts.
 //
+// logit_softcap (0: off) caps each tile's logits in place right after its GEMM (tile_logits), so
+// the statistics, the held keep-all logits and the recomputed ones are all capped logits, and the
+// dlogits take the cap's derivative from them; z_loss (0: off) enters finish_sample and
+// row_grad_coefs (cpu/ce_rows.h). Both off: the plain arithmetic, bitwise.
+//
 // bf16/fp16: linear_weight is converted to fp32 once per call (V * D * 4 bytes: 64 MiB at V = 32000,
 // D = 512, as much as a chunk of logits at the default chunk size; acceptable on the CPU, where
 // half-precision GEMMs are far slower than converting), the input chunk by chunk.
@@ -119,10 +124,11 @@ struct Head {
   int64_t V, D;
   const acc_t* w;  // class weight, nullptr: none
   acc_t w_total, ls;
+  acc_t cap, zl;  // logit_softcap (0: off), z_loss (0: off)
 };
 
 // One tile's logits: out (rows, n, row stride ld) = x (rows, D) @ W[v0:v0+n]^T + bias[v0:v0+n], one
-// BLAS call (the caller holds OneBlasThread).
+// BLAS call (the caller holds OneBlasThread), capped in place with logit_softcap.
 template <typename acc_t>
 void tile_logits(const Head<acc_t>& h, const at::Tensor& x, int64_t rows, int64_t v0, int64_t n, acc_t* L,
                  int64_t ld) {
@@ -134,6 +140,9 @@ void tile_logits(const Head<acc_t>& h, const at::Tensor& x, int64_t rows, int64_
     at::cpu::addmm_out(out, out, x, wt);
   } else {
     at::cpu::mm_out(out, x, wt);
+  }
+  if (h.cap > acc_t(0)) {
+    for (int64_t r = 0; r < rows; ++r) cap_block<acc_t>(L + r * ld, n, h.cap, L + r * ld);
   }
 }
 
@@ -197,7 +206,7 @@ void merge_tile_stats(const Head<acc_t>& h, const TileStats<acc_t>& st, int64_t 
         if (smooth) sx += st.SX[tile * ld + i] + ((std::isfinite(mt) ? mt : acc_t(0)) - ref) * wsum[tile];
       }
       const auto res = finish_sample<acc_t>(m, std::log(sum), st.XY[i], h.w == nullptr ? acc_t(1) : h.w[y], ref, sx,
-                                            h.ls, h.w_total, V);
+                                            h.ls, h.w_total, V, h.zl);
       loss[i] = res.loss;
       lse[i] = res.lse;
     }
@@ -224,7 +233,7 @@ struct ChunkRows {
     lse[r] = row_lse;
     coef[r] = row_coef;
     w_y[r] = h.w == nullptr || target < 0 ? acc_t(1) : h.w[target];
-    g[r] = row_grad_coefs<acc_t>(row_coef, w_y[r], h.w_total, h.ls, h.V);
+    g[r] = row_grad_coefs<acc_t>(row_coef, w_y[r], h.w_total, h.ls, h.V, row_lse, h.zl);
   }
 };
 
@@ -263,8 +272,17 @@ void chunk_backward(const Head<acc_t>& h, const acc_t* xk, int64_t rows, const C
           }
           const bool has_y = y >= v0 && y < v0 + n;
           const acc_t x_y = has_y ? row[y - v0] : acc_t(0);  // read before the pass overwrites it
-          row_grad_block<acc_t>(row, row, n, cr.lse[r], cr.g[r], h.w == nullptr ? nullptr : h.w + v0, false);
-          if (has_y) row[y - v0] = row_grad_true_class<acc_t>(x_y, cr.lse[r], cr.g[r], cr.coef[r], cr.w_y[r], h.ls);
+          const acc_t* wv = h.w == nullptr ? nullptr : h.w + v0;
+          if (h.cap > acc_t(0)) {  // (the logits are capped ones: tile_logits)
+            row_grad_block<acc_t, true>(row, row, n, cr.lse[r], cr.g[r], wv, false, h.cap);
+            if (has_y) {
+              row[y - v0] =
+                  row_grad_true_class<acc_t, true>(x_y, cr.lse[r], cr.g[r], cr.coef[r], cr.w_y[r], h.ls, h.cap);
+            }
+          } else {
+            row_grad_block<acc_t>(row, row, n, cr.lse[r], cr.g[r], wv, false);
+            if (has_y) row[y - v0] = row_grad_true_class<acc_t>(x_y, cr.lse[r], cr.g[r], cr.coef[r], cr.w_y[r], h.ls);
+          }
         }
         const at::Tensor dl = blob(L, {rows, n}, {ld, 1});
         if (dW != nullptr) {
@@ -390,7 +408,7 @@ Prepared prepare(const at::Tensor& input_, const at::Tensor& W_, const std::opti
 }
 
 template <typename acc_t>
-Head<acc_t> head_of(const Prepared& p, double label_smoothing) {
+Head<acc_t> head_of(const Prepared& p, double label_smoothing, double logit_softcap, double z_loss) {
   Head<acc_t> h;
   h.W = p.W.const_data_ptr<acc_t>();
   h.bias = p.bias.defined() ? p.bias.const_data_ptr<acc_t>() : nullptr;
@@ -399,6 +417,8 @@ Head<acc_t> head_of(const Prepared& p, double label_smoothing) {
   h.w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
   h.w_total = h.w == nullptr ? static_cast<acc_t>(p.V) : weight_total<acc_t>(h.w, p.V);
   h.ls = static_cast<acc_t>(label_smoothing);
+  h.cap = static_cast<acc_t>(logit_softcap);
+  h.zl = static_cast<acc_t>(z_loss);
   return h;
 }
 
@@ -512,7 +532,8 @@ void keep_all_chunks(const Prepared& p, const Head<acc_t>& h, int64_t ignore_ind
 std::tuple<at::Tensor, at::Tensor> linear_ce_rows_cpu(const at::Tensor& input_, const at::Tensor& W_,
                                                       const std::optional<at::Tensor>& b_, const at::Tensor& target_,
                                                       const std::optional<at::Tensor>& weight_, int64_t ignore_index,
-                                                      double label_smoothing, int64_t chunk_size) {
+                                                      double label_smoothing, int64_t chunk_size,
+                                                      double logit_softcap, double z_loss) {
   const Prepared p = prepare(input_, W_, b_, target_, weight_);
   const auto acc_st = acc_type_of(p.input.scalar_type());
   at::Tensor losses = empty_cpu({p.N}, acc_st);
@@ -520,8 +541,8 @@ std::tuple<at::Tensor, at::Tensor> linear_ce_rows_cpu(const at::Tensor& input_, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "linear_ce_rows_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor x = as_contiguous(p.input, acc_st);  // (the input itself when it is fp32 rows)
-    rows_forward_tiled<acc_t>(p, head_of<acc_t>(p, label_smoothing), x.const_data_ptr<acc_t>(), ignore_index,
-                              chunk_size, losses.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
+    rows_forward_tiled<acc_t>(p, head_of<acc_t>(p, label_smoothing, logit_softcap, z_loss), x.const_data_ptr<acc_t>(),
+                              ignore_index, chunk_size, losses.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
   });
   return {losses, lse};
 }
@@ -549,7 +570,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     const at::Tensor& losses_, const at::Tensor& lse, const at::Tensor& input, const at::Tensor& W,
     const std::optional<at::Tensor>& b, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
     double keep_ratio, const std::optional<at::Tensor>& keep_ratio_t, bool easiest, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, int64_t chunk_size, const std::optional<at::Tensor>& score_offset_) {
+    double label_smoothing, int64_t reduction, int64_t chunk_size, const std::optional<at::Tensor>& score_offset_,
+    double /*logit_softcap*/, double /*z_loss*/) {
+  // (logit_softcap and z_loss are in the losses already; the op takes them for its backward.)
   const int64_t N = losses_.size(0);
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "fused_trim: bad reduction code ", reduction);
   const auto st = input.scalar_type();
@@ -590,7 +613,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& input_, const at::Tensor& W_, const std::optional<at::Tensor>& b_,
     const at::Tensor& target_, const std::optional<at::Tensor>& weight_, const at::Tensor& lse_,
     const at::Tensor& kept_, const at::Tensor& rowscale_, int64_t ignore_index, double label_smoothing,
-    int64_t chunk_size, int64_t grad_mask) {
+    int64_t chunk_size, int64_t grad_mask, double logit_softcap, double z_loss) {
   const Prepared p = prepare(input_, W_, b_, target_, weight_);
   const int64_t N = p.N, D = p.D, V = p.V;
   const auto st = p.input.scalar_type();
@@ -618,7 +641,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_bwd_cpu(
   if (k > 0 && (need_input || need_weight || need_bias)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "linear_ce_bwd_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const Head<acc_t> h = head_of<acc_t>(p, label_smoothing);
+      const Head<acc_t> h = head_of<acc_t>(p, label_smoothing, logit_softcap, z_loss);
       const int64_t c = balanced_chunk(k, gemm_rows(chunk_size, V, (class_blocks(V, D) + 1) * D));
       at::Tensor xbuf = empty_cpu({c, D}, acc_st);
       // No chunk of logits: each thread computes a tile of them at a time.
@@ -661,11 +684,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_bwd_cpu(
   return {grad_input, grad_weight, grad_bias};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
 linear_ce_keep_all_cpu(const at::Tensor& input_, const at::Tensor& W_, const std::optional<at::Tensor>& b_,
                        const at::Tensor& target_, const std::optional<at::Tensor>& weight_, bool easiest,
                        int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t chunk_size,
-                       int64_t grad_mask) {
+                       int64_t grad_mask, double logit_softcap, double z_loss) {
   TORCH_CHECK(reduction == kMean || reduction == kSum, "fused_trim: linear_ce_keep_all takes mean or sum, got code ",
               reduction);
   const Prepared p = prepare(input_, W_, b_, target_, weight_);
@@ -691,7 +715,7 @@ linear_ce_keep_all_cpu(const at::Tensor& input_, const at::Tensor& W_, const std
   at::Tensor db = need_bias ? empty_cpu({V}, acc_st) : empty_cpu({0}, acc_st);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "linear_ce_keep_all_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Head<acc_t> h = head_of<acc_t>(p, label_smoothing);
+    const Head<acc_t> h = head_of<acc_t>(p, label_smoothing, logit_softcap, z_loss);
     keep_all_chunks<scalar_t, acc_t>(p, h, ignore_index, chunk_size, losses.mutable_data_ptr<acc_t>(),
                                      lse.mutable_data_ptr<acc_t>(), need_input ? dx.mutable_data_ptr<acc_t>() : nullptr,
                                      need_weight ? dW.mutable_data_ptr<acc_t>() : nullptr,
@@ -709,7 +733,7 @@ linear_ce_keep_all_cpu(const at::Tensor& input_, const at::Tensor& W_, const std
     *gscale.mutable_data_ptr<acc_t>() =
         none_kept ? acc_t(0) : (reduction == kMean ? static_cast<acc_t>(1.0 / denom) : acc_t(1));
   });
-  return {out, losses, kept, k_t, threshold, gscale, dx, dW, db};
+  return {out, losses, kept, k_t, threshold, gscale, dx, dW, db, lse};
 }
 
 // The keep-all backward: `grad` (accumulation type) times the 0-dim `factor`, as `dtype`.
@@ -722,21 +746,25 @@ at::Tensor linear_ce_scale_cpu(const at::Tensor& grad, const at::Tensor& factor,
 TORCH_LIBRARY_FRAGMENT(fused_trim, m) {
   m.def(
       "linear_ce_rows(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight, "
-      "int ignore_index, float label_smoothing, int chunk_size) -> (Tensor losses, Tensor lse)");
+      "int ignore_index, float label_smoothing, int chunk_size, float logit_softcap=0.0, float z_loss=0.0) "
+      "-> (Tensor losses, Tensor lse)");
   m.def(
       "linear_ce_trimmed(Tensor losses, Tensor lse, Tensor input, Tensor linear_weight, Tensor? linear_bias, "
       "Tensor target, Tensor? weight, float keep_ratio, Tensor? keep_ratio_t, bool easiest, int ignore_index, "
-      "float label_smoothing, int reduction, int chunk_size, Tensor? score_offset=None) "
+      "float label_smoothing, int reduction, int chunk_size, Tensor? score_offset=None, float logit_softcap=0.0, "
+      "float z_loss=0.0) "
       "-> (Tensor out, Tensor kept, Tensor k, Tensor threshold, Tensor rowscale)");
   m.def(
       "linear_ce_bwd(Tensor grad_out, Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
       "Tensor? weight, Tensor lse, Tensor kept, Tensor rowscale, int ignore_index, float label_smoothing, "
-      "int chunk_size, int grad_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "int chunk_size, int grad_mask, float logit_softcap=0.0, float z_loss=0.0) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "linear_ce_keep_all(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight, "
-      "bool easiest, int ignore_index, float label_smoothing, int reduction, int chunk_size, int grad_mask) "
+      "bool easiest, int ignore_index, float label_smoothing, int reduction, int chunk_size, int grad_mask, "
+      "float logit_softcap=0.0, float z_loss=0.0) "
       "-> (Tensor out, Tensor losses, Tensor kept, Tensor k, Tensor threshold, Tensor gscale, Tensor grad_input, "
-      "Tensor grad_weight, Tensor grad_bias)");
+      "Tensor grad_weight, Tensor grad_bias, Tensor lse)");
   m.def("linear_ce_scale(Tensor grad, Tensor factor, ScalarType dtype) -> Tensor");
 }
 

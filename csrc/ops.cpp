@@ -21,10 +21,11 @@ using FwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Te
 
 using FwdSig = FwdOut(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double,
                       const std::optional<at::Tensor>&, bool, int64_t, double, int64_t,
-                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t);
+                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, double,
+                      double);
 using BwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t,
-                          double);
+                          double, double, double);
 
 const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fused_trim::trimmed_ce_fwd", "").typed<FwdSig>();
@@ -50,6 +51,7 @@ struct TrimmedCEBackward final : public torch::autograd::Node {
   torch::autograd::SavedVariable input_, target_, weight_, lse_, rowscale_;
   int64_t ignore_index = -100;
   double label_smoothing = 0.0;
+  double logit_softcap = 0.0, z_loss = 0.0;
 
   std::string name() const override { return "TrimmedCEBackward"; }
 
@@ -76,7 +78,7 @@ struct TrimmedCEBackward final : public torch::autograd::Node {
       {
         at::AutoDispatchBelowADInplaceOrView guard;  // the backward op has no autograd formula
         grad_input = bwd_op().call(grad_out, input, target_.unpack(), weight, lse_.unpack(), rowscale,
-                                   ignore_index, label_smoothing);
+                                   ignore_index, label_smoothing, logit_softcap, z_loss);
       }
       if (at::GradMode::is_enabled()) {  // create_graph=True: the result must not pass for differentiable
         auto err = c10::make_intrusive<torch::autograd::Error>(kNoDoubleBackward,
@@ -93,12 +95,13 @@ FwdOut trimmed_ce_fwd_autograd(const at::Tensor& input, const at::Tensor& target
                                const std::optional<at::Tensor>& keep_ratio_t, bool easiest,
                                int64_t ignore_index, double label_smoothing, int64_t reduction,
                                const std::optional<at::Tensor>& score_offset,
-                               const std::optional<at::Tensor>& keep_threshold, int64_t min_kept) {
+                               const std::optional<at::Tensor>& keep_threshold, int64_t min_kept,
+                               double logit_softcap, double z_loss) {
   FwdOut res;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     res = fwd_op().call(input, target, weight, keep_ratio, keep_ratio_t, easiest, ignore_index,
-                        label_smoothing, reduction, score_offset, keep_threshold, min_kept);
+                        label_smoothing, reduction, score_offset, keep_threshold, min_kept, logit_softcap, z_loss);
   }
   // No gradient to record (evaluation, no_grad, a detached input): the outputs as they are. Only
   // `input` is differentiable (no gradient flows to target, weight, keep_ratio or score_offset).
@@ -114,6 +117,8 @@ FwdOut trimmed_ce_fwd_autograd(const at::Tensor& input, const at::Tensor& target
   node->rowscale_ = torch::autograd::SavedVariable(std::get<6>(res), false);
   node->ignore_index = ignore_index;
   node->label_smoothing = label_smoothing;
+  node->logit_softcap = logit_softcap;
+  node->z_loss = z_loss;
   torch::autograd::set_history(std::get<0>(res), node);
   return res;
 }
@@ -124,11 +129,13 @@ TORCH_LIBRARY(fused_trim, m) {
   m.def(
       "trimmed_ce_fwd(Tensor input, Tensor target, Tensor? weight, float keep_ratio, "
       "Tensor? keep_ratio_t, bool easiest, int ignore_index, float label_smoothing, int reduction, "
-      "Tensor? score_offset=None, Tensor? keep_threshold=None, int min_kept=0) -> (Tensor out, Tensor losses, Tensor kept, Tensor k, Tensor threshold, Tensor lse, "
+      "Tensor? score_offset=None, Tensor? keep_threshold=None, int min_kept=0, float logit_softcap=0.0, "
+      "float z_loss=0.0) -> (Tensor out, Tensor losses, Tensor kept, Tensor k, Tensor threshold, Tensor lse, "
       "Tensor rowscale)");
   m.def(
       "trimmed_ce_bwd(Tensor grad_out, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
-      "Tensor rowscale, int ignore_index, float label_smoothing) -> Tensor");
+      "Tensor rowscale, int ignore_index, float label_smoothing, float logit_softcap=0.0, float z_loss=0.0) "
+      "-> Tensor");
   m.def("empty_cache() -> ()", &cpu::empty_cache);
 }
 

@@ -11,6 +11,8 @@
 // loss or score) and a per-row backward scale (0 outside the kept set).
 // Backward: kept rows recompute softmax from the saved logsumexp; the other rows are
 // zero-filled without reading their logits. The gradient has the input's shape, contiguous.
+// logit_softcap (c > 0; 0: off) and z_loss (0: off): the options of cpu/ce_rows.h, passed to every
+// kernel (the cap as a template flag: the plain path is unchanged).
 //
 // This file holds the op's argument handling and the order of the steps; the kernels live in
 // cpu/*.h, shared with the other CPU ops.
@@ -26,6 +28,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "cpu/ce_rows.h"
 #include "cpu/ce_small.h"
@@ -58,7 +61,7 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
                    const std::optional<at::Tensor>& keep_ratio_t, bool easiest,
                    int64_t ignore_index, double label_smoothing, int64_t reduction,
                    const std::optional<at::Tensor>& score_offset_, const std::optional<at::Tensor>& keep_threshold,
-                   int64_t min_kept) {
+                   int64_t min_kept, double logit_softcap, double z_loss) {
   // (M, C) rows, or the spatial layout (N, C, S): M = N * S samples in n * S + s order.
   const bool spatial = input_.dim() == 3;
   TORCH_CHECK(input_.dim() == 2 || spatial, "fused_trim: input must be (M, C) or (N, C, S), got ",
@@ -112,19 +115,20 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
     const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
     const acc_t w_total = w == nullptr ? static_cast<acc_t>(C) : weight_total<acc_t>(w, C);
     const acc_t ls = static_cast<acc_t>(label_smoothing);
+    const acc_t cap = static_cast<acc_t>(logit_softcap), zl = static_cast<acc_t>(z_loss);
     acc_t* loss_acc = losses.mutable_data_ptr<acc_t>();  // per-row losses in the accumulation type
     acc_t* lse = lse_t.mutable_data_ptr<acc_t>();
     std::atomic<bool> bad_target{false};
 
     if (spatial) {
       spatial_forward<scalar_t, acc_t>(x, input.size(0), C, input.size(2), input.stride(0), input.stride(1), t,
-                                       ignore_index, w, w_total, ls, loss_acc, lse, bad_target);
+                                       ignore_index, w, w_total, ls, cap, zl, loss_acc, lse, bad_target);
     } else if (C <= kSmallC) {
-      small_c_forward_parallel<scalar_t, acc_t>(x, row_stride, M, C, t, ignore_index, w, w_total, ls, loss_acc, lse,
-                                                bad_target);
+      small_c_forward_parallel<scalar_t, acc_t>(x, row_stride, M, C, t, ignore_index, w, w_total, ls, cap, zl,
+                                                loss_acc, lse, bad_target);
     } else {
-      rows_forward_parallel<scalar_t, acc_t>(x, row_stride, M, C, t, ignore_index, w, w_total, ls, loss_acc, lse,
-                                             bad_target);
+      rows_forward_parallel<scalar_t, acc_t>(x, row_stride, M, C, t, ignore_index, w, w_total, ls, cap, zl, loss_acc,
+                                             lse, bad_target);
     }
     if (bad_target.load()) raise_bad_target(t, M, C, ignore_index);  // (the public API validates first)
 
@@ -143,7 +147,8 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
 at::Tensor trimmed_ce_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input_,
                               const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
                               const at::Tensor& lse_t, const at::Tensor& rowscale_t,
-                              int64_t ignore_index, double label_smoothing) {
+                              int64_t ignore_index, double label_smoothing, double logit_softcap,
+                              double z_loss) {
   TORCH_CHECK(input_.dim() == 2 || input_.dim() == 3, "fused_trim: input must be (M, C) or (N, C, S), got ",
               input_.sizes());
   const at::Tensor input = unit_stride_last(input_);
@@ -158,7 +163,8 @@ at::Tensor trimmed_ce_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& inpu
   const at::Tensor lse_c = as_contiguous(lse_t, acc_st);
   const at::Tensor rs_c = as_contiguous(rowscale_t, acc_st);
   if (input.dim() == 3) {
-    return spatial_backward(g, input, target, weight, lse_c, rs_c, ignore_index, label_smoothing);
+    return spatial_backward(g, input, target, weight, lse_c, rs_c, ignore_index, label_smoothing, logit_softcap,
+                            z_loss);
   }
   at::Tensor grad = empty_large({M, C}, input.options());
 
@@ -169,20 +175,23 @@ at::Tensor trimmed_ce_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& inpu
     const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
     const acc_t w_total = w == nullptr ? static_cast<acc_t>(C) : weight_total<acc_t>(w, C);
     const acc_t ls = static_cast<acc_t>(label_smoothing);
+    const acc_t cap = static_cast<acc_t>(logit_softcap), zl = static_cast<acc_t>(z_loss);
     const acc_t* gp = g.const_data_ptr<acc_t>();
     const acc_t* lse = lse_c.const_data_ptr<acc_t>();
     const acc_t* rs = rs_c.const_data_ptr<acc_t>();
     scalar_t* gr = grad.mutable_data_ptr<scalar_t>();
     if (C <= kSmallC) {
-      small_c_backward_parallel<scalar_t, acc_t>(x, row_stride, M, C, t, ignore_index, w, w_total, ls, gp, per_row,
-                                                 lse, rs, gr);
+      small_c_backward_parallel<scalar_t, acc_t>(x, row_stride, M, C, t, ignore_index, w, w_total, ls, cap, zl, gp,
+                                                 per_row, lse, rs, gr);
       return;
     }
 
     const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(C, 1));
     const bool stream = static_cast<size_t>(M) * C * sizeof(scalar_t) >= kStreamBytes;
-    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-      alignas(64) acc_t inbuf[std::is_same_v<scalar_t, acc_t> ? 1 : kBlock];
+    // The rows [begin, end) of one thread; Cap: the capped logits (an input block per row block).
+    auto rows = [&](auto cap_tag, int64_t begin, int64_t end) {
+      constexpr bool Cap = decltype(cap_tag)::value;
+      alignas(64) acc_t inbuf[std::is_same_v<scalar_t, acc_t> && !Cap ? 1 : kBlock];
       alignas(64) acc_t outbuf[std::is_same_v<scalar_t, acc_t> ? 1 : kBlock];
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* grow = gr + i * C;
@@ -193,10 +202,17 @@ at::Tensor trimmed_ce_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& inpu
           continue;
         }
         const acc_t coef = (per_row ? gp[i] : gp[0]) * scale;
-        row_backward<scalar_t, acc_t>(x + i * row_stride, grow, C, y, lse[i], coef, w, w_total, ls, stream, inbuf,
-                                      outbuf);
+        row_backward<scalar_t, acc_t, Cap>(x + i * row_stride, grow, C, y, lse[i], coef, w, w_total, ls, cap, zl,
+                                           stream, inbuf, outbuf);
       }
       if (stream) stream_fence();
+    };
+    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+      if (cap > acc_t(0)) {
+        rows(std::true_type{}, begin, end);
+      } else {
+        rows(std::false_type{}, begin, end);
+      }
     });
   });
   return grad;

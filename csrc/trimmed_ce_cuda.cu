@@ -13,6 +13,9 @@
 //      are those of loss - offset (accumulation type), read where the loss is read.
 // Backward: kept rows recompute softmax from the saved logsumexp (true-class term in the
 // accumulation type before rounding); the other rows are written with zeros, never read.
+// logit_softcap (c > 0; 0: off): every logit z is read as c tanh(z / c) and the gradient is
+// multiplied by 1 - tanh^2(z / c) (a template flag: the plain kernels are unchanged); z_loss
+// (0: off) adds z_loss * lse^2 to each loss and 2 z_loss lse p_c to its gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -26,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "trimmed_ce_common.h"
 
@@ -51,6 +55,25 @@ __device__ __forceinline__ acc_t dev_log(acc_t v) {
 template <>
 __device__ __forceinline__ float dev_log<float>(float v) {
   return logf(v);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t dev_tanh(acc_t v) {
+  return tanh(v);
+}
+template <>
+__device__ __forceinline__ float dev_tanh<float>(float v) {
+  return tanhf(v);
+}
+
+// The capped logit c tanh(z / c) (Cap), or z itself.
+template <bool Cap, typename acc_t>
+__device__ __forceinline__ acc_t capped(acc_t z, acc_t c) {
+  if constexpr (Cap) {
+    return c * dev_tanh(z / c);
+  } else {
+    return z;
+  }
 }
 
 template <typename acc_t>
@@ -91,11 +114,11 @@ __device__ __forceinline__ void group_reduce(MaxSum<acc_t>& ms, acc_t& sx) {
   }
 }
 
-template <typename scalar_t, typename acc_t, int G>
+template <typename scalar_t, typename acc_t, int G, bool Cap>
 __global__ void ce_forward_kernel(const scalar_t* __restrict__ x, int64_t row_stride, int64_t M,
                                   int64_t C, const int64_t* __restrict__ target,
                                   int64_t ignore_index, const acc_t* __restrict__ w,
-                                  const acc_t* __restrict__ w_total_ptr, acc_t ls,
+                                  const acc_t* __restrict__ w_total_ptr, acc_t ls, acc_t cap, acc_t zl,
                                   acc_t* __restrict__ loss_acc, acc_t* __restrict__ lse_out) {
   constexpr int rows_per_block = kThreads / G;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / G;
@@ -109,13 +132,13 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ x, int64_t row_st
   const bool valid = active && y != ignore_index && in_range;
   const scalar_t* xr = x + (active ? row : 0) * row_stride;
   const bool smooth = ls > acc_t(0);
-  const acc_t first = valid ? static_cast<acc_t>(xr[0]) : acc_t(0);
+  const acc_t first = valid ? capped<Cap>(static_cast<acc_t>(xr[0]), cap) : acc_t(0);
   const acc_t ref = isfinite(first) ? first : acc_t(0);
   MaxSum<acc_t> ms{-std::numeric_limits<acc_t>::infinity(), acc_t(0)};
   acc_t sx = 0;
   if (valid) {
     for (int64_t c = lane; c < C; c += G) {
-      const acc_t v = static_cast<acc_t>(xr[c]);
+      const acc_t v = capped<Cap>(static_cast<acc_t>(xr[c]), cap);
       ms_add(ms, v);
       if (smooth) sx += (w == nullptr ? acc_t(1) : w[c]) * (v - ref);
     }
@@ -130,7 +153,7 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ x, int64_t row_st
     return;
   }
   const acc_t log_s = isfinite(ms.m) ? dev_log(ms.s) : quiet_nan<acc_t>();
-  const acc_t x_y = static_cast<acc_t>(xr[y]);
+  const acc_t x_y = capped<Cap>(static_cast<acc_t>(xr[y]), cap);
   const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
   acc_t loss = w_y * ((ms.m - x_y) + log_s);
   if (smooth) {
@@ -138,8 +161,10 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ x, int64_t row_st
     const acc_t smooth_term = ((ms.m - ref) + log_s) * w_total - sx;
     loss = (acc_t(1) - ls) * loss + (ls / static_cast<acc_t>(C)) * smooth_term;
   }
+  const acc_t lse = ms.m + log_s;
+  if (zl != acc_t(0)) loss += zl * lse * lse;
   loss_acc[row] = loss;
-  lse_out[row] = ms.m + log_s;
+  lse_out[row] = lse;
 }
 
 // ---- selection ------------------------------------------------------------------------------
@@ -326,11 +351,12 @@ __global__ void __launch_bounds__(kSelectThreads)
 
 // ---- backward -------------------------------------------------------------------------------
 
-template <typename scalar_t, typename acc_t, int G>
+template <typename scalar_t, typename acc_t, int G, bool Cap>
 __global__ void ce_backward_kernel(const scalar_t* __restrict__ x, int64_t row_stride, int64_t M,
                                    int64_t C, const int64_t* __restrict__ target,
                                    const acc_t* __restrict__ w, const acc_t* __restrict__ w_total_ptr,
-                                   acc_t ls, const acc_t* __restrict__ grad_out, int64_t grad_stride,
+                                   acc_t ls, acc_t cap, acc_t zl, const acc_t* __restrict__ grad_out,
+                                   int64_t grad_stride,
                                    const acc_t* __restrict__ lse, const acc_t* __restrict__ rowscale,
                                    scalar_t* __restrict__ grad) {
   constexpr int rows_per_block = kThreads / G;
@@ -356,14 +382,20 @@ __global__ void ce_backward_kernel(const scalar_t* __restrict__ x, int64_t row_s
   const acc_t coef = grad_out[row * grad_stride] * scale;
   const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
   const acc_t w_total = w == nullptr ? static_cast<acc_t>(C) : *w_total_ptr;
-  const acc_t a = coef * ((acc_t(1) - ls) * w_y + ls * w_total / static_cast<acc_t>(C));
+  acc_t a = coef * ((acc_t(1) - ls) * w_y + ls * w_total / static_cast<acc_t>(C));
+  if (zl != acc_t(0)) a += coef * (acc_t(2) * zl * l);
   const acc_t b = coef * ls / static_cast<acc_t>(C);
   const acc_t t_term = coef * (acc_t(1) - ls) * w_y;
   const scalar_t* xr = x + row * row_stride;
   for (int64_t c = lane; c < C; c += G) {
-    const acc_t p = dev_exp(static_cast<acc_t>(xr[c]) - l);
+    const acc_t u = capped<Cap>(static_cast<acc_t>(xr[c]), cap);
+    const acc_t p = dev_exp(u - l);
     acc_t g = a * p - b * (w == nullptr ? acc_t(1) : w[c]);
     if (c == y) g -= t_term;  // formed in the accumulation type, then rounded once
+    if constexpr (Cap) {
+      const acc_t t = u / cap;
+      g *= acc_t(1) - t * t;  // 0, not NaN, where tanh saturates
+    }
     gr[c] = static_cast<scalar_t>(g);
   }
 }
@@ -385,7 +417,7 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
                     const std::optional<at::Tensor>& keep_ratio_t, bool easiest,
                     int64_t ignore_index, double label_smoothing, int64_t reduction,
                     const std::optional<at::Tensor>& score_offset_, const std::optional<at::Tensor>& keep_threshold,
-                    int64_t min_kept) {
+                    int64_t min_kept, double logit_softcap, double z_loss) {
   TORCH_CHECK(input_.dim() == 2, "fused_trim: input must be (M, C), got ", input_.sizes());
   TORCH_CHECK(target_.dim() == 1 && target_.size(0) == input_.size(0),
               "fused_trim: target must be (M,), got ", target_.sizes());
@@ -441,19 +473,28 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
     const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
     const acc_t* wt = w_total.defined() ? w_total.const_data_ptr<acc_t>() : nullptr;
     const acc_t ls = static_cast<acc_t>(label_smoothing);
-    if (M > 0) {
+    const acc_t cap = static_cast<acc_t>(logit_softcap), zl = static_cast<acc_t>(z_loss);
+    auto launch = [&](auto cap_tag) {
+      constexpr bool Cap = decltype(cap_tag)::value;
       if (C <= 2048) {
-        ce_forward_kernel<scalar_t, acc_t, 32><<<grid_for(M, 32), kThreads, 0, stream>>>(
+        ce_forward_kernel<scalar_t, acc_t, 32, Cap><<<grid_for(M, 32), kThreads, 0, stream>>>(
             input.const_data_ptr<scalar_t>(), input.stride(0), M, C,
-            target.const_data_ptr<int64_t>(), ignore_index, w, wt, ls,
+            target.const_data_ptr<int64_t>(), ignore_index, w, wt, ls, cap, zl,
             loss_acc.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
       } else {
-        ce_forward_kernel<scalar_t, acc_t, kThreads><<<grid_for(M, kThreads), kThreads, 0, stream>>>(
+        ce_forward_kernel<scalar_t, acc_t, kThreads, Cap><<<grid_for(M, kThreads), kThreads, 0, stream>>>(
             input.const_data_ptr<scalar_t>(), input.stride(0), M, C,
-            target.const_data_ptr<int64_t>(), ignore_index, w, wt, ls,
+            target.const_data_ptr<int64_t>(), ignore_index, w, wt, ls, cap, zl,
             loss_acc.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (M > 0) {
+      if (cap > acc_t(0)) {
+        launch(std::true_type{});
+      } else {
+        launch(std::false_type{});
+      }
     }
     select_kernel<scalar_t, acc_t><<<1, kSelectThreads, 0, stream>>>(
         loss_acc.const_data_ptr<acc_t>(), target.const_data_ptr<int64_t>(), M, C, ignore_index, w,
@@ -473,7 +514,8 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
 at::Tensor trimmed_ce_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& input_,
                                const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
                                const at::Tensor& lse_t, const at::Tensor& rowscale_t,
-                               int64_t ignore_index, double label_smoothing) {
+                               int64_t ignore_index, double label_smoothing, double logit_softcap,
+                               double z_loss) {
   c10::cuda::CUDAGuard guard(input_.device());
   const at::Tensor input = input_.stride(1) == 1 ? input_ : input_.contiguous();
   const at::Tensor target = target_.to(at::kLong).contiguous();
@@ -494,18 +536,27 @@ at::Tensor trimmed_ce_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& inp
     const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
     const acc_t* wt = w_total.defined() ? w_total.const_data_ptr<acc_t>() : nullptr;
     const acc_t ls = static_cast<acc_t>(label_smoothing);
-    if (C <= 2048) {
-      ce_backward_kernel<scalar_t, acc_t, 32><<<grid_for(M, 32), kThreads, 0, stream>>>(
-          input.const_data_ptr<scalar_t>(), input.stride(0), M, C, target.const_data_ptr<int64_t>(),
-          w, wt, ls, g.const_data_ptr<acc_t>(), g_stride, lse.const_data_ptr<acc_t>(),
-          rs.const_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>());
+    const acc_t cap = static_cast<acc_t>(logit_softcap), zl = static_cast<acc_t>(z_loss);
+    auto launch = [&](auto cap_tag) {
+      constexpr bool Cap = decltype(cap_tag)::value;
+      if (C <= 2048) {
+        ce_backward_kernel<scalar_t, acc_t, 32, Cap><<<grid_for(M, 32), kThreads, 0, stream>>>(
+            input.const_data_ptr<scalar_t>(), input.stride(0), M, C, target.const_data_ptr<int64_t>(),
+            w, wt, ls, cap, zl, g.const_data_ptr<acc_t>(), g_stride, lse.const_data_ptr<acc_t>(),
+            rs.const_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>());
+      } else {
+        ce_backward_kernel<scalar_t, acc_t, kThreads, Cap><<<grid_for(M, kThreads), kThreads, 0, stream>>>(
+            input.const_data_ptr<scalar_t>(), input.stride(0), M, C, target.const_data_ptr<int64_t>(),
+            w, wt, ls, cap, zl, g.const_data_ptr<acc_t>(), g_stride, lse.const_data_ptr<acc_t>(),
+            rs.const_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (cap > acc_t(0)) {
+      launch(std::true_type{});
     } else {
-      ce_backward_kernel<scalar_t, acc_t, kThreads><<<grid_for(M, kThreads), kThreads, 0, stream>>>(
-          input.const_data_ptr<scalar_t>(), input.stride(0), M, C, target.const_data_ptr<int64_t>(),
-          w, wt, ls, g.const_data_ptr<acc_t>(), g_stride, lse.const_data_ptr<acc_t>(),
-          rs.const_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>());
+      launch(std::false_type{});
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad;
 }

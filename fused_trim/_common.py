@@ -48,7 +48,11 @@ class TrimOptions(NamedTuple):
     The keep rule (:func:`keep_k`): ``keep_count`` (an int >= 0 or a 0-dim int64 tensor) when not
     ``None``, else ``keep_threshold`` (a finite float or a 0-dim floating tensor) with ``min_kept``
     when not ``None``, else ``keep_ratio``; with a count or a threshold ``keep_ratio`` is 1.0 and
-    unused. The fields after ``min_kept`` belong to options other backends implement; their
+    unused. ``group_ids`` (``None``: every position is its own unit) makes groups of positions
+    the unit the rule ranks and counts: an ``int`` ``B`` (``group_ids="rows"``: ``B`` consecutive
+    runs of ``M // B`` positions) or a flat ``(M,)`` int64 tensor of ids in ``[0, M)``;
+    ``group_reduction`` (``"mean"`` or ``"sum"``) forms a group's score (:mod:`fused_trim._groups`).
+    The fields after ``group_reduction`` belong to options other backends implement; their
     defaults mean "off".
     """
 
@@ -63,7 +67,7 @@ class TrimOptions(NamedTuple):
     keep_count: int | Tensor | None = None
     keep_threshold: float | Tensor | None = None
     min_kept: int = 0
-    group_ids: Tensor | None = None
+    group_ids: Tensor | int | None = None
     group_reduction: str = "mean"
     logit_softcap: float | None = None
     z_loss: float = 0.0
@@ -130,6 +134,13 @@ class TrimInfo(NamedTuple):
         z_loss: the z term ``z_loss * lse_i**2`` reduced over the kept set as the loss is (its
             mean over ``sum w[y_i]``, its sum, or per sample), included in the loss; ``None``
             without ``z_loss``.
+        group_scores: with ``group_ids``, each group's score (the mean or sum of its valid
+            positions' losses, or scores with a ``score_offset``; the accumulation dtype): shape
+            ``(target.shape[0],)`` for ``"rows"``, ``(M,)`` indexed by id for an id tensor, where
+            ids that no valid position holds (gaps, all-ignored groups) hold 0 and are never kept.
+            ``k`` then counts groups and ``threshold`` is the k-th group score. ``None`` otherwise.
+        group_kept: with ``group_ids``, the bool mask of the kept groups (``group_scores``' shape);
+            ``None`` otherwise.
     """
 
     losses: Tensor
@@ -140,6 +151,8 @@ class TrimInfo(NamedTuple):
     scores: Tensor | None = None
     lse: Tensor | None = None
     z_loss: Tensor | None = None
+    group_scores: Tensor | None = None
+    group_kept: Tensor | None = None
 
 
 def check_ratio(name: str, value: object) -> float:
@@ -200,6 +213,7 @@ def keeps_all(opts: TrimOptions) -> bool:
     return (
         opts.keep_count is None
         and opts.keep_threshold is None
+        and opts.group_ids is None
         and not isinstance(opts.keep_ratio, Tensor)
         and opts.keep_ratio == 1.0
     )

@@ -24,6 +24,11 @@ accumulation dtype (fp32; fp64 for fp64 input), as one process does: bf16 and fp
 same set as a single process would, not one decided by ties after rounding. With a
 ``score_offset`` the ranks rank the scores ``l_i - score_offset_i`` (formed in that dtype, as one
 process forms them) and each rank passes its offset on to the local op.
+
+With ``group_ids`` each rank's groups are its own (ids local to the rank): the ranks rank the
+per-group scores of all ranks' groups with the same distributed select (``n`` and ``k`` count
+groups; ties go to the lower rank, then the lower group id), and each rank keeps every valid
+position of its kept groups.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from ._common import (
     past_threshold,
     ranking_scores,
 )
+from ._groups import keep_positions_options, masked_target, select_groups
 
 _INT64_MIN = -(2**63)
 
@@ -127,10 +133,18 @@ def trimmed_cross_entropy_global(
             min_kept=0,
             reduction=Reduction.NONE,
             score_offset=None,
+            group_ids=None,
         )
         _, losses, _, _, _, lse = backend_fn(input.detach(), target, every_row)
-    k_local, k_global, threshold = global_share(losses, valid, opts, group)
-    out, _, kept, _, _, _ = backend_fn(input, target, _local_options(opts, k_local))
+    if opts.group_ids is None:
+        k_local, k_global, threshold = global_share(losses, valid, opts, group)
+        out, _, kept, _, _, _ = backend_fn(input, target, _local_options(opts, k_local))
+    else:
+        found: dict[str, Tensor] = {}
+        kept, _, _ = select_groups(losses, valid, opts, _group_share(opts, group, found))
+        local = _local_options(keep_positions_options(opts), None)
+        out, _, kept, _, _, _ = backend_fn(input, masked_target(target, kept, opts.ignore_index), local)
+        k_global, threshold = found["k"], found["threshold"]
     dtype = out_dtype(opts, input.dtype)
     out, global_loss = _scale_for_averaging(out, kept, target, opts, dtype, group)
     return out, losses, kept, k_global, threshold.to(dtype), lse, global_loss
@@ -157,11 +171,26 @@ def trimmed_linear_cross_entropy_global(
         k_local, found["k"], found["threshold"] = global_share(losses, valid, opts, group)
         return k_local
 
+    if opts.group_ids is not None:
+        share = _group_share(opts, group, found)
     local = _local_options(opts, None)
     out, losses, kept, _, _, lse = backend_fn(input, linear_weight, linear_bias, target, local, share=share)
     dtype = out_dtype(opts, input.dtype)
     out, global_loss = _scale_for_averaging(out, kept, target, opts, dtype, group)
     return out, losses, kept, found["k"], found["threshold"].to(dtype), lse, global_loss
+
+
+def _group_share(opts: TrimOptions, group, found: dict[str, Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """The ``share`` hook of group trimming: this rank's number of kept groups under the global
+    selection of every rank's groups (each rank's groups its own; ties go to the lower rank, then
+    the lower group id), given the per-group ``(scores, valid)`` (the offset already in the scores).
+    Stores the global ``k`` and threshold in ``found``."""
+
+    def share(scores: Tensor, valid: Tensor) -> Tensor:
+        k_local, found["k"], found["threshold"] = global_share(scores, valid, opts._replace(score_offset=None), group)
+        return k_local
+
+    return share
 
 
 def _local_options(opts: TrimOptions, count: Tensor | None) -> TrimOptions:

@@ -47,6 +47,7 @@ from ._common import (
     ranking_scores,
     reduced_z_loss,
 )
+from ._groups import GROUP_REDUCTIONS, group_info
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -258,6 +259,43 @@ def _check_score_offset(score_offset: object, target: Tensor, input: Tensor) -> 
     return score_offset.detach().reshape(-1)  # a constant for autograd
 
 
+def _check_group_ids(group_ids: object, group_reduction: object, target: Tensor) -> Tensor | int | None:
+    """The group layout for :class:`~fused_trim._common.TrimOptions`: ``None``, the number of rows
+    ``B`` for ``"rows"``, or the ids as a flat ``(M,)`` int64 tensor (integer, the target's shape and
+    device, in ``[0, M)``: checked on the host where that is free, else on the device), else an
+    error naming ``group_ids`` (or ``group_reduction``) and the value."""
+    check_choice("group_reduction", group_reduction, GROUP_REDUCTIONS)
+    if group_ids is None:
+        return None
+    if isinstance(group_ids, str):
+        if group_ids != "rows":
+            raise ValueError(f"group_ids must be an integer tensor, 'rows' or None, got {group_ids!r}")
+        return target.shape[0] if target.dim() > 0 else 1
+    if not isinstance(group_ids, Tensor):
+        raise TypeError(f"group_ids must be an integer tensor, 'rows' or None, got {type(group_ids).__name__}")
+    if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
+        raise TypeError(f"group_ids must hold integer group ids, got dtype {group_ids.dtype}")
+    if tuple(group_ids.shape) != tuple(target.shape):
+        raise ValueError(
+            f"group_ids shape {tuple(group_ids.shape)} does not match target shape {tuple(target.shape)}: "
+            "one group id per position"
+        )
+    if group_ids.device != target.device:
+        raise ValueError(f"group_ids is on {group_ids.device} but target is on {target.device}")
+    ids = group_ids.reshape(-1).to(torch.int64)
+    m = ids.shape[0]
+    if m == 0:
+        return ids
+    if _host_checkable(ids):
+        lo, hi = ids.aminmax()
+        if int(lo) < 0 or int(hi) >= m:
+            value = int(lo) if int(lo) < 0 else int(hi)
+            raise ValueError(f"group_ids holds {value}, outside [0, M) = [0, {m}) for M = {m} positions")
+    else:
+        torch._assert_async(((ids >= 0) & (ids < m)).all(), "group_ids outside [0, M)")
+    return ids
+
+
 def _check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
     if target.numel() == 0:
         return
@@ -320,12 +358,15 @@ def _options(
     result_dtype: torch.dtype | None = None,
     rule: tuple = (None, None, 0),
     head: tuple = (None, 0.0),
+    groups: tuple = (None, "mean"),
 ) -> TrimOptions:
     """The one options record every backend receives, from validated public arguments; ``rule``
     is ``(keep_count, keep_threshold, min_kept)`` from :func:`_check_keep_rule`, ``head``
-    ``(logit_softcap, z_loss)``."""
+    ``(logit_softcap, z_loss)``, ``groups`` ``(group_ids, group_reduction)``."""
     keep_count, keep_threshold, min_kept = rule
     return TrimOptions(
+        group_ids=groups[0],
+        group_reduction=groups[1],
         logit_softcap=head[0],
         z_loss=head[1],
         keep_ratio=keep_ratio,
@@ -344,7 +385,7 @@ def _options(
 
 
 # Backends whose kernels implement logit_softcap and z_loss.
-_HEAD_OPTION_BACKENDS = ("reference", "triton")
+_HEAD_OPTION_BACKENDS = ("reference", "native", "triton")
 
 
 def _head_backend(name: str, requested: str, head: tuple) -> str:
@@ -413,6 +454,8 @@ def trimmed_cross_entropy(
     score_offset: Tensor | None = None,
     logit_softcap: float | None = None,
     z_loss: float = 0.0,
+    group_ids: Tensor | str | None = None,
+    group_reduction: str = "mean",
 ) -> Tensor | tuple[Tensor, TrimInfo]:
     r"""Cross-entropy over only the hardest (or easiest) samples of a mini-batch.
 
@@ -477,6 +520,24 @@ def trimmed_cross_entropy(
             logsumexp of the capped logits; the term is not multiplied by the class weight). The
             ranking, the reduction and the gradient use this total; ``info.z_loss`` is its z part
             reduced over :math:`K`. ``0`` (the default) is exactly the plain loss.
+        group_ids: ``None`` (each position is a sample), ``"rows"`` (each index of the target's
+            first dimension is one sample: ``(B, T)`` token targets trim whole sequences,
+            ``(N, H, W)`` maps whole images), or an integer tensor of the target's shape whose
+            equal ids form one sample (ids in ``[0, M)`` for ``M`` positions, any order, gaps
+            allowed: packed documents). The keep rule then ranks and counts *groups*: a group's
+            score is the mean (``group_reduction="mean"``) or sum (``"sum"``) of its valid
+            positions' losses (scores, with ``score_offset``); :math:`n` counts the groups with a
+            valid position (the others are never kept); ties go to the lower group id (for
+            ``"rows"``, the row), NaN ranks above ``+inf``. :math:`K` is every valid position of
+            the kept groups, and the loss and gradient are those of the plain per-position losses
+            over it (``"mean"``: :math:`\sum_K l_i / \sum_K w_{y_i}`). Scored on the device in
+            a fixed order (bitwise repeatable), without a host synchronisation. ``info.k`` and
+            ``info.threshold`` are then the number of kept groups and the k-th group score, and
+            ``info.group_scores`` / ``info.group_kept`` hold every group's. With a
+            ``process_group`` each rank's groups are its own and the selection runs over all
+            ranks' groups. ``keep="hardest", group_ids="rows"`` is mini-batch trimming per
+            sequence; ``keep="easiest"`` is loss truncation (Kang & Hashimoto, 2020).
+        group_reduction: ``"mean"`` (default) or ``"sum"``: how a group's score is formed.
 
     Returns:
         The loss, in ``input``'s dtype (fp32 for bf16/fp16 input under ``torch.autocast``); with
@@ -504,6 +565,7 @@ def trimmed_cross_entropy(
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     _check_weight(weight, num_classes, input)
     offset = _check_score_offset(score_offset, target, input)
+    groups = (_check_group_ids(group_ids, group_reduction, target), group_reduction)
     name = _head_backend(_resolve_backend(backend, input.device), backend, head)
     if not (name == "native" and input.device.type == "cpu"):
         # The native CPU op checks the class range in its own pass over the targets, before any
@@ -530,7 +592,18 @@ def trimmed_cross_entropy(
     cast_to = autocast_dtype(input.device)
     result_dtype = None if cast_to is None else autocast_result_dtype(input.dtype)
     opts = _options(
-        keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, None, result_dtype, rule, head
+        keep_ratio,
+        keep,
+        weight,
+        ignore_index,
+        label_smoothing,
+        reduction,
+        offset,
+        None,
+        result_dtype,
+        rule,
+        head,
+        groups,
     )
     global_loss = None
     with _backend_context(cast_to, input.device):
@@ -571,8 +644,11 @@ def _result(
     if z is not None and z.dim() == 1:
         z = z.reshape(shape)
     lse = None if lse is None else lse.reshape(shape)
+    groups = (None, None)
+    if opts.group_ids is not None:
+        groups = group_info(losses, kept, t1d != opts.ignore_index, opts)
     losses = losses.to(dtype).reshape(shape)  # (the backends rank them in fp32 / fp64)
-    return out, TrimInfo(losses, kept.reshape(shape), k, threshold, global_loss, scores, lse, z)
+    return out, TrimInfo(losses, kept.reshape(shape), k, threshold, global_loss, scores, lse, z, *groups)
 
 
 def _check_linear_shapes(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor) -> None:
@@ -650,6 +726,8 @@ def trimmed_linear_cross_entropy(
     score_offset: Tensor | None = None,
     logit_softcap: float | None = None,
     z_loss: float = 0.0,
+    group_ids: Tensor | str | None = None,
+    group_reduction: str = "mean",
 ) -> Tensor | tuple[Tensor, TrimInfo]:
     r"""The LM head fused with trimming: ``trimmed_cross_entropy(F.linear(input, linear_weight,
     linear_bias), target, keep_ratio, ...)`` without ever holding the ``(N, V)`` logits.
@@ -694,6 +772,9 @@ def trimmed_linear_cross_entropy(
             score_offset: as in :func:`trimmed_cross_entropy`; ``weight`` is the per-*class* weight
             ``(V,)``; ``score_offset`` has the target's shape (one value per token: rank by
             ``l_i - score_offset_i``, e.g. Rho-1's excess loss over a reference model).
+        group_ids, group_reduction: as in :func:`trimmed_cross_entropy` (``"rows"``: each index of
+            ``input.shape[0]`` is a sample, so ``(B, T, D)`` hidden states trim whole sequences);
+            the backward still recomputes only the kept rows.
         logit_softcap, z_loss: as in :func:`trimmed_cross_entropy`, on the logits
             ``F.linear(input, linear_weight, linear_bias)`` (the cap after the bias; no capped
             logits are stored).
@@ -740,6 +821,7 @@ def trimmed_linear_cross_entropy(
     num_classes, in_features = linear_weight.shape
     _check_weight(weight, num_classes, input)
     offset = _check_score_offset(score_offset, target, input)
+    groups = (_check_group_ids(group_ids, group_reduction, target), group_reduction)
     name = _head_backend(_resolve_backend(backend, input.device), backend, head)
     _check_target_range(target, num_classes, ignore_index)
 
@@ -753,7 +835,18 @@ def trimmed_linear_cross_entropy(
     # ... and F.cross_entropy's: the loss of those (never rounded) logits formed and returned in fp32.
     result_dtype = None if cast_to is None else autocast_result_dtype(input.dtype)
     opts = _options(
-        keep_ratio, keep, weight, ignore_index, label_smoothing, reduction, offset, chunk_size, result_dtype, rule, head
+        keep_ratio,
+        keep,
+        weight,
+        ignore_index,
+        label_smoothing,
+        reduction,
+        offset,
+        chunk_size,
+        result_dtype,
+        rule,
+        head,
+        groups,
     )
     global_loss = None
     with _backend_context(cast_to, input.device):

@@ -44,6 +44,7 @@ from ._common import (
     ranking_scores,
     rule_k,
 )
+from ._groups import keep_positions_options, masked_target, reduce_kept, select_groups
 
 __all__ = [
     "build",
@@ -157,6 +158,8 @@ def _fwd_fake(
     score_offset=None,
     keep_threshold=None,
     min_kept=0,
+    logit_softcap=0.0,
+    z_loss=0.0,
 ):
     m = _num_rows(input)
     acc = acc_dtype(input.dtype)
@@ -172,7 +175,9 @@ def _fwd_fake(
     )
 
 
-def _bwd_fake(grad_out, input, target, weight, lse, rowscale, ignore_index, label_smoothing):
+def _bwd_fake(
+    grad_out, input, target, weight, lse, rowscale, ignore_index, label_smoothing, logit_softcap=0.0, z_loss=0.0
+):
     _num_rows(input)
     return input.new_empty(input.shape)  # contiguous, as the CPU and CUDA ops return it
 
@@ -190,7 +195,18 @@ def _grad_mask(needs: tuple[bool, bool, bool], has_bias: bool) -> int:
     )
 
 
-def _linear_rows_fake(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, chunk_size):
+def _linear_rows_fake(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    ignore_index,
+    label_smoothing,
+    chunk_size,
+    logit_softcap=0.0,
+    z_loss=0.0,
+):
     acc = acc_dtype(input.dtype)
     return input.new_empty((input.shape[0],), dtype=acc), input.new_empty((input.shape[0],), dtype=acc)
 
@@ -211,6 +227,8 @@ def _linear_trimmed_fake(
     reduction,
     chunk_size,
     score_offset=None,
+    logit_softcap=0.0,
+    z_loss=0.0,
 ):
     n = input.shape[0]
     return (
@@ -236,6 +254,8 @@ def _linear_bwd_fake(
     label_smoothing,
     chunk_size,
     grad_mask,
+    logit_softcap=0.0,
+    z_loss=0.0,
 ):
     has_bias = linear_bias is not None and grad_mask & _GRAD_BIAS
     return (
@@ -257,6 +277,8 @@ def _linear_keep_all_fake(
     reduction,
     chunk_size,
     grad_mask,
+    logit_softcap=0.0,
+    z_loss=0.0,
 ):
     (n, d), v = input.shape, linear_weight.shape[0]
     acc = acc_dtype(input.dtype)
@@ -271,6 +293,7 @@ def _linear_keep_all_fake(
         input.new_empty((n, d) if grad_mask & _GRAD_INPUT else (0,), dtype=acc),
         input.new_empty((v, d) if grad_mask & _GRAD_WEIGHT else (0,), dtype=acc),
         input.new_empty((v,) if has_bias else (0,), dtype=acc),
+        input.new_empty((n,), dtype=acc),
     )
 
 
@@ -280,10 +303,11 @@ def _linear_scale_fake(grad, factor, dtype):
 
 def _linear_trimmed_setup_context(ctx, inputs, output) -> None:
     _, lse, input, linear_weight, linear_bias, target, weight = inputs[:7]
-    ignore_index, label_smoothing, _, chunk_size = inputs[10:14]
+    ignore_index, label_smoothing, _, chunk_size, _, logit_softcap, z_loss = inputs[10:17]
     _, kept, _, _, rowscale = output
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, kept, rowscale)
     ctx.args = (ignore_index, label_smoothing, chunk_size)
+    ctx.head = (logit_softcap, z_loss)
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -293,20 +317,20 @@ def _linear_trimmed_backward(ctx, grad_out, *_unused):
     needs = ctx.needs_input_grad[2:5]
     mask = _grad_mask(needs, linear_bias is not None)
     d_input, d_weight, d_bias = torch.ops.fused_trim.linear_ce_bwd.default(
-        grad_out, input, linear_weight, linear_bias, target, weight, lse, kept, rowscale, *ctx.args, mask
+        grad_out, input, linear_weight, linear_bias, target, weight, lse, kept, rowscale, *ctx.args, mask, *ctx.head
     )
     grads = (
         d_input if mask & _GRAD_INPUT else None,
         d_weight if mask & _GRAD_WEIGHT else None,
         d_bias if mask & _GRAD_BIAS else None,
     )
-    return (None, None, *grads) + (None,) * 10
+    return (None, None, *grads) + (None,) * 12
 
 
 def _linear_keep_all_setup_context(ctx, inputs, output) -> None:
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, None if inputs[2] is None else inputs[2].dtype)
     ctx.mask = inputs[10]
-    ctx.save_for_backward(*output[5:])  # gscale and the unscaled gradients
+    ctx.save_for_backward(*output[5:9])  # gscale and the unscaled gradients
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -320,7 +344,7 @@ def _linear_keep_all_backward(ctx, grad_out, *_unused):
         scale(g, factor, dtype) if ctx.mask & bit else None
         for g, dtype, bit in zip((d_input, d_weight, d_bias), ctx.dtypes, bits, strict=True)
     ]
-    return (*grads,) + (None,) * 8
+    return (*grads,) + (None,) * 10
 
 
 def _register_python_parts() -> None:
@@ -355,6 +379,11 @@ def _op_ratio(keep_ratio: float | Tensor) -> tuple[float, Tensor | None]:
     return float(keep_ratio), None
 
 
+def _head_args(opts: TrimOptions) -> tuple[float, float]:
+    """The ops' ``(logit_softcap, z_loss)`` arguments: the cap as a float, 0 when off."""
+    return (0.0 if opts.logit_softcap is None else float(opts.logit_softcap)), float(opts.z_loss)
+
+
 def _check_loaded(input: Tensor) -> None:
     """Raise, saying why, unless the op can run on ``input``'s device."""
     if _state.get("error", "not loaded") is not None or not input.is_cpu:
@@ -375,6 +404,47 @@ def _widened(opts: TrimOptions, *tensors: Tensor | None) -> tuple[Tensor | None,
     return tuple(None if t is None else t.to(opts.result_dtype) for t in tensors)
 
 
+class _KeptRowsLoss(torch.autograd.Function):
+    """A loss formed outside the op over a given kept set, with the op's backward
+    (``trimmed_ce_bwd``) fed the per-row scale (``1 / sum_K w[y_i]`` for "mean", else 1, on the
+    kept rows; 0 elsewhere: exact zeros without reading those rows' logits)."""
+
+    @staticmethod
+    def forward(ctx, input, out, target, weight, lse, rowscale, ignore_index, label_smoothing, softcap, z_loss):  # noqa: D102
+        ctx.save_for_backward(input, target, weight, lse, rowscale)
+        ctx.args = (ignore_index, label_smoothing, softcap, z_loss)
+        ctx.mark_non_differentiable(target, lse, rowscale)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        input, target, weight, lse, rowscale = ctx.saved_tensors
+        grad = torch.ops.fused_trim.trimmed_ce_bwd.default(grad_out, input, target, weight, lse, rowscale, *ctx.args)
+        return (grad,) + (None,) * 9
+
+
+def _grouped_cross_entropy_2d(
+    input: Tensor, target: Tensor, opts: TrimOptions
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Group trimming (``opts.group_ids``): every row's loss from the op (keep all, no reduction,
+    one read of the logits), the groups' selection (:func:`fused_trim._groups.select_groups`), the
+    reduction over the kept rows, and the op's backward over them."""
+    ignore_index, label_smoothing = int(opts.ignore_index), float(opts.label_smoothing)
+    with torch.no_grad():
+        _, losses, _, _, _, lse, _ = torch.ops.fused_trim.trimmed_ce_fwd.default(
+            input.detach(), target, opts.weight, 1.0, None, bool(opts.keep), ignore_index, label_smoothing,
+            int(Reduction.NONE), None, None, 0, *_head_args(opts),
+        )  # fmt: skip
+    valid = target != opts.ignore_index
+    kept, k, threshold = select_groups(losses, valid, opts)
+    out, kept_f, scale = reduce_kept(losses, kept, target, opts, input.dtype)
+    rowscale = torch.where(kept, kept_f / scale, 0.0)  # (0, not NaN, when nothing is kept)
+    out = _KeptRowsLoss.apply(
+        input, out, target, opts.weight, lse, rowscale, ignore_index, label_smoothing, *_head_args(opts)
+    )
+    return out, losses, kept, k, threshold.to(input.dtype), torch.where(valid, lse, 0)
+
+
 def trimmed_cross_entropy_2d(
     input: Tensor, target: Tensor, opts: TrimOptions
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
@@ -389,6 +459,8 @@ def trimmed_cross_entropy_2d(
         if input.stride(-1) != 1:
             input = input.contiguous()
     # (The CPU op takes (M, C) or (N, C, S) with any strides itself.)
+    if opts.group_ids is not None:
+        return _grouped_cross_entropy_2d(input, target, opts)
     ratio, ratio_t = _op_ratio(kernel_ratio(opts))
     threshold_t = opts.keep_threshold
     if threshold_t is not None and not isinstance(threshold_t, Tensor):
@@ -406,6 +478,7 @@ def trimmed_cross_entropy_2d(
         opts.score_offset,
         threshold_t,
         int(opts.min_kept),
+        *_head_args(opts),
     )
     # losses and threshold are marked non-differentiable by the op's autograd (C++): no detach.
     return out, losses, kept, k, threshold, torch.where(target != opts.ignore_index, lse.detach(), 0)
@@ -442,10 +515,11 @@ def trimmed_linear_cross_entropy_2d(
     code = int(opts.reduction)
     ce_args = (opts.weight, int(opts.ignore_index), float(opts.label_smoothing))
     chunk_size = int(opts.chunk_size)
+    head = _head_args(opts)
     params = (input, linear_weight, linear_bias)
     needs = tuple(p is not None and p.requires_grad for p in params)
     if gradient_in_forward and forms_gradient_in_forward(opts, params, share):
-        out, losses, kept, k, threshold, *_ = torch.ops.fused_trim.linear_ce_keep_all.default(
+        out, losses, kept, k, threshold, *_, lse = torch.ops.fused_trim.linear_ce_keep_all.default(
             input,
             linear_weight,
             linear_bias,
@@ -456,15 +530,22 @@ def trimmed_linear_cross_entropy_2d(
             code,
             chunk_size,
             _grad_mask(needs, linear_bias is not None),
+            *head,
         )
-        return out, losses, kept, k, threshold, None
+        return out, losses, kept, k, threshold, lse
     detached = [None if p is None else p.detach() for p in params]
-    losses, lse = torch.ops.fused_trim.linear_ce_rows.default(*detached, target, *ce_args, chunk_size)
+    losses, lse = torch.ops.fused_trim.linear_ce_rows.default(*detached, target, *ce_args, chunk_size, *head)
     # Bitwise equal rows (duplicated tokens) tie, wherever BLAS placed them in a tile.
     first = first_equal_rows(input.detach(), target)
     losses, lse = losses[first], lse[first]
     valid = target != opts.ignore_index
-    if share is not None:
+    groups = None
+    if opts.group_ids is not None:
+        # The groups' selection, then every valid row of the kept groups (the target masked to them).
+        groups = select_groups(losses, valid, opts, share)
+        target = masked_target(target, groups[0], opts.ignore_index)
+        opts = keep_positions_options(opts)
+    if share is not None and groups is None:
         keep_ratio = share(losses, valid)
     elif opts.keep_threshold is not None:  # k from the losses, passed on as an exact count
         keep_ratio = rule_k(ranking_scores(losses, opts.score_offset), valid, opts)
@@ -486,5 +567,8 @@ def trimmed_linear_cross_entropy_2d(
         code,
         chunk_size,
         opts.score_offset,
+        *head,
     )
+    if groups is not None:
+        k, threshold = groups[1], groups[2].to(threshold.dtype)
     return out, losses, kept, k, threshold, lse

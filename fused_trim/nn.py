@@ -23,6 +23,7 @@ from ._common import (
     check_weight,
     check_z_loss,
 )
+from ._groups import GROUP_REDUCTIONS
 from .functional import _check_keep_rule, trimmed_cross_entropy, trimmed_linear_cross_entropy
 from .schedules import ConstantSchedule
 
@@ -119,6 +120,8 @@ class _ScheduledLoss(nn.Module):
         process_group: ProcessGroup | None = None,
         logit_softcap: float | None = None,
         z_loss: float = 0.0,
+        group_ids: str | None = None,
+        group_reduction: str = "mean",
     ) -> None:
         super().__init__()
         # The rule, checked now (as the functional checks it, a schedule standing for its values).
@@ -167,6 +170,13 @@ class _ScheduledLoss(nn.Module):
         check_ignore_index(ignore_index)
         check_label_smoothing(label_smoothing)
         check_weight(weight)
+        if group_ids not in (None, "rows"):
+            raise ValueError(
+                f"group_ids must be 'rows' or None at construction (pass a tensor of ids to forward), got {group_ids!r}"
+            )
+        check_choice("group_reduction", group_reduction, GROUP_REDUCTIONS)
+        self.group_ids = group_ids
+        self.group_reduction = group_reduction
         self.logit_softcap = check_logit_softcap(logit_softcap)
         self.z_loss = check_z_loss(z_loss)
         self.keep = keep
@@ -256,7 +266,12 @@ class _ScheduledLoss(nn.Module):
             process_group=self.process_group,
             logit_softcap=self.logit_softcap,
             z_loss=self.z_loss,
+            group_reduction=self.group_reduction,
         )
+
+    def _groups(self, group_ids: Tensor | str | None) -> Tensor | str | None:
+        """A forward's ``group_ids``: the call's, else the module's."""
+        return self.group_ids if group_ids is None else group_ids
 
     def extra_repr(self) -> str:
         if self.rule == "keep_threshold":
@@ -269,6 +284,8 @@ class _ScheduledLoss(nn.Module):
             f"backend={self.backend!r}"
             + ("" if self.logit_softcap is None else f", logit_softcap={self.logit_softcap}")
             + ("" if self.z_loss == 0.0 else f", z_loss={self.z_loss}")
+            + ("" if self.group_ids is None else f", group_ids={self.group_ids!r}")
+            + ("" if self.group_reduction == "mean" else f", group_reduction={self.group_reduction!r}")
         )
 
 
@@ -309,6 +326,10 @@ class TrimmedCrossEntropyLoss(_ScheduledLoss):
             :mod:`fused_trim.distributed`); ``info.global_loss`` is then the value to log.
         logit_softcap, z_loss: soft-capping of the logits and the z-loss weight (see
             :func:`~fused_trim.trimmed_cross_entropy`).
+        group_ids: ``"rows"`` (each index of the target's first dimension is one sample: whole
+            sequences or images are ranked and kept) or ``None``; a tensor of group ids belongs to
+            a batch and is given to :meth:`forward`. See :func:`~fused_trim.trimmed_cross_entropy`.
+        group_reduction: ``"mean"`` or ``"sum"``: a group's score from its positions' losses.
 
     Attributes:
         info: the :class:`~fused_trim.TrimInfo` of the last forward (``None`` before the first).
@@ -326,12 +347,21 @@ class TrimmedCrossEntropyLoss(_ScheduledLoss):
                 criterion.step()
     """
 
-    def forward(self, input: Tensor, target: Tensor, score_offset: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        input: Tensor,
+        target: Tensor,
+        score_offset: Tensor | None = None,
+        group_ids: Tensor | str | None = None,
+    ) -> Tensor:
         """The trimmed loss of ``input`` and ``target``; ``score_offset`` (the target's shape, or
-        ``None``) ranks ``l_i - score_offset_i`` instead of ``l_i`` for this call (see
+        ``None``) ranks ``l_i - score_offset_i`` instead of ``l_i`` for this call; ``group_ids``
+        (the target's shape, or ``"rows"``) replaces the module's for this call (see
         :func:`~fused_trim.trimmed_cross_entropy`)."""
         rule = self._rule_for(input.device)
-        loss, info = trimmed_cross_entropy(input, target, score_offset=score_offset, **rule, **self._options())
+        loss, info = trimmed_cross_entropy(
+            input, target, score_offset=score_offset, group_ids=self._groups(group_ids), **rule, **self._options()
+        )
         self.info = info
         return loss
 
@@ -355,8 +385,8 @@ class TrimmedLinearCrossEntropyLoss(_ScheduledLoss):
         linear_bias: the head's bias ``(V,)`` (held like ``linear_weight``) or ``None``.
         chunk_size: rows of logits held at a time (see :func:`~fused_trim.trimmed_linear_cross_entropy`).
         keep, weight, ignore_index, reduction, label_smoothing, backend, process_group,
-            logit_softcap, z_loss: as in :class:`TrimmedCrossEntropyLoss`; ``weight`` is the class
-            weight ``(V,)``.
+            logit_softcap, z_loss, group_ids, group_reduction: as in
+            :class:`TrimmedCrossEntropyLoss`; ``weight`` is the class weight ``(V,)``.
 
     Example::
 
@@ -389,10 +419,12 @@ class TrimmedLinearCrossEntropyLoss(_ScheduledLoss):
         linear_weight: Tensor | None = None,
         linear_bias: Tensor | None = None,
         score_offset: Tensor | None = None,
+        group_ids: Tensor | str | None = None,
     ) -> Tensor:
         """Loss of hidden states ``input (*, D)`` against ``target (*)``; a ``linear_weight`` or
         ``linear_bias`` given here replaces the one given at construction; ``score_offset`` (the
-        target's shape) ranks ``l_i - score_offset_i`` for this call."""
+        target's shape) ranks ``l_i - score_offset_i`` for this call; ``group_ids`` (the target's
+        shape, or ``"rows"``) replaces the module's for this call."""
         weight = self.linear_weight if linear_weight is None else linear_weight
         bias = self.linear_bias if linear_bias is None else linear_bias
         if weight is None:
@@ -406,6 +438,7 @@ class TrimmedLinearCrossEntropyLoss(_ScheduledLoss):
             linear_bias=bias,
             chunk_size=self.chunk_size,
             score_offset=score_offset,
+            group_ids=self._groups(group_ids),
             **self._options(),
         )
         self.info = info

@@ -26,6 +26,7 @@ from ._common import (
     ranking_scores,
     rule_k,
 )
+from ._groups import select_groups
 
 
 def per_sample_loss(
@@ -108,6 +109,23 @@ def _kept_rows(order: Tensor, kept: Tensor, bound: int) -> tuple[Tensor, Tensor]
     return rows, kept[rows]
 
 
+def _selection(
+    losses: Tensor, valid: Tensor, opts: TrimOptions, share: Callable[[Tensor, Tensor], Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """The kept set of either kind: ``(kept, order, k, threshold, bound)``, ``order`` every row with
+    the kept ones first and ``bound`` how many of them the backward recomputes (:func:`_gather_bound`).
+    With ``opts.group_ids`` the groups' selection (:func:`fused_trim._groups.select_groups`; ``k``
+    and ``threshold`` of the groups), else the samples' (:func:`select`)."""
+    if opts.group_ids is not None:
+        kept, k, threshold = select_groups(losses, valid, opts, share)
+        order = torch.sort((~kept).to(torch.int8), stable=True).indices  # the kept rows first
+        return kept, order, k, threshold, _gather_bound(kept.sum(), valid.shape[0])
+    scores = ranking_scores(losses, opts.score_offset)
+    k = rule_k(scores, valid, opts) if share is None else share(losses, valid).minimum(valid.sum())
+    kept, order, threshold = select(scores, valid, k, opts.keep)
+    return kept, order, k, threshold, _gather_bound(k, valid.shape[0])
+
+
 def trimmed_cross_entropy_2d(
     input: Tensor, target: Tensor, opts: TrimOptions
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -129,14 +147,12 @@ def trimmed_cross_entropy_2d(
     valid = target != ignore_index
     with torch.no_grad():
         losses, _, lse = per_sample_loss(input, target, *ce)
-    scores = ranking_scores(losses, score_offset)
-    k = rule_k(scores, valid, opts)
-    kept, order, threshold = select(scores, valid, k, keep)
+    kept, order, k, threshold, bound = _selection(losses, valid, opts)
 
     # Recompute the kept rows with autograd: the gradient is exactly zero everywhere else. Rows
     # gathered beyond k (under compile) become zeros with an ignored target: they add nothing,
     # not even 0 * NaN.
-    rows, mask = _kept_rows(order, kept, _gather_bound(k, target.shape[0]))
+    rows, mask = _kept_rows(order, kept, bound)
     x = torch.where(mask[:, None], input[rows], 0)
     t = torch.where(mask, target[rows], ignore_index)
     kept_loss, kept_w, _ = per_sample_loss(x, t, *ce)
@@ -213,16 +229,16 @@ def trimmed_linear_cross_entropy_2d(
     The head is converted to the accumulation dtype once, so that its gradient is summed over the
     chunks in fp32 (bf16/fp16 heads) and rounded once. ``share``, when given, maps
     ``(losses, valid)`` to the exact number of rows to keep (a 0-dim int64 tensor; global
-    trimming). ``score_offset`` (``(N,)`` or ``None``): rank ``losses - score_offset``. Returns
+    trimming); with ``opts.group_ids`` it maps the per-group ``(scores, valid)`` to the number of
+    groups (:func:`fused_trim._groups.select_groups`). ``score_offset`` (``(N,)`` or ``None``):
+    rank ``losses - score_offset``. Returns
     ``(out, losses, kept, k, threshold, lse)`` as :func:`trimmed_cross_entropy_2d` does.
     """
     _, keep, weight, ignore_index, label_smoothing, reduction, score_offset, chunk_size = opts[:8]
     valid = target != ignore_index
     ce = _ce_options(opts)
     losses, _, lse = linear_ce_rows(input, linear_weight, linear_bias, target, *ce[:3], chunk_size, *ce[3:])
-    scores = ranking_scores(losses, score_offset)
-    k = rule_k(scores, valid, opts) if share is None else share(losses, valid).minimum(valid.sum())
-    kept, order, threshold = select(scores, valid, k, keep)
+    kept, order, k, threshold, bound = _selection(losses, valid, opts, share)
 
     acc = losses.dtype
     head = linear_weight.to(acc)
@@ -234,7 +250,7 @@ def trimmed_linear_cross_entropy_2d(
 
     # Rows gathered beyond k (under compile) become zeros with an ignored target: a NaN hidden
     # state outside K reaches no gradient, not even as 0 * NaN.
-    rows, mask = _kept_rows(order, kept, _gather_bound(k, target.shape[0]))
+    rows, mask = _kept_rows(order, kept, bound)
     parts, wys = [], []
     for start in range(0, max(rows.shape[0], 1), chunk_size):  # (an empty chunk keeps the graph)
         r, m = rows[start : start + chunk_size], mask[start : start + chunk_size]

@@ -616,6 +616,73 @@ def fsdp2(rank: int, backends: list[str]) -> list[str]:
     return lines + hf_fsdp(rank)
 
 
+def groups(rank: int, backends: list[str]) -> list[str]:
+    """Group trimming with ``process_group=``: each rank's groups its own, the selection over every
+    rank's groups. Two ranks match one process on the whole batch with rank 1's ids shifted past
+    rank 0's (ties then go to the lower rank, as to the lower id): kept set, k, threshold, global
+    loss, and each rank's gradient (scaled for averaging) equal to the world size times its part
+    of the single process's."""
+    from fused_trim import trimmed_linear_cross_entropy
+
+    world = dist.get_world_size()
+    gen = torch.Generator().manual_seed(7)
+    rows, t, c, d = 6, 5, 7, 4
+    split = 2  # rank 0 holds rows [0, 2), rank 1 rows [2, 6)
+    logits = torch.randn(rows, t, c, generator=gen, dtype=torch.float64)
+    hidden = torch.randn(rows, t, d, generator=gen, dtype=torch.float64)
+    head = torch.randn(c, d, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, c, (rows, t), generator=gen)
+    target[torch.rand(rows, t, generator=gen) < 0.2] = -100
+    target[3] = -100  # a group of rank 1 with no valid position
+    logits[4] = logits[0]  # groups tied across the ranks
+    hidden[4] = hidden[0]
+    target[4] = target[0]
+    local_ids = torch.randint(0, 4, (rows, t), generator=gen)
+    part = slice(0, split) if rank == 0 else slice(split, rows)
+    shift = torch.zeros(rows, 1, dtype=torch.int64)
+    shift[split:] = split * t  # rank 1's ids past rank 0's positions in the whole batch
+    modes = [
+        ("rows", {"keep_ratio": 0.5}, "hardest", "mean"),
+        ("ids", {"keep_count": 3}, "easiest", "sum"),
+        ("ids", {"keep_threshold": 1.8, "min_kept": 2}, "hardest", "mean"),
+        ("rows", {"keep_threshold": 1.5, "min_kept": 0}, "easiest", "none"),
+    ]
+    lines = []
+    for backend in backends:
+        for op in ("ce", "lm"):
+            if backend == "triton" and op == "ce":
+                continue  # (interpreted; its CE path under a process group is every backend's)
+            for layout, rule, keep, reduction in modes[: 2 if backend == "triton" else 4]:
+                whole_ids = "rows" if layout == "rows" else local_ids + shift
+                ids = "rows" if layout == "rows" else local_ids[part].contiguous()
+
+                kw = dict(rule, keep=keep, reduction=reduction, backend=backend, return_info=True)
+
+                def call(x, tgt, g, pg=None, op=op, kw=kw):
+                    if op == "ce":
+                        return trimmed_cross_entropy(x.permute(0, 2, 1), tgt, group_ids=g, process_group=pg, **kw)
+                    return trimmed_linear_cross_entropy(x, head, tgt, group_ids=g, process_group=pg, **kw)
+
+                source = logits if op == "ce" else hidden
+                x_all = source.clone().requires_grad_(True)
+                ref, ref_info = call(x_all, target, whole_ids)
+                ref.sum().backward()
+                x = source[part].clone().requires_grad_(True)
+                out, info = call(x, target[part].contiguous(), ids, dist.group.WORLD)
+                out.sum().backward()
+                case = f"{backend}/{op}/{layout}/{rule}/{keep}/{reduction}"
+                assert torch.equal(info.kept, ref_info.kept[part]), case
+                assert int(info.k) == int(ref_info.k), case
+                torch.testing.assert_close(info.threshold, ref_info.threshold, equal_nan=True, msg=case)
+                torch.testing.assert_close(info.global_loss, ref.detach().sum(), rtol=1e-9, atol=1e-12, msg=case)
+                scale = 1 if reduction == "none" else world
+                torch.testing.assert_close(x.grad, scale * x_all.grad[part], rtol=1e-9, atol=1e-12, msg=case)
+                if layout == "rows":
+                    assert torch.equal(info.group_kept, ref_info.group_kept[part]), case
+                lines.append(case)
+    return lines
+
+
 _JOBS = {
     "signed-zeros": signed_zeros,
     "ddp": ddp_matches_single_process,
@@ -624,4 +691,5 @@ _JOBS = {
     "near-ties": near_ties_in_low_precision,
     "lm-head": lm_head_ddp,
     "fsdp2": fsdp2,
+    "groups": groups,
 }

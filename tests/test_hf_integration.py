@@ -274,6 +274,26 @@ def test_sequence_group_equals_trimmed_ce_of_unpatched_logits():
     assert_grads_close(grads(patched), grads(base))
 
 
+@pytest.mark.skipif(not HAS_GROUP_IDS, reason="group='sequence' needs the op's group_ids= option, not available yet")
+@pytest.mark.parametrize("with_num_items", [False, True])
+def test_sequence_group_of_packed_rows_follows_position_ids(with_num_items):
+    """Packed rows: documents start where position_ids restart at 0; whole documents are kept."""
+    base, patched = pair("llama", keep_ratio=0.5, group="sequence", backend="reference")
+    ids, labels = batch(b=3, t=12, seed=21)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]] + [list(range(12))])
+    logits = base(input_ids=ids, position_ids=pos).logits
+    target = shifted(labels)
+    groups = sequence_group_ids(target.shape, pos, target.device)
+    assert int(groups.max()) == 5
+    expected = trimmed_cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1), 0.5, group_ids=groups.reshape(-1))
+    extra = {"num_items_in_batch": (target != -100).sum()} if with_num_items else {}
+    out = patched(input_ids=ids, labels=labels, position_ids=pos, **extra)
+    torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=1e-6)
+    expected.backward()
+    out.loss.backward()
+    assert_grads_close(grads(patched), grads(base))
+
+
 @pytest.mark.skipif(HAS_GROUP_IDS, reason="the op has group_ids=")
 def test_sequence_group_without_group_ids_raises():
     with pytest.raises(NotImplementedError, match="group_ids"):

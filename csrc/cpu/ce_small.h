@@ -3,10 +3,10 @@
 // API (namespace fused_trim::cpu; scalar_t, acc_t, the arguments and the outputs as in ce_rows.h):
 //   kSmallC                        the largest C these paths take (the op dispatches on it)
 //   small_c_forward_parallel<scalar_t, acc_t>(x, row_stride, M, C, t, ignore_index, w, w_total, ls,
-//                                             loss_out, lse_out, bad_target)
+//                                             cap, zl, loss_out, lse_out, bad_target)
 //       rows_forward_parallel's outputs, for C <= kSmallC.
 //   small_c_backward_parallel<scalar_t, acc_t>(x, row_stride, M, C, t, ignore_index, w, w_total, ls,
-//                                              gp, per_row, lse, rowscale, grad)
+//                                              cap, zl, gp, per_row, lse, rowscale, grad)
 //       The gradient (M, C), contiguous, of the rows: kept rows (rowscale != 0, target a class)
 //       d(coef * l)/dx with coef = gp[i or 0] * rowscale[i], every other row exactly 0; a kept
 //       row with a NaN lse is a NaN row, as torch.
@@ -58,12 +58,12 @@ inline void store_tile(const acc_t* tile, int64_t rows, int64_t C, scalar_t* g) 
   }
 }
 
-// Rows [begin, end) (begin a multiple of V), one thread.
-template <typename scalar_t, typename acc_t>
+// Rows [begin, end) (begin a multiple of V), one thread (Cap: the tile is capped once loaded).
+template <typename scalar_t, typename acc_t, bool Cap>
 __attribute__((flatten)) void small_c_forward(const scalar_t* x, int64_t row_stride, int64_t C, const int64_t* t,
                                               int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls,
-                                              int64_t begin, int64_t end, acc_t* loss_out, acc_t* lse_out,
-                                              std::atomic<bool>& bad_target) {
+                                              acc_t cap, acc_t zl, int64_t begin, int64_t end, acc_t* loss_out,
+                                              acc_t* lse_out, std::atomic<bool>& bad_target) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   alignas(64) acc_t tile[kSmallC * V];
@@ -72,6 +72,7 @@ __attribute__((flatten)) void small_c_forward(const scalar_t* x, int64_t row_str
   for (int64_t i0 = begin; i0 < end; i0 += V) {
     const int64_t rows = std::min(V, end - i0);
     load_tile<scalar_t, acc_t>(x + i0 * row_stride, row_stride, rows, C, tile);
+    if constexpr (Cap) cap_block<acc_t>(tile, C * V, cap, tile);
     Vec m = Vec::loadu(tile);
     for (int64_t c = 1; c < C; ++c) m = at::vec::maximum(m, Vec::loadu(tile + c * V));
     Vec s(0), sx(0);
@@ -92,7 +93,7 @@ __attribute__((flatten)) void small_c_forward(const scalar_t* x, int64_t row_str
       }
       // (sx was taken relative to the max itself)
       const auto res = finish_sample<acc_t>(mv[r], lsv[r], tile[y * V + r], w == nullptr ? acc_t(1) : w[y], mv[r],
-                                            sxv[r], ls, w_total, C);
+                                            sxv[r], ls, w_total, C, zl);
       loss_out[i] = res.loss;
       lse_out[i] = res.lse;
     }
@@ -109,12 +110,17 @@ inline int64_t small_c_grain_vectors(int64_t C) {
 
 template <typename scalar_t, typename acc_t>
 void small_c_forward_parallel(const scalar_t* x, int64_t row_stride, int64_t M, int64_t C, const int64_t* t,
-                              int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls, acc_t* loss_out,
-                              acc_t* lse_out, std::atomic<bool>& bad_target) {
+                              int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls, acc_t cap, acc_t zl,
+                              acc_t* loss_out, acc_t* lse_out, std::atomic<bool>& bad_target) {
   constexpr int64_t V = Vectorized<acc_t>::size();
   at::parallel_for(0, (M + V - 1) / V, small_c_grain_vectors<acc_t>(C), [&](int64_t gb, int64_t ge) {
-    small_c_forward<scalar_t, acc_t>(x, row_stride, C, t, ignore_index, w, w_total, ls, gb * V, std::min(M, ge * V),
-                                     loss_out, lse_out, bad_target);
+    if (cap > acc_t(0)) {
+      small_c_forward<scalar_t, acc_t, true>(x, row_stride, C, t, ignore_index, w, w_total, ls, cap, zl, gb * V,
+                                             std::min(M, ge * V), loss_out, lse_out, bad_target);
+    } else {
+      small_c_forward<scalar_t, acc_t, false>(x, row_stride, C, t, ignore_index, w, w_total, ls, cap, zl, gb * V,
+                                              std::min(M, ge * V), loss_out, lse_out, bad_target);
+    }
   });
 }
 
@@ -150,12 +156,14 @@ inline FlatLayout flat_layout(int64_t C, const float* w) {
 
 // The gradient of rows [begin, end) (begin a multiple of V), one thread. Per lane the arithmetic of
 // row_backward: a exp(x_c - lse) - b w_c off the target, the true class formed in acc_t from
-// p_y = exp(x_y - lse) (the accurate vector exp: it decides the bits of 1 - p_y when p_y ~ 1).
-template <typename scalar_t, typename acc_t>
+// p_y = exp(x_y - lse) (the accurate vector exp: it decides the bits of 1 - p_y when p_y ~ 1); with
+// Cap, of the capped logits, times cap_grad (through the tile: no flat layout).
+template <typename scalar_t, typename acc_t, bool Cap>
 __attribute__((flatten)) void small_c_backward(const scalar_t* x, int64_t row_stride, int64_t C, const int64_t* t,
                                                int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls,
-                                               const acc_t* gp, bool per_row, const acc_t* lse, const acc_t* rs,
-                                               int64_t begin, int64_t end, scalar_t* grad, bool stream) {
+                                               acc_t cap, acc_t zl, const acc_t* gp, bool per_row, const acc_t* lse,
+                                               const acc_t* rs, int64_t begin, int64_t end, scalar_t* grad,
+                                               bool stream) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   alignas(64) acc_t tile[kSmallC * V];
@@ -164,7 +172,7 @@ __attribute__((flatten)) void small_c_backward(const scalar_t* x, int64_t row_st
   const int64_t g_step = per_row ? 1 : 0;
   const Vec nan(std::numeric_limits<acc_t>::quiet_NaN());
 #if defined(CPU_CAPABILITY_AVX512)
-  constexpr bool flat_type = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
+  constexpr bool flat_type = !Cap && std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
   const bool flat = flat_type && C <= 16 && row_stride == C;
   FlatLayout layout;
   if constexpr (flat_type) {
@@ -198,9 +206,13 @@ __attribute__((flatten)) void small_c_backward(const scalar_t* x, int64_t row_st
     // coefficients, hence a NaN row.
     const Vec coef = Vec::loadu(cm), w_y = Vec::loadu(wm), vl = Vec::loadu(lm), vy = Vec::loadu(ym);
     const Vec nan_row = (vy >= Vec(0)) & (vl != vl);
-    const Vec va = Vec::blendv(coef * (Vec(one_m_ls) * w_y + Vec(ls_wc)), nan, nan_row);
+    Vec a = coef * (Vec(one_m_ls) * w_y + Vec(ls_wc));
+    if (zl != acc_t(0)) a = a + coef * (Vec(acc_t(2) * zl) * vl);
+    const Vec va = Vec::blendv(a, nan, nan_row);
     const Vec vb = coef * Vec(ls) / Vec(static_cast<acc_t>(C));
-    const Vec p_y = (Vec::loadu(xy) - vl).exp();
+    Vec u_y = Vec::loadu(xy);
+    if constexpr (Cap) u_y = vcap<acc_t>(u_y, cap);
+    const Vec p_y = (u_y - vl).exp();
     const Vec vt = Vec::blendv((va * p_y - vb * w_y) - coef * Vec(one_m_ls) * w_y, nan, nan_row);
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (flat_type) {
@@ -229,9 +241,12 @@ __attribute__((flatten)) void small_c_backward(const scalar_t* x, int64_t row_st
     load_tile<scalar_t, acc_t>(x + i0 * row_stride, row_stride, rows, C, tile);
     const Vec keep = vy >= Vec(0);
     for (int64_t c = 0; c < C; ++c) {
-      const Vec e = vexp(Vec::loadu(tile + c * V) - vl);
+      Vec u = Vec::loadu(tile + c * V);
+      if constexpr (Cap) u = vcap<acc_t>(u, cap);
+      const Vec e = vexp(u - vl);
       Vec gv = e * va - vb * Vec(w == nullptr ? acc_t(1) : w[c]);
       gv = Vec::blendv(gv, vt, vy == Vec(static_cast<acc_t>(c)));
+      if constexpr (Cap) gv = gv * cap_grad<acc_t>(u, cap);
       Vec::blendv(Vec(0), gv, keep).store(tile + c * V);
     }
     store_tile<scalar_t, acc_t>(tile, rows, C, g);
@@ -241,13 +256,18 @@ __attribute__((flatten)) void small_c_backward(const scalar_t* x, int64_t row_st
 
 template <typename scalar_t, typename acc_t>
 void small_c_backward_parallel(const scalar_t* x, int64_t row_stride, int64_t M, int64_t C, const int64_t* t,
-                               int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls, const acc_t* gp,
-                               bool per_row, const acc_t* lse, const acc_t* rs, scalar_t* grad) {
+                               int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls, acc_t cap, acc_t zl,
+                               const acc_t* gp, bool per_row, const acc_t* lse, const acc_t* rs, scalar_t* grad) {
   constexpr int64_t V = Vectorized<acc_t>::size();
   const bool stream = static_cast<size_t>(M) * C * sizeof(scalar_t) >= kStreamBytes;
   at::parallel_for(0, (M + V - 1) / V, small_c_grain_vectors<acc_t>(C), [&](int64_t gb, int64_t ge) {
-    small_c_backward<scalar_t, acc_t>(x, row_stride, C, t, ignore_index, w, w_total, ls, gp, per_row, lse, rs,
-                                      gb * V, std::min(M, ge * V), grad, stream);
+    if (cap > acc_t(0)) {
+      small_c_backward<scalar_t, acc_t, true>(x, row_stride, C, t, ignore_index, w, w_total, ls, cap, zl, gp, per_row,
+                                              lse, rs, gb * V, std::min(M, ge * V), grad, stream);
+    } else {
+      small_c_backward<scalar_t, acc_t, false>(x, row_stride, C, t, ignore_index, w, w_total, ls, cap, zl, gp,
+                                               per_row, lse, rs, gb * V, std::min(M, ge * V), grad, stream);
+    }
   });
 }
 

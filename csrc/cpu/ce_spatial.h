@@ -1,11 +1,12 @@
 // Cross-entropy of a spatial map (N, C, S) read in place on the CPU: forward and gradient.
 //
 // API (namespace fused_trim::cpu):
-//   spatial_forward<scalar_t, acc_t>(x, N, C, S, sN, sC, t, ignore_index, w, w_total, ls,
+//   spatial_forward<scalar_t, acc_t>(x, N, C, S, sN, sC, t, ignore_index, w, w_total, ls, cap, zl,
 //                                    loss_out, lse_out, bad_target)
 //       Samples are pixels in n * S + s order (t, loss_out, lse_out have N * S entries); the pixel
 //       stride is 1, the class stride sC, the image stride sN. Same outputs as rows_forward.
-//   spatial_backward(grad_out, input, target, weight, lse, rowscale, ignore_index, label_smoothing)
+//   spatial_backward(grad_out, input, target, weight, lse, rowscale, ignore_index, label_smoothing,
+//                    logit_softcap, z_loss)
 //       The gradient (N, C, S), contiguous: kept pixels (rowscale != 0) recompute softmax from the
 //       saved lse, every other pixel is exactly 0. grad_out is () or (N * S,), acc dtype; target
 //       int64 and weight/lse/rowscale in the acc dtype, all contiguous.
@@ -78,11 +79,12 @@ inline void store_px(scalar_t* dst, const Vectorized<acc_t>& v, int64_t count) {
   }
 }
 
-// One block of pixels [s0, s0 + rows) of image n: loss and logsumexp per pixel.
-template <typename scalar_t, typename acc_t, bool full>
+// One block of pixels [s0, s0 + rows) of image n: loss and logsumexp per pixel (Cap: of the
+// logits capped as they are loaded).
+template <typename scalar_t, typename acc_t, bool full, bool Cap>
 __attribute__((flatten)) inline void spatial_block_forward(
     const scalar_t* p, int64_t cs, int64_t C, int64_t rows, const int64_t* t, int64_t ignore_index,
-    const acc_t* w, acc_t w_total, acc_t ls, acc_t* tile, acc_t* loss_out, acc_t* lse_out,
+    const acc_t* w, acc_t w_total, acc_t ls, acc_t cap, acc_t zl, acc_t* tile, acc_t* loss_out, acc_t* lse_out,
     std::atomic<bool>& bad_target) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -99,7 +101,8 @@ __attribute__((flatten)) inline void spatial_block_forward(
     for (int64_t c = 0; c < cn; ++c) {
       const scalar_t* row = p + (c0 + c) * cs;
       for (int64_t v = 0; v < B; ++v) {
-        const Vec xv = load_px<scalar_t, acc_t, full>(row + v * V, rows - v * V);
+        Vec xv = load_px<scalar_t, acc_t, full>(row + v * V, rows - v * V);
+        if constexpr (Cap) xv = vcap<acc_t>(xv, cap);
         xv.store(tile + c * P + v * V);
         bm[v] = at::vec::maximum(bm[v], xv);
       }
@@ -143,18 +146,24 @@ __attribute__((flatten)) inline void spatial_block_forward(
       loss_out[r] = lse_out[r] = 0;
       continue;
     }
-    const acc_t x_y = y >= last_c0 ? tile[(y - last_c0) * P + r] : static_cast<acc_t>(p[y * cs + r]);
-    const auto res =
-        finish_sample<acc_t>(mv[r], lsv[r], x_y, w == nullptr ? acc_t(1) : w[y], refv[r], sxv[r], ls, w_total, C);
+    acc_t x_y;
+    if (y >= last_c0) {
+      x_y = tile[(y - last_c0) * P + r];
+    } else {
+      x_y = static_cast<acc_t>(p[y * cs + r]);
+      if constexpr (Cap) x_y = cap_scalar<acc_t>(x_y, cap);
+    }
+    const auto res = finish_sample<acc_t>(mv[r], lsv[r], x_y, w == nullptr ? acc_t(1) : w[y], refv[r], sxv[r], ls,
+                                          w_total, C, zl);
     loss_out[r] = res.loss;
     lse_out[r] = res.lse;
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void spatial_forward(const scalar_t* x, int64_t N, int64_t C, int64_t S, int64_t sN, int64_t sC,
-                     const int64_t* t, int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls,
-                     acc_t* loss_out, acc_t* lse_out, std::atomic<bool>& bad_target) {
+template <typename scalar_t, typename acc_t, bool Cap>
+void spatial_forward_impl(const scalar_t* x, int64_t N, int64_t C, int64_t S, int64_t sN, int64_t sC,
+                          const int64_t* t, int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls,
+                          acc_t cap, acc_t zl, acc_t* loss_out, acc_t* lse_out, std::atomic<bool>& bad_target) {
   constexpr int64_t P = kPixelBlock<acc_t>;
   const int64_t nblk = (S + P - 1) / P;
   const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(C * P, 1));
@@ -166,23 +175,36 @@ void spatial_forward(const scalar_t* x, int64_t N, int64_t C, int64_t S, int64_t
       const scalar_t* p = x + n * sN + s0;
       const int64_t i0 = n * S + s0;
       if (rows == P) {
-        spatial_block_forward<scalar_t, acc_t, true>(p, sC, C, rows, t + i0, ignore_index, w, w_total, ls,
-                                                     tile, loss_out + i0, lse_out + i0, bad_target);
+        spatial_block_forward<scalar_t, acc_t, true, Cap>(p, sC, C, rows, t + i0, ignore_index, w, w_total, ls,
+                                                          cap, zl, tile, loss_out + i0, lse_out + i0, bad_target);
       } else {
-        spatial_block_forward<scalar_t, acc_t, false>(p, sC, C, rows, t + i0, ignore_index, w, w_total, ls,
-                                                      tile, loss_out + i0, lse_out + i0, bad_target);
+        spatial_block_forward<scalar_t, acc_t, false, Cap>(p, sC, C, rows, t + i0, ignore_index, w, w_total, ls,
+                                                           cap, zl, tile, loss_out + i0, lse_out + i0, bad_target);
       }
     }
   });
 }
 
+template <typename scalar_t, typename acc_t>
+void spatial_forward(const scalar_t* x, int64_t N, int64_t C, int64_t S, int64_t sN, int64_t sC,
+                     const int64_t* t, int64_t ignore_index, const acc_t* w, acc_t w_total, acc_t ls, acc_t cap,
+                     acc_t zl, acc_t* loss_out, acc_t* lse_out, std::atomic<bool>& bad_target) {
+  if (cap > acc_t(0)) {
+    spatial_forward_impl<scalar_t, acc_t, true>(x, N, C, S, sN, sC, t, ignore_index, w, w_total, ls, cap, zl,
+                                                loss_out, lse_out, bad_target);
+  } else {
+    spatial_forward_impl<scalar_t, acc_t, false>(x, N, C, S, sN, sC, t, ignore_index, w, w_total, ls, cap, zl,
+                                                 loss_out, lse_out, bad_target);
+  }
+}
+
 // Gradient of one block of pixels: kept pixels recompute softmax from the saved logsumexp; the
 // other lanes are masked to exactly 0 (NaN logits there must not leak). `g` is the block's
-// class-0 gradient, classes S apart.
-template <typename scalar_t, typename acc_t, bool full>
+// class-0 gradient, classes S apart. Cap: of the capped logits, times cap_grad.
+template <typename scalar_t, typename acc_t, bool full, bool Cap>
 __attribute__((flatten)) inline void spatial_block_backward(
     const scalar_t* p, int64_t cs, scalar_t* g, int64_t gs, int64_t C, int64_t rows, const acc_t* am,
-    const acc_t* bm, const acc_t* lm, const acc_t* km, const acc_t* w, bool stream) {
+    const acc_t* bm, const acc_t* lm, const acc_t* km, const acc_t* w, acc_t cap, bool stream) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   constexpr int64_t B = kPixelVecs;
@@ -202,7 +224,13 @@ __attribute__((flatten)) inline void spatial_block_backward(
     const Vec wc(w == nullptr ? acc_t(1) : w[c]);
     for (int64_t v = 0; v < B; ++v) {
       const Vec xv = load_px<scalar_t, acc_t, full>(row + v * V, rows - v * V);
-      const Vec gv = Vec::blendv(Vec(0), vexp(xv - vl[v]) * va[v] - vb[v] * wc, mask[v]);
+      Vec gv;
+      if constexpr (Cap) {
+        const Vec u = vcap<acc_t>(xv, cap);
+        gv = Vec::blendv(Vec(0), (vexp(u - vl[v]) * va[v] - vb[v] * wc) * cap_grad<acc_t>(u, cap), mask[v]);
+      } else {
+        gv = Vec::blendv(Vec(0), vexp(xv - vl[v]) * va[v] - vb[v] * wc, mask[v]);
+      }
       if constexpr (full && std::is_same_v<scalar_t, acc_t>) {
         if (nt) {
           store_stream<acc_t>(reinterpret_cast<acc_t*>(grow + v * V), gv);
@@ -216,7 +244,7 @@ __attribute__((flatten)) inline void spatial_block_backward(
 
 inline at::Tensor spatial_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& target,
                             const at::Tensor& weight, const at::Tensor& lse_c, const at::Tensor& rs_c,
-                            int64_t ignore_index, double label_smoothing) {
+                            int64_t ignore_index, double label_smoothing, double logit_softcap, double z_loss) {
   const int64_t N = input.size(0), C = input.size(1), S = input.size(2);
   const int64_t sN = input.stride(0), sC = input.stride(1);
   const bool per_row = grad_out.dim() == 1;
@@ -229,6 +257,7 @@ inline at::Tensor spatial_backward(const at::Tensor& grad_out, const at::Tensor&
     const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
     const acc_t w_total = w == nullptr ? static_cast<acc_t>(C) : weight_total<acc_t>(w, C);
     const acc_t ls = static_cast<acc_t>(label_smoothing);
+    const acc_t cap = static_cast<acc_t>(logit_softcap), zl2 = static_cast<acc_t>(2.0 * z_loss);
     const acc_t* gp = grad_out.const_data_ptr<acc_t>();
     const acc_t* lse = lse_c.const_data_ptr<acc_t>();
     const acc_t* rs = rs_c.const_data_ptr<acc_t>();
@@ -237,7 +266,8 @@ inline at::Tensor spatial_backward(const at::Tensor& grad_out, const at::Tensor&
     const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(C * P, 1));
     const bool stream = static_cast<size_t>(N) * C * S * sizeof(scalar_t) >= kStreamBytes;
     // d l / d x_c = (1-ls) w_y (p_c - [c==y]) + ls/C (W p_c - w_c), per kept pixel a p_c - b w_c
-    // with a = coef ((1-ls) w_y + ls W / C), b = coef ls / C, and the true-class term patched.
+    // with a = coef ((1-ls) w_y + ls W / C [+ 2 zl lse]), b = coef ls / C, and the true-class term
+    // patched (with a cap: p of the capped logits, every entry times cap_grad).
     const acc_t one_m_ls = acc_t(1) - ls, ls_wc = ls * w_total / static_cast<acc_t>(C);
     const acc_t ls_c = ls / static_cast<acc_t>(C);
     at::parallel_for(0, N * nblk, grain, [&](int64_t begin, int64_t end) {
@@ -267,6 +297,7 @@ inline at::Tensor spatial_backward(const at::Tensor& grad_out, const at::Tensor&
           const acc_t coef = zero_unless(gpp[i * g_step] * rsp[i], keep_r);
           const acc_t w_y = wp == nullptr ? acc_t(1) : wp[y & -keep_r];
           am[r] = coef * (one_m_ls * w_y + ls_wc);
+          if (zl2 != acc_t(0)) am[r] += coef * (zl2 * zero_unless(lsep[i], keep_r));
           bm[r] = coef * ls_c;
           lm[r] = zero_unless(lsep[i], keep_r);
           km[r] = static_cast<acc_t>(keep_r);
@@ -282,10 +313,16 @@ inline at::Tensor spatial_backward(const at::Tensor& grad_out, const at::Tensor&
           continue;
         }
         const scalar_t* p = x + n * sN + s0;
-        if (rows == P) {
-          spatial_block_backward<scalar_t, acc_t, true>(p, sC, g, S, C, rows, am, bm, lm, km, w, stream);
+        if (cap > acc_t(0)) {
+          if (rows == P) {
+            spatial_block_backward<scalar_t, acc_t, true, true>(p, sC, g, S, C, rows, am, bm, lm, km, w, cap, stream);
+          } else {
+            spatial_block_backward<scalar_t, acc_t, false, true>(p, sC, g, S, C, rows, am, bm, lm, km, w, cap, stream);
+          }
+        } else if (rows == P) {
+          spatial_block_backward<scalar_t, acc_t, true, false>(p, sC, g, S, C, rows, am, bm, lm, km, w, cap, stream);
         } else {
-          spatial_block_backward<scalar_t, acc_t, false>(p, sC, g, S, C, rows, am, bm, lm, km, w, stream);
+          spatial_block_backward<scalar_t, acc_t, false, false>(p, sC, g, S, C, rows, am, bm, lm, km, w, cap, stream);
         }
         if (stream) stream_fence();  // the streamed block is in place before it is patched
         for (int64_t j = 0; j < nk; ++j) {
@@ -300,8 +337,12 @@ inline at::Tensor spatial_backward(const at::Tensor& grad_out, const at::Tensor&
           }
           // The true-class term, formed in the accumulation type before rounding.
           const acc_t w_y = w == nullptr ? acc_t(1) : w[y];
-          const acc_t p_y = std::exp(static_cast<acc_t>(p[y * sC + r]) - lse[i]);
-          g[y * S + r] = static_cast<scalar_t>(am[r] * p_y - bm[r] * w_y - coefv[r] * one_m_ls * w_y);
+          const acc_t x_y = static_cast<acc_t>(p[y * sC + r]);
+          const acc_t u_y = cap > acc_t(0) ? cap_scalar<acc_t>(x_y, cap) : x_y;
+          const acc_t p_y = std::exp(u_y - lse[i]);
+          acc_t g_y = am[r] * p_y - bm[r] * w_y - coefv[r] * one_m_ls * w_y;
+          if (cap > acc_t(0)) g_y *= cap_grad_scalar<acc_t>(u_y, cap);
+          g[y * S + r] = static_cast<scalar_t>(g_y);
         }
       }
       if (stream) stream_fence();

@@ -127,13 +127,17 @@ def _normalised(
     if num_items_in_batch is None:
         return loss
     n = (target != ignore_index).sum()
+    # k counts tokens; with group_ids info.k counts groups, and the kept tokens are counted here.
+    k = info.k if info.group_kept is None else info.kept.sum()
     if group is not None:
         import torch.distributed as dist
 
-        dist.all_reduce(n, group=group)
+        counts = torch.stack([n, k.to(n.dtype)]) if info.group_kept is not None else n
+        dist.all_reduce(counts, group=group)
+        n, k = (counts[0], counts[1]) if info.group_kept is not None else (counts, k)
         loss = loss / dist.get_world_size(group)
     # n / k is 1 exactly at keep 1.0 and finite (0) for a micro-batch without valid tokens.
-    scale = (n.to(torch.float64) / info.k.clamp_min(1).to(torch.float64)).to(loss.dtype)
+    scale = (n.to(torch.float64) / k.clamp_min(1).to(torch.float64)).to(loss.dtype)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(loss.device)
     return loss * scale / num_items_in_batch

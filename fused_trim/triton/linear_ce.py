@@ -53,6 +53,7 @@ from .._common import (
     ranking_scores,
     rule_k,
 )
+from .._groups import group_rows_bound, keep_positions_options, masked_target, select_groups
 from .ce_backward import ce_backward_kernel
 from .ce_forward import ce_forward_kernel
 from .launch import device_guard, device_ratio, float64_bits, head_args, row_config, select_rows
@@ -637,11 +638,21 @@ def trimmed_linear_cross_entropy_2d(
     # Bitwise equal rows (duplicated tokens) tie, wherever cuBLAS placed them in a chunk's tile.
     first = first_equal_rows(detached[0], target)
     losses, w_y, stats = losses[first], w_y[first], stats[:, first]
-    if share is not None:
+    groups = None
+    if opts.group_ids is not None:
+        # The groups' selection, then every valid row of the kept groups (the target masked to them).
+        groups = select_groups(losses, target != opts.ignore_index, opts, share)
+        max_kept = num_rows if share is not None else group_rows_bound(opts, num_rows)  # (a rank's share: any)
+        target = masked_target(target, groups[0], opts.ignore_index)
+        opts = keep_positions_options(opts)
+        keep_ratio, ratio_t = 1.0, None
+    elif share is not None:
         ratio_t, keep_ratio = share(losses, target != opts.ignore_index), 1.0
     elif opts.keep_threshold is not None:  # k from the losses, passed on as an exact count
         ratio_t = rule_k(ranking_scores(losses, opts.score_offset), target != opts.ignore_index, opts)
-    if ratio_t is None:
+    if groups is not None:
+        pass
+    elif ratio_t is None:
         max_kept = host_k(num_rows, keep_ratio)
     elif share is None and opts.keep_count is not None and not isinstance(opts.keep_count, Tensor):
         max_kept = min(num_rows, opts.keep_count)  # a host count bounds k too
@@ -667,4 +678,6 @@ def trimmed_linear_cross_entropy_2d(
         opts.result_dtype,
         *head,
     )
+    if groups is not None:
+        k, threshold = groups[1], groups[2].to(threshold.dtype)
     return out, losses, kept, k, threshold.detach(), stats[0] + stats[1]

@@ -14,7 +14,8 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .._common import TrimOptions, acc_dtype, double_backward_message, kernel_ratio
+from .._common import Reduction, TrimOptions, acc_dtype, double_backward_message, kernel_ratio, out_dtype
+from .._groups import reduce_kept, select_groups
 from .ce_backward import ce_backward_kernel
 from .ce_backward_spatial import ce_backward_spatial_kernel
 from .ce_forward import ce_forward_kernel
@@ -306,12 +307,55 @@ trimmed_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
 trimmed_ce_bwd.register_autograd(_double_backward)
 
 
+class _KeptRowsLoss(torch.autograd.Function):
+    """A loss formed outside the op over a given kept set, with the op's backward
+    (:func:`trimmed_ce_bwd`: rows outside ``kept`` get exact zeros without a read of their logits;
+    a scalar upstream gradient is divided by ``denom``)."""
+
+    @staticmethod
+    def forward(ctx, input, out, target, weight, stats, kept, denom, label_smoothing, logit_softcap, z_loss):  # noqa: D102
+        ctx.save_for_backward(input, target, weight, stats, kept, denom)
+        ctx.label_smoothing = label_smoothing
+        ctx.head = (logit_softcap, z_loss)
+        ctx.mark_non_differentiable(target, stats, kept, denom)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        input, target, weight, stats, kept, denom = ctx.saved_tensors
+        grad = trimmed_ce_bwd(grad_out, input, target, weight, stats, kept, denom, ctx.label_smoothing, *ctx.head)
+        return (grad,) + (None,) * 9
+
+
+def _grouped_cross_entropy_2d(
+    input: Tensor, target: Tensor, opts: TrimOptions
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Group trimming (``opts.group_ids``): every row's loss from the forward kernel (keep all, no
+    reduction, one read of the logits), the groups' selection
+    (:func:`fused_trim._groups.select_groups`), the reduction over the kept rows, and the backward
+    kernel over them."""
+    with torch.no_grad():
+        _, losses, _, _, _, stats, _ = trimmed_ce_fwd(
+            input.detach(), target, opts.weight, 1.0, None, bool(opts.keep), opts.ignore_index,
+            opts.label_smoothing, int(Reduction.NONE), None, opts.result_dtype, None, 0, opts.logit_softcap,
+            float(opts.z_loss),
+        )  # fmt: skip
+    kept, k, threshold = select_groups(losses, target != opts.ignore_index, opts)
+    dtype = out_dtype(opts, input.dtype)
+    out, _, denom = reduce_kept(losses, kept, target, opts, dtype)
+    head = (opts.logit_softcap, float(opts.z_loss))
+    out = _KeptRowsLoss.apply(input, out, target, opts.weight, stats, kept, denom, opts.label_smoothing, *head)
+    return out, losses, kept, k, threshold.to(dtype), stats[0] + stats[1]
+
+
 def trimmed_cross_entropy_2d(
     input: Tensor, target: Tensor, opts: TrimOptions
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The contract of :func:`fused_trim.reference.trimmed_cross_entropy_2d`; differences: the
     spatial layout ``(N, C, S)`` is read in place, and ``keep_ratio`` may be a 0-dim tensor on
     another device only when it is floating (a ratio, read on the host)."""
+    if opts.group_ids is not None:
+        return _grouped_cross_entropy_2d(input, target, opts)
     keep_ratio, ratio_t = device_ratio(kernel_ratio(opts), input.device)
     out, losses, kept, k, threshold, stats, _ = trimmed_ce_fwd(
         input,
