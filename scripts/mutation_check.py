@@ -34,6 +34,7 @@ FIRST = [
     "tests/test_contract.py",
     "tests/test_keep_rules.py",
     "tests/test_score_offset.py",
+    "tests/test_head_options.py",
     "tests/test_linear_ce.py",
     "tests/test_native_linear.py",
     "tests/test_native.py",
@@ -161,6 +162,21 @@ MUTATIONS = [
         "csrc/cpu/ce_rows.h",
         r"\(ls / static_cast<acc_t>\(C\)\) \* smooth_term",
         "(ls / static_cast<acc_t>(C + 1)) * smooth_term",
+    ),
+    # --- logit_softcap / z_loss: the cap's derivative, the z term's gradient -----------------------
+    Mutation(
+        "soft-cap derivative dropped",
+        "triton",
+        "fused_trim/triton/ce_backward.py",
+        r"^(\s+)grad \*= dcap$",
+        r"\1grad *= 1.0",
+    ),
+    Mutation(
+        "z term missing from the gradient",
+        "triton",
+        "fused_trim/triton/_ce.py",
+        r"p_coef \+= 2\.0 \* z_loss \* \(m \+ log_s\)",
+        "p_coef += 0.0 * z_loss * (m + log_s)",
     ),
     # --- a non-zero gradient outside K ------------------------------------------------------------
     Mutation(

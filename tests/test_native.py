@@ -87,6 +87,33 @@ def test_opcheck(reduction, dtype, layout):
 
 
 @needs_native
+@pytest.mark.parametrize("layout", ["rows", "spatial"])
+def test_opcheck_with_head_options(layout):
+    """The ops' schemas, fake kernels and outputs with logit_softcap and z_loss (the LM head's keep-all
+    op returns the rows' lse last)."""
+    gen = torch.Generator().manual_seed(0)
+    x, t = _opcheck_input(layout, torch.float32, gen)
+    args = (x, t, None, 0.4, None, False, -100, 0.1, 1, None, None, 0, 2.5, 1e-2)
+    torch.library.opcheck(torch.ops.fused_trim.trimmed_ce_fwd.default, args)
+    r = torch.ops.fused_trim.trimmed_ce_fwd(*args)
+    bwd_args = (torch.ones(()), x.detach(), t, None, r[5], r[6], -100, 0.1, 2.5, 1e-2)
+    torch.library.opcheck(torch.ops.fused_trim.trimmed_ce_bwd.default, bwd_args)
+    h, w = torch.randn(13, 8, generator=gen), torch.randn(21, 8, generator=gen)
+    ht = torch.randint(0, 21, (13,), generator=gen)
+    ht[::4] = -100
+    head = (2.5, 1e-2)
+    ops = torch.ops.fused_trim
+    torch.library.opcheck(ops.linear_ce_rows.default, (h, w, None, ht, None, -100, 0.0, 4, *head))
+    keep_all = (h, w, None, ht, None, False, -100, 0.0, 1, 4, 3, *head)
+    torch.library.opcheck(ops.linear_ce_keep_all.default, keep_all)
+    lse = ops.linear_ce_keep_all(*keep_all)[-1]
+    torch.testing.assert_close(lse, ops.linear_ce_rows(h, w, None, ht, None, -100, 0.0, 4, *head)[1])
+    kept = ht != -100
+    bwd = (torch.ones(()), h, w, None, ht, None, lse, kept, kept.float(), -100, 0.0, 4, 3, *head)
+    torch.library.opcheck(ops.linear_ce_bwd.default, bwd)
+
+
+@needs_native
 def test_keep_ratio_tensor_goes_to_the_op():
     x = torch.randn(50, 7)
     t = torch.randint(0, 7, (50,))

@@ -50,9 +50,9 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
 
 // tanh over a vector. fp32: a rational approximation (Eigen's fast tanh: odd degree 13 over even
 // degree 6 on [-7.9988, 7.9988], x itself below 4e-4), within 6 ulp of tanh (3.4e-7 relative),
-// exactly +-1 from |x| >= 9 (where fp32 tanh rounds to +-1 too), NaN for NaN; about 8x cheaper
-// than SLEEF's 1-ulp tanh, which soft-capping an LM head's logits would otherwise pay on every
-// logit. fp64: SLEEF's 1-ulp tanh.
+// exactly +-1 from |x| >= 9 (where fp32 tanh rounds to +-1 too), NaN for NaN; several times
+// cheaper than SLEEF's 1-ulp tanh, which soft-capping would otherwise pay on every logit of an LM
+// head. fp64: SLEEF's 1-ulp tanh.
 template <typename acc_t>
 inline Vectorized<acc_t> vtanh(const Vectorized<acc_t>& a) {
   if constexpr (std::is_same_v<acc_t, float>) {

@@ -35,9 +35,13 @@ def head_args(logit_softcap: float | None, z_loss: float) -> tuple[tuple[int, in
     return bits, {"HAS_CAP": logit_softcap is not None, "HAS_Z": z_loss != 0.0}
 
 
-def row_config(num_classes: int, element_size: int) -> tuple[int, int]:
-    """``(BLOCK_C, num_warps)`` of the row kernels: the column block and its warps."""
-    max_block = 16384 // max(element_size, 2)  # 32 KiB of logits in flight per program
+def row_config(num_classes: int, element_size: int, capped: bool = False) -> tuple[int, int]:
+    """``(BLOCK_C, num_warps)`` of the row kernels: the column block and its warps.
+
+    ``capped`` (``logit_softcap``): at most 4096 columns for 2-byte logits too, as for fp32 ones: the
+    cap's temporaries took the bf16 8192-column backward from 128 to 176 registers in an sm_90
+    compile (one program per SM instead of two), at 4096 columns 98."""
+    max_block = 16384 // max(element_size, 4 if capped else 2)  # 32 KiB of logits in flight per program
     block = min(triton.next_power_of_2(num_classes), max_block)
     num_warps = 1 if block <= 256 else 4 if block <= 2048 else 8
     return block, num_warps

@@ -145,7 +145,7 @@ def _forward(
             num_warps=warps,
         )
     else:
-        block_c, warps = row_config(num_classes, input.element_size())
+        block_c, warps = row_config(num_classes, input.element_size(), logit_softcap is not None)
         wrap_triton(ce_forward_kernel)[(num_rows,)](
             input,
             input.stride(0),
@@ -257,7 +257,7 @@ def _backward_grad(
         )
         return grad
     num_rows, num_classes = input.shape
-    block_c, warps = row_config(num_classes, input.element_size())
+    block_c, warps = row_config(num_classes, input.element_size(), logit_softcap is not None)
     wrap_triton(ce_backward_kernel)[(num_rows,)](
         input,
         input.stride(0),
