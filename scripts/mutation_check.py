@@ -178,6 +178,20 @@ MUTATIONS = [
         r"p_coef \+= 2\.0 \* z_loss \* \(m \+ log_s\)",
         "p_coef += 0.0 * z_loss * (m + log_s)",
     ),
+    Mutation(
+        "soft-cap derivative dropped",
+        "native",
+        "csrc/cpu/ce_rows.h",
+        r"return Vectorized<acc_t>\(acc_t\(1\)\) - t \* t;",
+        "return Vectorized<acc_t>(acc_t(1)) + acc_t(0) * t;",
+    ),
+    Mutation(
+        "z term missing from the gradient",
+        "native",
+        "csrc/cpu/ce_rows.h",
+        r"g\.a \+= coef \* \(acc_t\(2\) \* zl \* lse\);",
+        "g.a += coef * (acc_t(0) * zl * lse);",
+    ),
     # --- a non-zero gradient outside K ------------------------------------------------------------
     Mutation(
         "gradient outside K",
