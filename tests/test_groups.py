@@ -428,3 +428,30 @@ def test_modules_take_rows_at_construction_and_ids_per_call():
         TrimmedCrossEntropyLoss(group_ids=ids)
     with pytest.raises(ValueError, match="group_reduction must be one of 'mean', 'sum', got 'median'"):
         TrimmedLinearCrossEntropyLoss(head, group_reduction="median")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_image_trimming_of_segmentation_maps(backend):
+    """``(N, C, H, W)`` logits (the spatial layout, read in place) with ``group_ids="rows"``: whole
+    images ranked by their mean pixel loss, against the oracle on the same pixels."""
+    name, dev = split(backend)
+    gen = torch.Generator().manual_seed(17)
+    n, c, h, w = 5, 4, 3, 6
+    logits = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, c, (n, h, w), generator=gen)
+    target[torch.rand(n, h, w, generator=gen) < 0.2] = -100
+    for keep, rule in (("hardest", {"keep_ratio": 0.4}), ("easiest", {"keep_threshold": 1.2, "min_kept": 1})):
+        x = logits.to(dev).clone().requires_grad_(True)
+        loss, info = trimmed_cross_entropy(
+            x, target.to(dev), keep=keep, group_ids="rows", backend=name, return_info=True, **rule
+        )
+        loss.backward()
+        flat = logits.permute(0, 2, 3, 1).reshape(-1, c)
+        ids = torch.arange(n).repeat_interleave(h * w)
+        o_rule = ("ratio", 0.4) if "keep_ratio" in rule else ("threshold", 1.2, 1)
+        o_loss, o_grad, o_kept, o_k, *_ = oracle(flat, target.reshape(-1), ids, rule=o_rule, keep=keep)
+        assert torch.equal(info.kept.cpu().reshape(-1), o_kept) and int(info.k) == o_k
+        torch.testing.assert_close(loss.detach().cpu(), o_loss, rtol=1e-9, atol=1e-12)
+        grad = x.grad.cpu().permute(0, 2, 3, 1).reshape(-1, c)
+        torch.testing.assert_close(grad, o_grad, rtol=1e-9, atol=1e-12)
+        assert info.group_kept.shape == (n,)
