@@ -455,3 +455,24 @@ def test_per_image_trimming_of_segmentation_maps(backend):
         grad = x.grad.cpu().permute(0, 2, 3, 1).reshape(-1, c)
         torch.testing.assert_close(grad, o_grad, rtol=1e-9, atol=1e-12)
         assert info.group_kept.shape == (n,)
+
+
+@pytest.mark.parametrize(("op", "backend"), [o for o in OPS if split(o[1])[0] != "triton"])
+def test_tied_groups_go_to_the_lower_id(op, backend):
+    """Two bitwise-equal sequences (rows 1 and 4) tie; with room for one, the lower row is kept, in
+    either direction; with explicit ids, the lower id, wherever its positions are."""
+    logits, target, hidden, head, gen = make(23, ignore_frac=0.0)
+    for src in (logits, hidden):
+        src[4] = src[1]
+    target[4] = target[1]
+    data = (logits, target, hidden, head, gen)
+    _, _, _, _, _, gscores, _ = oracle_for(op, data, "rows", ("count", 1))
+    for keep, sign in (("hardest", -1.0), ("easiest", 1.0)):
+        ranked = sorted(range(B), key=lambda g, sign=sign: (sign * float(gscores[g]), g))
+        pos = ranked.index(1)  # keep every group up to the tied pair, and one of the pair
+        _, _, info = run_op(op, backend, data, "rows", ("count", pos + 1), keep=keep)
+        assert bool(info.group_kept[1]) and not bool(info.group_kept[4]), keep
+        ids = torch.arange(B).repeat_interleave(T).reshape(B, T)
+        ids[1], ids[4] = 30, 20  # row 4 now holds the lower id (of the two; others keep theirs)
+        _, _, info = run_op(op, backend, data, ids, ("count", pos + 1), keep=keep)
+        assert bool(info.kept[4].all()) and not bool(info.kept[1].any()), keep
