@@ -33,6 +33,7 @@ FIRST = [
     "tests/test_reference.py",
     "tests/test_contract.py",
     "tests/test_keep_rules.py",
+    "tests/test_groups.py",
     "tests/test_score_offset.py",
     "tests/test_head_options.py",
     "tests/test_linear_ce.py",
@@ -262,6 +263,21 @@ MUTATIONS = [
         "csrc/trimmed_ce_common.h",
         r"return easiest \? s < threshold : s > threshold;",
         "return easiest ? s <= threshold : s >= threshold;",
+    ),
+    # --- groups: ties to the higher group id; a group scored by its sum under "mean" ---------------------
+    Mutation(
+        "group tie rule",
+        "groups (_groups)",
+        "fused_trim/_groups.py",
+        r"order = torch\.sort\(keys, descending=True, stable=True\)\.indices$",
+        "order = keys.shape[0] - 1 - torch.sort(keys.flip(0), descending=True, stable=True).indices",
+    ),
+    Mutation(
+        "group mean as sum",
+        "groups (_groups)",
+        "fused_trim/_groups.py",
+        r'if group_reduction == "mean":',
+        'if group_reduction != "mean":',
     ),
     # --- min_kept ignored -----------------------------------------------------------------------------
     Mutation(
