@@ -15,6 +15,10 @@ Backends (the names used in every table):
 - ``triton``: ``backend="triton"``, CUDA only (Triton's interpreter is never benchmarked).
 - ``liger_topk``: Liger-Kernel's cross-entropy (``reduction="none"``) -> ``topk`` -> ``mean``, CUDA only,
   when ``liger_kernel`` is importable.
+- ``native+rows`` / ``triton+rows``: the kernel backend trimming whole sequences
+  (``group_ids="rows"``) at the LM shapes: the ``(N, V)`` logits viewed as ``N / 1024`` sequences of
+  1024 tokens (a ``(B, V, T)`` view, no copy); the cost of group trimming over the plain row's
+  per-token trimming in the same run.
 """
 
 from __future__ import annotations
@@ -63,7 +67,18 @@ DESCRIPTIONS = {
     "native": "trimmed_cross_entropy(backend='native'): the C++/CUDA op",
     "triton": "trimmed_cross_entropy(backend='triton'): the Triton kernels",
     "liger_topk": "Liger-Kernel cross-entropy(reduction='none') -> topk(k) -> mean",
+    "native+rows": "trimmed_cross_entropy(backend='native', group_ids='rows'): whole sequences of 1024 tokens",
+    "triton+rows": "trimmed_cross_entropy(backend='triton', group_ids='rows'): whole sequences of 1024 tokens",
 }
+GROUP_SEQ_LEN = 1024  # tokens per sequence of the "+rows" rows
+
+
+def runs_at(name: str, case: Case) -> bool:
+    """Whether backend ``name`` has a row at ``case``: the "+rows" rows only at LM-like shapes
+    (``(N, V)`` with ``V >= 8192`` and whole sequences of :data:`GROUP_SEQ_LEN` tokens)."""
+    if not name.endswith("+rows"):
+        return True
+    return len(case.shape) == 2 and case.num_classes >= 8192 and case.shape[0] % GROUP_SEQ_LEN == 0
 
 
 @dataclass(frozen=True)
@@ -161,7 +176,7 @@ def available_backends(device: str) -> tuple[list[str], dict[str, str]]:
     dev = torch.device(device)
     reason = native.unavailable_reason(dev)
     if reason is None:
-        names.append("native")
+        names += ["native", "native+rows"]
     else:
         skipped["native"] = reason
     if dev.type == "cuda":
@@ -170,7 +185,7 @@ def available_backends(device: str) -> tuple[list[str], dict[str, str]]:
         elif importlib.util.find_spec("triton") is None:
             skipped["triton"] = "triton is not importable"
         else:
-            names.append("triton")
+            names += ["triton", "triton+rows"]
         if importlib.util.find_spec("liger_kernel") is None:
             skipped["liger_topk"] = "liger_kernel is not installed"
         else:
@@ -219,6 +234,14 @@ def make_fn(name: str, case: Case, compile_backend: str = "inductor") -> Callabl
         return lambda x, t: F.cross_entropy(x, t)
     if name in ("reference", "native", "triton"):
         return lambda x, t: trimmed_cross_entropy(x, t, r, backend=name)
+    if name in ("native+rows", "triton+rows"):
+        backend, seq = name.split("+")[0], GROUP_SEQ_LEN
+
+        def rows(x: Tensor, t: Tensor) -> Tensor:
+            xs = x.view(-1, seq, x.shape[-1]).transpose(1, 2)  # (B, V, T): the rows of x, in place
+            return trimmed_cross_entropy(xs, t.view(-1, seq), r, backend=backend, group_ids="rows")
+
+        return rows
     if name == "topk_eager":
         return lambda x, t: topk_mean(x, t, k)
     if name == "reference_compiled":

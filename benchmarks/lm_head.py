@@ -20,7 +20,9 @@ matmuls alone). Rows:
   the same ranked by ``l_i - score_offset_i`` (a random offset: the cost of selective language
   modelling's ranking, for the default kernel backend); ``fused/<backend>+softcap_z`` the same with
   ``logit_softcap=30.0`` (Gemma 2) and ``z_loss=1e-4`` (PaLM), for the default kernel backend once
-  its kernels have the options: their cost next to the plain row;
+  its kernels have the options: their cost next to the plain row; ``fused/<backend>+rows`` the same
+  trimming whole sequences (``group_ids="rows"`` on the ``(N / 256, 256, D)`` view of the hidden
+  states: sequences of 256 tokens), for the default kernel backend: the cost of group trimming;
 - CUDA, when installed: ``liger`` (Liger-Kernel's fused linear cross-entropy, no trimming) and
   ``cce`` (Cut Cross-Entropy's ``linear_cross_entropy``, no trimming).
 
@@ -57,6 +59,7 @@ KEEPS = (0.2, 0.5, 1.0)
 # The "+softcap_z" rows: Gemma 2's final-logit cap and PaLM's z-loss coefficient.
 HEAD_OPTIONS = {"logit_softcap": 30.0, "z_loss": 1e-4}
 UNTRIMMED = ("linear+cross_entropy", "torch_chunked", "liger", "cce")
+GROUP_SEQ_LEN = 256  # tokens per sequence of the "+rows" rows
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,10 @@ def make_step(name: str, case: LMCase, x, w, t) -> Callable[[], torch.Tensor] | 
         with_offset = variant == "offset"
         offset = torch.randn(t.shape, generator=torch.Generator().manual_seed(1)).to(x.device) if with_offset else None
         head = HEAD_OPTIONS if variant == "softcap_z" else {}
+        if variant == "rows":
+            seq = math.gcd(x.shape[0], GROUP_SEQ_LEN)  # (tiny test shapes: shorter sequences)
+            xs, ts = x.view(-1, seq, x.shape[-1]), t.view(-1, seq)
+            return lambda: trimmed_linear_cross_entropy(xs, w, ts, r, backend=backend, group_ids="rows")
         return lambda: trimmed_linear_cross_entropy(x, w, t, r, backend=backend, score_offset=offset, **head)
     if name == "liger":
         mod = _optional("liger_kernel.transformers")
@@ -257,7 +264,7 @@ def run(device: str, cases: list[LMCase], repeats: int, budget_s: float, backend
     fused = [f"fused/{b}" for b in fused_backends(device) if backends is None or b in backends]
     if len(fused) > 1:
         kernels = fused[-1]
-        fused.append(f"{kernels}+offset")
+        fused += [f"{kernels}+offset", f"{kernels}+rows"]
         if kernels.split("/")[1] in _HEAD_OPTION_BACKENDS:
             fused.append(f"{kernels}+softcap_z")
     rows_names = ["linear+cross_entropy", "torch_chunked", "linear+trimmed", *fused]

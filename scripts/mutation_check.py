@@ -33,6 +33,7 @@ FIRST = [
     "tests/test_reference.py",
     "tests/test_contract.py",
     "tests/test_keep_rules.py",
+    "tests/test_groups.py",
     "tests/test_score_offset.py",
     "tests/test_head_options.py",
     "tests/test_linear_ce.py",
@@ -178,6 +179,20 @@ MUTATIONS = [
         r"p_coef \+= 2\.0 \* z_loss \* \(m \+ log_s\)",
         "p_coef += 0.0 * z_loss * (m + log_s)",
     ),
+    Mutation(
+        "soft-cap derivative dropped",
+        "native",
+        "csrc/cpu/ce_rows.h",
+        r"return Vectorized<acc_t>\(acc_t\(1\)\) - t \* t;",
+        "return Vectorized<acc_t>(acc_t(1)) + acc_t(0) * t;",
+    ),
+    Mutation(
+        "z term missing from the gradient",
+        "native",
+        "csrc/cpu/ce_rows.h",
+        r"g\.a \+= coef \* \(acc_t\(2\) \* zl \* lse\);",
+        "g.a += coef * (acc_t(0) * zl * lse);",
+    ),
     # --- a non-zero gradient outside K ------------------------------------------------------------
     Mutation(
         "gradient outside K",
@@ -248,6 +263,21 @@ MUTATIONS = [
         "csrc/trimmed_ce_common.h",
         r"return easiest \? s < threshold : s > threshold;",
         "return easiest ? s <= threshold : s >= threshold;",
+    ),
+    # --- groups: ties to the higher group id; a group scored by its sum under "mean" ---------------------
+    Mutation(
+        "group tie rule",
+        "groups (_groups)",
+        "fused_trim/_groups.py",
+        r"order = torch\.sort\(keys, descending=True, stable=True\)\.indices$",
+        "order = keys.shape[0] - 1 - torch.sort(keys.flip(0), descending=True, stable=True).indices",
+    ),
+    Mutation(
+        "group mean as sum",
+        "groups (_groups)",
+        "fused_trim/_groups.py",
+        r'if group_reduction == "mean":',
+        'if group_reduction != "mean":',
     ),
     # --- min_kept ignored -----------------------------------------------------------------------------
     Mutation(

@@ -170,9 +170,29 @@ def test_rho1_needs_its_reference(fake_stdlib, tmp_path):
 
 
 @pytest.mark.parametrize("arm", ["sequence-hardest", "sequence-easiest"])
-def test_sequence_arms_refuse_until_groups_exist(fake_stdlib, tmp_path, arm):
-    with pytest.raises(ValueError, match="group keep rule"):
-        run_lm_demo(_cfg(fake_stdlib, tmp_path, compare=(arm,)))
+def test_sequence_arms_keep_whole_sequences(fake_stdlib, tmp_path, arm, monkeypatch):
+    """The sequence arms (mini-batch trimming per sequence, loss truncation) keep every token of a
+    kept sequence and none of the others."""
+    from fused_trim.demo import lm
+
+    seen = []
+    original = lm._head_losses
+
+    def spy(model, batch, *args, **kwargs):
+        out = original(model, batch, *args, **kwargs)
+        if kwargs.get("return_info"):
+            seen.append((kwargs["group_ids"], out[1].kept, kwargs["keep"]))
+        return out
+
+    monkeypatch.setattr(lm, "_head_losses", spy)
+    cfg = _cfg(fake_stdlib, tmp_path, keep_end=0.5, compare=(arm,))
+    rows = train_lm_run(load_lm_data(cfg.vocab_size, cfg.seq_len, fake_stdlib), cfg, arm, 0)
+    assert rows and seen
+    for ids, kept, keep in seen:
+        per_row = kept.reshape(-1, cfg.seq_len)
+        assert ids is not None and torch.equal(per_row.any(1), per_row.all(1))
+        assert keep == ("easiest" if arm == "sequence-easiest" else "hardest")
+    assert not seen[-1][1].all()  # by the last step the schedule keeps part of the batch
 
 
 def test_arms_are_paired(fake_stdlib, tmp_path):
@@ -225,8 +245,8 @@ def test_command_line_runs_the_lm_task(fake_stdlib, tmp_path, capsys):
     assert "token-hardest - baseline" in out and "noise 0.25" in out and "CI " in out and "nats/token" in out
     assert (tmp_path / "metrics.csv").read_text().count("\n") == 1 + 2 * 2  # header, 2 arms x 2 seeds x 1 eval
     with pytest.raises(SystemExit):
-        main(["demo", "--task", "lm", "--compare", "sequence-easiest", "--out", str(tmp_path / "x")])
-    assert "group keep rule" in capsys.readouterr().err
+        main(["demo", "--task", "lm", "--compare", "sequence-middle", "--out", str(tmp_path / "x")])
+    assert "arms are a comma-separated list" in capsys.readouterr().err
 
 
 def test_every_lm_flag_is_documented():

@@ -428,3 +428,51 @@ def test_modules_take_rows_at_construction_and_ids_per_call():
         TrimmedCrossEntropyLoss(group_ids=ids)
     with pytest.raises(ValueError, match="group_reduction must be one of 'mean', 'sum', got 'median'"):
         TrimmedLinearCrossEntropyLoss(head, group_reduction="median")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_image_trimming_of_segmentation_maps(backend):
+    """``(N, C, H, W)`` logits (the spatial layout, read in place) with ``group_ids="rows"``: whole
+    images ranked by their mean pixel loss, against the oracle on the same pixels."""
+    name, dev = split(backend)
+    gen = torch.Generator().manual_seed(17)
+    n, c, h, w = 5, 4, 3, 6
+    logits = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, c, (n, h, w), generator=gen)
+    target[torch.rand(n, h, w, generator=gen) < 0.2] = -100
+    for keep, rule in (("hardest", {"keep_ratio": 0.4}), ("easiest", {"keep_threshold": 1.2, "min_kept": 1})):
+        x = logits.to(dev).clone().requires_grad_(True)
+        loss, info = trimmed_cross_entropy(
+            x, target.to(dev), keep=keep, group_ids="rows", backend=name, return_info=True, **rule
+        )
+        loss.backward()
+        flat = logits.permute(0, 2, 3, 1).reshape(-1, c)
+        ids = torch.arange(n).repeat_interleave(h * w)
+        o_rule = ("ratio", 0.4) if "keep_ratio" in rule else ("threshold", 1.2, 1)
+        o_loss, o_grad, o_kept, o_k, *_ = oracle(flat, target.reshape(-1), ids, rule=o_rule, keep=keep)
+        assert torch.equal(info.kept.cpu().reshape(-1), o_kept) and int(info.k) == o_k
+        torch.testing.assert_close(loss.detach().cpu(), o_loss, rtol=1e-9, atol=1e-12)
+        grad = x.grad.cpu().permute(0, 2, 3, 1).reshape(-1, c)
+        torch.testing.assert_close(grad, o_grad, rtol=1e-9, atol=1e-12)
+        assert info.group_kept.shape == (n,)
+
+
+@pytest.mark.parametrize(("op", "backend"), [o for o in OPS if split(o[1])[0] != "triton"])
+def test_tied_groups_go_to_the_lower_id(op, backend):
+    """Two bitwise-equal sequences (rows 1 and 4) tie; with room for one, the lower row is kept, in
+    either direction; with explicit ids, the lower id, wherever its positions are."""
+    logits, target, hidden, head, gen = make(23, ignore_frac=0.0)
+    for src in (logits, hidden):
+        src[4] = src[1]
+    target[4] = target[1]
+    data = (logits, target, hidden, head, gen)
+    _, _, _, _, _, gscores, _ = oracle_for(op, data, "rows", ("count", 1))
+    for keep, sign in (("hardest", -1.0), ("easiest", 1.0)):
+        ranked = sorted(range(B), key=lambda g, sign=sign: (sign * float(gscores[g]), g))
+        pos = ranked.index(1)  # keep every group up to the tied pair, and one of the pair
+        _, _, info = run_op(op, backend, data, "rows", ("count", pos + 1), keep=keep)
+        assert bool(info.group_kept[1]) and not bool(info.group_kept[4]), keep
+        ids = torch.arange(B).repeat_interleave(T).reshape(B, T)
+        ids[1], ids[4] = 30, 20  # row 4 now holds the lower id (of the two; others keep theirs)
+        _, _, info = run_op(op, backend, data, ids, ("count", pos + 1), keep=keep)
+        assert bool(info.kept[4].all()) and not bool(info.kept[1].any()), keep

@@ -13,8 +13,10 @@ rate schedule, and in the noisy setting the same corrupted sequences):
   on the clean reference modules (about a tenth of the training modules), and the main model keeps the
   ``--rho1-keep`` (0.6) fraction of tokens with the highest excess loss ``l - l_ref``
   (``score_offset`` = the reference's per-token losses);
-- ``sequence-hardest`` / ``sequence-easiest`` (loss truncation): need the group keep rule (whole
-  sequences ranked by their mean loss), which fused_trim does not have yet: they are listed and refused.
+- ``sequence-hardest``: mini-batch trimming per sequence: whole sequences ranked by their mean token
+  loss (``group_ids``, one group per sequence), the schedule of ``token-hardest``;
+- ``sequence-easiest``: loss truncation (Kang & Hashimoto, 2020): the lowest-loss whole sequences,
+  the schedule of ``token-easiest``.
 
 ``--noise p`` shuffles the tokens of a fraction ``p`` of the training sequences (the same sequences in
 every arm of a seed); validation is always on the clean validation modules. The metric is validation
@@ -47,7 +49,8 @@ from .training import lr_factor
 __all__ = ["LMConfig", "LM_ARMS", "run_lm_demo", "train_lm_run", "build_lm"]
 
 LM_ARMS = ("baseline", "token-hardest", "token-easiest", "sequence-hardest", "sequence-easiest", "rho1")
-NEEDS_GROUPS = ("sequence-hardest", "sequence-easiest")
+SEQUENCE_ARMS = ("sequence-hardest", "sequence-easiest")
+EASIEST_ARMS = ("token-easiest", "sequence-easiest")
 LM_CSV_FIELDS = (
     "arm",
     "seed",
@@ -84,7 +87,7 @@ class LMConfig:
     lr: float = 3e-3
     warmup_steps: int | None = None  # None: a tenth of the steps
     compare: tuple[str, ...] = ()  # empty: baseline, token-hardest (token-easiest with noise), rho1
-    keep_end: float | None = None  # None: 0.2 for token-hardest; 1 - noise (or 0.8) for token-easiest
+    keep_end: float | None = None  # None: 0.2 for the hardest arms; 1 - noise (or 0.8) for the easiest
     rho1_keep: float = 0.6
     reference_steps: int | None = None  # None: half of the steps
     noise: float = 0.0
@@ -114,7 +117,7 @@ class LMConfig:
     def keep_end_for(self, arm: str) -> float:
         if self.keep_end is not None:
             return self.keep_end
-        if arm == "token-hardest":
+        if arm in ("token-hardest", "sequence-hardest"):
             return 0.2
         return 1.0 - self.noise if self.noise > 0 else 0.8
 
@@ -123,12 +126,6 @@ class LMConfig:
         unknown = [a for a in self.compare if a not in LM_ARMS]
         if unknown:
             raise ValueError(f"--compare takes arms from {LM_ARMS}, got {','.join(self.compare)!r}")
-        grouped = [a for a in self.compare if a in NEEDS_GROUPS]
-        if grouped:
-            raise ValueError(
-                f"--compare {','.join(grouped)}: sequence-level trimming needs the group keep rule "
-                "(whole sequences ranked by their mean loss, group_ids=), which fused_trim does not have yet"
-            )
         checks = [
             (len(set(self.compare)) == len(self.compare), f"--compare lists an arm twice: {self.compare}"),
             (self.seeds >= 1, f"--seeds must be >= 1, got {self.seeds}"),
@@ -275,7 +272,9 @@ def train_lm_run(
         train, noisy = corrupt_sequences(data.train, cfg.noise, seed)
     validation = _val_subset(data, cfg.val_sequences)
     schedule = cfg.schedule(arm)
-    keep = "easiest" if arm == "token-easiest" else "hardest"
+    keep = "easiest" if arm in EASIEST_ARMS else "hardest"
+    # The sequence arms rank whole sequences: one group id per sequence of the batch.
+    groups = torch.arange(cfg.batch_size).repeat_interleave(cfg.seq_len) if arm in SEQUENCE_ARMS else None
     torch.manual_seed(seed)  # the same initial weights in every arm
     model = build_lm(cfg, data.vocab_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -294,7 +293,8 @@ def train_lm_run(
         if arm == "rho1":
             with torch.no_grad():
                 offset = _head_losses(reference, batch, reduction="none")
-        loss, info = _head_losses(model, batch, ratio, keep=keep, score_offset=offset, return_info=True)
+        ids = None if groups is None else groups[: batch.shape[0] * cfg.seq_len]
+        loss, info = _head_losses(model, batch, ratio, keep=keep, score_offset=offset, group_ids=ids, return_info=True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -446,7 +446,10 @@ def run_lm_demo(cfg: LMConfig, stream: TextIO | None = None) -> dict[str, Any]:
     data = load_lm_data(cfg.vocab_size, cfg.seq_len, cfg.stdlib)
     t_data = time.perf_counter() - t_data
     arms = cfg.arms()
-    schedules = {a: repr(cfg.schedule(a)) + (", keep='easiest'" if a == "token-easiest" else "") for a in arms}
+    schedules = {a: repr(cfg.schedule(a)) + (", keep='easiest'" if a in EASIEST_ARMS else "") for a in arms}
+    for a in arms:
+        if a in SEQUENCE_ARMS:
+            schedules[a] += ", whole sequences (group_ids)"
     if "rho1" in arms:
         schedules["rho1"] += ", score_offset = the reference model's per-token losses"
     backend = resolve_backend("auto", torch.device("cpu"))  # compiles the native op before the clock
@@ -525,7 +528,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=(),
         metavar="A1,A2,...",
         help=f"arms against the baseline, from {', '.join(LM_ARMS[1:])} (default: token-hardest,rho1; "
-        "with --noise: token-easiest,rho1); the sequence arms need the group keep rule and are refused",
+        "with --noise: token-easiest,rho1)",
     )
     a("--noise", type=float, default=d.noise, help="fraction of training sequences whose tokens are shuffled")
     a("--steps", type=int, default=d.steps, help="optimizer steps per arm (default %(default)s)")
@@ -537,7 +540,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--heads", type=int, default=d.heads, help="attention heads (default %(default)s)")
     a("--lr", type=float, default=d.lr, help="AdamW peak learning rate (default %(default)s)")
     a("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up (default steps/10)")
-    a("--keep-end", type=float, default=None, help="last keep ratio of the token arms (0.2; easiest: 1 - noise or 0.8)")
+    a(
+        "--keep-end",
+        type=float,
+        default=None,
+        help="last keep ratio of the token and sequence arms (0.2; easiest: 1 - noise or 0.8)",
+    )
     a("--rho1-keep", type=float, default=d.rho1_keep, help="kept fraction of the rho1 arm (default %(default)s)")
     a("--reference-steps", type=int, default=None, help="steps of rho1's reference model (default steps/2)")
     a("--eval-every", type=int, default=None, help="steps between validation evaluations (default steps/5)")
