@@ -5,7 +5,7 @@
 //   kBlock                         logits per block: a block stays in L1 between passes over it
 //   kParallelGrainElements         at::parallel_for grain, in logits per chunk of rows
 //   vexp(v)                        exp of a vector (fp32: ATen's polynomial, fp64: SLEEF 1-ulp)
-//   vtanh(v)                       tanh of a vector (fp32: a rational approximation, fp64: SLEEF 1-ulp)
+//   vtanh(v)                       tanh of a vector (fp32: a polynomial and exp, fp64: SLEEF 1-ulp)
 //   load_block(src, n, buf)        n scalar_t -> acc_t (returns src itself when they are one type)
 //   store_block(src, n, dst)       n acc_t -> scalar_t, rounded to nearest
 //   block_max(p, n)                NaN-propagating max of p[0:n]
@@ -48,30 +48,26 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   }
 }
 
-// tanh over a vector. fp32: a rational approximation (Eigen's fast tanh: odd degree 13 over even
-// degree 6 on [-7.9988, 7.9988], x itself below 4e-4), within 6 ulp of tanh (3.4e-7 relative),
-// exactly +-1 from |x| >= 9 (where fp32 tanh rounds to +-1 too), NaN for NaN; several times
-// cheaper than SLEEF's 1-ulp tanh, which soft-capping would otherwise pay on every logit of an LM
-// head. fp64: SLEEF's 1-ulp tanh.
+// tanh over a vector. fp32: below |x| = 0.6 the odd polynomial x + x s q(s), s = x^2, of
+// scripts/fit_tanh.py (within 0.8 ulp; the Triton kernels use the same one), above it
+// sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) (no cancellation there; +-1 once e underflows,
+// NaN for NaN): one exp a logit, several times cheaper than SLEEF's 1-ulp tanh, which
+// soft-capping would otherwise pay on every logit of an LM head. fp64: SLEEF's 1-ulp tanh.
 template <typename acc_t>
 inline Vectorized<acc_t> vtanh(const Vectorized<acc_t>& a) {
   if constexpr (std::is_same_v<acc_t, float>) {
     using Vec = Vectorized<float>;
-    const Vec bound(7.99881172180175781f);
-    const Vec x = at::vec::minimum(at::vec::maximum(a, -bound), bound);
-    const Vec x2 = x * x;
-    Vec p = at::vec::fmadd(x2, Vec(-2.76076847742355e-16f), Vec(2.00018790482477e-13f));
-    p = at::vec::fmadd(x2, p, Vec(-8.60467152213735e-11f));
-    p = at::vec::fmadd(x2, p, Vec(5.12229709037114e-08f));
-    p = at::vec::fmadd(x2, p, Vec(1.48572235717979e-05f));
-    p = at::vec::fmadd(x2, p, Vec(6.37261928875436e-04f));
-    p = at::vec::fmadd(x2, p, Vec(4.89352455891786e-03f));
-    Vec q = at::vec::fmadd(x2, Vec(1.19825839466702e-06f), Vec(1.18534705686654e-04f));
-    q = at::vec::fmadd(x2, q, Vec(2.26843463243900e-03f));
-    q = at::vec::fmadd(x2, q, Vec(4.89352518554385e-03f));
     const Vec ax = a.abs();
-    Vec r = Vec::blendv((x * p) / q, a, ax < Vec(4e-4f));
-    return Vec::blendv(r, Vec(1.0f).copysign(a), ax >= Vec(9.0f));
+    const Vec x = at::vec::minimum(ax, Vec(0.6f));  // (no inf - inf in the unused polynomial)
+    const Vec s = x * x;
+    Vec q = at::vec::fmadd(s, Vec(-5.89561764848e-3f), Vec(2.07963681879e-2f));
+    q = at::vec::fmadd(s, q, Vec(-5.37839508699e-2f));
+    q = at::vec::fmadd(s, q, Vec(1.33319256214e-1f));
+    q = at::vec::fmadd(s, q, Vec(-3.33332980627e-1f));
+    const Vec poly = at::vec::fmadd(q * s, x, x);
+    const Vec e = vexp<float>(Vec(-2.0f) * ax);
+    const Vec big = (Vec(1.0f) - e) / (Vec(1.0f) + e);
+    return Vec::blendv(big, poly, ax < Vec(0.6f)).copysign(a);
   } else {
     return a.tanh();
   }

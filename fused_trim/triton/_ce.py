@@ -95,8 +95,8 @@ def softcap(x, cap):
     With ``u = x / c`` and ``e = exp(-2|u|)``: ``1 - tanh**2 = 4 e / (1 + e)**2``, which keeps its
     relative precision where ``tanh`` rounds to 1 and underflows to exactly 0 at ``|x| >> c`` (or
     ``±inf``), never NaN; a NaN logit stays NaN in both. ``tanh|u|`` is ``(1 - e) / (1 + e)`` from
-    ``|u| = 0.6`` up (no cancellation there) and an odd polynomial below (fp32: CUDA ``tanhf``'s,
-    within an ulp); fp64 takes ``-expm1(-2|u|) / (2 + expm1(-2|u|))`` throughout.
+    ``|u| = 0.6`` up (no cancellation there) and an odd polynomial below (fp32: our fit,
+    ``scripts/fit_tanh.py``, within 0.8 ulp); fp64 takes ``-expm1(-2|u|) / (2 + expm1(-2|u|))`` throughout.
     """
     if x.dtype == tl.float64:
         u = x / cap
@@ -111,10 +111,10 @@ def softcap(x, cap):
     else:
         a_small = tl.minimum(a, 0.6)  # (an infinite |u| would make the unused polynomial inf - inf)
         s = a_small * a_small
-        q = -5.70498872745e-3 * s + 2.06390887954e-2
-        q = q * s - 5.37397155531e-2
-        q = q * s + 1.33314422036e-1
-        q = q * s - 3.33332819422e-1
+        q = -5.89561764848e-3 * s + 2.07963681879e-2  # scripts/fit_tanh.py
+        q = q * s - 5.37839508699e-2
+        q = q * s + 1.33319256214e-1
+        q = q * s - 3.33332980627e-1
         t = tl.where(a < 0.6, (q * s) * a_small + a_small, (1.0 - e) * r)
     capped = cap * tl.where(u < 0.0, -t, t)
     return capped, (4.0 * e) * (r * r)
