@@ -384,22 +384,6 @@ def _options(
     )
 
 
-# Backends whose kernels implement logit_softcap and z_loss.
-_HEAD_OPTION_BACKENDS = ("reference", "native", "triton")
-
-
-def _head_backend(name: str, requested: str, head: tuple) -> str:
-    """``name``, or the reference for ``backend="auto"`` when ``head`` (``(logit_softcap,
-    z_loss)``) turns on an option ``name``'s kernels lack; an explicit such backend raises."""
-    if (head[0] is None and head[1] == 0.0) or name in _HEAD_OPTION_BACKENDS:
-        return name
-    if requested == "auto":
-        return "reference"
-    raise NotImplementedError(
-        f"backend={name!r} does not implement logit_softcap / z_loss yet; use backend='reference'"
-    )
-
-
 def _backend_context(cast_to: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
     """Where a backend runs: with autocast off for ``device``'s type when it was on (``cast_to``),
     so that no op inside a backend is cast again: the dispatch layer has applied autocast's rule
@@ -566,7 +550,7 @@ def trimmed_cross_entropy(
     _check_weight(weight, num_classes, input)
     offset = _check_score_offset(score_offset, target, input)
     groups = (_check_group_ids(group_ids, group_reduction, target), group_reduction)
-    name = _head_backend(_resolve_backend(backend, input.device), backend, head)
+    name = _resolve_backend(backend, input.device)
     if not (name == "native" and input.device.type == "cpu"):
         # The native CPU op checks the class range in its own pass over the targets, before any
         # result exists, and raises the same ValueError: a second pass here would cost more than
@@ -822,7 +806,7 @@ def trimmed_linear_cross_entropy(
     _check_weight(weight, num_classes, input)
     offset = _check_score_offset(score_offset, target, input)
     groups = (_check_group_ids(group_ids, group_reduction, target), group_reduction)
-    name = _head_backend(_resolve_backend(backend, input.device), backend, head)
+    name = _resolve_backend(backend, input.device)
     _check_target_range(target, num_classes, ignore_index)
 
     x2d = input.reshape(-1, in_features)
