@@ -48,7 +48,6 @@ import torch
 import torch.nn.functional as F
 
 from fused_trim import trimmed_cross_entropy, trimmed_linear_cross_entropy
-from fused_trim.functional import _HEAD_OPTION_BACKENDS
 
 from . import cases as C
 
@@ -264,9 +263,7 @@ def run(device: str, cases: list[LMCase], repeats: int, budget_s: float, backend
     fused = [f"fused/{b}" for b in fused_backends(device) if backends is None or b in backends]
     if len(fused) > 1:
         kernels = fused[-1]
-        fused += [f"{kernels}+offset", f"{kernels}+rows"]
-        if kernels.split("/")[1] in _HEAD_OPTION_BACKENDS:
-            fused.append(f"{kernels}+softcap_z")
+        fused += [f"{kernels}+offset", f"{kernels}+rows", f"{kernels}+softcap_z"]
     rows_names = ["linear+cross_entropy", "torch_chunked", "linear+trimmed", *fused]
     if device == "cuda":
         rows_names += ["liger", "cce"]
