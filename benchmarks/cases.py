@@ -19,6 +19,10 @@ Backends (the names used in every table):
   (``group_ids="rows"``) at the LM shapes: the ``(N, V)`` logits viewed as ``N / 1024`` sequences of
   1024 tokens (a ``(B, V, T)`` view, no copy); the cost of group trimming over the plain row's
   per-token trimming in the same run.
+- ``native+ohem`` / ``triton+ohem``: the threshold rule (OHEM) at the segmentation shapes:
+  ``keep_threshold`` set once, from the first call's losses, between the ``k``-th largest and the
+  next (so the same ``k`` pixels pass it), and ``min_kept = k / 2``; the cost of a threshold over the
+  plain row's ratio in the same run.
 """
 
 from __future__ import annotations
@@ -69,13 +73,18 @@ DESCRIPTIONS = {
     "liger_topk": "Liger-Kernel cross-entropy(reduction='none') -> topk(k) -> mean",
     "native+rows": "trimmed_cross_entropy(backend='native', group_ids='rows'): whole sequences of 1024 tokens",
     "triton+rows": "trimmed_cross_entropy(backend='triton', group_ids='rows'): whole sequences of 1024 tokens",
+    "native+ohem": "trimmed_cross_entropy(backend='native', keep_threshold=t, min_kept=k/2): the k pixels past t",
+    "triton+ohem": "trimmed_cross_entropy(backend='triton', keep_threshold=t, min_kept=k/2): the k pixels past t",
 }
 GROUP_SEQ_LEN = 1024  # tokens per sequence of the "+rows" rows
 
 
 def runs_at(name: str, case: Case) -> bool:
     """Whether backend ``name`` has a row at ``case``: the "+rows" rows only at LM-like shapes
-    (``(N, V)`` with ``V >= 8192`` and whole sequences of :data:`GROUP_SEQ_LEN` tokens)."""
+    (``(N, V)`` with ``V >= 8192`` and whole sequences of :data:`GROUP_SEQ_LEN` tokens), the "+ohem"
+    rows only at segmentation shapes (``(N, C, d1, ...)``)."""
+    if name.endswith("+ohem"):
+        return len(case.shape) > 2
     if not name.endswith("+rows"):
         return True
     return len(case.shape) == 2 and case.num_classes >= 8192 and case.shape[0] % GROUP_SEQ_LEN == 0
@@ -176,7 +185,7 @@ def available_backends(device: str) -> tuple[list[str], dict[str, str]]:
     dev = torch.device(device)
     reason = native.unavailable_reason(dev)
     if reason is None:
-        names += ["native", "native+rows"]
+        names += ["native", "native+rows", "native+ohem"]
     else:
         skipped["native"] = reason
     if dev.type == "cuda":
@@ -185,7 +194,7 @@ def available_backends(device: str) -> tuple[list[str], dict[str, str]]:
         elif importlib.util.find_spec("triton") is None:
             skipped["triton"] = "triton is not importable"
         else:
-            names += ["triton", "triton+rows"]
+            names += ["triton", "triton+rows", "triton+ohem"]
         if importlib.util.find_spec("liger_kernel") is None:
             skipped["liger_topk"] = "liger_kernel is not installed"
         else:
@@ -242,6 +251,18 @@ def make_fn(name: str, case: Case, compile_backend: str = "inductor") -> Callabl
             return trimmed_cross_entropy(xs, t.view(-1, seq), r, backend=backend, group_ids="rows")
 
         return rows
+    if name in ("native+ohem", "triton+ohem"):
+        backend, found = name.split("+")[0], {}
+
+        def ohem(x: Tensor, t: Tensor) -> Tensor:
+            if "threshold" not in found:  # the first (untimed warm-up) call: the k largest losses above it
+                with torch.no_grad():
+                    v = F.cross_entropy(x.detach().float(), t, reduction="none").reshape(-1).sort().values
+                    n = v.numel()  # midway between the k-th largest loss and the next: no rounding moves k
+                    found["threshold"] = float(v[0] - 1) if k >= n else float((v[n - k - 1] + v[n - k]) / 2)
+            return trimmed_cross_entropy(x, t, keep_threshold=found["threshold"], min_kept=k // 2, backend=backend)
+
+        return ohem
     if name == "topk_eager":
         return lambda x, t: topk_mean(x, t, k)
     if name == "reference_compiled":
