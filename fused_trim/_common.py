@@ -133,7 +133,7 @@ class TrimInfo(NamedTuple):
             accumulation dtype); 0 on ignored samples.
         z_loss: the z term ``z_loss * lse_i**2`` reduced over the kept set as the loss is (its
             mean over ``sum w[y_i]``, its sum, or per sample), included in the loss; ``None``
-            without ``z_loss``.
+            without ``z_loss``. With a ``process_group``, over this rank's kept samples.
         group_scores: with ``group_ids``, each group's score (the mean or sum of its valid
             positions' losses, or scores with a ``score_offset``; the accumulation dtype): shape
             ``(target.shape[0],)`` for ``"rows"``, ``(M,)`` indexed by id for an id tensor, where
