@@ -345,6 +345,28 @@ def ordered_keys(scores: Tensor, keep: Keep) -> Tensor:
     return -1 - key if keep == Keep.EASIEST else key
 
 
+def stable_select(scores: Tensor, valid: Tensor, k: Tensor, keep: Keep) -> tuple[Tensor, Tensor, Tensor]:
+    """The kept set: the ``k`` largest (``"hardest"``) or smallest (``"easiest"``) valid scores,
+    ties to the lower index, NaN ranked above +inf, ``-0.0`` equal to ``+0.0``
+    (:func:`ordered_keys`).
+
+    Static shapes only (a sort of every row, masks instead of ``nonzero``), so that it traces under
+    ``torch.compile(fullgraph=True)``. Returns ``(kept, order, threshold)``: the bool mask, every
+    row in ranking order (valid rows first), and the k-th score (NaN when ``k == 0``).
+    """
+    keys = ordered_keys(scores, keep)
+    order = torch.sort(keys, descending=True, stable=True).indices
+    order = order[torch.sort(valid[order].to(torch.int8), descending=True, stable=True).indices]
+    ranked = torch.arange(order.shape[0], device=order.device) < k
+    kept = torch.zeros_like(valid).scatter(0, order, ranked)
+    nan = torch.full((), float("nan"), dtype=scores.dtype, device=scores.device)
+    if order.shape[0] == 0:
+        return kept, order, nan
+    pos = (k - 1).clamp(min=0).reshape(1)  # (gather, not indexing: k stays a tensor under compile)
+    last = scores.gather(0, order.gather(0, pos)).squeeze(0)
+    return kept, order, torch.where(k > 0, last, nan)
+
+
 def first_equal_rows(input: Tensor, target: Tensor, block_elems: int = 1 << 22) -> Tensor:
     """For each row ``i`` of ``input (N, D)``, the lowest index ``j`` whose row and target are
     bitwise equal to row ``i``'s (``i`` itself when none comes before it); ``(N,)`` int64.

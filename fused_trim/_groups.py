@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._common import Keep, Reduction, TrimOptions, host_k, ordered_keys, ranking_scores, rule_k
+from ._common import Reduction, TrimOptions, host_k, ranking_scores, rule_k, stable_select
 
 GROUP_REDUCTIONS = ("mean", "sum")
 
@@ -83,24 +83,6 @@ def group_of_position(group_mask: Tensor, group_ids: GroupIds, num_positions: in
     return group_mask.gather(0, group_ids)
 
 
-def rank_groups(scores: Tensor, valid: Tensor, k: Tensor, keep: Keep) -> tuple[Tensor, Tensor]:
-    """The ``k`` highest-ranked valid groups: ``(kept, threshold)``, the bool mask and the k-th
-    group score (NaN when ``k == 0``). Ranked by :func:`fused_trim._common.ordered_keys`, ties to
-    the lower group id; a stable sort with static shapes (it traces under ``torch.compile``)."""
-    keys = ordered_keys(scores, keep)
-    keys = torch.where(valid, keys, torch.iinfo(torch.int64).min)
-    order = torch.sort(keys, descending=True, stable=True).indices
-    order = order[torch.sort(valid[order].to(torch.int8), descending=True, stable=True).indices]
-    ranked = torch.arange(order.shape[0], device=order.device) < k
-    kept = torch.zeros_like(valid).scatter(0, order, ranked)
-    nan = torch.full((), float("nan"), dtype=scores.dtype, device=scores.device)
-    if order.shape[0] == 0:
-        return kept, nan
-    pos = (k - 1).clamp(min=0).reshape(1)
-    last = scores.gather(0, order.gather(0, pos)).squeeze(0)
-    return kept, torch.where(k > 0, last, nan)
-
-
 def select_groups(
     losses: Tensor,
     valid: Tensor,
@@ -122,7 +104,7 @@ def select_groups(
         k = rule_k(gscores, gvalid, opts)
     else:
         k = share(gscores, gvalid).minimum(gvalid.sum())
-    gkept, threshold = rank_groups(gscores, gvalid, k, opts.keep)
+    gkept, _, threshold = stable_select(gscores, gvalid, k, opts.keep)  # ties to the lower group id
     kept = group_of_position(gkept, opts.group_ids, losses.shape[0]) & valid
     return kept, k, threshold
 

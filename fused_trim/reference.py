@@ -15,16 +15,15 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ._common import (
-    Keep,
     Reduction,
     TrimOptions,
     acc_dtype,
     as_rows,
     first_equal_rows,
-    ordered_keys,
     out_dtype,
     ranking_scores,
     rule_k,
+    stable_select,
 )
 from ._groups import select_groups
 
@@ -67,26 +66,8 @@ def per_sample_loss(
     return torch.where(valid, loss, zero), torch.where(valid, w_y, zero), torch.where(valid, lse, zero).detach()
 
 
-def select(scores: Tensor, valid: Tensor, k: Tensor, keep: Keep) -> tuple[Tensor, Tensor, Tensor]:
-    """The kept set: the ``k`` largest (``"hardest"``) or smallest (``"easiest"``) valid scores,
-    ties to the lower index, NaN ranked above +inf, ``-0.0`` equal to ``+0.0``
-    (:func:`fused_trim._common.ordered_keys`).
-
-    Static shapes only (a sort of every row, masks instead of ``nonzero``), so that it traces under
-    ``torch.compile(fullgraph=True)``. Returns ``(kept, order, threshold)``: the bool mask, every
-    row in ranking order (valid rows first), and the k-th score (NaN when ``k == 0``).
-    """
-    keys = ordered_keys(scores, keep)
-    order = torch.sort(keys, descending=True, stable=True).indices
-    order = order[torch.sort(valid[order].to(torch.int8), descending=True, stable=True).indices]
-    ranked = torch.arange(order.shape[0], device=order.device) < k
-    kept = torch.zeros_like(valid).scatter(0, order, ranked)
-    nan = torch.full((), float("nan"), dtype=scores.dtype, device=scores.device)
-    if order.shape[0] == 0:
-        return kept, order, nan
-    pos = (k - 1).clamp(min=0).reshape(1)  # (gather, not indexing: k stays a tensor under compile)
-    last = scores.gather(0, order.gather(0, pos)).squeeze(0)
-    return kept, order, torch.where(k > 0, last, nan)
+# The selection of the whole contract, shared with the group stage (fused_trim._common).
+select = stable_select
 
 
 def _ce_options(opts: TrimOptions) -> tuple:

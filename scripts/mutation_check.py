@@ -62,8 +62,8 @@ MUTATIONS = [
     # --- a wrong tie rule: ties go to the higher index --------------------------------------------
     Mutation(
         "tie rule",
-        "reference",
-        "fused_trim/reference.py",
+        "reference and groups (_common)",
+        "fused_trim/_common.py",
         r"order = torch\.sort\(keys, descending=True, stable=True\)\.indices$",
         "order = keys.shape[0] - 1 - torch.sort(keys.flip(0), descending=True, stable=True).indices",
     ),
@@ -264,14 +264,7 @@ MUTATIONS = [
         r"return easiest \? s < threshold : s > threshold;",
         "return easiest ? s <= threshold : s >= threshold;",
     ),
-    # --- groups: ties to the higher group id; a group scored by its sum under "mean" ---------------------
-    Mutation(
-        "group tie rule",
-        "groups (_groups)",
-        "fused_trim/_groups.py",
-        r"order = torch\.sort\(keys, descending=True, stable=True\)\.indices$",
-        "order = keys.shape[0] - 1 - torch.sort(keys.flip(0), descending=True, stable=True).indices",
-    ),
+    # --- groups: a group scored by its sum under "mean" (their tie rule is the shared select's) -------
     Mutation(
         "group mean as sum",
         "groups (_groups)",
