@@ -240,6 +240,16 @@ def _check_weight(weight: Tensor | None, num_classes: int, input: Tensor) -> Non
         )
 
 
+def _check_per_sample(name: str, value: Tensor, target: Tensor, on: tuple[str, Tensor], what: str) -> None:
+    """``value`` has the target's shape (``what``: one value per ...) and the device of ``on``'s
+    tensor, else a ``ValueError`` naming ``name``."""
+    if tuple(value.shape) != tuple(target.shape):
+        raise ValueError(f"{name} shape {tuple(value.shape)} does not match target shape {tuple(target.shape)}: {what}")
+    other, tensor = on
+    if value.device != tensor.device:
+        raise ValueError(f"{name} is on {value.device} but {other} is on {tensor.device}")
+
+
 def _check_score_offset(score_offset: object, target: Tensor, input: Tensor) -> Tensor | None:
     """``None``, or the offset as a detached flat ``(M,)`` tensor: a floating-point tensor of the
     target's shape on the input's device, else an error naming ``score_offset`` and what it got."""
@@ -249,13 +259,7 @@ def _check_score_offset(score_offset: object, target: Tensor, input: Tensor) -> 
         raise TypeError(f"score_offset must be a tensor or None, got {type(score_offset).__name__}")
     if not score_offset.is_floating_point():
         raise TypeError(f"score_offset must be a floating-point tensor, got dtype {score_offset.dtype}")
-    if tuple(score_offset.shape) != tuple(target.shape):
-        raise ValueError(
-            f"score_offset shape {tuple(score_offset.shape)} does not match target shape {tuple(target.shape)}: "
-            "one value per sample"
-        )
-    if score_offset.device != input.device:
-        raise ValueError(f"score_offset is on {score_offset.device} but input is on {input.device}")
+    _check_per_sample("score_offset", score_offset, target, ("input", input), "one value per sample")
     return score_offset.detach().reshape(-1)  # a constant for autograd
 
 
@@ -275,13 +279,7 @@ def _check_group_ids(group_ids: object, group_reduction: object, target: Tensor)
         raise TypeError(f"group_ids must be an integer tensor, 'rows' or None, got {type(group_ids).__name__}")
     if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
         raise TypeError(f"group_ids must hold integer group ids, got dtype {group_ids.dtype}")
-    if tuple(group_ids.shape) != tuple(target.shape):
-        raise ValueError(
-            f"group_ids shape {tuple(group_ids.shape)} does not match target shape {tuple(target.shape)}: "
-            "one group id per position"
-        )
-    if group_ids.device != target.device:
-        raise ValueError(f"group_ids is on {group_ids.device} but target is on {target.device}")
+    _check_per_sample("group_ids", group_ids, target, ("target", target), "one group id per position")
     ids = group_ids.reshape(-1).to(torch.int64)
     m = ids.shape[0]
     if m == 0:
