@@ -432,9 +432,20 @@ def _grouped_cross_entropy_2d(
     ignore_index, label_smoothing = int(opts.ignore_index), float(opts.label_smoothing)
     with torch.no_grad():
         _, losses, _, _, _, lse, _ = torch.ops.fused_trim.trimmed_ce_fwd.default(
-            input.detach(), target, opts.weight, 1.0, None, bool(opts.keep), ignore_index, label_smoothing,
-            int(Reduction.NONE), None, None, 0, *_head_args(opts),
-        )  # fmt: skip
+            input.detach(),
+            target,
+            opts.weight,
+            1.0,
+            None,
+            bool(opts.keep),
+            ignore_index,
+            label_smoothing,
+            int(Reduction.NONE),
+            None,
+            None,
+            0,
+            *_head_args(opts),
+        )
     valid = target != opts.ignore_index
     kept, k, threshold = select_groups(losses, valid, opts)
     out, kept_f, scale = reduce_kept(losses, kept, target, opts, input.dtype)

@@ -336,10 +336,22 @@ def _grouped_cross_entropy_2d(
     kernel over them."""
     with torch.no_grad():
         _, losses, _, _, _, stats, _ = trimmed_ce_fwd(
-            input.detach(), target, opts.weight, 1.0, None, bool(opts.keep), opts.ignore_index,
-            opts.label_smoothing, int(Reduction.NONE), None, opts.result_dtype, None, 0, opts.logit_softcap,
+            input.detach(),
+            target,
+            opts.weight,
+            1.0,
+            None,
+            bool(opts.keep),
+            opts.ignore_index,
+            opts.label_smoothing,
+            int(Reduction.NONE),
+            None,
+            opts.result_dtype,
+            None,
+            0,
+            opts.logit_softcap,
             float(opts.z_loss),
-        )  # fmt: skip
+        )
     kept, k, threshold = select_groups(losses, target != opts.ignore_index, opts)
     dtype = out_dtype(opts, input.dtype)
     out, _, denom = reduce_kept(losses, kept, target, opts, dtype)
