@@ -10,7 +10,8 @@
 // reads in the selection's pass over the keys), the kept mask, the reduced loss, the threshold (the k-th
 // loss or score) and a per-row backward scale (0 outside the kept set).
 // Backward: kept rows recompute softmax from the saved logsumexp; the other rows are
-// zero-filled without reading their logits. The gradient has the input's shape, contiguous.
+// zero-filled without reading their logits. Row blocks go to the threads in turn (interleaved_for),
+// since the kept rows of a group rule are contiguous runs. The gradient has the input's shape, contiguous.
 // logit_softcap (c > 0; 0: off) and z_loss (0: off): the options of cpu/ce_rows.h, passed to every
 // kernel (the cap as a template flag: the plain path is unchanged).
 //
@@ -207,7 +208,7 @@ at::Tensor trimmed_ce_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& inpu
       }
       if (stream) stream_fence();
     };
-    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    interleaved_for(M, grain, [&](int64_t begin, int64_t end) {
       if (cap > acc_t(0)) {
         rows(std::true_type{}, begin, end);
       } else {

@@ -239,6 +239,46 @@ def test_block_and_tile_paths_against_reference(shape):
     torch.testing.assert_close(g_n, g_r, rtol=2e-5, atol=2e-6)
 
 
+@needs_native
+@pytest.mark.parametrize(
+    "shape",
+    [(12, 8, 2500), (24, 171, 10), (6, 19, 24, 24)],
+    ids=["rows", "few-classes", "spatial"],
+)
+def test_kept_groups_backward_is_split_over_threads(shape):
+    # A group rule keeps contiguous runs of rows: the backward deals row blocks to the threads in
+    # turn. Many blocks per thread here; every block must be written once, whatever the threads.
+    gen = torch.Generator().manual_seed(5)
+    if len(shape) == 3:  # (sequences, tokens, classes): rows (B*T, C), one group per sequence
+        b, tok, c = shape
+        x = torch.randn(b * tok, c, generator=gen, dtype=torch.float64) * 3
+        t = torch.randint(0, c, (b * tok,), generator=gen)
+        groups = torch.arange(b).repeat_interleave(tok)
+    else:  # (N, C, H, W): one group per image
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+        t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=gen)
+        groups = "rows"
+    up = torch.rand((), generator=gen, dtype=torch.float64) + 0.5
+    grads = []
+    before = torch.get_num_threads()
+    try:
+        for backend, threads in (("reference", 1), ("native", 1), ("native", 2)):
+            torch.set_num_threads(threads)
+            xb = x.clone().requires_grad_()
+            out, info = trimmed_cross_entropy(xb, t, 0.5, backend=backend, group_ids=groups, return_info=True)
+            (g,) = torch.autograd.grad(out * up, xb)
+            grads.append((g, info.kept))
+    finally:
+        torch.set_num_threads(before)
+    (g_ref, kept), (g1, kept1), (g2, kept2) = grads
+    assert torch.equal(kept, kept1) and torch.equal(kept, kept2)
+    assert 0 < kept.sum() < kept.numel()
+    torch.testing.assert_close(g1, g_ref, rtol=1e-12, atol=1e-14)
+    assert torch.equal(g1, g2)
+    rows_last = g2 if len(shape) == 3 else g2.movedim(1, -1)  # (samples..., C)
+    assert (rows_last[~kept] == 0).all()
+
+
 def _spatial_grad_pair(x, t, ratio, **kw):
     """(out, info, grad) of the native op and of the reference on the same spatial input."""
     res = []

@@ -260,7 +260,7 @@ void small_c_backward_parallel(const scalar_t* x, int64_t row_stride, int64_t M,
                                const acc_t* gp, bool per_row, const acc_t* lse, const acc_t* rs, scalar_t* grad) {
   constexpr int64_t V = Vectorized<acc_t>::size();
   const bool stream = static_cast<size_t>(M) * C * sizeof(scalar_t) >= kStreamBytes;
-  at::parallel_for(0, (M + V - 1) / V, small_c_grain_vectors<acc_t>(C), [&](int64_t gb, int64_t ge) {
+  interleaved_for((M + V - 1) / V, small_c_grain_vectors<acc_t>(C), [&](int64_t gb, int64_t ge) {
     if (cap > acc_t(0)) {
       small_c_backward<scalar_t, acc_t, true>(x, row_stride, C, t, ignore_index, w, w_total, ls, cap, zl, gp, per_row,
                                               lse, rs, gb * V, std::min(M, ge * V), grad, stream);

@@ -270,7 +270,7 @@ inline at::Tensor spatial_backward(const at::Tensor& grad_out, const at::Tensor&
     // patched (with a cap: p of the capped logits, every entry times cap_grad).
     const acc_t one_m_ls = acc_t(1) - ls, ls_wc = ls * w_total / static_cast<acc_t>(C);
     const acc_t ls_c = ls / static_cast<acc_t>(C);
-    at::parallel_for(0, N * nblk, grain, [&](int64_t begin, int64_t end) {
+    interleaved_for(N * nblk, grain, [&](int64_t begin, int64_t end) {
       alignas(64) acc_t am[P], bm[P], lm[P], km[P], coefv[P];
       int64_t kept_r[P];
       // Locals, so that the per-pixel loop does not reload them through the captures.

@@ -14,8 +14,11 @@
 //   store_stream / stream_fence    non-temporal vector stores (for outputs >> last-level cache)
 //   zero_bytes(dst, bytes, stream) memset, streamed when asked
 //   zero_unless(v, keep)           v when keep == 1, +0 when keep == 0 (bitwise; drops a NaN v)
+//   interleaved_for(n, grain, f)   f(begin, end) over [0, n) in blocks of grain, dealt to the threads
+//                                  in turn (block b to thread b mod T)
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -252,6 +255,27 @@ inline acc_t zero_unless(acc_t v, int64_t keep) {
   b &= static_cast<bits_t>(-keep);
   std::memcpy(&v, &b, sizeof(b));
   return v;
+}
+
+// f(begin, end) over [0, n) in blocks of `grain` items, block b to thread b mod T. For the backward
+// passes, where only the kept rows do work: a keep rule on groups keeps contiguous runs of rows
+// (whole sequences, whole images), which a split into T contiguous ranges would leave to one
+// thread while the others only write zeros. Items must be independent (each thread writes its own
+// rows), so the result does not depend on the split.
+template <typename F>
+inline void interleaved_for(int64_t n, int64_t grain, const F& f) {
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t blocks = (n + grain - 1) / grain;
+  const int64_t T = std::min<int64_t>(at::get_num_threads(), blocks);
+  if (T <= 1 || at::in_parallel_region()) {
+    if (n > 0) f(int64_t(0), n);
+    return;
+  }
+  at::parallel_for(0, T, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      for (int64_t b = j; b < blocks; b += T) f(b * grain, std::min(n, (b + 1) * grain));
+    }
+  });
 }
 
 }  // namespace fused_trim::cpu
