@@ -556,9 +556,11 @@ double select_and_reduce(const acc_t* loss, const int64_t* t, const acc_t* w, in
   KeepRule rule;  // (a threshold's k arrives as an exact count, computed from the losses in Python)
   rule.ratio = r;
   rule.count = count;
-  const Selection sel = select_kept<acc_t>(loss, t, ignore_index, N, easiest, rule, offset);
-  const double denom = reduce_kept<scalar_t, acc_t>(loss, t, w, N, sel, reduction, out.mutable_data_ptr<scalar_t>(),
-                                                    kept.mutable_data_ptr<bool>(), rowscale.mutable_data_ptr<acc_t>());
+  const Selection sel =
+      select_reduce<scalar_t, acc_t>(loss, t, ignore_index, N, easiest, rule, offset, w, reduction,
+                                     out.mutable_data_ptr<scalar_t>(), kept.mutable_data_ptr<bool>(),
+                                     rowscale.mutable_data_ptr<acc_t>());
+  const double denom = sel.denom;
   *k_t.mutable_data_ptr<int64_t>() = sel.k;
   *threshold.mutable_data_ptr<scalar_t>() = sel.thr_idx >= 0
                                                 ? static_cast<scalar_t>(score_of(loss, offset, sel.thr_idx))

@@ -134,9 +134,10 @@ trimmed_ce_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
     if (bad_target.load()) raise_bad_target(t, M, C, ignore_index);  // (the public API validates first)
 
     const acc_t* offset = score_offset.defined() ? score_offset.const_data_ptr<acc_t>() : nullptr;
-    const Selection sel = select_kept<acc_t>(loss_acc, t, ignore_index, M, easiest, rule, offset);
-    reduce_kept<scalar_t, acc_t>(loss_acc, t, w, M, sel, reduction, out.mutable_data_ptr<scalar_t>(),
-                                 kept.mutable_data_ptr<bool>(), rowscale.mutable_data_ptr<acc_t>());
+    const Selection sel =
+        select_reduce<scalar_t, acc_t>(loss_acc, t, ignore_index, M, easiest, rule, offset, w, reduction,
+                                       out.mutable_data_ptr<scalar_t>(), kept.mutable_data_ptr<bool>(),
+                                       rowscale.mutable_data_ptr<acc_t>());
     *k_t.mutable_data_ptr<int64_t>() = sel.k;
     *threshold.mutable_data_ptr<scalar_t>() =
         sel.thr_idx >= 0 ? static_cast<scalar_t>(score_of(loss_acc, offset, sel.thr_idx))

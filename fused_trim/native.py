@@ -492,7 +492,8 @@ def trimmed_cross_entropy_2d(
         *_head_args(opts),
     )
     # losses and threshold are marked non-differentiable by the op's autograd (C++): no detach.
-    return out, losses, kept, k, threshold, torch.where(target != opts.ignore_index, lse.detach(), 0)
+    # Both ops write lse = 0 for an ignored sample themselves (no masking pass over it here).
+    return out, losses, kept, k, threshold, lse.detach()
 
 
 def trimmed_linear_cross_entropy_2d(

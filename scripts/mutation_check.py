@@ -163,6 +163,7 @@ MUTATIONS = [
         "csrc/cpu/ce_rows.h",
         r"\(ls / static_cast<acc_t>\(C\)\) \* smooth_term",
         "(ls / static_cast<acc_t>(C + 1)) * smooth_term",
+        count=2,  # the scalar finish_sample and its vector form
     ),
     # --- logit_softcap / z_loss: the cap's derivative, the z term's gradient -----------------------
     Mutation(

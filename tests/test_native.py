@@ -413,6 +413,93 @@ def test_histogram_select_many_rows(keep, ratio, dtype):
         torch.testing.assert_close(got[0], want[0], equal_nan=True)
 
 
+def _expected_selection(scores, valid, easiest, k):
+    """The contract's kept set over ``scores``: the k valid ones ranked first (NaN above +inf),
+    ties to the lower index, by a stable sort."""
+    idx = torch.nonzero(valid).flatten()
+    order = torch.sort(scores[idx], descending=not easiest, stable=True).indices
+    kept = torch.zeros_like(valid)
+    kept[idx[order[:k]]] = True
+    return kept, (idx[order[k - 1]] if k > 0 else None)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("m", "rule", "keep", "reduction", "extra"),
+    [
+        (40009, "ratio", "hardest", "none", "nan"),
+        (40009, "ratio", "easiest", "mean", "weight"),
+        (65551, "threshold", "hardest", "sum", ""),
+        (65551, "threshold", "easiest", "mean", "offset"),
+        (40009, "count", "hardest", "mean", "offset"),
+        (32768, "ratio", "hardest", "sum", "weight"),
+    ],
+)
+def test_histogram_select_outputs(m, rule, keep, reduction, extra):
+    """The histogram select (2^15 rows and more, fp32) writes kept / rowscale / out itself: many
+    distinct losses plus exact ties, ignored rows, a row count off the vector width, each keep rule,
+    weights, score_offset; the kept set, k and the threshold against a stable sort of the op's own
+    scores, the result and the gradient against F.cross_entropy over that set in float64."""
+    gen = torch.Generator().manual_seed(m + len(rule) + len(extra))
+    c = 7
+    x = torch.randn(m, c, generator=gen).mul(3)
+    t = torch.randint(0, c, (m,), generator=gen)
+    x[m // 2 : m // 2 + 500] = x[:500]  # exact ties, both sides of the threshold
+    t[m // 2 : m // 2 + 500] = t[:500]
+    t[torch.rand(m, generator=gen) < 0.1] = -100
+    if extra == "nan":
+        x[[3, 77, m - 1], 0] = float("nan")
+    w = torch.rand(c, generator=gen).add(0.3) if extra == "weight" else None
+    offset = torch.randn(m, generator=gen) if extra == "offset" else None
+    valid = t != -100
+    kw = dict(keep=keep, reduction=reduction, weight=w, score_offset=offset)
+    ratio = 0.37
+    if rule == "count":
+        kw["keep_count"] = 12345
+    elif rule == "threshold":
+        kw["keep_threshold"], kw["min_kept"] = (2.5 if keep == "hardest" else 0.4), 1000
+    xg = x.clone().requires_grad_(True)
+    r = ratio if rule == "ratio" else None
+    out, info = trimmed_cross_entropy(xg, t, r, backend="native", return_info=True, **kw)
+    losses = info.losses
+    scores = losses if offset is None else losses - offset  # (fp32, as the op forms them)
+    easiest = keep == "easiest"
+    n = int(valid.sum())
+    if rule == "ratio":
+        k = min(n, max(1, int(ratio * n + 0.5)))
+    elif rule == "count":
+        k = min(n, 12345)
+    else:
+        thr = torch.tensor(kw["keep_threshold"], dtype=torch.float64)
+        s64 = scores.double()
+        past = (s64 < thr) if easiest else ((s64 > thr) | s64.isnan())
+        k = max(int((past & valid).sum()), min(n, 1000))
+    kept, thr_idx = _expected_selection(scores, valid, easiest, k)
+    assert int(info.k) == k
+    assert torch.equal(info.kept, kept)
+    assert torch.equal(info.threshold, scores[thr_idx])
+    # The oracle: F.cross_entropy per row in float64, reduced over the kept set.
+    x64 = x.double().requires_grad_(True)
+    x_kept = torch.where(kept[:, None], x64, 0.0)  # (F.cross_entropy leaks an ignored row's NaN)
+    per_row = F.cross_entropy(x_kept, t, weight=None if w is None else w.double(), reduction="none")
+    per_row = torch.where(kept, per_row, 0.0)
+    if reduction == "none":
+        want = per_row
+    elif reduction == "sum":
+        want = per_row.sum()
+    else:
+        want = per_row.sum() / (w.double()[t[kept]].sum() if w is not None else k)
+    assert_close = torch.testing.assert_close
+    assert_close(out.double(), want.detach(), rtol=2e-6, atol=1e-6, equal_nan=True)
+    upstream = torch.randn(out.shape, generator=gen)
+    (g,) = torch.autograd.grad(out, xg, upstream)
+    (g_want,) = torch.autograd.grad(want, x64, upstream.double())
+    if extra == "nan":
+        g_want = torch.where(kept[:, None] & x64.isnan().any(1, keepdim=True), float("nan"), g_want)
+    assert_close(g.double(), g_want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.equal(g[~kept], torch.zeros_like(g[~kept]))
+
+
 @needs_native
 def test_big_logits_losses_close_to_float64():
     # Shifting the logits by a large constant must not cost precision (no lse - x_y cancellation

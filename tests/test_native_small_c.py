@@ -1,8 +1,9 @@
 """The native CPU op's few-class paths (C up to its threshold of 32): rows transposed into vector
 lanes in the forward, the gradient formed in the rows' flat layout (fp32, C <= 16) or through the
-tile. Held against the float64 reference and F.cross_entropy, around every size where the code
-changes path: C = 16 / 17 (one vector of classes), 32 / 33 (the threshold), row counts that leave a
-partial vector of rows, and thread counts."""
+tile, targets' logits gathered per vector of rows. Held against the float64 reference and
+F.cross_entropy, around every size where the code changes path: C = 16 / 17 (one vector of
+classes), 32 / 33 (the threshold), row counts that leave a partial vector of rows, strided rows,
+and thread counts."""
 
 from __future__ import annotations
 
@@ -114,11 +115,14 @@ def test_identical_rows_identical_results(c, dtype):
     assert info.kept[:23].all()  # ties go to the lower index
 
 
-@pytest.mark.parametrize("c", [2, 10, 17])
+@pytest.mark.parametrize(
+    ("c", "m"),
+    [(2, 4099), (10, 4099), (17, 4099), (10, 40009)],  # 40009: the histogram select as well
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_bitwise_repeatable_across_thread_counts(c, dtype):
+def test_bitwise_repeatable_across_thread_counts(c, m, dtype):
     # Enough rows for several chunks of the thread pool.
-    x, t = _batch(4099, c, dtype, seed=400 + c, special=True)
+    x, t = _batch(m, c, dtype, seed=400 + c, special=True)
     before = torch.get_num_threads()
     results = []
     try:
@@ -135,6 +139,37 @@ def test_bitwise_repeatable_across_thread_counts(c, dtype):
         assert torch.equal(g.isnan(), results[0][2].isnan())
 
 
+@pytest.mark.parametrize("c", SMALL_C)
+def test_strided_rows(c):
+    # Rows further apart than C (a column slice of a wider tensor): the target's logit and the
+    # gradient's inputs are gathered with the row stride.
+    gen = torch.Generator().manual_seed(500 + c)
+    wide = torch.randn(37, c + 5, generator=gen, dtype=torch.float64).mul(3)
+    wide[6] = wide[1]  # a tie
+    t = torch.randint(0, c, (37,), generator=gen)
+    t[4] = -100
+    t[6] = t[1]
+    for dtype in (torch.float64, torch.float32):
+        x = wide.to(dtype)[:, 2 : 2 + c]
+        assert x.stride(0) == c + 5
+        _check(x, t, dtype, 0.5, reduction="none")
+        _check(x, t, dtype, 0.5, keep="easiest", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("shape", [(53, 10), (2, 19, 40)])
+def test_op_rejects_a_target_outside_the_classes(shape):
+    # Below the public API's check: the op's own forward (vectors of rows or of pixels) raises.
+    x = torch.randn(shape)
+    m = shape[0] if len(shape) == 2 else shape[0] * shape[2]
+    for bad_row in (0, m - 1):
+        t = torch.randint(0, shape[1], (m,))
+        t[bad_row] = shape[1]
+        with pytest.raises(ValueError, match=f"target holds {shape[1]}, outside"):
+            torch.ops.fused_trim.trimmed_ce_fwd.default(
+                x, t, None, 0.5, None, False, -100, 0.0, 1, None, None, 0, 0.0, 0.0
+            )
+
+
 @pytest.mark.parametrize("c", [1, 10, 19])
 def test_spatial_layout(c):
     gen = torch.Generator().manual_seed(c)
@@ -147,6 +182,24 @@ def test_spatial_layout(c):
     for keep in ("hardest", "easiest"):
         _check(x, t, torch.float64, 0.4, keep=keep, label_smoothing=0.05)
         _check(x.float(), t, torch.float32, 0.4, keep=keep, reduction="none")
+
+
+@pytest.mark.parametrize("shape", [(45, 10), (45, 17), (45, 32), (2, 19, 7, 11)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_options_fp32_vector_paths(shape, dtype):
+    # The fp32 (and bf16) vector code of rows and pixels with every loss option at once: class
+    # weights, label smoothing, a soft cap and z_loss, ignored samples and a NaN logit.
+    gen = torch.Generator().manual_seed(sum(shape))
+    c = shape[1]
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).mul(3)
+    t = torch.randint(0, c, (shape[0], *shape[2:]), generator=gen)
+    t.view(-1)[::7] = -100
+    x.movedim(1, -1).reshape(-1, c)[3, 1] = float("nan")
+    w = torch.rand(c, generator=gen, dtype=torch.float64).add(0.3)
+    for keep, reduction in (("hardest", "mean"), ("easiest", "none")):
+        kw = dict(keep=keep, reduction=reduction, weight=w.to(dtype), label_smoothing=0.1)
+        _check(x.to(dtype), t, dtype, 0.5, logit_softcap=2.5, z_loss=1e-2, **kw)
+        _check(x.to(dtype), t, dtype, 0.5, **kw)
 
 
 @given(

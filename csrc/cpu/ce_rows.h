@@ -19,8 +19,9 @@
 //       row's scale (1 / denominator for "mean"). A NaN lse gives a NaN row, as torch. The
 //       true-class term is formed in acc_t before rounding. inbuf/outbuf: kBlock acc_t each (unused
 //       when scalar_t is acc_t). stream: non-temporal stores (needs a stream_fence() afterwards).
-//   weight_total(w, C), scored_target(y, C, ignore_index, bad_target), finish_sample(...): the
-//       pieces every forward path (rows here, pixels in ce_spatial.h) ends with.
+//   weight_total(w, C), scored_target(y, C, ignore_index, bad_target), finish_sample(...) (and
+//       finish_samples(...), its vector form): the pieces every forward path (rows here, pixels in
+//       ce_spatial.h) ends with.
 //   The loss options of LM heads: `cap` (logit_softcap c; 0: off) makes every logit z
 //       c tanh(z / c) before anything else (vcap / cap_scalar / cap_block; the kernels take a
 //       template flag `Cap`, so that the plain path is the code it was), and the gradient is
@@ -118,6 +119,26 @@ inline RowResult<acc_t> finish_sample(acc_t m, acc_t log_s, acc_t x_y, acc_t w_y
   return {loss, lse};
 }
 
+// finish_sample on the V lanes of a vector of samples: the same operations in the same order, lane
+// by lane, so that each lane's results are bitwise the scalar function's.
+template <typename acc_t>
+inline void finish_samples(const Vectorized<acc_t>& m, Vectorized<acc_t> log_s, const Vectorized<acc_t>& x_y,
+                           const Vectorized<acc_t>& w_y, const Vectorized<acc_t>& ref, const Vectorized<acc_t>& sx,
+                           acc_t ls, acc_t w_total, int64_t C, acc_t zl, Vectorized<acc_t>& loss_out,
+                           Vectorized<acc_t>& lse_out) {
+  using Vec = Vectorized<acc_t>;
+  log_s = Vec::blendv(Vec(std::numeric_limits<acc_t>::quiet_NaN()), log_s, (m - m) == Vec(0));  // m finite
+  Vec loss = w_y * ((m - x_y) + log_s);
+  if (ls > 0) {
+    const Vec smooth_term = ((m - ref) + log_s) * Vec(w_total) - sx;
+    loss = Vec(acc_t(1) - ls) * loss + Vec(ls / static_cast<acc_t>(C)) * smooth_term;
+  }
+  const Vec lse = m + log_s;
+  if (zl != acc_t(0)) loss = loss + Vec(zl) * lse * lse;
+  loss_out = loss;
+  lse_out = lse;
+}
+
 // Whether sample target `y` is a class to score; an ignored one is not, and one outside [0, C)
 // is not either and raises the op's ValueError afterwards (through `bad_target`).
 inline bool scored_target(int64_t y, int64_t C, int64_t ignore_index, std::atomic<bool>& bad_target) {
@@ -126,6 +147,35 @@ inline bool scored_target(int64_t y, int64_t C, int64_t ignore_index, std::atomi
   bad_target.store(true, std::memory_order_relaxed);
   return false;
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// scored_target for 16 samples at once: the int64 targets t[0:n) (n <= 16; lanes >= n are neither
+// scored nor bad), as lane masks and as int32 lanes (0 beyond n).
+struct Targets16 {
+  __mmask16 scored;  // a class in [0, C)
+  __mmask16 bad;     // neither a class nor ignore_index
+  __m512i y32;
+};
+
+inline Targets16 load_targets16(const int64_t* t, int64_t n, int64_t ignore_index, int64_t C) {
+  const __mmask16 rm = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
+  const __mmask8 rlo = static_cast<__mmask8>(rm & 0xFF), rhi = static_cast<__mmask8>(rm >> 8);
+  const __m512i ylo = _mm512_maskz_loadu_epi64(rlo, t), yhi = _mm512_maskz_loadu_epi64(rhi, t + 8);
+  const __m512i ign = _mm512_set1_epi64(ignore_index), cc = _mm512_set1_epi64(C);
+  const unsigned named = _mm512_mask_cmpneq_epi64_mask(rlo, ylo, ign) |
+                         (unsigned(_mm512_mask_cmpneq_epi64_mask(rhi, yhi, ign)) << 8);
+  const unsigned in_range = _mm512_cmplt_epu64_mask(ylo, cc) | (unsigned(_mm512_cmplt_epu64_mask(yhi, cc)) << 8);
+  Targets16 r;
+  r.scored = static_cast<__mmask16>(named & in_range);
+  r.bad = static_cast<__mmask16>(named & ~in_range);
+  r.y32 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(ylo)), _mm512_cvtepi64_epi32(yhi), 1);
+  return r;
+}
+
+inline __m512i lane_index16() {
+  return _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+}
+#endif
 
 // Loss and logsumexp of one row (one pass over memory, blockwise online max). buf: kBlock acc_t
 // (unused when scalar_t is acc_t and there is no cap).

@@ -14,10 +14,13 @@
 // A row of ten classes is 40 bytes, shorter than one vector: a loop over rows would spend its time
 // in horizontal reductions and scalar tails. Instead V rows (one vector's lanes) at a time are
 // transposed into a [C][V] tile, so that max, exp, sum, log, the target's logit and the gradient
-// are vertical vector ops across V rows, with no horizontal reduction at all. The gradient of fp32 rows of up to 16 classes is
-// formed in the rows' own flat layout instead (see FlatLayout); other gradients go through the
-// tile and back. Every lane does the same arithmetic on its own row, so a row's loss and gradient do
-// not depend on which rows share its vector, nor on the thread count.
+// are vertical vector ops across V rows, with no horizontal reduction at all. With fp32 on AVX-512
+// the transpose is done in registers (transpose16), and the per-row scalars (targets, the target's
+// logit and weight, the loss formula, the gradient's coefficients) are vector ops and gathers too.
+// The gradient of fp32 rows of up to 16 classes is formed in the rows' own flat layout instead (see
+// FlatLayout); other gradients go through the tile and back. Every lane does the same arithmetic on
+// its own row, so a row's loss and gradient do not depend on which rows share its vector, nor on the
+// thread count.
 #pragma once
 
 #include <algorithm>
@@ -38,11 +41,52 @@ namespace fused_trim::cpu {
 // directions; at C = 64 the grouped rows forward is the faster one.
 constexpr int64_t kSmallC = 32;
 
+#if defined(CPU_CAPABILITY_AVX512)
+// tile[c * 16 + r] = x[r * stride + c] for r < rows, c < cols <= 16 (lanes r >= rows: 0): 16 masked
+// row loads and a 16 x 16 transpose in registers by unpacks and 128-bit shuffles (FBGEMM's).
+inline void transpose16(const float* x, int64_t stride, int64_t rows, int64_t cols, float* tile) {
+  const __mmask16 cm = static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
+  __m512 a[16], b[16];
+  for (int r = 0; r < 16; ++r) a[r] = r < rows ? _mm512_maskz_loadu_ps(cm, x + r * stride) : _mm512_setzero_ps();
+  for (int i = 0; i < 8; ++i) {
+    b[2 * i] = _mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]);
+    b[2 * i + 1] = _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d b0 = _mm512_castps_pd(b[4 * i]), b1 = _mm512_castps_pd(b[4 * i + 1]);
+    const __m512d b2 = _mm512_castps_pd(b[4 * i + 2]), b3 = _mm512_castps_pd(b[4 * i + 3]);
+    a[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(b0, b2));
+    a[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(b0, b2));
+    a[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b1, b3));
+    a[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b1, b3));
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      b[8 * i + j] = _mm512_shuffle_f32x4(a[8 * i + j], a[8 * i + j + 4], 0x88);
+      b[8 * i + j + 4] = _mm512_shuffle_f32x4(a[8 * i + j], a[8 * i + j + 4], 0xdd);
+    }
+  }
+  for (int c = 0; c < 16; ++c) {
+    if (c >= cols) break;
+    const __m512 col = c < 8 ? _mm512_shuffle_f32x4(b[c], b[8 + c], 0x88) : _mm512_shuffle_f32x4(b[c - 8], b[c], 0xdd);
+    _mm512_store_ps(tile + c * 16, col);
+  }
+}
+#endif
+
 // tile[c * V + r] = x[r * row_stride + c] in acc_t for r < rows, c < C; lanes r >= rows are 0.
 template <typename scalar_t, typename acc_t>
 inline void load_tile(const scalar_t* x, int64_t row_stride, int64_t rows, int64_t C, acc_t* tile) {
   constexpr int64_t V = Vectorized<acc_t>::size();
   if (rows < V) std::fill(tile, tile + C * V, acc_t(0));
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+      transpose16(x + c0, row_stride, rows, std::min<int64_t>(16, C - c0), tile + c0 * V);
+    }
+    return;
+  }
+#endif
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* row = x + r * row_stride;
     for (int64_t c = 0; c < C; ++c) tile[c * V + r] = static_cast<acc_t>(row[c]);
@@ -67,7 +111,7 @@ __attribute__((flatten)) void small_c_forward(const scalar_t* x, int64_t row_str
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   alignas(64) acc_t tile[kSmallC * V];
-  alignas(64) acc_t mv[V], lsv[V], sxv[V];
+  alignas(64) acc_t xyv[V], wyv[V], okv[V];
   const bool smooth = ls > 0;
   for (int64_t i0 = begin; i0 < end; i0 += V) {
     const int64_t rows = std::min(V, end - i0);
@@ -81,21 +125,52 @@ __attribute__((flatten)) void small_c_forward(const scalar_t* x, int64_t row_str
       s = s + vexp(d);
       if (smooth) sx = sx + (w == nullptr ? d : d * Vec(w[c]));
     }
-    m.store(mv);
-    s.log().store(lsv);
-    sx.store(sxv);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
-      const int64_t y = t[i];
-      if (!scored_target(y, C, ignore_index, bad_target)) {
-        loss_out[i] = lse_out[i] = 0;
-        continue;
+    // Per lane: the target's logit and weight (class 0 for a row not scored), then finish_sample's
+    // arithmetic on the whole vector; rows not scored get 0.
+    Vec xy, wy, ok;
+    bool bad = false;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      // 16 targets at once: masks, then one gather from the tile (and the weights).
+      const Targets16 tg = load_targets16(t + i0, rows, ignore_index, C);
+      bad = tg.bad != 0;
+      const __mmask16 sc = tg.scored;
+      const __m512i y32 = tg.y32;
+      const __m512i idx = _mm512_add_epi32(_mm512_slli_epi32(_mm512_maskz_mov_epi32(sc, y32), 4), lane_index16());
+      xy = Vec(_mm512_i32gather_ps(idx, tile, 4));
+      wy = w == nullptr ? Vec(1.0f)
+                        : Vec(_mm512_mask_i32gather_ps(_mm512_set1_ps(1.0f), sc, y32,
+                                                       reinterpret_cast<const float*>(w), 4));
+      ok = Vec(_mm512_castsi512_ps(_mm512_movm_epi32(sc)));
+    } else
+#endif
+    {
+      for (int64_t r = 0; r < V; ++r) {
+        const int64_t y = t[i0 + std::min(r, rows - 1)];
+        const bool in_range = static_cast<uint64_t>(y) < static_cast<uint64_t>(C);
+        const bool scored = (r < rows) & (y != ignore_index) & in_range;
+        bad |= (r < rows) & (y != ignore_index) & !in_range;
+        const int64_t yk = y & -int64_t(scored);
+        xyv[r] = tile[yk * V + r];
+        wyv[r] = w == nullptr ? acc_t(1) : w[yk];
+        okv[r] = static_cast<acc_t>(scored);
       }
-      // (sx was taken relative to the max itself)
-      const auto res = finish_sample<acc_t>(mv[r], lsv[r], tile[y * V + r], w == nullptr ? acc_t(1) : w[y], mv[r],
-                                            sxv[r], ls, w_total, C, zl);
-      loss_out[i] = res.loss;
-      lse_out[i] = res.lse;
+      xy = Vec::loadu(xyv);
+      wy = Vec::loadu(wyv);
+      ok = Vec::loadu(okv) != Vec(0);
+    }
+    if (bad) bad_target.store(true, std::memory_order_relaxed);
+    Vec loss, lse;
+    // (sx was taken relative to the max itself)
+    finish_samples<acc_t>(m, s.log(), xy, wy, m, sx, ls, w_total, C, zl, loss, lse);
+    loss = Vec::blendv(Vec(0), loss, ok);
+    lse = Vec::blendv(Vec(0), lse, ok);
+    if (rows == V) {
+      loss.store(loss_out + i0);
+      lse.store(lse_out + i0);
+    } else {
+      loss.store(loss_out + i0, static_cast<int>(rows));
+      lse.store(lse_out + i0, static_cast<int>(rows));
     }
   }
 }
@@ -171,6 +246,8 @@ __attribute__((flatten)) void small_c_backward(const scalar_t* x, int64_t row_st
   const acc_t one_m_ls = acc_t(1) - ls, ls_wc = ls * w_total / static_cast<acc_t>(C);
   const int64_t g_step = per_row ? 1 : 0;
   const Vec nan(std::numeric_limits<acc_t>::quiet_NaN());
+  // (the vector gathers index the block's rows with 32-bit offsets)
+  [[maybe_unused]] const bool gather_ok = row_stride <= (int64_t(1) << 26);
 #if defined(CPU_CAPABILITY_AVX512)
   constexpr bool flat_type = !Cap && std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
   const bool flat = flat_type && C <= 16 && row_stride == C;
@@ -185,18 +262,57 @@ __attribute__((flatten)) void small_c_backward(const scalar_t* x, int64_t row_st
     // The rows' coefficients, branch-free (a random half of the rows is kept: no predictor guesses
     // it). Masks, not products: a row left out may have a NaN upstream gradient or lse.
     int64_t nk = 0;
-    for (int64_t r = 0; r < V; ++r) {
-      const int64_t i = i0 + std::min(r, rows - 1);
-      const int64_t y = t[i];
-      const int64_t keep = int64_t(r < rows) & int64_t(rs[i] != acc_t(0)) & int64_t(y != ignore_index) &
-                           int64_t(static_cast<uint64_t>(y) < static_cast<uint64_t>(C));
-      const int64_t yk = y & -keep;
-      cm[r] = zero_unless(gp[i * g_step] * rs[i], keep);
-      wm[r] = w == nullptr ? acc_t(1) : w[yk];
-      lm[r] = zero_unless(lse[i], keep);
-      ym[r] = static_cast<acc_t>(((y + 1) & -keep) - 1);  // y, or -1 when left out
-      xy[r] = static_cast<acc_t>(x[i * row_stride + yk]);
-      nk += keep;
+    Vec coef, w_y, vl, vy, u_y;
+    bool gathered = false;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+      if (gather_ok) {
+        gathered = true;
+        // The same values in vector form (a lane left out: coefficient and lse +0, class -1,
+        // logit 0, weight 1; the lane's gradient is masked to 0 in the end either way).
+        const __mmask16 rm = static_cast<__mmask16>(rows >= 16 ? 0xFFFF : (1u << rows) - 1);
+        const Targets16 tg = load_targets16(t + i0, rows, ignore_index, C);
+        const __m512 rsv = _mm512_maskz_loadu_ps(rm, reinterpret_cast<const float*>(rs) + i0);
+        const __mmask16 km =
+            static_cast<__mmask16>(tg.scored & _mm512_cmp_ps_mask(rsv, _mm512_setzero_ps(), _CMP_NEQ_UQ));
+        nk = __builtin_popcount(unsigned(km));
+        if (nk != 0) {
+          const float* gpf = reinterpret_cast<const float*>(gp);
+          const __m512 gv = per_row ? _mm512_maskz_loadu_ps(km, gpf + i0) : _mm512_set1_ps(gpf[0]);
+          const __m512i y32 = tg.y32;
+          coef = Vec(_mm512_maskz_mul_ps(km, gv, rsv));
+          w_y = w == nullptr ? Vec(1.0f)
+                             : Vec(_mm512_mask_i32gather_ps(_mm512_set1_ps(1.0f), km, y32,
+                                                            reinterpret_cast<const float*>(w), 4));
+          vl = Vec(_mm512_maskz_loadu_ps(km, reinterpret_cast<const float*>(lse) + i0));
+          vy = Vec(_mm512_mask_blend_ps(km, _mm512_set1_ps(-1.0f), _mm512_cvtepi32_ps(y32)));
+          const __m512i idx =
+              _mm512_add_epi32(_mm512_mullo_epi32(lane_index16(), _mm512_set1_epi32(int32_t(row_stride))), y32);
+          u_y = Vec(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), km, idx,
+                                             reinterpret_cast<const float*>(x) + i0 * row_stride, 4));
+        }
+      }
+    }
+#endif
+    if (!gathered) {
+      for (int64_t r = 0; r < V; ++r) {
+        const int64_t i = i0 + std::min(r, rows - 1);
+        const int64_t y = t[i];
+        const int64_t keep = int64_t(r < rows) & int64_t(rs[i] != acc_t(0)) & int64_t(y != ignore_index) &
+                             int64_t(static_cast<uint64_t>(y) < static_cast<uint64_t>(C));
+        const int64_t yk = y & -keep;
+        cm[r] = zero_unless(gp[i * g_step] * rs[i], keep);
+        wm[r] = w == nullptr ? acc_t(1) : w[yk];
+        lm[r] = zero_unless(lse[i], keep);
+        ym[r] = static_cast<acc_t>(((y + 1) & -keep) - 1);  // y, or -1 when left out
+        xy[r] = static_cast<acc_t>(x[i * row_stride + yk]);
+        nk += keep;
+      }
+      coef = Vec::loadu(cm);
+      w_y = Vec::loadu(wm);
+      vl = Vec::loadu(lm);
+      vy = Vec::loadu(ym);
+      u_y = Vec::loadu(xy);
     }
     if (nk == 0) {  // no kept row: zeros, without reading the logits
       zero_bytes(static_cast<void*>(g), static_cast<size_t>(rows * C) * sizeof(scalar_t), stream);
@@ -204,13 +320,11 @@ __attribute__((flatten)) void small_c_backward(const scalar_t* x, int64_t row_st
     }
     // row_grad_coefs and row_grad_true_class, lane by lane; a kept row with a NaN lse gets NaN
     // coefficients, hence a NaN row.
-    const Vec coef = Vec::loadu(cm), w_y = Vec::loadu(wm), vl = Vec::loadu(lm), vy = Vec::loadu(ym);
     const Vec nan_row = (vy >= Vec(0)) & (vl != vl);
     Vec a = coef * (Vec(one_m_ls) * w_y + Vec(ls_wc));
     if (zl != acc_t(0)) a = a + coef * (Vec(acc_t(2) * zl) * vl);
     const Vec va = Vec::blendv(a, nan, nan_row);
     const Vec vb = coef * Vec(ls) / Vec(static_cast<acc_t>(C));
-    Vec u_y = Vec::loadu(xy);
     if constexpr (Cap) u_y = vcap<acc_t>(u_y, cap);
     const Vec p_y = (u_y - vl).exp();
     const Vec vt = Vec::blendv((va * p_y - vb * w_y) - coef * Vec(one_m_ls) * w_y, nan, nan_row);

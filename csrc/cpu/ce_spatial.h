@@ -133,6 +133,40 @@ __attribute__((flatten)) inline void spatial_block_forward(
     }
   }
   const int64_t last_c0 = (C - 1) / kClassChunk * kClassChunk;  // the chunk still in the tile
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (last_c0 == 0) {
+      // Every class is in the tile: per 16 pixels the targets' logits by one gather, then
+      // finish_sample's arithmetic on the vector (pixels not scored: 0).
+      bool bad = false;
+      for (int64_t v = 0; v < B; ++v) {
+        const int64_t n = std::clamp<int64_t>(rows - v * V, 0, V);
+        const Targets16 tg = load_targets16(t + v * V, n, ignore_index, C);
+        bad |= tg.bad != 0;
+        const __m512i idx =
+            _mm512_add_epi32(_mm512_mullo_epi32(_mm512_maskz_mov_epi32(tg.scored, tg.y32), _mm512_set1_epi32(P)),
+                             _mm512_add_epi32(lane_index16(), _mm512_set1_epi32(int32_t(v * V))));
+        const Vec xy(_mm512_i32gather_ps(idx, tile, 4));
+        const Vec wy = w == nullptr ? Vec(1.0f)
+                                    : Vec(_mm512_mask_i32gather_ps(_mm512_set1_ps(1.0f), tg.scored, tg.y32,
+                                                                   reinterpret_cast<const float*>(w), 4));
+        Vec loss, lse;
+        finish_samples<acc_t>(m[v], s[v].log(), xy, wy, ref[v], sx[v], ls, w_total, C, zl, loss, lse);
+        loss = Vec(_mm512_maskz_mov_ps(tg.scored, loss));
+        lse = Vec(_mm512_maskz_mov_ps(tg.scored, lse));
+        if (n == V) {
+          loss.store(loss_out + v * V);
+          lse.store(lse_out + v * V);
+        } else if (n > 0) {
+          loss.store(loss_out + v * V, static_cast<int>(n));
+          lse.store(lse_out + v * V, static_cast<int>(n));
+        }
+      }
+      if (bad) bad_target.store(true, std::memory_order_relaxed);
+      return;
+    }
+  }
+#endif
   alignas(64) acc_t mv[P], lsv[P], sxv[P], refv[P];
   for (int64_t v = 0; v < B; ++v) {
     m[v].store(mv + v * V);
@@ -242,6 +276,91 @@ __attribute__((flatten)) inline void spatial_block_backward(
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The gradient of one block of fp32 pixels, everything in vectors (AVX-512): per 16 pixels the
+// coefficients of spatial_backward (its scalar loop's values: a, b, the true-class term with p_y
+// from the accurate vector exp, NaN for a kept pixel with a NaN lse), then per class one pass that
+// puts the true-class term into its lanes by a blend. The targets' logits are gathered with 32-bit
+// offsets (C * cs < 2^31 - kPixelBlock). Returns the block's kept pixels; with none it writes the
+// zeros alone, without reading the logits.
+template <bool Cap>
+__attribute__((flatten)) inline int64_t spatial_block_backward_f32(
+    const float* p, int64_t cs, float* g, int64_t gs, int64_t C, int64_t rows, const int64_t* t, int64_t ign,
+    const float* rs, const float* lse, const float* gp, bool per_row, const float* w, float one_m_ls, float ls_wc,
+    float ls_c, float zl2, float cap, bool stream) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t B = kPixelVecs;
+  static_assert(Vec::size() == 16);
+  __m512 va[B], vb[B], vl[B], vt[B], vy[B];
+  __mmask16 km[B], rm[B];
+  int64_t nk = 0;
+  // The next block's logits: C streams kilobytes apart are more than the hardware prefetcher follows.
+  // (A prefetch past the map's end does not fault.)
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t j = 0; j < B * 16; j += 16) __builtin_prefetch(p + c * cs + B * 16 + j);
+  }
+  for (int64_t v = 0; v < B; ++v) {
+    const int64_t r0 = v * 16, n = std::clamp<int64_t>(rows - r0, 0, 16);
+    rm[v] = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
+    const Targets16 tg = load_targets16(t + r0, n, ign, C);
+    const __m512 rsv = _mm512_maskz_loadu_ps(rm[v], rs + r0);
+    const __mmask16 k = static_cast<__mmask16>(tg.scored & _mm512_cmp_ps_mask(rsv, _mm512_setzero_ps(), _CMP_NEQ_UQ));
+    km[v] = k;
+    nk += __builtin_popcount(unsigned(k));
+    const __m512i y32 = tg.y32;
+    const Vec gv = per_row ? Vec(_mm512_maskz_loadu_ps(k, gp + r0)) : Vec(gp[0]);
+    const Vec coef(_mm512_maskz_mul_ps(k, gv, rsv));
+    const Vec w_y = w == nullptr ? Vec(1.0f) : Vec(_mm512_mask_i32gather_ps(_mm512_set1_ps(1.0f), k, y32, w, 4));
+    const Vec l(_mm512_maskz_loadu_ps(k, lse + r0));
+    Vec a = coef * (Vec(one_m_ls) * w_y + Vec(ls_wc));
+    if (zl2 != 0.0f) a = a + coef * (Vec(zl2) * l);
+    const Vec b = coef * Vec(ls_c);
+    const __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(y32, _mm512_set1_epi32(int32_t(cs))),
+                                         _mm512_add_epi32(lane_index16(), _mm512_set1_epi32(int32_t(r0))));
+    Vec u_y(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, p, 4));
+    if constexpr (Cap) u_y = vcap<float>(u_y, cap);
+    const Vec p_y = (u_y - l).exp();
+    const Vec ty = (a * p_y - b * w_y) - coef * Vec(one_m_ls) * w_y;
+    const __mmask16 nan_row = k & _mm512_cmp_ps_mask(l, l, _CMP_UNORD_Q);
+    const __m512 nan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
+    va[v] = _mm512_mask_mov_ps(a, nan_row, nan);
+    vt[v] = _mm512_mask_mov_ps(ty, nan_row, nan);
+    vb[v] = b;
+    vl[v] = l;
+    vy[v] = _mm512_mask_blend_ps(k, _mm512_set1_ps(-1.0f), _mm512_cvtepi32_ps(y32));
+  }
+  const bool full = rows == B * 16;
+  const bool nt = full && stream && reinterpret_cast<uintptr_t>(g) % 64 == 0 && (gs * int64_t(sizeof(float))) % 64 == 0;
+  if (nk == 0) {
+    for (int64_t c = 0; c < C; ++c) zero_bytes(static_cast<void*>(g + c * gs), rows * sizeof(float), stream);
+    return 0;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const float* row = p + c * cs;
+    float* grow = g + c * gs;
+    const Vec wc(w == nullptr ? 1.0f : w[c]);
+    const __m512 cv = _mm512_set1_ps(static_cast<float>(c));
+    for (int64_t v = 0; v < B; ++v) {
+      const Vec xv = full ? Vec::loadu(row + v * 16) : Vec(_mm512_maskz_loadu_ps(rm[v], row + v * 16));
+      Vec u = xv;
+      if constexpr (Cap) u = vcap<float>(xv, cap);
+      Vec gv = vexp<float>(u - Vec(vl[v])) * Vec(va[v]) - Vec(vb[v]) * wc;
+      gv = _mm512_mask_mov_ps(gv, _mm512_cmp_ps_mask(vy[v], cv, _CMP_EQ_OQ), vt[v]);
+      if constexpr (Cap) gv = gv * cap_grad<float>(u, cap);
+      const __m512 out = _mm512_maskz_mov_ps(km[v], gv);
+      if (nt) {
+        _mm512_stream_ps(grow + v * 16, out);
+      } else if (full) {
+        _mm512_storeu_ps(grow + v * 16, out);
+      } else {
+        _mm512_mask_storeu_ps(grow + v * 16, rm[v], out);
+      }
+    }
+  }
+  return nk;
+}
+#endif
+
 inline at::Tensor spatial_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& target,
                             const at::Tensor& weight, const at::Tensor& lse_c, const at::Tensor& rs_c,
                             int64_t ignore_index, double label_smoothing, double logit_softcap, double z_loss) {
@@ -270,6 +389,8 @@ inline at::Tensor spatial_backward(const at::Tensor& grad_out, const at::Tensor&
     // patched (with a cap: p of the capped logits, every entry times cap_grad).
     const acc_t one_m_ls = acc_t(1) - ls, ls_wc = ls * w_total / static_cast<acc_t>(C);
     const acc_t ls_c = ls / static_cast<acc_t>(C);
+    // fp32 with AVX-512: whole blocks in vectors, where 32-bit offsets reach every class.
+    [[maybe_unused]] const bool vec_block = C * std::max<int64_t>(sC, 1) < (int64_t(1) << 31) - 2 * P;
     interleaved_for(N * nblk, grain, [&](int64_t begin, int64_t end) {
       alignas(64) acc_t am[P], bm[P], lm[P], km[P], coefv[P];
       int64_t kept_r[P];
@@ -286,6 +407,30 @@ inline at::Tensor spatial_backward(const at::Tensor& grad_out, const at::Tensor&
         const int64_t rows = std::min(P, S - s0);
         const int64_t i0 = n * S + s0;
         scalar_t* g = gr + n * C * S + s0;
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (vec_block) {
+            // (casts: this lambda is no template, so the discarded branch must compile for every type)
+            const float* p = reinterpret_cast<const float*>(x + n * sN + s0);
+            float* gf = reinterpret_cast<float*>(g);
+            const float* rsf = reinterpret_cast<const float*>(rsp + i0);
+            const float* lsef = reinterpret_cast<const float*>(lsep + i0);
+            const float* gpf = reinterpret_cast<const float*>(gpp + i0 * g_step);
+            const float* wf = reinterpret_cast<const float*>(wp);
+            const float f_one_m_ls = static_cast<float>(one_m_ls), f_ls_wc = static_cast<float>(ls_wc);
+            const float f_ls_c = static_cast<float>(ls_c), f_zl2 = static_cast<float>(zl2);
+            const float f_cap = static_cast<float>(cap);
+            if (f_cap > 0.0f) {
+              spatial_block_backward_f32<true>(p, sC, gf, S, C, rows, tp + i0, ign, rsf, lsef, gpf, per_row, wf,
+                                               f_one_m_ls, f_ls_wc, f_ls_c, f_zl2, f_cap, stream);
+            } else {
+              spatial_block_backward_f32<false>(p, sC, gf, S, C, rows, tp + i0, ign, rsf, lsef, gpf, per_row, wf,
+                                                f_one_m_ls, f_ls_wc, f_ls_c, f_zl2, f_cap, stream);
+            }
+            continue;
+          }
+        }
+#endif
         int64_t nk = 0;
         // Branch-free: a random half of the pixels is kept, which no predictor guesses.
         for (int64_t r = 0; r < rows; ++r) {
