@@ -95,26 +95,28 @@ def _check_against_one_process(case, model, single, info, ref_loss, ref_info, pa
     torch.testing.assert_close(info.threshold, ref_info.threshold, equal_nan=True, msg=case)
 
 
-def ddp_matches_single_process(rank: int, backends: list[str]) -> list[str]:
-    """Two ranks under DDP: each scenario's gradients, loss and kept set equal one process's."""
-    torch.manual_seed(0)
+def _linear_under_ddp(rank: int, backends: list[str], offsets: bool) -> list[str]:
+    """Two ranks under DDP (a linear model, each scenario of the covering set): gradients, loss,
+    kept set, k and threshold equal one process's on the whole batch. With ``offsets``, ranked by a
+    ``score_offset`` of few distinct values (ties across the ranks) and one NaN."""
+    torch.manual_seed(2 if offsets else 0)
     base = torch.nn.Linear(6, 5).double()
     lines = []
     for backend, (name, rows, split, ignore_rank1), reduction, keep, ratio in _covering_cases(backends):
         feats, target = _batch(rows, rows, all_tied=name == "all-tied")
         if ignore_rank1:
             target[split:] = -100
+        offset = None
+        if offsets:
+            gen = torch.Generator().manual_seed(rows + split)
+            offset = torch.tensor([0.0, 0.5, -0.5, 1.0], dtype=torch.float64)[
+                torch.randint(0, 4, (rows,), generator=gen)
+            ]
+            offset[1] = float("nan")  # a NaN score: first under "hardest", last under "easiest"
+        kw = dict(keep=keep, reduction=reduction, backend=backend, return_info=True)
         # One process trimming the whole batch: the gradient DDP must reproduce.
         single = copy.deepcopy(base)
-        ref_loss, ref_info = trimmed_cross_entropy(
-            single(feats),
-            target,
-            ratio,
-            keep=keep,
-            reduction=reduction,
-            backend=backend,
-            return_info=True,
-        )
+        ref_loss, ref_info = trimmed_cross_entropy(single(feats), target, ratio, score_offset=offset, **kw)
         ref_loss.backward()
 
         model = DistributedDataParallel(copy.deepcopy(base))
@@ -123,17 +125,22 @@ def ddp_matches_single_process(rank: int, backends: list[str]) -> list[str]:
             model(feats[part]),
             target[part],
             ratio,
-            keep=keep,
-            reduction=reduction,
-            backend=backend,
-            return_info=True,
+            score_offset=None if offset is None else offset[part],
             process_group=dist.group.WORLD,
+            **kw,
         )
         loss.backward()
-        case = f"{backend}/{name}/{reduction}/{keep}"
+        case = f"{'offset/' if offsets else ''}{backend}/{name}/{reduction}/{keep}"
         _check_against_one_process(case, model.module, single, info, ref_loss, ref_info, part)
+        if offsets:
+            torch.testing.assert_close(info.scores, ref_info.scores[part], equal_nan=True, msg=case)
         lines.append(case)
     return lines
+
+
+def ddp_matches_single_process(rank: int, backends: list[str]) -> list[str]:
+    """Two ranks under DDP: each scenario's gradients, loss and kept set equal one process's."""
+    return _linear_under_ddp(rank, backends, offsets=False)
 
 
 def world_of_one(rank: int) -> list[str]:
@@ -268,43 +275,7 @@ def lm_head_ddp(rank: int, backends: list[str]) -> list[str]:
 def score_offset_ddp(rank: int, backends: list[str]) -> list[str]:
     """Two ranks with a ``score_offset`` (few distinct values: ties across the ranks, one NaN):
     the kept set, threshold score, loss and gradients of one process on the whole batch."""
-    torch.manual_seed(2)
-    base = torch.nn.Linear(6, 5).double()
-    lines = []
-    settings = (("mean", "hardest", 0.4), ("sum", "easiest", 0.6))
-    for b, backend in enumerate(backends):
-        # Each backend meets both settings; they alternate over the scenarios (a covering set).
-        for n, (name, rows, split, ignore_rank1) in enumerate(scenarios()):
-            reduction, keep, ratio = settings[(b + n) % 2]
-            feats, target = _batch(rows, rows, all_tied=name == "all-tied")
-            if ignore_rank1:
-                target[split:] = -100
-            gen = torch.Generator().manual_seed(rows + split)
-            offset = torch.tensor([0.0, 0.5, -0.5, 1.0], dtype=torch.float64)[
-                torch.randint(0, 4, (rows,), generator=gen)
-            ]
-            offset[1] = float("nan")  # a NaN score: first under "hardest", last under "easiest"
-            kw = dict(keep=keep, reduction=reduction, backend=backend, return_info=True)
-            single = copy.deepcopy(base)
-            ref_loss, ref_info = trimmed_cross_entropy(single(feats), target, ratio, score_offset=offset, **kw)
-            ref_loss.backward()
-
-            model = DistributedDataParallel(copy.deepcopy(base))
-            part = slice(0, split) if rank == 0 else slice(split, rows)
-            loss, info = trimmed_cross_entropy(
-                model(feats[part]),
-                target[part],
-                ratio,
-                score_offset=offset[part],
-                process_group=dist.group.WORLD,
-                **kw,
-            )
-            loss.backward()
-            case = f"offset/{backend}/{name}/{reduction}/{keep}"
-            _check_against_one_process(case, model.module, single, info, ref_loss, ref_info, part)
-            torch.testing.assert_close(info.scores, ref_info.scores[part], equal_nan=True, msg=case)
-            lines.append(case)
-    return lines
+    return _linear_under_ddp(rank, backends, offsets=True)
 
 
 def signed_zeros(rank: int, backends: list[str]) -> list[str]:
