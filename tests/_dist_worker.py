@@ -72,6 +72,19 @@ def run(rank: int, job: str, world: int, init_file: str, out_file: str, *args) -
         os._exit(code)
 
 
+# The (reduction, keep, ratio) settings of the DDP jobs. A covering set, not the full product: the
+# setting rotates with the backend and the scenario, so each backend meets every setting (one per
+# scenario) and every scenario meets both reductions and both keep rules over the backends.
+_SETTINGS = [("mean", "hardest", 0.4), ("sum", "easiest", 0.7), ("mean", "easiest", 0.7), ("sum", "hardest", 0.4)]
+
+
+def _covering_cases(backends: list[str]):
+    """(backend, scenario, reduction, keep, ratio): each backend with each scenario once."""
+    for b, backend in enumerate(backends):
+        for s, scenario in enumerate(scenarios()):
+            yield (backend, scenario, *_SETTINGS[(b + s) % len(_SETTINGS)])
+
+
 def _check_against_one_process(case, model, single, info, ref_loss, ref_info, part) -> None:
     """A rank's DDP gradients, global loss, kept share, k and threshold equal one process's."""
     for p_ddp, p_ref in zip(model.parameters(), single.parameters(), strict=True):
@@ -82,48 +95,52 @@ def _check_against_one_process(case, model, single, info, ref_loss, ref_info, pa
     torch.testing.assert_close(info.threshold, ref_info.threshold, equal_nan=True, msg=case)
 
 
-def ddp_matches_single_process(rank: int, backends: list[str]) -> list[str]:
-    """Two ranks under DDP: each scenario's gradients, loss and kept set equal one process's."""
-    torch.manual_seed(0)
+def _linear_under_ddp(rank: int, backends: list[str], offsets: bool) -> list[str]:
+    """Two ranks under DDP (a linear model, each scenario of the covering set): gradients, loss,
+    kept set, k and threshold equal one process's on the whole batch. With ``offsets``, ranked by a
+    ``score_offset`` of few distinct values (ties across the ranks) and one NaN."""
+    torch.manual_seed(2 if offsets else 0)
     base = torch.nn.Linear(6, 5).double()
     lines = []
-    for backend in backends:
-        for name, rows, split, ignore_rank1 in scenarios():
-            for reduction in ("mean", "sum"):
-                for keep, ratio in (("hardest", 0.4), ("easiest", 0.7)):
-                    feats, target = _batch(rows, rows, all_tied=name == "all-tied")
-                    if ignore_rank1:
-                        target[split:] = -100
-                    # One process trimming the whole batch: the gradient DDP must reproduce.
-                    single = copy.deepcopy(base)
-                    ref_loss, ref_info = trimmed_cross_entropy(
-                        single(feats),
-                        target,
-                        ratio,
-                        keep=keep,
-                        reduction=reduction,
-                        backend=backend,
-                        return_info=True,
-                    )
-                    ref_loss.backward()
+    for backend, (name, rows, split, ignore_rank1), reduction, keep, ratio in _covering_cases(backends):
+        feats, target = _batch(rows, rows, all_tied=name == "all-tied")
+        if ignore_rank1:
+            target[split:] = -100
+        offset = None
+        if offsets:
+            gen = torch.Generator().manual_seed(rows + split)
+            offset = torch.tensor([0.0, 0.5, -0.5, 1.0], dtype=torch.float64)[
+                torch.randint(0, 4, (rows,), generator=gen)
+            ]
+            offset[1] = float("nan")  # a NaN score: first under "hardest", last under "easiest"
+        kw = dict(keep=keep, reduction=reduction, backend=backend, return_info=True)
+        # One process trimming the whole batch: the gradient DDP must reproduce.
+        single = copy.deepcopy(base)
+        ref_loss, ref_info = trimmed_cross_entropy(single(feats), target, ratio, score_offset=offset, **kw)
+        ref_loss.backward()
 
-                    model = DistributedDataParallel(copy.deepcopy(base))
-                    part = slice(0, split) if rank == 0 else slice(split, rows)
-                    loss, info = trimmed_cross_entropy(
-                        model(feats[part]),
-                        target[part],
-                        ratio,
-                        keep=keep,
-                        reduction=reduction,
-                        backend=backend,
-                        return_info=True,
-                        process_group=dist.group.WORLD,
-                    )
-                    loss.backward()
-                    case = f"{backend}/{name}/{reduction}/{keep}"
-                    _check_against_one_process(case, model.module, single, info, ref_loss, ref_info, part)
-                    lines.append(case)
+        model = DistributedDataParallel(copy.deepcopy(base))
+        part = slice(0, split) if rank == 0 else slice(split, rows)
+        loss, info = trimmed_cross_entropy(
+            model(feats[part]),
+            target[part],
+            ratio,
+            score_offset=None if offset is None else offset[part],
+            process_group=dist.group.WORLD,
+            **kw,
+        )
+        loss.backward()
+        case = f"{'offset/' if offsets else ''}{backend}/{name}/{reduction}/{keep}"
+        _check_against_one_process(case, model.module, single, info, ref_loss, ref_info, part)
+        if offsets:
+            torch.testing.assert_close(info.scores, ref_info.scores[part], equal_nan=True, msg=case)
+        lines.append(case)
     return lines
+
+
+def ddp_matches_single_process(rank: int, backends: list[str]) -> list[str]:
+    """Two ranks under DDP: each scenario's gradients, loss and kept set equal one process's."""
+    return _linear_under_ddp(rank, backends, offsets=False)
 
 
 def world_of_one(rank: int) -> list[str]:
@@ -154,7 +171,7 @@ def near_ties_in_low_precision(rank: int, backends: list[str]) -> list[str]:
     world = dist.get_world_size()
     rows, split = 40, 13
     lines = []
-    for dtype in (torch.bfloat16, torch.float16):
+    for d, dtype in enumerate((torch.bfloat16, torch.float16)):
         base = torch.randn(11, generator=torch.Generator().manual_seed(3)).to(dtype)
         x = base.repeat(rows, 1)
         # Row i: logit 0 raised by i units in the last place, so the fp32 losses (target 5) strictly
@@ -165,33 +182,34 @@ def near_ties_in_low_precision(rank: int, backends: list[str]) -> list[str]:
         perm = torch.randperm(rows, generator=torch.Generator().manual_seed(4))
         x, target = x[perm].contiguous(), target[perm]
         part = slice(0, split) if rank == 0 else slice(split, rows)
-        for backend in backends:
-            for keep in ("hardest", "easiest"):
-                case = f"{backend}/{dtype}/{keep}"
-                single = x.clone().requires_grad_(True)
-                ref_loss, ref_info = trimmed_cross_entropy(
-                    single, target, 0.3, keep=keep, backend=backend, return_info=True
-                )
-                ref_loss.backward()
-                rounded = ref_info.losses[ref_info.kept].unique().numel() < int(ref_info.k)
-                assert rounded, f"{case}: the kept losses should repeat after rounding"
-                mine = x[part].clone().requires_grad_(True)
-                loss, info = trimmed_cross_entropy(
-                    mine,
-                    target[part],
-                    0.3,
-                    keep=keep,
-                    backend=backend,
-                    return_info=True,
-                    process_group=dist.group.WORLD,
-                )
-                loss.backward()
-                assert torch.equal(info.kept, ref_info.kept[part]), case
-                # DDP would average the ranks' gradients: each rank's is world x its rows' share.
-                torch.testing.assert_close(
-                    (mine.grad.float() / world), single.grad[part].float(), rtol=1e-2, atol=1e-4, msg=case
-                )
-                lines.append(case)
+        for b, backend in enumerate(backends):
+            # Each backend meets both dtypes and both keep rules: the rule alternates (a covering set).
+            keep = ("hardest", "easiest")[(b + d) % 2]
+            case = f"{backend}/{dtype}/{keep}"
+            single = x.clone().requires_grad_(True)
+            ref_loss, ref_info = trimmed_cross_entropy(
+                single, target, 0.3, keep=keep, backend=backend, return_info=True
+            )
+            ref_loss.backward()
+            rounded = ref_info.losses[ref_info.kept].unique().numel() < int(ref_info.k)
+            assert rounded, f"{case}: the kept losses should repeat after rounding"
+            mine = x[part].clone().requires_grad_(True)
+            loss, info = trimmed_cross_entropy(
+                mine,
+                target[part],
+                0.3,
+                keep=keep,
+                backend=backend,
+                return_info=True,
+                process_group=dist.group.WORLD,
+            )
+            loss.backward()
+            assert torch.equal(info.kept, ref_info.kept[part]), case
+            # DDP would average the ranks' gradients: each rank's is world x its rows' share.
+            torch.testing.assert_close(
+                (mine.grad.float() / world), single.grad[part].float(), rtol=1e-2, atol=1e-4, msg=case
+            )
+            lines.append(case)
     return lines
 
 
@@ -224,77 +242,40 @@ def lm_head_ddp(rank: int, backends: list[str]) -> list[str]:
     torch.manual_seed(1)
     base = _HeadLoss().double()
     lines = []
-    for backend in backends:
-        for name, rows, split, ignore_rank1 in scenarios():
-            for reduction in ("mean", "sum"):
-                for keep, ratio in (("hardest", 0.4), ("easiest", 0.7)):
-                    feats, target = _batch(rows + 7, rows, all_tied=name == "all-tied")
-                    target = target.clamp(max=12)
-                    if ignore_rank1:
-                        target[split:] = -100
-                    kw = dict(keep=keep, reduction=reduction, backend=backend)
-                    # The easiest-kept cases also rank by a score (selective language modelling).
-                    offset = torch.randn(rows, generator=torch.Generator().manual_seed(rows)).double()
-                    offset = offset if keep == "easiest" else None
-                    single = copy.deepcopy(base)
-                    ref_loss, ref_info = single(feats, target, ratio, score_offset=offset, **kw)
-                    ref_loss.backward()
+    for backend, (name, rows, split, ignore_rank1), reduction, keep, ratio in _covering_cases(backends):
+        feats, target = _batch(rows + 7, rows, all_tied=name == "all-tied")
+        target = target.clamp(max=12)
+        if ignore_rank1:
+            target[split:] = -100
+        kw = dict(keep=keep, reduction=reduction, backend=backend)
+        # The easiest-kept cases also rank by a score (selective language modelling).
+        offset = torch.randn(rows, generator=torch.Generator().manual_seed(rows)).double()
+        offset = offset if keep == "easiest" else None
+        single = copy.deepcopy(base)
+        ref_loss, ref_info = single(feats, target, ratio, score_offset=offset, **kw)
+        ref_loss.backward()
 
-                    model = DistributedDataParallel(copy.deepcopy(base))
-                    part = slice(0, split) if rank == 0 else slice(split, rows)
-                    loss, info = model(
-                        feats[part],
-                        target[part],
-                        ratio,
-                        process_group=dist.group.WORLD,
-                        score_offset=None if offset is None else offset[part],
-                        **kw,
-                    )
-                    loss.backward()
-                    case = f"lm/{backend}/{name}/{reduction}/{keep}"
-                    _check_against_one_process(case, model.module, single, info, ref_loss, ref_info, part)
-                    lines.append(case)
+        model = DistributedDataParallel(copy.deepcopy(base))
+        part = slice(0, split) if rank == 0 else slice(split, rows)
+        loss, info = model(
+            feats[part],
+            target[part],
+            ratio,
+            process_group=dist.group.WORLD,
+            score_offset=None if offset is None else offset[part],
+            **kw,
+        )
+        loss.backward()
+        case = f"lm/{backend}/{name}/{reduction}/{keep}"
+        _check_against_one_process(case, model.module, single, info, ref_loss, ref_info, part)
+        lines.append(case)
     return lines
 
 
 def score_offset_ddp(rank: int, backends: list[str]) -> list[str]:
     """Two ranks with a ``score_offset`` (few distinct values: ties across the ranks, one NaN):
     the kept set, threshold score, loss and gradients of one process on the whole batch."""
-    torch.manual_seed(2)
-    base = torch.nn.Linear(6, 5).double()
-    lines = []
-    for backend in backends:
-        for name, rows, split, ignore_rank1 in scenarios():
-            for reduction, keep, ratio in (("mean", "hardest", 0.4), ("sum", "easiest", 0.6)):
-                feats, target = _batch(rows, rows, all_tied=name == "all-tied")
-                if ignore_rank1:
-                    target[split:] = -100
-                gen = torch.Generator().manual_seed(rows + split)
-                offset = torch.tensor([0.0, 0.5, -0.5, 1.0], dtype=torch.float64)[
-                    torch.randint(0, 4, (rows,), generator=gen)
-                ]
-                offset[1] = float("nan")  # a NaN score: first under "hardest", last under "easiest"
-                kw = dict(keep=keep, reduction=reduction, backend=backend, return_info=True)
-                single = copy.deepcopy(base)
-                ref_loss, ref_info = trimmed_cross_entropy(single(feats), target, ratio, score_offset=offset, **kw)
-                ref_loss.backward()
-
-                model = DistributedDataParallel(copy.deepcopy(base))
-                part = slice(0, split) if rank == 0 else slice(split, rows)
-                loss, info = trimmed_cross_entropy(
-                    model(feats[part]),
-                    target[part],
-                    ratio,
-                    score_offset=offset[part],
-                    process_group=dist.group.WORLD,
-                    **kw,
-                )
-                loss.backward()
-                case = f"offset/{backend}/{name}/{reduction}/{keep}"
-                _check_against_one_process(case, model.module, single, info, ref_loss, ref_info, part)
-                torch.testing.assert_close(info.scores, ref_info.scores[part], equal_nan=True, msg=case)
-                lines.append(case)
-    return lines
+    return _linear_under_ddp(rank, backends, offsets=True)
 
 
 def signed_zeros(rank: int, backends: list[str]) -> list[str]:

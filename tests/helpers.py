@@ -6,13 +6,16 @@ A backend is named ``"name"`` (CPU tensors; Triton through its interpreter) or `
 
 from __future__ import annotations
 
+import importlib
 import os
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fused_trim import TrimInfo, native, trimmed_cross_entropy
+from fused_trim import TrimInfo, native, trimmed_cross_entropy, trimmed_linear_cross_entropy
 
 
 def available_backends() -> list[str]:
@@ -109,3 +112,125 @@ def f_cross_entropy(x: Tensor, t: Tensor, reduction: str, **kw) -> tuple[Tensor,
     upstream = torch.randn(out.shape, generator=gen).to(torch.bfloat16).to(out.dtype)
     (grad,) = torch.autograd.grad(out, x, upstream)
     return out.detach(), grad
+
+
+# The LM head (trimmed_linear_cross_entropy): backends, a random head, the fused and the unfused runs.
+
+
+def _has_linear(backend: str) -> bool:
+    name, _ = split(backend)
+    if name == "reference":
+        return True
+    module = importlib.import_module("fused_trim.triton" if name == "triton" else "fused_trim.native")
+    return hasattr(module, "trimmed_linear_cross_entropy_2d")
+
+
+LM_BACKENDS = [b for b in BACKENDS if _has_linear(b)]
+KERNEL_LM_BACKENDS = [b for b in LM_BACKENDS if split(b)[0] != "reference"]
+
+
+def make_head(n, d, v, dtype=torch.float64, seed=0, ignore_frac=0.0, bias=True, scale=1.0, lead=()):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((*lead, n, d), generator=gen, dtype=torch.float64).to(dtype)
+    w = (torch.randn(v, d, generator=gen, dtype=torch.float64) * (scale / max(d, 1) ** 0.5)).to(dtype)
+    b = torch.randn(v, generator=gen, dtype=torch.float64).to(dtype) if bias else None
+    t = torch.randint(0, v, (*lead, n), generator=gen)
+    if ignore_frac > 0:
+        t[torch.rand(t.shape, generator=gen) < ignore_frac] = -100
+    return x, w, b, t
+
+
+def leaves(*tensors, device):
+    return [None if t is None else t.detach().to(device).clone().requires_grad_(True) for t in tensors]
+
+
+def run_fused(backend, x, w, b, t, keep_ratio=1.0, grad_seed=0, **kw):
+    """Forward with ``return_info`` and backward under a random upstream gradient; CPU results."""
+    name, dev = split(backend)
+    x, w, b = leaves(x, w, b, device=dev)
+    for key in ("weight", "score_offset"):
+        if kw.get(key) is not None:
+            kw[key] = kw[key].to(dev)
+    out, info = trimmed_linear_cross_entropy(
+        x, w, t.to(dev), keep_ratio, linear_bias=b, backend=name, return_info=True, **kw
+    )
+    gen = torch.Generator().manual_seed(grad_seed)
+    upstream = torch.randn(out.shape, generator=gen).to(torch.bfloat16).to(out.dtype).to(dev)
+    inputs = [p for p in (x, w, b) if p is not None]
+    grads = list(torch.autograd.grad(out, inputs, upstream))
+    if b is None:
+        grads.append(None)
+    info = TrimInfo(*(v.cpu() if isinstance(v, torch.Tensor) else v for v in info))
+    return out.detach().cpu(), info, [None if g is None else g.cpu() for g in grads]
+
+
+def run_unfused(x, w, b, t, keep_ratio=1.0, grad_seed=0, chunk_size=None, **kw):
+    """The oracle: ``trimmed_cross_entropy(F.linear(...))`` on the reference backend."""
+    x, w, b = leaves(x, w, b, device=torch.device("cpu"))
+    logits = F.linear(x, w, b)
+    out, info = trimmed_cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), t.reshape(-1), keep_ratio, backend="reference", return_info=True, **kw
+    )
+    if kw.get("reduction") == "none":
+        out = out.reshape(t.shape)
+    info = info._replace(losses=info.losses.reshape(t.shape), kept=info.kept.reshape(t.shape))
+    gen = torch.Generator().manual_seed(grad_seed)
+    upstream = torch.randn(out.shape, generator=gen).to(torch.bfloat16).to(out.dtype)
+    inputs = [p for p in (x, w, b) if p is not None]
+    grads = list(torch.autograd.grad(out, inputs, upstream))
+    if b is None:
+        grads.append(None)
+    return out.detach(), info, grads
+
+
+def assert_same(fused, unfused, rtol=1e-9, atol=1e-11):
+    out, info, grads = fused
+    ref_out, ref_info, ref_grads = unfused
+    assert torch.equal(info.kept, ref_info.kept), "kept sets differ"
+    assert int(info.k) == int(ref_info.k)
+    torch.testing.assert_close(out.double(), ref_out.double(), rtol=rtol, atol=atol, equal_nan=True)
+    torch.testing.assert_close(info.losses.double(), ref_info.losses.double(), rtol=rtol, atol=atol, equal_nan=True)
+    torch.testing.assert_close(
+        info.threshold.double(), ref_info.threshold.double(), rtol=rtol, atol=atol, equal_nan=True
+    )
+    for g, r in zip(grads, ref_grads, strict=True):
+        if r is None:
+            assert g is None
+            continue
+        torch.testing.assert_close(g.double(), r.double(), rtol=rtol, atol=atol, equal_nan=True)
+    dx = grads[0].reshape(-1, grads[0].shape[-1])
+    outside = ~info.kept.reshape(-1)
+    assert torch.all(dx[outside] == 0), "input gradient is not exactly zero outside the kept set"
+
+
+SPAWN_DEADLINE_S = 300.0  # a 2-rank job takes about 10 s here
+
+
+def spawn_ranks(tmp_path: Path, job: str, world: int, *args) -> list[str]:
+    """Run ``_dist_worker.run(rank, job, ...)`` on ``world`` spawned ranks under a deadline (so a
+    collective that never completes fails the test instead of hanging the suite); return rank 0's
+    lines, or fail with the ranks' tracebacks."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    from . import _dist_worker
+
+    out = tmp_path / f"{job}.txt"
+    ctx = mp.start_processes(
+        _dist_worker.run,
+        args=(job, world, str(tmp_path / f"{job}.init"), str(out), *args),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    try:
+        while not ctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"{job}: ranks still running after {SPAWN_DEADLINE_S:.0f} s")
+    except mp.ProcessExitedException:
+        errors = [f.read_text() for f in sorted(tmp_path.glob(f"{job}.txt.rank*.err"))]
+        pytest.fail(f"{job}: a rank failed\n" + "\n".join(errors or ["(no traceback written)"]))
+    return out.read_text().splitlines()

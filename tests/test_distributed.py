@@ -7,79 +7,50 @@ that never completes fails the test instead of hanging the suite.
 from __future__ import annotations
 
 import importlib.util
-import time
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from . import _dist_worker
-from .helpers import CPU_BACKENDS
-from .test_linear_ce import LM_BACKENDS
+from .helpers import CPU_BACKENDS, LM_BACKENDS, spawn_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
-DEADLINE_S = 300.0  # the 2-rank job takes about 10 s here
-
-
-def _spawn(tmp_path: Path, job: str, world: int, *args) -> list[str]:
-    """Run ``_dist_worker.run(rank, job, ...)`` on ``world`` spawned ranks; return rank 0's lines."""
-    out = tmp_path / f"{job}.txt"
-    ctx = mp.start_processes(
-        _dist_worker.run,
-        args=(job, world, str(tmp_path / f"{job}.init"), str(out), *args),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail(f"{job}: ranks still running after {DEADLINE_S:.0f} s")
-    except mp.ProcessExitedException:
-        errors = [f.read_text() for f in sorted(tmp_path.glob(f"{job}.txt.rank*.err"))]
-        pytest.fail(f"{job}: a rank failed\n" + "\n".join(errors or ["(no traceback written)"]))
-    return out.read_text().splitlines()
-
 
 def test_ddp_gradients_equal_single_process_global_trim(tmp_path):
-    cases = _spawn(tmp_path, "ddp", 2, CPU_BACKENDS)
-    assert len(cases) == len(CPU_BACKENDS) * len(_dist_worker.scenarios()) * 4
+    cases = spawn_ranks(tmp_path, "ddp", 2, CPU_BACKENDS)
+    assert len(cases) == len(CPU_BACKENDS) * len(_dist_worker.scenarios())
 
 
 def test_low_precision_ranks_on_fp32_losses_like_one_process(tmp_path):
-    cases = _spawn(tmp_path, "near-ties", 2, CPU_BACKENDS)
-    assert len(cases) == len(CPU_BACKENDS) * 2 * 2
+    cases = spawn_ranks(tmp_path, "near-ties", 2, CPU_BACKENDS)
+    assert len(cases) == len(CPU_BACKENDS) * 2
 
 
 def test_lm_head_ddp_gradients_equal_single_process_global_trim(tmp_path):
     backends = [b for b in CPU_BACKENDS if b in LM_BACKENDS]
-    cases = _spawn(tmp_path, "lm-head", 2, backends)
-    assert len(cases) == len(backends) * len(_dist_worker.scenarios()) * 4
+    cases = spawn_ranks(tmp_path, "lm-head", 2, backends)
+    assert len(cases) == len(backends) * len(_dist_worker.scenarios())
 
 
 def test_score_offset_ddp_equals_single_process_global_trim(tmp_path):
-    cases = _spawn(tmp_path, "score-offset", 2, CPU_BACKENDS)
-    assert len(cases) == len(CPU_BACKENDS) * len(_dist_worker.scenarios()) * 2
+    cases = spawn_ranks(tmp_path, "score-offset", 2, CPU_BACKENDS)
+    assert len(cases) == len(CPU_BACKENDS) * len(_dist_worker.scenarios())
 
 
 def test_signed_zero_losses_rank_as_one_value_across_ranks(tmp_path):
-    cases = _spawn(tmp_path, "signed-zeros", 2, CPU_BACKENDS)
+    cases = spawn_ranks(tmp_path, "signed-zeros", 2, CPU_BACKENDS)
     assert len(cases) == len(CPU_BACKENDS) * 4
 
 
 def test_global_share_matches_sorted_order_on_one_rank(tmp_path):
-    assert len(_spawn(tmp_path, "one", 1)) == 4
+    assert len(spawn_ranks(tmp_path, "one", 1)) == 4
 
 
 def test_a_failing_rank_fails_the_test_with_its_traceback(tmp_path):
     """The harness itself: an assertion in a rank must surface, not hang or pass."""
     with pytest.raises(pytest.fail.Exception, match="KeyError"):
-        _spawn(tmp_path, "no-such-job", 2)
+        spawn_ranks(tmp_path, "no-such-job", 2)
 
 
 def test_fsdp2_sharded_head_and_hf_patch_equal_one_process_without_the_logits(tmp_path, monkeypatch):
@@ -90,5 +61,5 @@ def test_fsdp2_sharded_head_and_hf_patch_equal_one_process_without_the_logits(tm
     # the live tensors (glibc raises the threshold dynamically otherwise, and keeps freed blocks).
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     backends = [b for b in CPU_BACKENDS if b in LM_BACKENDS]
-    cases = _spawn(tmp_path, "fsdp2", 2, backends)
+    cases = spawn_ranks(tmp_path, "fsdp2", 2, backends)
     assert len(cases) == len(backends) * 2 + 4 + (7 if importlib.util.find_spec("transformers") else 0), cases

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 from fused_trim import trimmed_cross_entropy, trimmed_linear_cross_entropy
 
-from .helpers import BACKENDS, split
-from .test_linear_ce import LM_BACKENDS
+from .helpers import BACKENDS, LM_BACKENDS, spawn_ranks, split
 
 # ------------------------------------------------------------------------------------------------
 # The oracle
@@ -379,10 +378,9 @@ def test_global_group_trimming_over_two_ranks(tmp_path):
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    from .test_distributed import _spawn
 
     backends = [b for b in BACKENDS if "@" not in b]
-    cases = _spawn(tmp_path, "groups", 2, backends)
+    cases = spawn_ranks(tmp_path, "groups", 2, backends)
     assert len(cases) == sum(2 if b == "triton" else 8 for b in backends)
 
 

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from fused_trim import trimmed_cross_entropy, trimmed_linear_cross_entropy
 
-from .helpers import BACKENDS, KERNEL_BACKENDS, make_batch, run, split
-from .test_linear_ce import LM_BACKENDS, make_head, run_fused
+from .helpers import BACKENDS, KERNEL_BACKENDS, LM_BACKENDS, make_batch, make_head, run, run_fused, split
 
 # ------------------------------------------------------------------------------------------------
 # The oracle

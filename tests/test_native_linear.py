@@ -13,7 +13,7 @@ import torch
 
 from fused_trim import native, trimmed_linear_cross_entropy
 
-from .test_linear_ce import assert_same, make_head, run_fused, run_unfused
+from .helpers import assert_same, make_head, run_fused, run_unfused
 
 pytestmark = pytest.mark.skipif(not native.is_available(torch.device("cpu")), reason="native op not built")
 

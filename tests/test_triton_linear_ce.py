@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fused_trim import reference, trimmed_cross_entropy, trimmed_linear_cross_entropy
@@ -252,6 +252,8 @@ def test_all_ignored(backend):
 
 
 @pytest.mark.parametrize("backend", TRITON_TARGETS)
+# Fewer examples than the profile's: each runs the interpreted kernels on every row of a random head.
+@settings(max_examples=12)
 @given(
     n=st.integers(1, 40),
     d=st.integers(1, 40),
