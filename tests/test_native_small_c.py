@@ -12,7 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fused_trim import native
+from fused_trim import native, trimmed_cross_entropy
 
 from .helpers import assert_close, f_cross_entropy, run
 
@@ -182,6 +182,25 @@ def test_spatial_layout(c):
     for keep in ("hardest", "easiest"):
         _check(x, t, torch.float64, 0.4, keep=keep, label_smoothing=0.05)
         _check(x.float(), t, torch.float32, 0.4, keep=keep, reduction="none")
+
+
+@pytest.mark.parametrize("keep", ["hardest", "easiest"])
+def test_spatial_streamed_gradient(keep):
+    # A map whose gradient (4 MiB) goes out with non-temporal stores: the kept pixels' gradient is
+    # F.cross_entropy's (float64), every other pixel's exactly +0.
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 8, 256, 256, generator=gen).mul(3)
+    t = torch.randint(0, 8, (2, 256, 256), generator=gen)
+    t[0, :3] = -100
+    xg = x.clone().requires_grad_(True)
+    out, info = trimmed_cross_entropy(xg, t, 0.5, keep=keep, reduction="sum", backend="native", return_info=True)
+    out.backward()
+    x64 = torch.where(info.kept[:, None], x.double(), 0.0).requires_grad_(True)
+    per_pixel = torch.nn.functional.cross_entropy(x64, t, reduction="none")
+    torch.where(info.kept, per_pixel, 0.0).sum().backward()
+    assert_close(xg.grad, x64.grad, torch.float32)
+    outside = xg.grad.movedim(1, -1)[~info.kept]
+    assert torch.equal(outside, torch.zeros_like(outside)) and not torch.signbit(outside).any()
 
 
 @pytest.mark.parametrize("shape", [(45, 10), (45, 17), (45, 32), (2, 19, 9, 31)])
