@@ -3,9 +3,11 @@
 // `nvcc -c` against torch's headers on CPU-only machines (tests/test_native.py).
 //
 // Forward, two launches on the current stream, no host synchronisation:
-//   1. ce_forward_kernel: a group of G threads per row (G = 32 for C <= 2048, else 256) reads the
-//      row once with an online softmax (float32 accumulation, float64 for double), and writes the
-//      per-row loss (accumulation type and input dtype) and logsumexp. int64 offsets throughout.
+//   1. ce_forward_kernel: a group of G threads per row (group_size: 4 for C <= 16, 8 for C <= 32,
+//      32 up to C = 2048, else 256) reads the row once with an online softmax (float32 accumulation,
+//      float64 for double), and writes the per-row loss (accumulation type and input dtype) and
+//      logsumexp. int64 offsets throughout. A few classes take sub-warp groups: with one warp per
+//      row, ten classes would leave 22 lanes idle and spend the row's time in five shuffle steps.
 //   2. select_kernel: one block counts n, derives k, finds the k-th key by a radix select over
 //      8-bit digits of the monotone integer keys (trimmed_ce_common.h), keeps `key > T` plus the
 //      first ties in index order (a block-wide running count), and writes the kept mask, k, the
@@ -88,10 +90,13 @@ __device__ __forceinline__ T shfl_xor(T v, int mask) {
   return __shfl_xor_sync(0xffffffffu, v, mask);
 }
 
-// Reduction over a group of G threads (G = 32: one warp; G = kThreads: the whole block).
+// Reduction over a group of G threads: G <= 32 lanes of one warp (aligned, so an xor offset below
+// G stays inside the group; every lane of the warp must call it), or G = kThreads: the whole block.
 template <int G, typename acc_t>
 __device__ __forceinline__ void group_reduce(MaxSum<acc_t>& ms, acc_t& sx) {
-  for (int off = 16; off > 0; off >>= 1) {
+  static_assert(G == kThreads || (G <= 32 && (G & (G - 1)) == 0),
+                "a group is a power-of-two part of a warp, or the whole block");
+  for (int off = (G < 32 ? G : 32) / 2; off > 0; off >>= 1) {
     MaxSum<acc_t> o{shfl_xor(ms.m, off), shfl_xor(ms.s, off)};
     ms = ms_merge(ms, o);
     sx += shfl_xor(sx, off);
@@ -404,6 +409,29 @@ at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Threads per row, from the class count (the kernels' template argument G).
+int group_size(int64_t C) {
+  return C <= 16 ? 4 : C <= 32 ? 8 : C <= 2048 ? 32 : kThreads;
+}
+
+// Calls f(std::integral_constant<int, G>{}) with G = group_size(C), a compile-time constant.
+template <typename F>
+void with_group_size(int64_t C, F&& f) {
+  switch (group_size(C)) {
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      break;
+    case 8:
+      f(std::integral_constant<int, 8>{});
+      break;
+    case 32:
+      f(std::integral_constant<int, 32>{});
+      break;
+    default:
+      f(std::integral_constant<int, kThreads>{});
+  }
+}
+
 unsigned int grid_for(int64_t M, int G) {
   const int64_t rows_per_block = kThreads / G;
   const int64_t blocks = (M + rows_per_block - 1) / rows_per_block;
@@ -476,17 +504,13 @@ trimmed_ce_fwd_cuda(const at::Tensor& input_, const at::Tensor& target_,
     const acc_t cap = static_cast<acc_t>(logit_softcap), zl = static_cast<acc_t>(z_loss);
     auto launch = [&](auto cap_tag) {
       constexpr bool Cap = decltype(cap_tag)::value;
-      if (C <= 2048) {
-        ce_forward_kernel<scalar_t, acc_t, 32, Cap><<<grid_for(M, 32), kThreads, 0, stream>>>(
+      with_group_size(C, [&](auto g_tag) {
+        constexpr int G = decltype(g_tag)::value;
+        ce_forward_kernel<scalar_t, acc_t, G, Cap><<<grid_for(M, G), kThreads, 0, stream>>>(
             input.const_data_ptr<scalar_t>(), input.stride(0), M, C,
             target.const_data_ptr<int64_t>(), ignore_index, w, wt, ls, cap, zl,
             loss_acc.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
-      } else {
-        ce_forward_kernel<scalar_t, acc_t, kThreads, Cap><<<grid_for(M, kThreads), kThreads, 0, stream>>>(
-            input.const_data_ptr<scalar_t>(), input.stride(0), M, C,
-            target.const_data_ptr<int64_t>(), ignore_index, w, wt, ls, cap, zl,
-            loss_acc.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
-      }
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (M > 0) {
@@ -539,17 +563,13 @@ at::Tensor trimmed_ce_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& inp
     const acc_t cap = static_cast<acc_t>(logit_softcap), zl = static_cast<acc_t>(z_loss);
     auto launch = [&](auto cap_tag) {
       constexpr bool Cap = decltype(cap_tag)::value;
-      if (C <= 2048) {
-        ce_backward_kernel<scalar_t, acc_t, 32, Cap><<<grid_for(M, 32), kThreads, 0, stream>>>(
+      with_group_size(C, [&](auto g_tag) {
+        constexpr int G = decltype(g_tag)::value;
+        ce_backward_kernel<scalar_t, acc_t, G, Cap><<<grid_for(M, G), kThreads, 0, stream>>>(
             input.const_data_ptr<scalar_t>(), input.stride(0), M, C, target.const_data_ptr<int64_t>(),
             w, wt, ls, cap, zl, g.const_data_ptr<acc_t>(), g_stride, lse.const_data_ptr<acc_t>(),
             rs.const_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>());
-      } else {
-        ce_backward_kernel<scalar_t, acc_t, kThreads, Cap><<<grid_for(M, kThreads), kThreads, 0, stream>>>(
-            input.const_data_ptr<scalar_t>(), input.stride(0), M, C, target.const_data_ptr<int64_t>(),
-            w, wt, ls, cap, zl, g.const_data_ptr<acc_t>(), g_stride, lse.const_data_ptr<acc_t>(),
-            rs.const_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>());
-      }
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (cap > acc_t(0)) {

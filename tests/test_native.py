@@ -608,6 +608,11 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
     log = proc.stdout + proc.stderr
     kernels = re.findall(r"Compiling entry function '(\w+)'", log)
     assert any("ce_forward_kernel" in k for k in kernels) and any("select_kernel" in k for k in kernels)
+    # Every group size the launch picks from C (4 and 8 lanes for a few classes, a warp, the block)
+    # is built for both kernels: the mangled names carry G as `Li<G>E`.
+    for name in ("ce_forward_kernel", "ce_backward_kernel"):
+        sizes = {int(g) for k in kernels if name in k for g in re.findall(r"Li(\d+)E", k)}
+        assert {4, 8, 32, 256} <= sizes, (name, sorted(sizes))
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill stores", log)]
     assert spills and max(spills) == 0, "a kernel spills registers:\n" + log[-4000:]
 

@@ -1,9 +1,10 @@
-"""The native CPU op's few-class paths (C up to its threshold of 32): rows transposed into vector
-lanes in the forward, the gradient formed in the rows' flat layout (fp32, C <= 16) or through the
-tile, targets' logits gathered per vector of rows. Held against the float64 reference and
-F.cross_entropy, around every size where the code changes path: C = 16 / 17 (one vector of
-classes), 32 / 33 (the threshold), row counts that leave a partial vector of rows, strided rows,
-and thread counts."""
+"""The native op's few-class paths. On the CPU (C up to its threshold of 32): rows transposed into
+vector lanes in the forward, the gradient formed in the rows' flat layout (fp32, C <= 16) or
+through the tile, targets' logits gathered per vector of rows. On CUDA (where a GPU is present):
+groups of 4 lanes per row up to C = 16, 8 up to 32, a warp above. Held against the float64
+reference and F.cross_entropy, around every size where the code changes path: C = 16 / 17 (one
+vector of classes; 4 -> 8 lanes), 32 / 33 (the CPU threshold; 8 lanes -> a warp), row counts that
+leave a partial vector of rows, strided rows, and thread counts."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from fused_trim import native, trimmed_cross_entropy
 
-from .helpers import assert_close, f_cross_entropy, run
+from .helpers import BACKENDS, assert_close, f_cross_entropy, run, split
 
 pytestmark = pytest.mark.skipif(
     not native.is_available(torch.device("cpu")),
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 SMALL_C = [1, 2, 9, 10, 11, 16, 17, 31, 32, 33]
+NATIVE = [b for b in BACKENDS if split(b)[0] == "native"]  # the CPU op, and its CUDA kernels on a GPU
 REDUCTIONS = ["mean", "sum", "none"]
 
 
@@ -46,8 +48,8 @@ def _batch(m: int, c: int, dtype: torch.dtype, seed: int, special: bool) -> tupl
     return x.to(dtype), t
 
 
-def _check(x, t, dtype, keep_ratio, **kw):
-    out_n, info_n, g_n = run("native", x, t, keep_ratio, **kw)
+def _check(x, t, dtype, keep_ratio, backend="native", **kw):
+    out_n, info_n, g_n = run(backend, x, t, keep_ratio, **kw)
     kw_r = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     out_r, info_r, g_r = run("reference", x.double(), t, keep_ratio, **kw_r)
     assert torch.equal(info_n.kept, info_r.kept)
@@ -64,36 +66,40 @@ def _check(x, t, dtype, keep_ratio, **kw):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("keep", ["hardest", "easiest"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_matches_reference(c, dtype, keep, reduction):
+@pytest.mark.parametrize("backend", NATIVE)
+def test_matches_reference(backend, c, dtype, keep, reduction):
     x, t = _batch(53, c, dtype, seed=c, special=False)
-    _check(x, t, dtype, 0.6, keep=keep, reduction=reduction)
+    _check(x, t, dtype, 0.6, backend, keep=keep, reduction=reduction)
 
 
 @pytest.mark.parametrize("c", SMALL_C)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_weights_and_label_smoothing(c, dtype):
+@pytest.mark.parametrize("backend", NATIVE)
+def test_weights_and_label_smoothing(backend, c, dtype):
     x, t = _batch(70, c, dtype, seed=100 + c, special=False)
     w = torch.rand(c, generator=torch.Generator().manual_seed(c), dtype=torch.float64).add(0.2).to(dtype)
-    _check(x, t, dtype, 0.5, weight=w, label_smoothing=0.15)
-    _check(x, t, dtype, 0.5, keep="easiest", weight=w, reduction="none")
+    _check(x, t, dtype, 0.5, backend, weight=w, label_smoothing=0.15)
+    _check(x, t, dtype, 0.5, backend, keep="easiest", weight=w, reduction="none")
 
 
 @pytest.mark.parametrize("c", SMALL_C)
 @pytest.mark.parametrize("keep", ["hardest", "easiest"])
-def test_nan_and_inf_rows(c, keep):
+@pytest.mark.parametrize("backend", NATIVE)
+def test_nan_and_inf_rows(backend, c, keep):
     x, t = _batch(48, c, torch.float64, seed=200 + c, special=True)
-    _check(x, t, torch.float64, 0.5, keep=keep)
-    _check(x.float(), t, torch.float32, 0.5, keep=keep, reduction="none")
+    _check(x, t, torch.float64, 0.5, backend, keep=keep)
+    _check(x.float(), t, torch.float32, 0.5, backend, keep=keep, reduction="none")
 
 
 @pytest.mark.parametrize("c", SMALL_C)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_keep_all_is_cross_entropy(c, reduction):
+@pytest.mark.parametrize("backend", NATIVE)
+def test_keep_all_is_cross_entropy(backend, c, reduction):
     x, t = _batch(37, c, torch.float64, seed=300 + c, special=False)
     x[16] = 0.0  # F.cross_entropy leaks an ignored row's NaN into its gradient
     w = torch.rand(c, generator=torch.Generator().manual_seed(7), dtype=torch.float64).add(0.5)
     for kw in ({}, {"weight": w, "label_smoothing": 0.1}):
-        out_n, _, g_n = run("native", x, t, 1.0, reduction=reduction, **kw)
+        out_n, _, g_n = run(backend, x, t, 1.0, reduction=reduction, **kw)
         out_f, g_f = f_cross_entropy(x, t, reduction, **kw)
         assert_close(out_n, out_f)
         assert_close(g_n, g_f)
@@ -101,13 +107,14 @@ def test_keep_all_is_cross_entropy(c, reduction):
 
 @pytest.mark.parametrize("c", [1, 10, 16, 17, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_identical_rows_identical_results(c, dtype):
+@pytest.mark.parametrize("backend", NATIVE)
+def test_identical_rows_identical_results(backend, c, dtype):
     # Every row the same: each sits in a different lane (and the last vector is partial), yet all
     # get bitwise one loss, and the kept ones one gradient row.
     row = torch.randn(c, generator=torch.Generator().manual_seed(c), dtype=torch.float64).to(dtype)
     x = row.expand(45, c).contiguous()
     t = torch.full((45,), c // 2)
-    _, info, g = run("native", x, t, 0.5)
+    _, info, g = run(backend, x, t, 0.5)
     assert torch.equal(info.losses, info.losses[:1].expand_as(info.losses))
     kept = g[info.kept]
     assert kept.shape[0] == 23
@@ -140,7 +147,8 @@ def test_bitwise_repeatable_across_thread_counts(c, m, dtype):
 
 
 @pytest.mark.parametrize("c", SMALL_C)
-def test_strided_rows(c):
+@pytest.mark.parametrize("backend", NATIVE)
+def test_strided_rows(backend, c):
     # Rows further apart than C (a column slice of a wider tensor): the target's logit and the
     # gradient's inputs are gathered with the row stride.
     gen = torch.Generator().manual_seed(500 + c)
@@ -152,8 +160,8 @@ def test_strided_rows(c):
     for dtype in (torch.float64, torch.float32):
         x = wide.to(dtype)[:, 2 : 2 + c]
         assert x.stride(0) == c + 5
-        _check(x, t, dtype, 0.5, reduction="none")
-        _check(x, t, dtype, 0.5, keep="easiest", label_smoothing=0.1)
+        _check(x, t, dtype, 0.5, backend, reduction="none")
+        _check(x, t, dtype, 0.5, backend, keep="easiest", label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("shape", [(53, 10), (2, 19, 40)])
