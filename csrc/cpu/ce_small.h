@@ -41,6 +41,19 @@ namespace fused_trim::cpu {
 // directions; at C = 64 the grouped rows forward is the faster one.
 constexpr int64_t kSmallC = 32;
 
+// The logits of the block of V rows kPrefetchBlocks blocks ahead of row i0, asked for now. Rows of
+// a few classes are read by short masked loads, which the hardware prefetcher does not follow: at a
+// million rows of ten classes (40 MB, out of the cache) the forward ran at a third of its in-cache
+// speed per row without this.
+constexpr int64_t kPrefetchBlocks = 8;
+template <typename scalar_t, int64_t V>
+inline void prefetch_ahead(const scalar_t* x, int64_t row_stride, int64_t i0, int64_t end) {
+  if (i0 + (kPrefetchBlocks + 1) * V > end) return;
+  const char* ahead = reinterpret_cast<const char*>(x + (i0 + kPrefetchBlocks * V) * row_stride);
+  const int64_t bytes = V * row_stride * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(ahead + b, 0, 0);
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 // tile[c * 16 + r] = x[r * stride + c] for r < rows, c < cols <= 16 (lanes r >= rows: 0): 16 masked
 // row loads and a 16 x 16 transpose in registers by unpacks and 128-bit shuffles (FBGEMM's).
@@ -115,6 +128,7 @@ __attribute__((flatten)) void small_c_forward(const scalar_t* x, int64_t row_str
   const bool smooth = ls > 0;
   for (int64_t i0 = begin; i0 < end; i0 += V) {
     const int64_t rows = std::min(V, end - i0);
+    prefetch_ahead<scalar_t, V>(x, row_stride, i0, end);
     load_tile<scalar_t, acc_t>(x + i0 * row_stride, row_stride, rows, C, tile);
     if constexpr (Cap) cap_block<acc_t>(tile, C * V, cap, tile);
     Vec m = Vec::loadu(tile);
@@ -258,6 +272,7 @@ __attribute__((flatten)) void small_c_backward(const scalar_t* x, int64_t row_st
 #endif
   for (int64_t i0 = begin; i0 < end; i0 += V) {
     const int64_t rows = std::min(V, end - i0);
+    prefetch_ahead<scalar_t, V>(x, row_stride, i0, end);
     scalar_t* g = grad + i0 * C;
     // The rows' coefficients, branch-free (a random half of the rows is kept: no predictor guesses
     // it). Masks, not products: a row left out may have a NaN upstream gradient or lse.
