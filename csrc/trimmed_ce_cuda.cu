@@ -3,7 +3,7 @@
 // `nvcc -c` against torch's headers on CPU-only machines (tests/test_native.py).
 //
 // Forward, two launches on the current stream, no host synchronisation:
-//   1. ce_forward_kernel: a group of G threads per row (group_size: 4 for C <= 16, 8 for C <= 32,
+//   1. ce_forward_kernel: a group of G threads per row (with_group_size: 4 for C <= 16, 8 for C <= 32,
 //      32 up to C = 2048, else 256) reads the row once with an online softmax (float32 accumulation,
 //      float64 for double), and writes the per-row loss (accumulation type and input dtype) and
 //      logsumexp. int64 offsets throughout. A few classes take sub-warp groups: with one warp per
@@ -409,26 +409,18 @@ at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Threads per row, from the class count (the kernels' template argument G).
-int group_size(int64_t C) {
-  return C <= 16 ? 4 : C <= 32 ? 8 : C <= 2048 ? 32 : kThreads;
-}
-
-// Calls f(std::integral_constant<int, G>{}) with G = group_size(C), a compile-time constant.
+// Calls f(std::integral_constant<int, G>{}) with G, the threads per row (the kernels' template
+// argument), from the class count: 4 up to 16 classes, 8 up to 32, a warp up to 2048, else the block.
 template <typename F>
 void with_group_size(int64_t C, F&& f) {
-  switch (group_size(C)) {
-    case 4:
-      f(std::integral_constant<int, 4>{});
-      break;
-    case 8:
-      f(std::integral_constant<int, 8>{});
-      break;
-    case 32:
-      f(std::integral_constant<int, 32>{});
-      break;
-    default:
-      f(std::integral_constant<int, kThreads>{});
+  if (C <= 16) {
+    f(std::integral_constant<int, 4>{});
+  } else if (C <= 32) {
+    f(std::integral_constant<int, 8>{});
+  } else if (C <= 2048) {
+    f(std::integral_constant<int, 32>{});
+  } else {
+    f(std::integral_constant<int, kThreads>{});
   }
 }
 

@@ -42,9 +42,8 @@ namespace fused_trim::cpu {
 constexpr int64_t kSmallC = 32;
 
 // The logits of the block of V rows kPrefetchBlocks blocks ahead of row i0, asked for now. Rows of
-// a few classes are read by short masked loads, which the hardware prefetcher does not follow: at a
-// million rows of ten classes (40 MB, out of the cache) the forward ran at a third of its in-cache
-// speed per row without this.
+// a few classes are read by short masked loads, which the hardware prefetcher does not follow, so
+// out of the cache every block would wait for memory.
 constexpr int64_t kPrefetchBlocks = 8;
 template <typename scalar_t, int64_t V>
 inline void prefetch_ahead(const scalar_t* x, int64_t row_stride, int64_t i0, int64_t end) {
